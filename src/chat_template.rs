@@ -1,0 +1,85 @@
+//! Hugging Face chat templates rendered with minijinja, with the semantics of transformers'
+//! `apply_chat_template`: `trim_blocks` and `lstrip_blocks` on, `raise_exception`, `strftime_now`,
+//! Python string methods (`.strip()`, `.startswith()`, ...), and `bos_token` / `eos_token` in scope.
+//! Shared by `synth` (prompts, pre-query derivation) and `train` (tokenising conversations).
+
+use crate::data::Message;
+use anyhow::{Context, Result};
+use minijinja::{context, Environment, Error, ErrorKind};
+
+/// A compiled chat template and the special tokens it may refer to.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    pub source: String,
+    pub bos_token: String,
+    pub eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate").field("source", &self.source).finish()
+    }
+}
+
+fn raise_exception(message: String) -> Result<String, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, message))
+}
+
+fn strftime_now(format: String) -> String {
+    // Templates use it for "Today Date" lines; a fixed clock keeps prompts reproducible.
+    let _ = format;
+    "26 Jul 2024".to_string()
+}
+
+impl ChatTemplate {
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned("chat", source.to_string()).context("chat template does not compile")?;
+        Ok(ChatTemplate { env, source: source.to_string(), bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+    }
+
+    /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's reply
+    /// starts.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self.env.get_template("chat").expect("added in new");
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .context("chat template failed to render")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_like_apply_chat_template() {
+        // Llama-3-Instruct's template: bos, trim filter, header tokens.
+        let source = "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}";
+        let template = ChatTemplate::new(source, "<|begin_of_text|>", "<|eot_id|>").unwrap();
+        let text = template.render(&[Message::new("user", " hi ")], true).unwrap();
+        assert_eq!(
+            text,
+            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
+    }
+
+    #[test]
+    fn raise_exception_and_python_methods_work() {
+        let source = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ messages[0]['content'].strip().upper() }}";
+        let template = ChatTemplate::new(source, "", "").unwrap();
+        assert_eq!(template.render(&[Message::new("user", "  x ")], false).unwrap(), "X");
+        let error = format!("{:#}", template.render(&[Message::new("system", "s")], false).unwrap_err());
+        assert!(error.contains("no system"), "{error}");
+    }
+}

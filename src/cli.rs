@@ -1,0 +1,57 @@
+//! The command line: one subcommand per stage, each args struct owned by its stage's module so
+//! the library can be driven without the CLI. `--recipe FILE.yaml` is spliced in by `recipe`.
+
+use crate::{data::inspect::InspectArgs, filter::FilterArgs, synth::SynthArgs, train::{ConvertArgs, DpoArgs, SftArgs}};
+use anyhow::Result;
+use clap::{CommandFactory, Parser, Subcommand};
+use std::ffi::OsString;
+
+/// The Magpie alignment recipe (arXiv 2406.08464) as one binary: synthesise instructions and
+/// responses from an aligned model's pre-query template, filter them, and train on them.
+///
+/// Every stage reads and writes one parquet dataset format; `magpie inspect` shows any of them.
+#[derive(Parser, Debug)]
+#[command(name = "magpie", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Synthesise instructions and responses from an instruct model's pre-query template.
+    #[command(args_override_self = true)]
+    Synth(SynthArgs),
+    /// Tag, deduplicate, score and select rows (e.g. down to Magpie-Pro-300K).
+    #[command(args_override_self = true)]
+    Filter(FilterArgs),
+    /// Supervised fine-tuning of a Llama-family model on conversations.
+    #[command(args_override_self = true)]
+    Sft(SftArgs),
+    /// Direct preference optimisation on chosen/rejected pairs, as TRL computes it.
+    #[command(args_override_self = true)]
+    Dpo(DpoArgs),
+    /// Show a dataset: rows, schema, null counts, length statistics and sample conversations.
+    #[command(args_override_self = true)]
+    Inspect(InspectArgs),
+    /// Convert a GGUF model (llama architecture) into a Hugging Face safetensors directory.
+    #[command(args_override_self = true)]
+    Convert(ConvertArgs),
+}
+
+/// Parses `argv` with any `--recipe` spliced in. A flag given twice takes its last value. Clap's own errors (and `--help`) exit here with
+/// clap's usual formatting and exit code 2.
+pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli> {
+    let argv = crate::recipe::expand(&Cli::command(), argv.into_iter().collect())?;
+    Ok(Cli::try_parse_from(argv).unwrap_or_else(|e| e.exit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,269 @@
+//! Reading datasets: a file, a directory of `*.parquet` parts, or a glob, streamed in record
+//! batches and normalised (see `normalize`). Opening checks every file's footer and schema first,
+//! so a bad file fails the stage before it writes anything.
+
+use super::normalize::{normalize, Origin};
+use anyhow::{bail, Context, Result};
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// Rows per record batch while streaming.
+pub const BATCH_ROWS: usize = 1024;
+
+/// An opened, validated input: its files, their shared normalised schema and row count.
+#[derive(Debug)]
+pub struct Dataset {
+    pub files: Vec<PathBuf>,
+    pub schema: SchemaRef,
+    pub num_rows: u64,
+    /// How the user named the input, for messages.
+    pub name: String,
+}
+
+/// The files an input spec names: a file; every `*.parquet` directly in a directory (hidden
+/// files, such as magpie's temporary outputs, are skipped); or the matches of a glob. Sorted.
+pub fn resolve(spec: &str) -> Result<Vec<PathBuf>> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("{spec}: cannot list directory"))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet") && !is_hidden(p) && p.is_file())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{spec}: directory holds no .parquet files");
+        }
+        return Ok(files);
+    }
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    if spec.contains(['*', '?', '[']) {
+        let mut files: Vec<PathBuf> = glob::glob(spec)
+            .with_context(|| format!("{spec}: bad glob pattern"))?
+            .filter_map(|p| p.ok())
+            .filter(|p| p.is_file() && !is_hidden(p))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("{spec}: no file matches this pattern");
+        }
+        return Ok(files);
+    }
+    bail!("{spec}: no such file or directory")
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+}
+
+fn open_file(file: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
+    let handle = File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;
+    ParquetRecordBatchReaderBuilder::try_new(handle)
+        .with_context(|| format!("{}: not a readable parquet file (truncated, or not parquet at all)", file.display()))
+}
+
+impl Dataset {
+    /// Resolves and validates `inputs`: every footer readable, one normalised schema across
+    /// files, and at least one row.
+    pub fn open(inputs: &[String]) -> Result<Dataset> {
+        if inputs.is_empty() {
+            bail!("no input given");
+        }
+        let mut files = vec![];
+        for spec in inputs {
+            files.extend(resolve(spec)?);
+        }
+        let mut schema: Option<SchemaRef> = None;
+        let mut num_rows = 0;
+        for file in &files {
+            let builder = open_file(file)?;
+            num_rows += builder.metadata().file_metadata().num_rows() as u64;
+            let empty = RecordBatch::new_empty(builder.schema().clone());
+            let normalized = normalize(&empty, Origin { file, first_row: 0 })?.schema();
+            match &schema {
+                None => schema = Some(normalized),
+                Some(first) => check_same_schema(first, &normalized, &files[0], file)?,
+            }
+        }
+        let name = inputs.join(", ");
+        if num_rows == 0 {
+            bail!("{name}: input is empty (0 rows)");
+        }
+        Ok(Dataset { files, schema: schema.expect("at least one file"), num_rows, name })
+    }
+
+    /// Fails unless every column in `columns` is present, naming the first file and what it has.
+    pub fn require(&self, columns: &[&str]) -> Result<()> {
+        for &column in columns {
+            if self.schema.column_with_name(column).is_none() {
+                let expected = super::schema::lookup(column).map(|c| c.kind.describe()).unwrap_or("present");
+                let found: Vec<_> = self.schema.fields().iter().map(|f| f.name().as_str()).collect();
+                bail!(
+                    "{}: column `{column}` is missing, expected {expected} (found columns: {})",
+                    self.files[0].display(),
+                    found.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams the normalised batches of every file in order.
+    pub fn batches(&self) -> Batches<'_> {
+        Batches { dataset: self, next_file: 0, current: None }
+    }
+}
+
+fn check_same_schema(first: &SchemaRef, other: &SchemaRef, first_file: &Path, file: &Path) -> Result<()> {
+    for field in first.fields() {
+        match other.field_with_name(field.name()) {
+            Err(_) => bail!(
+                "{}: column `{}` is missing, but {} has it (all input files must share one schema)",
+                file.display(),
+                field.name(),
+                first_file.display()
+            ),
+            Ok(f) if f.data_type() != field.data_type() => bail!(
+                "{}: column `{}`: found {}, expected {} as in {}",
+                file.display(),
+                field.name(),
+                f.data_type(),
+                field.data_type(),
+                first_file.display()
+            ),
+            Ok(_) => {}
+        }
+    }
+    if let Some(extra) = other.fields().iter().find(|f| first.column_with_name(f.name()).is_none()) {
+        bail!(
+            "{}: column `{}` is not in {} (all input files must share one schema)",
+            file.display(),
+            extra.name(),
+            first_file.display()
+        );
+    }
+    Ok(())
+}
+
+/// Iterator over a dataset's normalised batches, in the column order of the dataset schema.
+pub struct Batches<'a> {
+    dataset: &'a Dataset,
+    next_file: usize,
+    current: Option<(usize, ParquetRecordBatchReader, u64)>,
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Result<RecordBatch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some((index, reader, first_row)) = &mut self.current {
+                let file = &self.dataset.files[*index];
+                match reader.next() {
+                    Some(Ok(batch)) => {
+                        let origin = Origin { file, first_row: *first_row };
+                        *first_row += batch.num_rows() as u64;
+                        let result = normalize(&batch, origin).and_then(|b| {
+                            Ok(b.project(
+                                &self.dataset.schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect::<Result<Vec<_>, _>>()?,
+                            )?)
+                        });
+                        return Some(result);
+                    }
+                    Some(Err(e)) => {
+                        return Some(Err(anyhow::Error::new(e)
+                            .context(format!("{}: cannot read row group (file corrupt or truncated)", file.display()))));
+                    }
+                    None => self.current = None,
+                }
+            }
+            let index = self.next_file;
+            let file = self.dataset.files.get(index)?;
+            self.next_file += 1;
+            let reader = open_file(file).and_then(|b| Ok(b.with_batch_size(BATCH_ROWS).build()?));
+            match reader {
+                Ok(reader) => self.current = Some((index, reader, 0)),
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{batch, read_all, text, write};
+    use super::*;
+    use arrow::array::{ArrayRef, Int64Array};
+    use std::sync::Arc;
+
+    fn error_of(inputs: &[&Path]) -> String {
+        format!("{:#}", read_all(inputs).unwrap_err())
+    }
+
+    #[test]
+    fn directory_and_glob_read_parts_in_order_and_skip_hidden_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "part-00001.parquet", &batch(vec![("instruction", text(&["b"]))]));
+        write(dir.path(), "part-00000.parquet", &batch(vec![("instruction", text(&["a"]))]));
+        // What a killed writer leaves behind: hidden, so never read as finished output.
+        write(dir.path(), ".part-00002.parquet.magpie-tmp-1", &batch(vec![("instruction", text(&["x"]))]));
+        for spec in [dir.path().to_path_buf(), dir.path().join("part-*.parquet")] {
+            let out = read_all(&[&spec]).unwrap();
+            let instructions = out.column_by_name("instruction").unwrap();
+            assert_eq!(instructions.as_ref(), text(&["a", "b"]).as_ref());
+        }
+    }
+
+    #[test]
+    fn truncated_and_non_parquet_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = write(dir.path(), "good.parquet", &batch(vec![("instruction", text(&["a"]))]));
+        let bytes = std::fs::read(&good).unwrap();
+        let truncated = dir.path().join("truncated.parquet");
+        std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+        let error = error_of(&[&truncated]);
+        assert!(error.contains("truncated.parquet: not a readable parquet file"), "{error}");
+        let text_file = dir.path().join("notes.parquet");
+        std::fs::write(&text_file, "just text, not parquet").unwrap();
+        assert!(error_of(&[&text_file]).contains("notes.parquet: not a readable parquet file"));
+    }
+
+    #[test]
+    fn empty_inputs_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero_rows = write(dir.path(), "zero.parquet", &batch(vec![("instruction", text(&[]))]));
+        assert!(error_of(&[&zero_rows]).contains("input is empty (0 rows)"));
+        let empty_dir = dir.path().join("empty");
+        std::fs::create_dir(&empty_dir).unwrap();
+        assert!(error_of(&[&empty_dir]).contains("directory holds no .parquet files"));
+        assert!(error_of(&[&dir.path().join("absent.parquet")]).contains("absent.parquet: no such file or directory"));
+        assert!(error_of(&[&dir.path().join("nothing-*.parquet")]).contains("no file matches"));
+    }
+
+    #[test]
+    fn files_with_different_schemas_are_rejected_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.parquet", &batch(vec![("instruction", text(&["a"])), ("extra", text(&["x"]))]));
+        let b = write(
+            dir.path(),
+            "b.parquet",
+            &batch(vec![("instruction", text(&["b"])), ("extra", Arc::new(Int64Array::from(vec![1])) as ArrayRef)]),
+        );
+        let error = error_of(&[&a, &b]);
+        assert!(error.contains("b.parquet: column `extra`: found Int64, expected Utf8"), "{error}");
+    }
+
+    #[test]
+    fn require_names_the_missing_column_and_what_was_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "prompts.parquet", &batch(vec![("text", text(&["a"]))]));
+        let dataset = Dataset::open(&[path.display().to_string()]).unwrap();
+        let error = format!("{:#}", dataset.require(&["messages"]).unwrap_err());
+        assert!(error.contains("prompts.parquet: column `messages` is missing, expected list<struct<role: string, content: string>> (found columns: uuid, text)"), "{error}");
+    }
+}

@@ -1,0 +1,192 @@
+//! llama.cpp through `llama-cpp-2`: continuous batching over one context. Each sequence has its
+//! own KV stream (`kv_unified = false`) and its own sampler seeded per request, so a sequence's
+//! tokens do not depend on what else is in the batch: greedy output is the same alone or batched,
+//! and sampled output is reproducible per request.
+
+use super::{Completion, Engine, EngineOptions, FinishReason, Request, Sampling, StopStrings};
+use anyhow::{anyhow, Context, Result};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// llama.cpp's backend may be initialised once per process.
+fn backend() -> Result<&'static LlamaBackend> {
+    static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    if let Some(backend) = BACKEND.get() {
+        return Ok(backend);
+    }
+    llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default().with_logs_enabled(false));
+    let backend = LlamaBackend::init().map_err(|e| anyhow!("llama.cpp backend: {e}"))?;
+    Ok(BACKEND.get_or_init(|| backend))
+}
+
+pub struct LlamaCpp {
+    model: LlamaModel,
+    batch_size: usize,
+    threads: i32,
+    kv_tokens: usize,
+}
+
+/// A sequence being decoded in one slot of the batch.
+struct Active {
+    request: usize,
+    sampler: LlamaSampler,
+    /// Position of the next token in this sequence.
+    position: i32,
+    /// Index of this sequence's logits in the last decoded batch.
+    logits_index: i32,
+    bytes: Vec<u8>,
+    generated: usize,
+}
+
+fn sampler(sampling: &Sampling) -> LlamaSampler {
+    if sampling.temperature <= 0.0 {
+        return LlamaSampler::greedy();
+    }
+    // Temperature before top-p, as in transformers and vLLM.
+    LlamaSampler::chain_simple([
+        LlamaSampler::temp(sampling.temperature),
+        LlamaSampler::top_p(sampling.top_p, 1),
+        LlamaSampler::dist(sampling.seed as u32),
+    ])
+}
+
+impl LlamaCpp {
+    pub fn load(path: &Path, options: &EngineOptions) -> Result<Self> {
+        let params = LlamaModelParams::default();
+        let model = LlamaModel::load_from_file(backend()?, path, &params)
+            .map_err(|e| anyhow!("{}: llama.cpp could not load this model: {e}", path.display()))?;
+        Ok(LlamaCpp {
+            model,
+            batch_size: options.batch_size.max(1),
+            threads: options.threads.max(1) as i32,
+            kv_tokens: options.kv_tokens.max(256),
+        })
+    }
+
+    fn piece(&self, token: LlamaToken) -> Vec<u8> {
+        self.model.vocab().token_to_piece(token, true, None)
+    }
+}
+
+impl Engine for LlamaCpp {
+    fn name(&self) -> &'static str {
+        "llamacpp"
+    }
+
+    fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.model.vocab().tokenize(text.as_bytes(), false, true).into_iter().map(|t| t.0 as u32).collect())
+    }
+
+    fn generate(&mut self, requests: &[Request], on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Completion>> {
+        if requests.is_empty() {
+            return Ok(vec![]);
+        }
+        let train_ctx = self.model.n_ctx_train() as usize;
+        let longest_prompt = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+        if longest_prompt + 1 >= train_ctx {
+            anyhow::bail!("a prompt of {longest_prompt} tokens does not fit the model's context of {train_ctx}");
+        }
+        let per_sequence = requests.iter().map(|r| r.prompt.len() + r.sampling.max_tokens + 1).max().unwrap().min(train_ctx);
+        let per_sequence = per_sequence.next_multiple_of(256);
+        let slots = self.batch_size.min(requests.len()).min((self.kv_tokens / per_sequence).max(1));
+        let batch_tokens = (longest_prompt + slots).max(512);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new((per_sequence * slots) as u32))
+            .with_n_batch(batch_tokens as u32)
+            .with_n_ubatch(batch_tokens.min(512) as u32)
+            .with_n_seq_max(slots as u32)
+            .with_kv_unified(false)
+            .with_n_threads(self.threads)
+            .with_n_threads_batch(self.threads);
+        let mut ctx = self.model.new_context(backend()?, params).map_err(|e| anyhow!("llama.cpp context: {e}"))?;
+        let mut batch = LlamaBatch::new(batch_tokens, slots as i32);
+        let stop_strings: Vec<StopStrings> = requests.iter().map(|r| StopStrings::new(&r.sampling.stop_strings)).collect();
+
+        let mut results: Vec<Option<Completion>> = vec![None; requests.len()];
+        let mut next_request = 0;
+        let mut active: Vec<Option<Active>> = (0..slots).map(|_| None).collect();
+        let mut last_token: Vec<LlamaToken> = vec![LlamaToken(0); slots];
+        loop {
+            batch.clear();
+            for (slot, state) in active.iter_mut().enumerate() {
+                match state {
+                    Some(a) => {
+                        batch.add(last_token[slot], a.position, &[slot as i32], true)?;
+                        a.position += 1;
+                        a.logits_index = batch.n_tokens() - 1;
+                    }
+                    None if next_request < requests.len() => {
+                        let request = &requests[next_request];
+                        if batch.n_tokens() as usize + request.prompt.len() > batch_tokens {
+                            continue; // no room in this step; the slot is filled next step
+                        }
+                        ctx.clear_kv_cache_seq(Some(slot as u32), None, None)?;
+                        let last = request.prompt.len().saturating_sub(1);
+                        for (position, &token) in request.prompt.iter().enumerate() {
+                            batch.add(LlamaToken(token as i32), position as i32, &[slot as i32], position == last)?;
+                        }
+                        *state = Some(Active {
+                            request: next_request,
+                            sampler: sampler(&request.sampling),
+                            position: request.prompt.len() as i32,
+                            logits_index: batch.n_tokens() - 1,
+                            bytes: vec![],
+                            generated: 0,
+                        });
+                        next_request += 1;
+                    }
+                    None => {}
+                }
+            }
+            if batch.n_tokens() == 0 {
+                break;
+            }
+            ctx.decode(&mut batch).map_err(|e| anyhow!("llama.cpp decode: {e}"))?;
+
+            let mut new_tokens = 0;
+            for (slot, state) in active.iter_mut().enumerate() {
+                let Some(a) = state else { continue };
+                let request = &requests[a.request];
+                let token = a.sampler.sample(&ctx, a.logits_index);
+                a.generated += 1;
+                new_tokens += 1;
+                let is_stop_token = self.model.vocab().is_eog(token) || request.sampling.stop_token_ids.contains(&(token.0 as u32));
+                let mut finish = is_stop_token.then_some(FinishReason::Stop);
+                if finish.is_none() {
+                    let before = a.bytes.len();
+                    a.bytes.extend(self.piece(token));
+                    if let Some(at) = stop_strings[a.request].find(&a.bytes, before) {
+                        a.bytes.truncate(at);
+                        finish = Some(FinishReason::Stop);
+                    } else if a.generated >= request.sampling.max_tokens
+                        || a.position as usize + 1 >= per_sequence
+                    {
+                        finish = Some(FinishReason::Length);
+                    }
+                }
+                match finish {
+                    Some(finish_reason) => {
+                        let a = state.take().unwrap();
+                        results[a.request] = Some(Completion {
+                            text: String::from_utf8_lossy(&a.bytes).into_owned(),
+                            finish_reason,
+                            prompt_tokens: request.prompt.len(),
+                            completion_tokens: a.generated,
+                        });
+                    }
+                    None => last_token[slot] = token,
+                }
+            }
+            on_tokens(new_tokens);
+        }
+        results.into_iter().enumerate().map(|(i, r)| r.with_context(|| format!("request {i} never finished"))).collect()
+    }
+}

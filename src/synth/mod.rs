@@ -1,0 +1,220 @@
+//! `magpie synth`: harvest instructions from an aligned model by giving it only its pre-query
+//! template, then collect its responses (REFERENCE §1–2): more turns with `--turns`, several
+//! sampled responses per instruction with `--responses`, task control with system prompts.
+//!
+//! Work is split into chunks of `--chunk-rows` rows; each finished chunk is written as one part
+//! file, atomically. Rerunning the same command skips finished chunks, so a kill loses at most the
+//! chunk in flight and never duplicates a row. Row `g` always gets the same seed and uuid, and
+//! `--shard i/N` takes every N-th chunk, so Slurm array tasks write disjoint parts of one dataset.
+
+pub mod checkpoint;
+pub mod engine;
+pub mod model;
+pub mod pipeline;
+pub mod rows;
+pub mod sanitize;
+pub mod template;
+
+use anyhow::{bail, Context, Result};
+use engine::EngineChoice;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct SynthArgs {
+    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
+    #[arg(long, value_name = "FILE.yaml")]
+    #[serde(skip)]
+    pub recipe: Option<PathBuf>,
+
+    /// Model: a GGUF file or a Hugging Face safetensors directory. Defaults to the embedded
+    /// SmolLM2-135M-Instruct GGUF that scripts/setup.sh puts in $MAGPIE_HOME.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+
+    /// Generation engine. `auto`: llama.cpp for GGUF on CPU, mistralrs otherwise.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
+
+    /// Pre-query template: `auto` (derived from the model's chat template), a family (llama3,
+    /// llama3.1, llama3.3, qwen2, qwen2.5, smollm2, chatml, gemma, gemma2, phi3, mistral, llama2)
+    /// or a raw template string (`\n` escapes allowed).
+    #[arg(long, default_value = "auto")]
+    pub template: String,
+
+    /// Output directory of part files (resumable; rerun the same command to continue).
+    #[arg(long, short)]
+    #[serde(skip)]
+    pub output: Option<PathBuf>,
+
+    /// Instructions to synthesise (attempts; empty ones are dropped and counted).
+    #[arg(long, default_value_t = 100)]
+    pub num: usize,
+
+    /// Instruction sampling temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+
+    /// Instruction nucleus sampling.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+
+    /// Most tokens per instruction.
+    #[arg(long, default_value_t = 2048)]
+    pub max_tokens: usize,
+
+    /// Base seed; row g's seed is derived from it and g.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// Stop instructions at their first newline, as Magpie does (`--early-stop-newline false` to
+    /// switch off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub early_stop_newline: bool,
+
+    /// Strip numbering and "Task:"-style prefixes and cut at "Answer:" / "## Step 1"; the
+    /// generated text is kept in `raw_instruction`.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub sanitize: bool,
+
+    /// Response temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub response_temperature: f32,
+
+    /// Response nucleus sampling.
+    #[arg(long, default_value_t = 1.0)]
+    pub response_top_p: f32,
+
+    /// Most tokens per response.
+    #[arg(long, default_value_t = 4096)]
+    pub response_max_tokens: usize,
+
+    /// Conversation turns (user + assistant pairs) per row.
+    #[arg(long, default_value_t = 1)]
+    pub turns: usize,
+
+    /// A system prompt put ahead of the user header to steer the topic (task control).
+    #[arg(long)]
+    pub system_prompt: Option<String>,
+
+    /// Weighted system prompts, one sampled per row (magpie-ultra style), as JSON:
+    /// `[{"key": "coding", "weight": 0.125, "prompt": "..."}]`. The key goes to `system_prompt_key`.
+    #[arg(long, value_parser = parse_system_prompts)]
+    pub system_prompts: Option<SystemPrompts>,
+
+    /// Sampled responses per instruction for preference data, into `responses`.
+    #[arg(long, default_value_t = 0)]
+    pub responses: usize,
+
+    /// Temperature of the preference responses.
+    #[arg(long, default_value_t = 0.8)]
+    pub preference_temperature: f32,
+
+    /// This process's shard, `i/N`; defaults to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.
+    #[arg(long, value_parser = parse_shard)]
+    #[serde(skip)]
+    pub shard: Option<Shard>,
+
+    /// Rows per checkpointed part file.
+    #[arg(long, default_value_t = 128)]
+    pub chunk_rows: usize,
+
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 32)]
+    #[serde(skip)]
+    pub batch_size: usize,
+
+    /// CPU threads for the engine (default: all cores).
+    #[arg(long)]
+    #[serde(skip)]
+    pub threads: Option<usize>,
+
+    /// KV-cache budget in tokens across the sequences of a batch.
+    #[arg(long, default_value_t = 65536)]
+    #[serde(skip)]
+    pub kv_tokens: usize,
+}
+
+/// `i/N`: this process generates every N-th chunk, starting at chunk i.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shard {
+    pub index: usize,
+    pub count: usize,
+}
+
+fn parse_shard(text: &str) -> Result<Shard, String> {
+    let (i, n) = text.split_once('/').ok_or("expected i/N, e.g. 0/4")?;
+    let shard = Shard {
+        index: i.trim().parse().map_err(|_| format!("`{i}` is not a shard index"))?,
+        count: n.trim().parse().map_err(|_| format!("`{n}` is not a shard count"))?,
+    };
+    if shard.count == 0 || shard.index >= shard.count {
+        return Err(format!("shard {}/{} is out of range", shard.index, shard.count));
+    }
+    Ok(shard)
+}
+
+impl Shard {
+    /// From `--shard`, else Slurm's array variables, else the whole job.
+    pub fn resolve(explicit: Option<Shard>) -> Result<Shard> {
+        if let Some(shard) = explicit {
+            return Ok(shard);
+        }
+        match (std::env::var("SLURM_ARRAY_TASK_ID"), std::env::var("SLURM_ARRAY_TASK_COUNT")) {
+            (Ok(id), Ok(count)) => parse_shard(&format!("{id}/{count}"))
+                .map_err(|e| anyhow::anyhow!("SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT: {e}")),
+            _ => Ok(Shard { index: 0, count: 1 }),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SystemPrompt {
+    pub key: String,
+    pub prompt: String,
+    #[serde(default = "one")]
+    pub weight: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+pub type SystemPrompts = Vec<SystemPrompt>;
+
+fn parse_system_prompts(json: &str) -> Result<SystemPrompts, String> {
+    let prompts: SystemPrompts =
+        serde_json::from_str(json).map_err(|e| format!("expected [{{key, prompt, weight}}, ...]: {e}"))?;
+    if prompts.is_empty() || prompts.iter().any(|p| !(p.weight > 0.0)) {
+        return Err("need at least one prompt, each with a positive weight".into());
+    }
+    Ok(prompts)
+}
+
+impl SynthArgs {
+    fn validate(&self) -> Result<()> {
+        if self.num == 0 {
+            bail!("--num must be at least 1");
+        }
+        if self.turns == 0 {
+            bail!("--turns must be at least 1");
+        }
+        if self.chunk_rows == 0 {
+            bail!("--chunk-rows must be at least 1");
+        }
+        if self.system_prompt.is_some() && self.system_prompts.is_some() {
+            bail!("give --system-prompt or --system-prompts, not both");
+        }
+        Ok(())
+    }
+}
+
+pub fn run(args: &SynthArgs) -> Result<()> {
+    args.validate()?;
+    let output = args.output.clone().context("--output is required: the directory to write parts into")?;
+    if output.extension().is_some_and(|e| e == "parquet") {
+        bail!("{}: synth writes a directory of part files (so it can resume); give a directory", output.display());
+    }
+    let shard = Shard::resolve(args.shard)?;
+    pipeline::run(args, &output, shard)
+}

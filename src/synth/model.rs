@@ -1,0 +1,145 @@
+//! Finding the model to generate with, and what synth needs to know about it before an engine
+//! loads it: its chat template and special tokens (from GGUF metadata or the Hugging Face
+//! tokenizer_config.json) and a name for the `model` column. Missing or corrupt files fail here
+//! with the path in the message.
+
+use crate::chat_template::ChatTemplate;
+use crate::gguf;
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// File name of the embedded default model inside `$MAGPIE_HOME` (scripts/setup.sh puts it there).
+pub const DEFAULT_MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
+
+/// Where set-up puts models: `$MAGPIE_HOME`, else `./models`.
+pub fn magpie_home() -> PathBuf {
+    std::env::var_os("MAGPIE_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
+}
+
+#[derive(Debug)]
+pub struct ModelInfo {
+    /// Absolute path of the GGUF file or safetensors directory.
+    pub path: PathBuf,
+    /// For the `model` column: the GGUF's `general.name`, or the directory name.
+    pub name: String,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+/// Resolves `--model` (or the embedded default) and reads its metadata.
+pub fn resolve(model: Option<&Path>) -> Result<ModelInfo> {
+    let path = match model {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let default = magpie_home().join(DEFAULT_MODEL_FILE);
+            if !default.exists() {
+                bail!(
+                    "{}: the embedded default model is missing; run scripts/setup.sh (or set MAGPIE_HOME), or pass --model",
+                    default.display()
+                );
+            }
+            default
+        }
+    };
+    let path = std::fs::canonicalize(&path).with_context(|| format!("{}: model not found", path.display()))?;
+    if path.is_dir() { read_hf_dir(path) } else { read_gguf(path) }
+}
+
+fn read_gguf(path: PathBuf) -> Result<ModelInfo> {
+    let metadata = gguf::Metadata::read(&path)?;
+    let name = metadata.text("general.name").map(str::to_string).unwrap_or_else(|| stem(&path));
+    let chat_template = match metadata.text("tokenizer.chat_template") {
+        Some(source) => Some(
+            ChatTemplate::new(
+                source,
+                metadata.token_text("tokenizer.ggml.bos_token_id").unwrap_or_default(),
+                metadata.token_text("tokenizer.ggml.eos_token_id").unwrap_or_default(),
+            )
+            .with_context(|| format!("{}: tokenizer.chat_template", path.display()))?,
+        ),
+        None => None,
+    };
+    Ok(ModelInfo { path, name, chat_template })
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+/// A special token in tokenizer_config.json is a string or `{"content": ...}`.
+fn token_text(config: &Value, key: &str) -> String {
+    match &config[key] {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).unwrap_or_default().to_string(),
+        _ => String::new(),
+    }
+}
+
+fn read_hf_dir(path: PathBuf) -> Result<ModelInfo> {
+    for required in ["config.json", "tokenizer.json"] {
+        if !path.join(required).is_file() {
+            bail!("{}: not a Hugging Face model directory ({required} is missing)", path.display());
+        }
+    }
+    read_json(&path.join("config.json"))?;
+    let config_path = path.join("tokenizer_config.json");
+    let config = if config_path.is_file() { read_json(&config_path)? } else { Value::Null };
+    let jinja = path.join("chat_template.jinja");
+    let source = if jinja.is_file() {
+        Some(std::fs::read_to_string(&jinja).with_context(|| format!("{}: cannot read", jinja.display()))?)
+    } else {
+        config["chat_template"].as_str().map(str::to_string)
+    };
+    let chat_template = source
+        .map(|s| ChatTemplate::new(&s, &token_text(&config, "bos_token"), &token_text(&config, "eos_token")))
+        .transpose()
+        .with_context(|| format!("{}: chat template", path.display()))?;
+    Ok(ModelInfo { name: stem(&path), path, chat_template })
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem().unwrap_or_default().to_string_lossy().into_owned()
+}
+
+/// The embedded model for tests; scripts/test.sh runs set-up first, so it is there.
+#[cfg(test)]
+pub(crate) fn test_model() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL_FILE);
+    let path = std::env::var_os("MAGPIE_HOME").map(|h| PathBuf::from(h).join(DEFAULT_MODEL_FILE)).filter(|p| p.exists()).unwrap_or(path);
+    assert!(path.exists(), "{}: run scripts/setup.sh first", path.display());
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smollm2_auto_template_is_derived_from_its_gguf() {
+        let info = resolve(Some(&test_model())).unwrap();
+        assert_eq!(info.name, "Smollm2 135M 8k Lc100K Mix1 Ep2");
+        let derived = crate::synth::template::resolve("auto", info.chat_template.as_ref(), None).unwrap();
+        assert_eq!(
+            derived.pre_query,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
+        );
+    }
+
+    #[test]
+    fn missing_and_corrupt_models_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("absent.gguf");
+        let error = format!("{:#}", resolve(Some(&missing)).unwrap_err());
+        assert!(error.contains("absent.gguf: model not found"), "{error}");
+        let corrupt = dir.path().join("corrupt.gguf");
+        let bytes = std::fs::read(test_model()).unwrap();
+        std::fs::write(&corrupt, &bytes[..1000]).unwrap();
+        let error = format!("{:#}", resolve(Some(&corrupt)).unwrap_err());
+        assert!(error.contains("corrupt.gguf: not a readable GGUF file"), "{error}");
+        let not_hf = dir.path().join("empty-dir");
+        std::fs::create_dir(&not_hf).unwrap();
+        let error = format!("{:#}", resolve(Some(&not_hf)).unwrap_err());
+        assert!(error.contains("not a Hugging Face model directory (config.json is missing)"), "{error}");
+    }
+}

@@ -1,0 +1,410 @@
+//! The synthesis stages for one chunk of rows, in order: instructions from the pre-query
+//! template; responses through the chat template; more turns (REFERENCE §1, multi-turn); sampled
+//! preference responses. Every stage sends all of the chunk's prompts to the engine at once, so
+//! the engine can batch them.
+
+use super::checkpoint::Checkpoint;
+use super::engine::{self, Completion, Engine, EngineOptions, FinishReason, Request, Sampling};
+use super::model::{self, ModelInfo};
+use super::rows::{self, Row, RunInfo};
+use super::sanitize::sanitize;
+use super::template::{self, PreQuery};
+use super::{Shard, SynthArgs};
+use crate::chat_template::ChatTemplate;
+use crate::data::Message;
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::Path;
+use std::time::Instant;
+
+/// Magpie's system prompt for asking follow-up questions (turn 2 and later).
+pub const MULTI_TURN_SYSTEM_PROMPT: &str = "You are a helpful AI assistant. The user will engage in a multi-round conversation with you, asking initial questions and following up with additional related questions. Your goal is to provide thorough, relevant and insightful responses to help the user with their queries.";
+
+/// A deterministic 64-bit mix (splitmix64): seeds per row, turn and sample.
+pub fn mix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seed of global row `row` under base seed `seed`.
+pub fn row_seed(seed: u64, row: u64) -> u64 {
+    mix(seed ^ mix(row))
+}
+
+/// One way of prompting for instructions: an optional task system prompt and its pre-query.
+struct Task {
+    key: Option<String>,
+    system: Option<String>,
+    weight: f64,
+    pre_query: PreQuery,
+    pre_query_tokens: Vec<u32>,
+    stop_strings: Vec<String>,
+    stop_token_ids: Vec<u32>,
+}
+
+/// Counts for the final summary.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub attempted: u64,
+    pub rows_written: u64,
+    pub dropped_empty: u64,
+    pub truncated_instructions: u64,
+    pub truncated_responses: u64,
+    pub empty_responses: u64,
+    pub short_conversations: u64,
+    pub prompt_tokens: u64,
+    pub generated_tokens: u64,
+}
+
+impl Stats {
+    fn count(&mut self, completions: &[Completion]) {
+        for c in completions {
+            self.prompt_tokens += c.prompt_tokens as u64;
+            self.generated_tokens += c.completion_tokens as u64;
+        }
+    }
+}
+
+/// A conversation being built.
+struct Draft {
+    row: u64,
+    seed: u64,
+    task: usize,
+    messages: Vec<Message>,
+    finish_reasons: Vec<FinishReason>,
+    raw_instruction: Option<String>,
+    responses: Option<Vec<String>>,
+    /// No further turns (the follow-up question came back empty).
+    closed: bool,
+}
+
+pub struct Synthesizer<'a> {
+    args: &'a SynthArgs,
+    pub engine: Box<dyn Engine>,
+    chat: &'a ChatTemplate,
+    model_name: String,
+    tasks: Vec<Task>,
+    response_stops: (Vec<String>, Vec<u32>),
+    user_append: String,
+    pub stats: Stats,
+}
+
+impl<'a> Synthesizer<'a> {
+    pub fn new(args: &'a SynthArgs, info: &'a ModelInfo, engine: Box<dyn Engine>) -> Result<Self> {
+        let chat = info.chat_template.as_ref().with_context(|| {
+            format!("{}: the model ships no chat template, which responses need", info.path.display())
+        })?;
+        let choices: Vec<(Option<String>, Option<String>, f64)> = match (&args.system_prompt, &args.system_prompts) {
+            (Some(text), _) => vec![(None, Some(text.clone()), 1.0)],
+            (None, Some(list)) => list.iter().map(|p| (Some(p.key.clone()), Some(p.prompt.clone()), p.weight)).collect(),
+            (None, None) => vec![(None, None, 1.0)],
+        };
+        let derived = template::derive(chat, None)?;
+        let mut tasks = vec![];
+        for (key, system, weight) in choices {
+            let pre_query = template::resolve(&args.template, Some(chat), system.as_deref())?;
+            let mut stops = pre_query.stops.clone();
+            stops.push("assistant".into());
+            if args.early_stop_newline {
+                stops.push("\n".into());
+            }
+            let stop_token_ids = single_token_ids(engine.as_ref(), &pre_query.stops)?;
+            let pre_query_tokens = engine.tokenize(&pre_query.pre_query)?;
+            tasks.push(Task { key, system, weight, pre_query, pre_query_tokens, stop_strings: stops, stop_token_ids });
+        }
+        let response_stop_ids = single_token_ids(engine.as_ref(), &derived.stops)?;
+        let user_append = if tasks[0].pre_query.user_append.is_empty() { derived.user_append.clone() } else { tasks[0].pre_query.user_append.clone() };
+        Ok(Synthesizer {
+            args,
+            engine,
+            chat,
+            model_name: info.name.clone(),
+            tasks,
+            response_stops: (derived.stops, response_stop_ids),
+            user_append,
+            stats: Stats::default(),
+        })
+    }
+
+    fn run_info(&self) -> RunInfo {
+        let a = self.args;
+        RunInfo {
+            model: self.model_name.clone(),
+            engine: self.engine.name().to_string(),
+            temperature: a.temperature,
+            top_p: a.top_p,
+            max_tokens: a.max_tokens,
+            early_stop_newline: a.early_stop_newline,
+            sanitize: a.sanitize,
+            response_temperature: a.response_temperature,
+            response_top_p: a.response_top_p,
+            response_max_tokens: a.response_max_tokens,
+            with_raw_instruction: a.sanitize,
+            with_system_prompt_key: a.system_prompts.is_some(),
+            with_responses: a.responses > 0,
+        }
+    }
+
+    /// Picks a task for a row by its weights, from the row's own seed.
+    fn pick_task(&self, seed: u64) -> usize {
+        let total: f64 = self.tasks.iter().map(|t| t.weight).sum();
+        let mut point = (mix(seed ^ 0x7461_736b) >> 11) as f64 / (1u64 << 53) as f64 * total;
+        for (i, task) in self.tasks.iter().enumerate() {
+            if point < task.weight {
+                return i;
+            }
+            point -= task.weight;
+        }
+        self.tasks.len() - 1
+    }
+
+    fn uuid(&self, row: u64) -> String {
+        let key = format!("magpie-synth:{}:{}:{}:{row}", self.model_name, self.tasks[0].pre_query.pre_query, self.args.seed);
+        uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, key.as_bytes()).to_string()
+    }
+
+    fn instruction_sampling(&self, task: &Task, seed: u64) -> Sampling {
+        Sampling {
+            temperature: self.args.temperature,
+            top_p: self.args.top_p,
+            max_tokens: self.args.max_tokens,
+            seed,
+            stop_strings: task.stop_strings.clone(),
+            stop_token_ids: task.stop_token_ids.clone(),
+        }
+    }
+
+    fn response_sampling(&self, temperature: f32, seed: u64) -> Sampling {
+        Sampling {
+            temperature,
+            top_p: self.args.response_top_p,
+            max_tokens: self.args.response_max_tokens,
+            seed,
+            stop_strings: self.response_stops.0.clone(),
+            stop_token_ids: self.response_stops.1.clone(),
+        }
+    }
+
+    fn generate(&mut self, requests: &[Request], on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Completion>> {
+        let completions = self.engine.generate(requests, on_tokens)?;
+        self.stats.count(&completions);
+        Ok(completions)
+    }
+
+    /// Generates the rows `rows` (global row indices). Rows whose first instruction is empty are
+    /// dropped and counted.
+    pub fn chunk(&mut self, rows: std::ops::Range<u64>, on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Row>> {
+        let mut drafts: Vec<Draft> = rows
+            .map(|row| {
+                let seed = row_seed(self.args.seed, row);
+                let task = self.pick_task(seed);
+                let messages = self.tasks[task].system.iter().map(|s| Message::new("system", s.as_str())).collect();
+                Draft { row, seed, task, messages, finish_reasons: vec![], raw_instruction: None, responses: None, closed: false }
+            })
+            .collect();
+        self.stats.attempted += drafts.len() as u64;
+
+        let requests: Vec<Request> = drafts
+            .iter()
+            .map(|d| {
+                let task = &self.tasks[d.task];
+                Request { prompt: task.pre_query_tokens.clone(), sampling: self.instruction_sampling(task, mix(d.seed ^ 1)) }
+            })
+            .collect();
+        let completions = self.generate(&requests, on_tokens)?;
+        let mut kept = Vec::with_capacity(drafts.len());
+        for (mut draft, completion) in drafts.drain(..).zip(completions) {
+            let instruction = if self.args.sanitize { sanitize(&completion.text) } else { completion.text.trim().to_string() };
+            if instruction.is_empty() {
+                self.stats.dropped_empty += 1;
+                continue;
+            }
+            if completion.finish_reason == FinishReason::Length {
+                self.stats.truncated_instructions += 1;
+            }
+            draft.raw_instruction = Some(completion.text);
+            draft.messages.push(Message::new("user", instruction));
+            draft.finish_reasons.push(completion.finish_reason);
+            kept.push(draft);
+        }
+        let mut drafts = kept;
+        self.respond(&mut drafts, 1, on_tokens)?;
+
+        for turn in 2..=self.args.turns {
+            self.follow_up(&mut drafts, turn, on_tokens)?;
+            self.respond(&mut drafts, turn, on_tokens)?;
+        }
+        if self.args.responses > 0 {
+            self.preference_responses(&mut drafts, on_tokens)?;
+        }
+        Ok(drafts
+            .into_iter()
+            .map(|d| {
+                let task = &self.tasks[d.task];
+                Row {
+                    uuid: self.uuid(d.row),
+                    messages: d.messages,
+                    finish_reasons: d.finish_reasons,
+                    pre_query_template: task.pre_query.pre_query.clone(),
+                    seed: d.seed,
+                    raw_instruction: self.args.sanitize.then_some(d.raw_instruction).flatten(),
+                    system_prompt_key: task.key.clone(),
+                    responses: d.responses,
+                }
+            })
+            .collect())
+    }
+
+    /// Answers the last user turn of every open draft that has one unanswered (turn `turn`).
+    fn respond(&mut self, drafts: &mut [Draft], turn: usize, on_tokens: &mut dyn FnMut(usize)) -> Result<()> {
+        let open: Vec<usize> = (0..drafts.len())
+            .filter(|&i| !drafts[i].closed && drafts[i].messages.last().is_some_and(|m| m.role == "user"))
+            .collect();
+        let mut requests = vec![];
+        for &i in &open {
+            let prompt = self.chat.render(&drafts[i].messages, true)?;
+            let seed = mix(drafts[i].seed ^ (turn as u64) << 8 ^ 2);
+            requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.response_sampling(self.args.response_temperature, seed) });
+        }
+        let completions = self.generate(&requests, on_tokens)?;
+        for (i, completion) in open.into_iter().zip(completions) {
+            if completion.finish_reason == FinishReason::Length {
+                self.stats.truncated_responses += 1;
+            }
+            let text = completion.text.trim().to_string();
+            if text.is_empty() {
+                self.stats.empty_responses += 1;
+            }
+            drafts[i].messages.push(Message::new("assistant", text));
+            drafts[i].finish_reasons.push(completion.finish_reason);
+        }
+        Ok(())
+    }
+
+    /// Asks each open draft for its next user turn: the multi-turn system prompt and the history
+    /// through the chat template, then the user-append template.
+    fn follow_up(&mut self, drafts: &mut [Draft], turn: usize, on_tokens: &mut dyn FnMut(usize)) -> Result<()> {
+        let open: Vec<usize> = (0..drafts.len()).filter(|&i| !drafts[i].closed).collect();
+        let mut requests = vec![];
+        for &i in &open {
+            let mut history = vec![Message::new("system", MULTI_TURN_SYSTEM_PROMPT)];
+            history.extend(drafts[i].messages.iter().filter(|m| m.role != "system").cloned());
+            let prompt = self.chat.render(&history, false)? + &self.user_append;
+            let task = &self.tasks[drafts[i].task];
+            let seed = mix(drafts[i].seed ^ (turn as u64) << 8 ^ 1);
+            requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.instruction_sampling(task, seed) });
+        }
+        let completions = self.generate(&requests, on_tokens)?;
+        for (i, completion) in open.into_iter().zip(completions) {
+            let question = if self.args.sanitize { sanitize(&completion.text) } else { completion.text.trim().to_string() };
+            if question.is_empty() {
+                drafts[i].closed = true;
+                self.stats.short_conversations += 1;
+                continue;
+            }
+            if completion.finish_reason == FinishReason::Length {
+                self.stats.truncated_instructions += 1;
+            }
+            drafts[i].messages.push(Message::new("user", question));
+            drafts[i].finish_reasons.push(completion.finish_reason);
+        }
+        Ok(())
+    }
+
+    /// `--responses N` sampled answers to each first instruction, for preference data.
+    fn preference_responses(&mut self, drafts: &mut [Draft], on_tokens: &mut dyn FnMut(usize)) -> Result<()> {
+        let n = self.args.responses;
+        let mut requests = vec![];
+        for draft in drafts.iter() {
+            let first_user = draft.messages.iter().position(|m| m.role == "user").expect("every draft has an instruction");
+            let prompt = self.engine.tokenize(&self.chat.render(&draft.messages[..=first_user], true)?)?;
+            for k in 0..n {
+                let seed = mix(draft.seed ^ ((k as u64 + 1) << 32) ^ 3);
+                requests.push(Request { prompt: prompt.clone(), sampling: self.response_sampling(self.args.preference_temperature, seed) });
+            }
+        }
+        let completions = self.generate(&requests, on_tokens)?;
+        for (draft, samples) in drafts.iter_mut().zip(completions.chunks(n)) {
+            draft.responses = Some(samples.iter().map(|c| c.text.trim().to_string()).collect());
+        }
+        Ok(())
+    }
+}
+
+/// Ids of the stop strings that are one token each (special tokens such as `<|im_end|>`).
+fn single_token_ids(engine: &dyn Engine, stops: &[String]) -> Result<Vec<u32>> {
+    let mut ids = vec![];
+    for stop in stops {
+        if let [id] = engine.tokenize(stop)?.as_slice() {
+            ids.push(*id);
+        }
+    }
+    Ok(ids)
+}
+
+/// The whole `magpie synth` run for this shard.
+pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
+    let info = model::resolve(args.model.as_deref())?;
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let options = EngineOptions {
+        choice: args.engine,
+        batch_size: args.batch_size,
+        threads,
+        kv_tokens: args.kv_tokens,
+        cuda: cfg!(feature = "cuda"),
+    };
+    let engine = engine::open(&info.path, &options)?;
+    let mut synth = Synthesizer::new(args, &info, engine)?;
+    let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args });
+    let checkpoint = Checkpoint::open(output, &settings)?;
+
+    let chunk_rows = args.chunk_rows as u64;
+    let num = args.num as u64;
+    let chunks: Vec<usize> = (0..num.div_ceil(chunk_rows) as usize).filter(|c| c % shard.count == shard.index).collect();
+    let rows_of = |c: usize| (c as u64 * chunk_rows)..((c as u64 + 1) * chunk_rows).min(num);
+    let todo: Vec<usize> = chunks.iter().copied().filter(|&c| !checkpoint.is_done(c)).collect();
+    let shard_rows: u64 = chunks.iter().map(|&c| rows_of(c).end - rows_of(c).start).sum();
+    let done_rows: u64 = chunks.iter().filter(|c| !todo.contains(c)).map(|&c| rows_of(c).end - rows_of(c).start).sum();
+
+    let bar = ProgressBar::new(shard_rows);
+    bar.set_style(ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} rows  {msg}  ETA {eta}")?.progress_chars("=> "));
+    bar.set_position(done_rows);
+    if done_rows > 0 {
+        bar.println(format!("resuming: {} of {} chunks already in {}", chunks.len() - todo.len(), chunks.len(), output.display()));
+    }
+    let run_info = synth.run_info();
+    let started = Instant::now();
+    let mut tokens = 0u64;
+    for chunk in todo {
+        let range = rows_of(chunk);
+        let size = range.end - range.start;
+        let mut on_tokens = |n: usize| {
+            tokens += n as u64;
+            bar.set_message(format!("{:.0} tok/s", tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
+        };
+        let rows = synth.chunk(range, &mut on_tokens)?;
+        checkpoint.write(chunk, &rows::to_batch(&rows, &run_info))?;
+        synth.stats.rows_written += rows.len() as u64;
+        bar.inc(size);
+    }
+    bar.finish_and_clear();
+    print_summary(&synth.stats, shard, started.elapsed().as_secs_f64(), output);
+    Ok(())
+}
+
+fn print_summary(stats: &Stats, shard: Shard, seconds: f64, output: &Path) {
+    println!("synth summary (shard {}/{}) -> {}", shard.index, shard.count, output.display());
+    println!("  instructions attempted  {}", stats.attempted);
+    println!("  rows written            {}", stats.rows_written);
+    println!("  dropped (empty)         {}", stats.dropped_empty);
+    println!("  truncated instructions  {}", stats.truncated_instructions);
+    println!("  truncated responses     {}", stats.truncated_responses);
+    println!("  empty responses         {}", stats.empty_responses);
+    println!("  conversations cut short {}", stats.short_conversations);
+    println!("  prompt tokens           {}", stats.prompt_tokens);
+    println!("  generated tokens        {}", stats.generated_tokens);
+    println!("  seconds                 {seconds:.1}");
+    println!("  generated tok/s         {:.1}", stats.generated_tokens as f64 / seconds.max(1e-9));
+}

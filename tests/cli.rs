@@ -1,0 +1,220 @@
+//! Drives the real `magpie` binary: exit codes, error messages and recipe handling as a user
+//! sees them.
+
+use magpie::data::messages::read_turns;
+use magpie::data::{Dataset, Message};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn magpie(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_magpie")).args(args).output().expect("run magpie")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fixtures").join(name)
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn inspect_shows_rows_schema_stats_and_samples() {
+    let path = fixture("magpie-released.parquet");
+    let output = magpie(&["inspect", path.to_str().unwrap(), "--samples", "1"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("rows: 5"), "{text}");
+    assert!(text.contains("messages"), "{text}");
+    assert!(text.contains("source_notes"), "{text}");
+    assert!(text.contains("turns min 2 mean 2.0 max 2"), "{text}");
+    assert!(text.contains("[user] How do I reverse a list in Python?"), "{text}");
+    assert_eq!(text.matches("--- sample").count(), 1, "{text}");
+}
+
+#[test]
+fn inspect_of_a_truncated_file_fails_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("magpie-released.parquet")).unwrap();
+    let truncated = dir.path().join("cut.parquet");
+    std::fs::write(&truncated, &bytes[..bytes.len() - 100]).unwrap();
+    let output = magpie(&["inspect", truncated.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("cut.parquet: not a readable parquet file"), "{}", stderr(&output));
+    assert!(output.stdout.is_empty());
+}
+
+#[test]
+fn unknown_recipe_key_is_an_error_naming_key_and_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("bad.yaml");
+    std::fs::write(&recipe, "num: 5\nnum_instructoins: 7\n").unwrap();
+    let output = magpie(&["synth", "--recipe", recipe.to_str().unwrap()]);
+    assert_ne!(output.status.code(), Some(0));
+    let error = stderr(&output);
+    assert!(error.contains("bad.yaml: unknown key `num_instructoins` for `magpie synth`"), "{error}");
+}
+
+#[test]
+fn recipe_values_are_checked_by_the_flag_parser_and_overridden_by_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("r.yaml");
+    std::fs::write(&recipe, "num: lots\n").unwrap();
+    let output = magpie(&["synth", "--recipe", recipe.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("invalid value 'lots' for '--num <NUM>'"), "{}", stderr(&output));
+    // The command line wins, so the bad recipe value is never parsed (and synth goes on to ask
+    // for the output it lacks).
+    let output = magpie(&["synth", "--recipe", recipe.to_str().unwrap(), "--num", "3"]);
+    assert!(stderr(&output).contains("--output is required"), "{}", stderr(&output));
+}
+
+#[test]
+fn stages_not_built_yet_fail_clearly() {
+    for stage in ["filter", "sft", "dpo", "convert"] {
+        let output = magpie(&[stage]);
+        assert_eq!(output.status.code(), Some(1), "{stage}");
+        assert!(stderr(&output).contains("not yet implemented"), "{stage}: {}", stderr(&output));
+    }
+}
+
+// ---- synth on the embedded SmolLM2 (scripts/setup.sh puts it in models/) ----
+
+/// Small settings so a run takes seconds: 12 rows in chunks of 3.
+fn synth_args(output: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "synth", "--num", "12", "--chunk-rows", "3", "--max-tokens", "40", "--response-max-tokens", "40",
+        "--threads", "2", "--batch-size", "8", "-o",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push(output.display().to_string());
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run_synth(output: &Path, extra: &[&str]) -> Output {
+    let args = synth_args(output, extra);
+    let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(&args).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    output
+}
+
+/// (uuid, messages) of every row in a synth output, sorted by uuid.
+fn rows(dir: &Path) -> Vec<(String, Vec<Message>)> {
+    let dataset = Dataset::open(&[dir.display().to_string()]).unwrap();
+    let mut rows = vec![];
+    for batch in dataset.batches() {
+        let batch = batch.unwrap();
+        let uuids = batch.column_by_name("uuid").unwrap();
+        let uuids = arrow::array::AsArray::as_string::<i32>(uuids.as_ref());
+        let messages = read_turns(batch.column_by_name("messages").unwrap().as_ref(), "role", "content");
+        for (i, m) in messages.into_iter().enumerate() {
+            rows.push((uuids.value(i).to_string(), m.unwrap()));
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
+#[test]
+fn synth_multi_turn_with_preference_responses_writes_the_catalogue_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("mt");
+    let output = run_synth(&out, &["--num", "4", "--turns", "2", "--responses", "2", "--sanitize"]);
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(summary.contains("instructions attempted  4"), "{summary}");
+    let rows = rows(&out);
+    assert!(!rows.is_empty(), "{summary}");
+    for (_, messages) in &rows {
+        assert_eq!(messages[0].role, "user");
+        assert_eq!(messages[1].role, "assistant");
+        assert!(!messages[0].content.is_empty());
+        assert!(!messages[0].content.contains('\n'), "early stop at newline: {:?}", messages[0].content);
+    }
+    assert!(rows.iter().any(|(_, m)| m.len() == 4), "no second turn: {rows:#?}");
+    let report = magpie(&["inspect", out.to_str().unwrap()]);
+    let report = String::from_utf8_lossy(&report.stdout);
+    for column in ["gen_input_configs", "gen_response_configs", "instruction_length", "response_length", "finish_reasons", "raw_instruction", "responses"] {
+        assert!(report.contains(column), "{column} missing: {report}");
+    }
+    assert!(report.contains("responses") && report.contains("items min 2 mean 2.0 max 2"), "{report}");
+}
+
+#[test]
+fn synth_resumes_after_kill_without_losing_or_duplicating_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("reference");
+    run_synth(&reference, &[]);
+    let expected = rows(&reference);
+    assert!(expected.len() >= 10, "{expected:#?}");
+
+    let resumed = dir.path().join("resumed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_magpie"))
+        .args(synth_args(&resumed, &[]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !resumed.join("part-00001.parquet").exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no part written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let finished: Vec<_> = std::fs::read_dir(&resumed).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).collect();
+    assert!(finished.len() < 4, "the run finished before the kill: {finished:?}");
+
+    let output = run_synth(&resumed, &[]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("resuming") || String::from_utf8_lossy(&output.stdout).contains("rows written"));
+    assert_eq!(rows(&resumed), expected);
+}
+
+#[test]
+fn shards_write_disjoint_parts_that_concatenate_to_the_whole_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    run_synth(&whole, &[]);
+    let sharded = dir.path().join("sharded");
+    run_synth(&sharded, &["--shard", "0/2"]);
+    let first = rows(&sharded);
+    // Slurm's variables select the other shard.
+    let output = Command::new(env!("CARGO_BIN_EXE_magpie"))
+        .args(synth_args(&sharded, &[]))
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("SLURM_ARRAY_TASK_COUNT", "2")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let all = rows(&sharded);
+    assert!(!first.is_empty() && first.len() < all.len());
+    assert_eq!(all, rows(&whole));
+}
+
+#[test]
+fn synth_refuses_missing_or_corrupt_models_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let corrupt = dir.path().join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00 not really").unwrap();
+    for (model, expected) in [(dir.path().join("absent.gguf"), "absent.gguf: model not found"), (corrupt, "corrupt.gguf: not a readable GGUF file")] {
+        let out = dir.path().join("out");
+        let output = magpie(&["synth", "--model", model.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(1));
+        assert!(stderr(&output).contains(expected), "{}", stderr(&output));
+        assert!(!out.exists(), "output written for a bad model");
+    }
+}
+
+#[test]
+fn rerunning_into_an_output_with_other_settings_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    run_synth(&out, &["--num", "3"]);
+    let args = synth_args(&out, &["--num", "3", "--seed", "7"]);
+    let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(&args).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("holds a run with other settings (args.seed)"), "{}", stderr(&output));
+}
