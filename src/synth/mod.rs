@@ -89,6 +89,10 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 4096)]
     pub response_max_tokens: usize,
 
+    /// Generate instructions only (no responses), e.g. to answer them with another model later.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub instructions_only: bool,
+
     /// Conversation turns (user + assistant pairs) per row.
     #[arg(long, default_value_t = 1)]
     pub turns: usize,
@@ -201,6 +205,9 @@ impl SynthArgs {
         }
         if self.chunk_rows == 0 {
             bail!("--chunk-rows must be at least 1");
+        }
+        if self.instructions_only && (self.turns > 1 || self.responses > 0) {
+            bail!("--instructions-only cannot be combined with --turns > 1 or --responses");
         }
         if self.system_prompt.is_some() && self.system_prompts.is_some() {
             bail!("give --system-prompt or --system-prompts, not both");

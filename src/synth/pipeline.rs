@@ -230,7 +230,9 @@ impl<'a> Synthesizer<'a> {
             kept.push(draft);
         }
         let mut drafts = kept;
-        self.respond(&mut drafts, 1, on_tokens)?;
+        if !self.args.instructions_only {
+            self.respond(&mut drafts, 1, on_tokens)?;
+        }
 
         for turn in 2..=self.args.turns {
             self.follow_up(&mut drafts, turn, on_tokens)?;

@@ -1,7 +1,10 @@
-//! llama.cpp through `llama-cpp-2`: continuous batching over one context. Each sequence has its
-//! own KV stream (`kv_unified = false`) and its own sampler seeded per request, so a sequence's
-//! tokens do not depend on what else is in the batch: greedy output is the same alone or batched,
-//! and sampled output is reproducible per request.
+//! llama.cpp through `llama-cpp-2`: continuous batching over one context. A sequence's tokens do
+//! not depend on what else is in the batch, so greedy output is the same alone or batched and
+//! sampled output is reproducible per request. That takes, besides a sampler seeded per request:
+//! - its own KV stream per sequence (`kv_unified = false`);
+//! - flash attention off (the CPU kernel's summation order depends on the batch);
+//! - llama.cpp built with `GGML_LLAMAFILE=OFF` and `GGML_CPU_REPACK=OFF` (.cargo/config.toml),
+//!   whose batched matmuls sum in another order than single rows.
 
 use super::{Completion, Engine, EngineOptions, FinishReason, Request, Sampling, StopStrings};
 use anyhow::{anyhow, Context, Result};
@@ -104,6 +107,9 @@ impl Engine for LlamaCpp {
             .with_n_ubatch(batch_tokens.min(512) as u32)
             .with_n_seq_max(slots as u32)
             .with_kv_unified(false)
+            // CPU flash attention sums in an order that depends on the batch; off, greedy output
+            // is the same alone or batched (src/synth/engine/mod.rs tests it). 0 = DISABLED.
+            .with_flash_attention_policy(0)
             .with_n_threads(self.threads)
             .with_n_threads_batch(self.threads);
         let mut ctx = self.model.new_context(backend()?, params).map_err(|e| anyhow!("llama.cpp context: {e}"))?;

@@ -162,18 +162,39 @@ mod batch_invariance {
     use super::*;
     use crate::synth::model::test_model;
 
+    /// Instructions SmolLM2 wrote itself; 16 prompts x 96 greedy tokens, long enough that a
+    /// batch-dependent summation order shows up as a flipped token (it did in 10 of 32 such
+    /// answers before the settings in `llamacpp`).
+    const INSTRUCTIONS: [&str; 16] = [
+        "What is the capital of France?",
+        "I'm looking for a new exercise routine on fitness apps. Can you recommend any apps that offer guided maps of national parks?",
+        "I'd like to contact a veterinarian about my cat's suspected rabies. Could you assist me?",
+        "How many rows does the BerengariaLegacres game have?",
+        "Can you explain to me the principle of the Quantum Leap 101?",
+        "I'm considering a new job opportunity, but I've heard rumors of a million-pound position. What should I do?",
+        "I'm considering a move to a new city and I want to make sure I have everything I need ready for my family. How do I start?",
+        "I'm getting ready to travel to an alien world and I want to create a mission that will allow me to adapt to it.",
+        "How does a yarn fabric hold its fibers together?",
+        "I am going to make a sign that says CAT with numbers. How should I lay it out?",
+        "I'm currently working on a Unicode sheet with code written in Spanish. Can you help me improve it?",
+        "What can I do to become a professional trucker?",
+        "Write a haiku about rain.",
+        "How do I sort a list in Python?",
+        "Name three prime numbers.",
+        "I've been tasked with planning an event at a non-profit site with a budget of $500. Where do I start?",
+    ];
+
     fn requests(engine: &dyn Engine) -> Vec<Request> {
-        let questions = ["What is the capital of France?", "Write a haiku about rain.", "How do I sort a list in Python?", "Name three primes."];
-        questions
+        INSTRUCTIONS
             .iter()
             .map(|q| {
-                let prompt = format!("<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
+                let prompt = format!("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n");
                 Request {
                     prompt: engine.tokenize(&prompt).unwrap(),
                     sampling: Sampling {
                         temperature: 0.0,
                         top_p: 1.0,
-                        max_tokens: 24,
+                        max_tokens: 96,
                         seed: 0,
                         stop_strings: vec!["<|im_end|>".into()],
                         stop_token_ids: vec![2],
@@ -184,7 +205,7 @@ mod batch_invariance {
     }
 
     fn check(choice: EngineChoice) {
-        let options = EngineOptions { choice, batch_size: 4, threads: 2, kv_tokens: 8192, cuda: false };
+        let options = EngineOptions { choice, batch_size: 16, threads: 2, kv_tokens: 16384, cuda: false };
         let mut engine = open(&test_model(), &options).unwrap();
         let requests = requests(engine.as_ref());
         let batched = engine.generate(&requests, &mut |_| {}).unwrap();
@@ -192,7 +213,6 @@ mod batch_invariance {
         assert_eq!(batched, alone);
         let distinct: std::collections::HashSet<_> = batched.iter().map(|c| c.text.clone()).collect();
         assert_eq!(distinct.len(), requests.len(), "prompts got each other's answers: {batched:#?}");
-        assert!(batched[0].text.contains("Paris"), "{:?}", batched[0].text);
     }
 
     #[test]
