@@ -72,7 +72,7 @@ fn recipe_values_are_checked_by_the_flag_parser_and_overridden_by_the_command_li
 
 #[test]
 fn stages_not_built_yet_fail_clearly() {
-    for stage in ["filter", "sft", "dpo", "convert"] {
+    for stage in ["sft", "dpo", "convert"] {
         let output = magpie(&[stage]);
         assert_eq!(output.status.code(), Some(1), "{stage}");
         assert!(stderr(&output).contains("not yet implemented"), "{stage}: {}", stderr(&output));
@@ -217,4 +217,37 @@ fn rerunning_into_an_output_with_other_settings_is_refused() {
     let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(&args).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("holds a run with other settings (args.seed)"), "{}", stderr(&output));
+}
+
+// ---- filter ----
+
+#[test]
+fn filter_demo_recipe_dedups_tags_selects_and_reports_on_magpie_released_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("filtered.parquet");
+    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/smollm2-demo-filter.yaml");
+    let input = fixture("magpie-released.parquet");
+    let output = magpie(&["filter", "--recipe", recipe.to_str().unwrap(), "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("filtered.parquet.report.json")).unwrap()).unwrap();
+    assert_eq!(report["rows_in"], 5);
+    assert_eq!(report["steps"].as_array().unwrap().len(), 4);
+    assert!(report["distributions"]["language"]["EN"].as_u64().unwrap() > 0, "{report}");
+    let text = String::from_utf8(magpie(&["inspect", out.to_str().unwrap()]).stdout).unwrap();
+    for column in ["source_notes", "gen_input_configs", "exact_duplicate_of", "minhash_cluster", "refusal", "split"] {
+        assert!(text.contains(column), "{column}: {text}");
+    }
+}
+
+#[test]
+fn filter_recipe_with_a_misspelt_step_key_fails_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = dir.path().join("bad.yaml");
+    std::fs::write(&recipe, "steps:\n  - step: minhash_dedup\n    treshold: 0.7\n").unwrap();
+    let out = dir.path().join("out.parquet");
+    let input = fixture("magpie-released.parquet");
+    let output = magpie(&["filter", "--recipe", recipe.to_str().unwrap(), "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("unknown field `treshold`"), "{}", stderr(&output));
+    assert!(!out.exists());
 }

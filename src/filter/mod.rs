@@ -1,8 +1,34 @@
-//! `magpie filter`: tag, deduplicate, score and select rows (REFERENCE §3). Not yet implemented:
-//! see issue #4.
+//! `magpie filter`: the steps that turn raw synthesis into a training set (REFERENCE §3), each
+//! usable alone and composed by a recipe's `steps` list:
+//!
+//! - `exact_dedup` (`exact`): normalised-instruction duplicates;
+//! - `minhash_dedup` (`minhash`): MinHash-LSH near duplicates;
+//! - `heuristics`: lengths, trailing ":", truncation, empty turns, refusals, repetition, language;
+//! - `select`: rules, `keep_dedup`, top-k, shuffle and split (`select`).
+//!
+//! Semantic dedup, LLM-judge tags, reward scores and the safety tag are not built yet (issue #4):
+//! asking for them is an error, not a silent no-op.
+//!
+//! Every run writes a JSON report beside the output: rows in and out per step, why rows were
+//! dropped, and the distributions of the tag columns in the output.
 
-use anyhow::{bail, Result};
-use std::path::PathBuf;
+pub mod exact;
+pub mod heuristics;
+pub mod minhash;
+pub mod select;
+pub mod step;
+pub mod text;
+
+use crate::data::{write::write_atomically, Dataset};
+use anyhow::{bail, Context, Result};
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{Field, Schema};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use step::Step;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FilterArgs {
@@ -11,14 +37,247 @@ pub struct FilterArgs {
     pub recipe: Option<PathBuf>,
 
     /// Input dataset(s): parquet files, directories of parts, or globs.
-    #[arg(long, short)]
+    #[arg(long, short, required = true)]
     pub input: Vec<String>,
 
     /// Output dataset: a `.parquet` file or a directory of parts.
     #[arg(long, short)]
-    pub output: Option<PathBuf>,
+    pub output: PathBuf,
+
+    /// The steps, in order, as JSON (a recipe's `steps:` list), e.g.
+    /// `[{"step": "exact_dedup"}, {"step": "minhash_dedup", "threshold": 0.7}]`.
+    #[arg(long, value_parser = parse_steps)]
+    pub steps: Option<Steps>,
+
+    /// Where to write the JSON report (default: beside the output, `<output>.report.json`).
+    #[arg(long)]
+    pub report: Option<PathBuf>,
 }
 
-pub fn run(_args: &FilterArgs) -> Result<()> {
-    bail!("`magpie filter` is not yet implemented (issue #4)")
+fn yes() -> bool {
+    true
+}
+fn five() -> usize {
+    5
+}
+fn perms() -> usize {
+    128
+}
+fn seven_tenths() -> f64 {
+    0.7
+}
+
+/// One step of a recipe's `steps` list.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
+pub enum StepConfig {
+    ExactDedup {
+        #[serde(default = "yes")]
+        drop: bool,
+    },
+    MinhashDedup {
+        #[serde(default = "five")]
+        ngram: usize,
+        #[serde(default = "perms")]
+        num_perm: usize,
+        #[serde(default = "seven_tenths")]
+        threshold: f64,
+        #[serde(default = "yes")]
+        drop: bool,
+    },
+    Heuristics {},
+    Select(select::SelectConfig),
+    SemanticDedup {},
+    JudgeTags {},
+    RewardScores {},
+    SafetyTag {},
+}
+
+pub type Steps = Vec<StepConfig>;
+
+fn parse_steps(json: &str) -> Result<Steps, String> {
+    serde_json::from_str(json).map_err(|e| format!("bad `steps`: {e}"))
+}
+
+impl StepConfig {
+    fn build(self) -> Result<Box<dyn Step>> {
+        Ok(match self {
+            StepConfig::ExactDedup { drop } => Box::new(exact::ExactDedup::new(drop)),
+            StepConfig::MinhashDedup { ngram, num_perm, threshold, drop } => {
+                Box::new(minhash::MinhashDedup::new(ngram, num_perm, threshold, drop)?)
+            }
+            StepConfig::Heuristics {} => Box::new(heuristics::Heuristics::default()),
+            StepConfig::Select(config) => Box::new(select::Select::new(config)?),
+            other => bail!("filter step {other:?} is not implemented yet (issue #4)"),
+        })
+    }
+}
+
+/// `batch` with `name` replaced in place, or appended.
+pub fn with_column(batch: RecordBatch, name: &str, array: ArrayRef) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = batch.columns().to_vec();
+    let field = Field::new(name, array.data_type().clone(), true);
+    match schema.index_of(name) {
+        Ok(i) => {
+            fields[i] = field;
+            columns[i] = array;
+        }
+        Err(_) => {
+            fields.push(field);
+            columns.push(array);
+        }
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
+/// Value counts of the tag columns in `output`, for the report.
+fn distributions(output: &Path) -> Result<Value> {
+    let dataset = Dataset::open(&[output.display().to_string()])?;
+    let mut counts: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+    for batch in dataset.batches() {
+        let batch = batch?;
+        for column in ["input_quality", "difficulty", "task_category", "language", "split"] {
+            let Some(values) = batch.column_by_name(column).and_then(crate::data::messages::as_utf8) else { continue };
+            let entry = counts.entry(column).or_default();
+            for value in values.iter() {
+                *entry.entry(value.unwrap_or("null").to_string()).or_default() += 1;
+            }
+        }
+    }
+    Ok(json!(counts))
+}
+
+pub fn run(args: &FilterArgs) -> Result<()> {
+    let Some(configs) = args.steps.clone().filter(|s| !s.is_empty()) else {
+        bail!("no filter steps: give `steps` in a recipe (see recipes/*-filter.yaml) or --steps JSON");
+    };
+    let steps = configs.into_iter().map(StepConfig::build).collect::<Result<Vec<_>>>()?;
+    let input = Dataset::open(&args.input)?;
+    let rows_in = input.num_rows;
+    let report_path = args.report.clone().unwrap_or_else(|| {
+        let mut name = args.output.file_name().unwrap_or_default().to_os_string();
+        name.push(".report.json");
+        args.output.with_file_name(name)
+    });
+    let step_reports = step::run(input, steps, &args.output)?;
+    let rows_out = step_reports.last().and_then(|r| r["rows_out"].as_u64()).unwrap_or(rows_in);
+    let report = json!({
+        "input": args.input, "output": args.output, "rows_in": rows_in, "rows_out": rows_out,
+        "steps": step_reports, "distributions": distributions(&args.output)?,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    write_atomically(&report_path, text.as_bytes()).with_context(|| format!("{}: cannot write report", report_path.display()))?;
+    println!("filter: {rows_in} rows in, {rows_out} rows out -> {}", args.output.display());
+    for step in report["steps"].as_array().into_iter().flatten() {
+        println!("  {:<14} {:>8} -> {:<8} {}", step["step"].as_str().unwrap_or(""), step["rows_in"], step["rows_out"], compact(step));
+    }
+    println!("report: {}", report_path.display());
+    Ok(())
+}
+
+/// A step's extra report fields on one line.
+fn compact(step: &Value) -> String {
+    let Value::Object(map) = step else { return String::new() };
+    map.iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "step" | "rows_in" | "rows_out"))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::test_support::{batch, read_all, text, write};
+    use arrow::array::{AsArray, Float64Array};
+
+    fn steps(json: &str) -> Vec<Box<dyn Step>> {
+        parse_steps(json).unwrap().into_iter().map(|s| s.build().unwrap()).collect()
+    }
+
+    fn column(batch: &RecordBatch, name: &str) -> Vec<Option<String>> {
+        batch.column_by_name(name).unwrap().as_string::<i32>().iter().map(|v| v.map(str::to_string)).collect()
+    }
+
+    fn run_on(input: RecordBatch, json: &str) -> (RecordBatch, Vec<Value>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "in.parquet", &input);
+        let output = dir.path().join("out.parquet");
+        let report = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(json), &output).unwrap();
+        (read_all(&[&output]).unwrap(), report)
+    }
+
+    const LONG: &str = "please write a detailed step by step guide explaining how to bake sourdough bread at home for complete beginners who only have simple kitchen tools and a small oven";
+
+    #[test]
+    fn dedup_steps_keep_the_first_of_planted_duplicates_and_carry_other_columns() {
+        let input = batch(vec![
+            ("uuid", text(&["a", "b", "c", "d", "e"])),
+            ("instruction", text(&[LONG, "Hello,   WORLD!", "hello world", &LONG.to_uppercase(), "something else entirely"])),
+            ("notes", text(&["1", "2", "3", "4", "5"])),
+        ]);
+        let (out, report) = run_on(input, r#"[{"step": "exact_dedup"}, {"step": "minhash_dedup"}]"#);
+        assert_eq!(column(&out, "uuid"), ["a", "b", "e"].map(|s| Some(s.to_string())));
+        assert_eq!(column(&out, "notes"), ["1", "2", "5"].map(|s| Some(s.to_string())));
+        assert_eq!(report[0]["duplicates"], 2); // "hello world" and the upper-cased LONG
+        assert_eq!(report[1]["rows_in"], 3);
+    }
+
+    #[test]
+    fn minhash_without_drop_writes_clusters_for_keep_dedup() {
+        let input = batch(vec![("uuid", text(&["a", "b", "c"])), ("instruction", text(&[LONG, &format!("{LONG} please"), "unrelated"]))]);
+        let (out, _) = run_on(input.clone(), r#"[{"step": "minhash_dedup", "drop": false}]"#);
+        assert_eq!(column(&out, "minhash_cluster"), ["a", "a", "c"].map(|s| Some(s.to_string())));
+        let (out, report) = run_on(input, r#"[{"step": "minhash_dedup", "drop": false}, {"step": "select", "keep_dedup": true}]"#);
+        assert_eq!(column(&out, "uuid"), ["a", "c"].map(|s| Some(s.to_string())));
+        assert_eq!(report[1]["dropped"]["near duplicate (minhash)"], 1);
+    }
+
+    #[test]
+    fn select_applies_magpie_rules_ordinal_scales_and_the_min_similar_uuid_rule() {
+        let input = batch(vec![
+            ("uuid", text(&["a", "b", "c", "d", "e", "f"])),
+            ("instruction", text(&["q1", "q2 ends with:", "q3", "q4", "q5", "q6"])),
+            ("input_quality", text(&["good", "excellent", "poor", "average", "good", "excellent"])),
+            ("instruct_reward", Arc::new(Float64Array::from(vec![1.0, 2.0, 3.0, -11.0, 0.5, 0.0])) as ArrayRef),
+            // e is a semantic near-duplicate of a; f is its own group's earliest row.
+            ("min_similar_uuid", Arc::new(arrow::array::StringArray::from(vec![None, None, None, None, Some("a"), Some("f")])) as ArrayRef),
+            ("response_length", Arc::new(arrow::array::Int64Array::from(vec![10, 50, 40, 30, 20, 5])) as ArrayRef),
+        ]);
+        let recipe = r#"[{"step": "select", "rules": [
+            {"column": "input_quality", "op": ">=", "value": "average"},
+            {"column": "instruct_reward", "op": ">", "value": -10},
+            {"column": "instruction", "op": "not_ends_with", "value": ":"}],
+            "keep_dedup": true, "sort_by": "response_length", "limit": 2}]"#;
+        let (out, report) = run_on(input, recipe);
+        // Passing: a (10) and f (5); top 2 by response length, largest first.
+        assert_eq!(column(&out, "uuid"), ["a", "f"].map(|s| Some(s.to_string())));
+        let dropped = &report[0]["dropped"];
+        assert_eq!(dropped["near duplicate (semantic)"], 1);
+        assert_eq!(dropped.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn shuffle_and_split_are_seeded() {
+        let uuids: Vec<String> = (0..50).map(|i| format!("u{i}")).collect();
+        let refs: Vec<&str> = uuids.iter().map(String::as_str).collect();
+        let input = batch(vec![("uuid", text(&refs)), ("instruction", text(&refs))]);
+        let recipe = r#"[{"step": "select", "shuffle_seed": 42, "test_ratio": 0.2}]"#;
+        let (first, _) = run_on(input.clone(), recipe);
+        let (second, _) = run_on(input, recipe);
+        assert_eq!(first, second);
+        assert_ne!(column(&first, "uuid")[..5], uuids[..5].iter().map(|u| Some(u.clone())).collect::<Vec<_>>()[..]);
+        let tests = column(&first, "split").iter().filter(|s| s.as_deref() == Some("test")).count();
+        assert!((3..=18).contains(&tests), "{tests} of 50 in test");
+    }
+
+    #[test]
+    fn unknown_step_keys_and_unbuilt_steps_are_errors() {
+        let error = parse_steps(r#"[{"step": "minhash_dedup", "treshold": 0.7}]"#).unwrap_err();
+        assert!(error.contains("unknown field `treshold`"), "{error}");
+        let error = parse_steps(r#"[{"step": "semantic_dedup"}]"#).unwrap().remove(0).build().err().unwrap().to_string();
+        assert!(error.contains("not implemented yet"), "{error}");
+    }
 }

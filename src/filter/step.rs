@@ -1,0 +1,141 @@
+//! Filter steps and the runner that chains them, datatrove style: every step turns record
+//! batches into record batches and carries through the columns it does not know.
+//!
+//! A step that needs the whole dataset before it can decide (dedup, top-k) says so with
+//! `needs_scan`: the runner first streams every batch through its `scan`, keeping only what the
+//! step stores per row (hashes, sort keys), then streams the batches again through `apply`.
+//! Consecutive steps that need no scan share one pass. Between passes the data is written to a
+//! hidden temporary dataset beside the output.
+
+use crate::data::{Dataset, DatasetWriter};
+use anyhow::Result;
+use arrow::array::RecordBatch;
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub trait Step {
+    fn name(&self) -> &'static str;
+
+    /// Whether `scan` must see every row before `apply` runs.
+    fn needs_scan(&self) -> bool {
+        false
+    }
+
+    /// Sees every batch, in the order `apply` will see them.
+    fn scan(&mut self, _batch: &RecordBatch) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once after the last `scan`.
+    fn finish_scan(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Transforms one batch: drops rows, adds columns.
+    fn apply(&mut self, batch: RecordBatch) -> Result<RecordBatch>;
+
+    /// Rows held back by `apply` (a shuffle), emitted after the last batch.
+    fn flush(&mut self) -> Result<Option<RecordBatch>> {
+        Ok(None)
+    }
+
+    /// Why rows were dropped, and anything else worth reporting.
+    fn report(&self) -> Value {
+        json!({})
+    }
+}
+
+/// Rows in and out of one step.
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    rows_in: u64,
+    rows_out: u64,
+}
+
+/// Runs `steps` over `input` into `output`; returns the per-step report.
+pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path) -> Result<Vec<Value>> {
+    let scratch = crate::data::write::temporary_sibling(&output.with_extension("filter-scratch"))?;
+    std::fs::create_dir_all(&scratch)?;
+    let _cleanup = RemoveOnDrop(scratch.clone());
+    let mut counts = vec![Counts::default(); steps.len()];
+
+    let mut current = Some(input);
+    let mut pass_start = 0;
+    for i in 0..steps.len() {
+        if !steps[i].needs_scan() {
+            continue;
+        }
+        if i > pass_start {
+            let target = scratch.join(format!("pass-{i}"));
+            current = stream(current.as_ref(), &mut steps[pass_start..i], &mut counts[pass_start..i], &target)?
+                .then(|| Dataset::open(&[target.display().to_string()]))
+                .transpose()?;
+        }
+        if let Some(dataset) = &current {
+            for batch in dataset.batches() {
+                steps[i].scan(&batch?)?;
+            }
+        }
+        steps[i].finish_scan()?;
+        pass_start = i;
+    }
+    stream(current.as_ref(), &mut steps[pass_start..], &mut counts[pass_start..], output)?;
+
+    Ok(steps
+        .iter()
+        .zip(counts)
+        .map(|(step, c)| {
+            let mut entry = json!({ "step": step.name(), "rows_in": c.rows_in, "rows_out": c.rows_out });
+            if let (Value::Object(entry), Value::Object(extra)) = (&mut entry, step.report()) {
+                entry.extend(extra);
+            }
+            entry
+        })
+        .collect())
+}
+
+/// Streams `input` through `steps` into a new dataset at `target`. Returns whether any row was
+/// written. With no input (an earlier pass dropped everything), writes nothing.
+fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Counts], target: &Path) -> Result<bool> {
+    let Some(input) = input else {
+        anyhow::bail!("every row was filtered out before the last step; nothing to write to {}", target.display());
+    };
+    let mut writer: Option<DatasetWriter> = None;
+    let write = |batch: RecordBatch, writer: &mut Option<DatasetWriter>| -> Result<()> {
+        if writer.is_none() {
+            *writer = Some(DatasetWriter::create(target, batch.schema())?);
+        }
+        writer.as_mut().unwrap().write(&batch)
+    };
+    for batch in input.batches() {
+        let mut batch = batch?;
+        for (step, count) in steps.iter_mut().zip(counts.iter_mut()) {
+            count.rows_in += batch.num_rows() as u64;
+            batch = step.apply(batch)?;
+            count.rows_out += batch.num_rows() as u64;
+        }
+        write(batch, &mut writer)?;
+    }
+    // Held-back rows go through the steps after the one that held them.
+    for i in 0..steps.len() {
+        if let Some(mut batch) = steps[i].flush()? {
+            counts[i].rows_out += batch.num_rows() as u64;
+            for (step, count) in steps[i + 1..].iter_mut().zip(counts[i + 1..].iter_mut()) {
+                count.rows_in += batch.num_rows() as u64;
+                batch = step.apply(batch)?;
+                count.rows_out += batch.num_rows() as u64;
+            }
+            write(batch, &mut writer)?;
+        }
+    }
+    let Some(writer) = writer else { return Ok(false) };
+    Ok(writer.finish()? > 0)
+}
+
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
