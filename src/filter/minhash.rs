@@ -1,11 +1,16 @@
-//! MinHash-LSH near-duplicate removal. Needs the whole dataset, kept small: one band-hash vector
-//! per row (bands x 8 bytes), not the texts or the signatures.
+//! MinHash-LSH near-duplicate removal. Needs the whole dataset, kept small: per row its band
+//! hashes (bands x 8 bytes) and, to verify candidates, its signature's low 16 bits per
+//! permutation (2 x num_perm bytes), not the texts.
 //!
 //! - Word n-grams (default 5) of the normalised instruction; a text shorter than n is one shingle.
 //! - Sketches: minhash-rs `MinHash<u32, P>` with P = `num_perm` (64, 128 or 256).
-//! - (bands, rows) minimise 0.5·FP + 0.5·FN of the S-curve integrals around the threshold, as
-//!   datasketch chooses them (0.7 and 128 give 14 x 9).
-//! - Rows sharing any band hash are joined with union-find; the earliest row of each cluster is
+//! - (bands, rows) minimise the weighted FP and FN integrals of the S-curve around the threshold,
+//!   as datasketch chooses them. Plain LSH weighs both 0.5 (0.7 and 128 give 14 x 9) and then
+//!   finds fewer than half of the pairs right at the threshold. So by default (`verify: true`)
+//!   the bands favour recall (weights 0.1 / 0.9: 20 x 6) and every candidate pair is checked on
+//!   its signatures: joined only if the estimated Jaccard is at least the threshold minus one
+//!   standard error of the estimate. `verify: false` is plain datasketch-style LSH.
+//! - Rows sharing a band hash are joined with union-find; the earliest row of each cluster is
 //!   kept. `minhash_cluster` holds the uuid of that earliest row on every row.
 //!
 //! Sketching is parallel over rows and grouping over bands (rayon).
@@ -34,15 +39,20 @@ fn integrate(f: impl Fn(f64) -> f64, a: f64, b: f64) -> f64 {
     sum * h / 3.0
 }
 
-/// datasketch's `_optimal_param`: the (bands, rows) with the least weighted error.
+/// datasketch's `_optimal_param` with equal weights.
 pub fn optimal_bands(threshold: f64, num_perm: usize) -> (usize, usize) {
+    optimal_bands_weighted(threshold, num_perm, 0.5, 0.5)
+}
+
+/// datasketch's `_optimal_param`: the (bands, rows) with the least weighted error.
+pub fn optimal_bands_weighted(threshold: f64, num_perm: usize, fp_weight: f64, fn_weight: f64) -> (usize, usize) {
     let mut best = (f64::INFINITY, (1, 1));
     for bands in 1..=num_perm {
         for rows in 1..=num_perm / bands {
             let p = |s: f64| 1.0 - (1.0 - s.powi(rows as i32)).powi(bands as i32);
             let false_positive = integrate(p, 0.0, threshold);
             let false_negative = integrate(|s| 1.0 - p(s), threshold, 1.0);
-            let error = 0.5 * false_positive + 0.5 * false_negative;
+            let error = fp_weight * false_positive + fn_weight * false_negative;
             if error < best.0 {
                 best = (error, (bands, rows));
             }
@@ -102,24 +112,38 @@ impl Clusters {
     }
 }
 
-/// Groups rows by band hash and joins each group: the LSH candidate pairs, clustered.
-pub fn cluster(band_hashes: &[Vec<u64>], bands: usize) -> Clusters {
+/// Decides whether two candidate rows are near duplicates.
+pub type Verify<'a> = &'a (dyn Fn(u32, u32) -> bool + Sync);
+
+/// Groups rows by band hash and joins the rows of each group that `verify` accepts (each row is
+/// compared with the group's members up to 64 back): the LSH candidate pairs, clustered.
+pub fn cluster(band_hashes: &[Vec<u64>], bands: usize, verify: Verify) -> Clusters {
     let n = band_hashes.len();
-    let groups: Vec<Vec<(u64, u32)>> = (0..bands)
+    let edges: Vec<Vec<(u32, u32)>> = (0..bands)
         .into_par_iter()
         .map(|band| {
             let mut keyed: Vec<(u64, u32)> = band_hashes.iter().enumerate().map(|(row, h)| (h[band], row as u32)).collect();
             keyed.par_sort_unstable();
-            keyed
+            let mut edges = vec![];
+            let mut start = 0;
+            for end in 1..=keyed.len() {
+                if end < keyed.len() && keyed[end].0 == keyed[start].0 {
+                    continue;
+                }
+                let group = &keyed[start..end];
+                for (i, &(_, b)) in group.iter().enumerate().skip(1) {
+                    if let Some(&(_, a)) = group[i.saturating_sub(64)..i].iter().find(|&&(_, a)| verify(a, b)) {
+                        edges.push((a, b));
+                    }
+                }
+                start = end;
+            }
+            edges
         })
         .collect();
     let mut clusters = Clusters::new(n);
-    for keyed in groups {
-        for pair in keyed.windows(2) {
-            if pair[0].0 == pair[1].0 {
-                clusters.union(pair[0].1, pair[1].1);
-            }
-        }
+    for (a, b) in edges.into_iter().flatten() {
+        clusters.union(a, b);
     }
     clusters
 }
@@ -130,7 +154,11 @@ pub struct MinhashDedup {
     bands: usize,
     rows: usize,
     drop: bool,
+    threshold: f64,
+    verify: bool,
     band_hashes: Vec<Vec<u64>>,
+    /// Low 16 bits of each signature register, `num_perm` per row (only with `verify`).
+    registers: Vec<u16>,
     uuids: Vec<String>,
     /// Root row of each row, after `finish_scan`.
     roots: Vec<u32>,
@@ -140,21 +168,32 @@ pub struct MinhashDedup {
 }
 
 impl MinhashDedup {
-    pub fn new(ngram: usize, num_perm: usize, threshold: f64, drop: bool) -> Result<Self> {
+    pub fn new(ngram: usize, num_perm: usize, threshold: f64, drop: bool, verify: bool) -> Result<Self> {
         if ![64, 128, 256].contains(&num_perm) {
             bail!("minhash_dedup: num_perm must be 64, 128 or 256, got {num_perm}");
         }
         if !(0.0 < threshold && threshold < 1.0) || ngram == 0 {
             bail!("minhash_dedup: threshold must be in (0, 1) and ngram at least 1");
         }
-        let (bands, rows) = optimal_bands(threshold, num_perm);
-        Ok(MinhashDedup { ngram, num_perm, bands, rows, drop, band_hashes: vec![], uuids: vec![], roots: vec![], applied: 0, duplicates: 0, clusters: 0 })
+        let (bands, rows) = if verify { optimal_bands_weighted(threshold, num_perm, 0.1, 0.9) } else { optimal_bands(threshold, num_perm) };
+        Ok(MinhashDedup {
+            ngram, num_perm, bands, rows, drop, threshold, verify,
+            band_hashes: vec![], registers: vec![], uuids: vec![], roots: vec![], applied: 0, duplicates: 0, clusters: 0,
+        })
     }
 
-    /// Band hashes of one text.
-    fn bands_of(&self, text: &str) -> Vec<u64> {
+    /// The signature and band hashes of one text.
+    fn sketch(&self, text: &str) -> (Vec<u32>, Vec<u64>) {
         let signature = signature(&shingles(text, self.ngram), self.num_perm);
-        signature.chunks(self.rows).take(self.bands).map(band_hash).collect()
+        let bands = signature.chunks(self.rows).take(self.bands).map(band_hash).collect();
+        (signature, bands)
+    }
+
+    /// Estimated Jaccard of rows `a` and `b` from their stored registers.
+    fn estimate(&self, a: u32, b: u32) -> f64 {
+        let p = self.num_perm;
+        let (ra, rb) = (&self.registers[a as usize * p..][..p], &self.registers[b as usize * p..][..p]);
+        ra.iter().zip(rb).filter(|(x, y)| x == y).count() as f64 / p as f64
     }
 }
 
@@ -169,15 +208,24 @@ impl Step for MinhashDedup {
 
     fn scan(&mut self, batch: &RecordBatch) -> Result<()> {
         let texts = instructions(batch);
-        let hashed: Vec<Vec<u64>> = texts.par_iter().map(|t| self.bands_of(t.as_deref().unwrap_or(""))).collect();
-        self.band_hashes.extend(hashed);
+        let sketches: Vec<(Vec<u32>, Vec<u64>)> = texts.par_iter().map(|t| self.sketch(t.as_deref().unwrap_or(""))).collect();
+        for (signature, bands) in sketches {
+            if self.verify {
+                self.registers.extend(signature.iter().map(|&r| r as u16));
+            }
+            self.band_hashes.push(bands);
+        }
         self.uuids.extend(uuids(batch));
         Ok(())
     }
 
     fn finish_scan(&mut self) -> Result<()> {
-        let mut clusters = cluster(&self.band_hashes, self.bands);
+        // One standard error below the threshold, so pairs right at it are mostly kept.
+        let cutoff = self.threshold - (self.threshold * (1.0 - self.threshold) / self.num_perm as f64).sqrt();
+        let verify = |a: u32, b: u32| !self.verify || self.estimate(a, b) >= cutoff;
+        let mut clusters = cluster(&self.band_hashes, self.bands, &verify);
         self.band_hashes = vec![];
+        self.registers = vec![];
         self.roots = (0..self.uuids.len() as u32).map(|i| clusters.find(i)).collect();
         self.clusters = self.roots.iter().enumerate().filter(|(i, r)| *i as u32 == **r).count() as u64;
         Ok(())
@@ -195,7 +243,7 @@ impl Step for MinhashDedup {
 
     fn report(&self) -> Value {
         json!({
-            "bands": self.bands, "rows_per_band": self.rows, "clusters": self.clusters,
+            "bands": self.bands, "rows_per_band": self.rows, "verified": self.verify, "clusters": self.clusters,
             "duplicates": self.duplicates, "dropped": if self.drop { self.duplicates } else { 0 },
         })
     }
@@ -209,11 +257,13 @@ mod tests {
     fn band_choice_matches_datasketch() {
         assert_eq!(optimal_bands(0.7, 128), (14, 9));
         assert_eq!(optimal_bands(0.8, 128), (9, 13));
+        // datasketch's _optimal_param(0.7, 128, 0.1, 0.9)
+        assert_eq!(optimal_bands_weighted(0.7, 128, 0.1, 0.9), (20, 6));
     }
 
     #[test]
     fn planted_near_duplicates_cluster_and_distinct_texts_do_not() {
-        let dedup = MinhashDedup::new(5, 128, 0.7, true).unwrap();
+        let dedup = MinhashDedup::new(5, 128, 0.7, true, false).unwrap();
         let base = "please write a detailed step by step guide explaining how to bake sourdough bread at home for complete beginners who only have simple kitchen tools and a small oven and want to understand why each step of the process matters for the final loaf";
         let texts = [
             base.to_string(),
@@ -221,8 +271,8 @@ mod tests {
             base.to_uppercase(),                        // case
             "explain the difference between a list and a tuple in python with examples of when to use each one in real code".to_string(),
         ];
-        let hashes: Vec<Vec<u64>> = texts.iter().map(|t| dedup.bands_of(t)).collect();
-        let mut clusters = cluster(&hashes, dedup.bands);
+        let hashes: Vec<Vec<u64>> = texts.iter().map(|t| dedup.sketch(t).1).collect();
+        let mut clusters = cluster(&hashes, dedup.bands, &|_, _| true);
         let roots: Vec<u32> = (0..4).map(|i| clusters.find(i)).collect();
         assert_eq!(roots, [0, 0, 0, 3]);
     }

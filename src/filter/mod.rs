@@ -84,6 +84,9 @@ pub enum StepConfig {
         threshold: f64,
         #[serde(default = "yes")]
         drop: bool,
+        /// Check LSH candidates on their signatures (see `minhash`); false is plain LSH.
+        #[serde(default = "yes")]
+        verify: bool,
     },
     Heuristics {},
     Select(select::SelectConfig),
@@ -103,8 +106,8 @@ impl StepConfig {
     fn build(self) -> Result<Box<dyn Step>> {
         Ok(match self {
             StepConfig::ExactDedup { drop } => Box::new(exact::ExactDedup::new(drop)),
-            StepConfig::MinhashDedup { ngram, num_perm, threshold, drop } => {
-                Box::new(minhash::MinhashDedup::new(ngram, num_perm, threshold, drop)?)
+            StepConfig::MinhashDedup { ngram, num_perm, threshold, drop, verify } => {
+                Box::new(minhash::MinhashDedup::new(ngram, num_perm, threshold, drop, verify)?)
             }
             StepConfig::Heuristics {} => Box::new(heuristics::Heuristics::default()),
             StepConfig::Select(config) => Box::new(select::Select::new(config)?),

@@ -45,11 +45,21 @@ pub trait Step {
     }
 }
 
-/// Rows in and out of one step.
+/// Rows in and out of one step, and the time spent in its own calls (reading and writing the
+/// data is not counted).
 #[derive(Default, Clone, Copy)]
 struct Counts {
     rows_in: u64,
     rows_out: u64,
+    seconds: f64,
+}
+
+/// Runs `f`, adding its wall time to `seconds`.
+fn timed<T>(seconds: &mut f64, f: impl FnOnce() -> T) -> T {
+    let start = std::time::Instant::now();
+    let result = f();
+    *seconds += start.elapsed().as_secs_f64();
+    result
 }
 
 /// Runs `steps` over `input` into `output`; returns the per-step report.
@@ -71,12 +81,15 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path) -> Resu
                 .then(|| Dataset::open(&[target.display().to_string()]))
                 .transpose()?;
         }
+        let step = &mut steps[i];
+        let seconds = &mut counts[i].seconds;
         if let Some(dataset) = &current {
             for batch in dataset.batches() {
-                steps[i].scan(&batch?)?;
+                let batch = batch?;
+                timed(seconds, || step.scan(&batch))?;
             }
         }
-        steps[i].finish_scan()?;
+        timed(seconds, || step.finish_scan())?;
         pass_start = i;
     }
     stream(current.as_ref(), &mut steps[pass_start..], &mut counts[pass_start..], output)?;
@@ -85,7 +98,7 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path) -> Resu
         .iter()
         .zip(counts)
         .map(|(step, c)| {
-            let mut entry = json!({ "step": step.name(), "rows_in": c.rows_in, "rows_out": c.rows_out });
+            let mut entry = json!({ "step": step.name(), "rows_in": c.rows_in, "rows_out": c.rows_out, "seconds": c.seconds });
             if let (Value::Object(entry), Value::Object(extra)) = (&mut entry, step.report()) {
                 entry.extend(extra);
             }
@@ -111,18 +124,18 @@ fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Co
         let mut batch = batch?;
         for (step, count) in steps.iter_mut().zip(counts.iter_mut()) {
             count.rows_in += batch.num_rows() as u64;
-            batch = step.apply(batch)?;
+            batch = timed(&mut count.seconds, || step.apply(batch))?;
             count.rows_out += batch.num_rows() as u64;
         }
         write(batch, &mut writer)?;
     }
     // Held-back rows go through the steps after the one that held them.
     for i in 0..steps.len() {
-        if let Some(mut batch) = steps[i].flush()? {
+        if let Some(mut batch) = timed(&mut counts[i].seconds, || steps[i].flush())? {
             counts[i].rows_out += batch.num_rows() as u64;
             for (step, count) in steps[i + 1..].iter_mut().zip(counts[i + 1..].iter_mut()) {
                 count.rows_in += batch.num_rows() as u64;
-                batch = step.apply(batch)?;
+                batch = timed(&mut count.seconds, || step.apply(batch))?;
                 count.rows_out += batch.num_rows() as u64;
             }
             write(batch, &mut writer)?;
