@@ -231,10 +231,10 @@ fn filter_demo_recipe_dedups_tags_selects_and_reports_on_magpie_released_data() 
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("filtered.parquet.report.json")).unwrap()).unwrap();
     assert_eq!(report["rows_in"], 5);
-    assert_eq!(report["steps"].as_array().unwrap().len(), 4);
+    assert_eq!(report["steps"].as_array().unwrap().len(), 5);
     assert!(report["distributions"]["language"]["EN"].as_u64().unwrap() > 0, "{report}");
     let text = String::from_utf8(magpie(&["inspect", out.to_str().unwrap()]).stdout).unwrap();
-    for column in ["source_notes", "gen_input_configs", "exact_duplicate_of", "minhash_cluster", "refusal", "split"] {
+    for column in ["source_notes", "gen_input_configs", "exact_duplicate_of", "minhash_cluster", "min_neighbor_distance", "repeat_count", "min_similar_uuid", "refusal", "split"] {
         assert!(text.contains(column), "{column}: {text}");
     }
 }
@@ -249,5 +249,17 @@ fn filter_recipe_with_a_misspelt_step_key_fails_and_writes_nothing() {
     let output = magpie(&["filter", "--recipe", recipe.to_str().unwrap(), "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("unknown field `treshold`"), "{}", stderr(&output));
+    assert!(!out.exists());
+}
+
+#[test]
+fn semantic_dedup_without_its_model_fails_naming_the_folder_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.parquet");
+    let input = fixture("magpie-released.parquet");
+    let steps = r#"[{"step": "semantic_dedup", "model": "/nonexistent/minilm"}]"#;
+    let output = magpie(&["filter", "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--steps", steps]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("/nonexistent/minilm: embedding model incomplete"), "{}", stderr(&output));
     assert!(!out.exists());
 }

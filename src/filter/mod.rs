@@ -3,19 +3,22 @@
 //!
 //! - `exact_dedup` (`exact`): normalised-instruction duplicates;
 //! - `minhash_dedup` (`minhash`): MinHash-LSH near duplicates;
+//! - `semantic_dedup`: Magpie's gen_dis on all-MiniLM-L6-v2 embeddings (`semantic`, `embed`);
 //! - `heuristics`: lengths, trailing ":", truncation, empty turns, refusals, repetition, language;
 //! - `select`: rules, `keep_dedup`, top-k, shuffle and split (`select`).
 //!
-//! Semantic dedup, LLM-judge tags, reward scores and the safety tag are not built yet (issue #4):
-//! asking for them is an error, not a silent no-op.
+//! LLM-judge tags, reward scores and the safety tag are not built yet (issue #4): asking for them
+//! is an error, not a silent no-op.
 //!
 //! Every run writes a JSON report beside the output: rows in and out per step, why rows were
 //! dropped, and the distributions of the tag columns in the output.
 
+pub mod embed;
 pub mod exact;
 pub mod heuristics;
 pub mod minhash;
 pub mod select;
+pub mod semantic;
 pub mod step;
 pub mod text;
 
@@ -66,6 +69,9 @@ fn perms() -> usize {
 fn seven_tenths() -> f64 {
     0.7
 }
+fn five_hundred() -> usize {
+    500
+}
 
 /// One step of a recipe's `steps` list.
 #[derive(Clone, Debug, Deserialize)]
@@ -90,7 +96,14 @@ pub enum StepConfig {
     },
     Heuristics {},
     Select(select::SelectConfig),
-    SemanticDedup {},
+    SemanticDedup {
+        /// Embedding model folder (default: `$MAGPIE_HOME/all-minilm-l6-v2`).
+        model: Option<PathBuf>,
+        #[serde(default = "five_hundred")]
+        k: usize,
+        #[serde(default = "yes")]
+        drop: bool,
+    },
     JudgeTags {},
     RewardScores {},
     SafetyTag {},
@@ -111,6 +124,10 @@ impl StepConfig {
             }
             StepConfig::Heuristics {} => Box::new(heuristics::Heuristics::default()),
             StepConfig::Select(config) => Box::new(select::Select::new(config)?),
+            StepConfig::SemanticDedup { model, k, drop } => {
+                let model = model.unwrap_or_else(|| crate::synth::model::magpie_home().join(embed::DEFAULT_MODEL_DIR));
+                Box::new(semantic::SemanticDedup::new(&model, k, drop)?)
+            }
             other => bail!("filter step {other:?} is not implemented yet (issue #4)"),
         })
     }
@@ -280,7 +297,7 @@ mod tests {
     fn unknown_step_keys_and_unbuilt_steps_are_errors() {
         let error = parse_steps(r#"[{"step": "minhash_dedup", "treshold": 0.7}]"#).unwrap_err();
         assert!(error.contains("unknown field `treshold`"), "{error}");
-        let error = parse_steps(r#"[{"step": "semantic_dedup"}]"#).unwrap().remove(0).build().err().unwrap().to_string();
+        let error = parse_steps(r#"[{"step": "judge_tags"}]"#).unwrap().remove(0).build().err().unwrap().to_string();
         assert!(error.contains("not implemented yet"), "{error}");
     }
 }

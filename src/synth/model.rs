@@ -102,11 +102,16 @@ fn stem(path: &Path) -> String {
     path.file_stem().unwrap_or_default().to_string_lossy().into_owned()
 }
 
+/// Where set-up put the models, for tests: `$MAGPIE_HOME` if set, else the checkout's `models/`.
+#[cfg(test)]
+pub(crate) fn magpie_home_for_tests() -> PathBuf {
+    std::env::var_os("MAGPIE_HOME").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
+}
+
 /// The embedded model for tests; scripts/test.sh runs set-up first, so it is there.
 #[cfg(test)]
 pub(crate) fn test_model() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL_FILE);
-    let path = std::env::var_os("MAGPIE_HOME").map(|h| PathBuf::from(h).join(DEFAULT_MODEL_FILE)).filter(|p| p.exists()).unwrap_or(path);
+    let path = magpie_home_for_tests().join(DEFAULT_MODEL_FILE);
     assert!(path.exists(), "{}: run scripts/setup.sh first", path.display());
     path
 }

@@ -1,0 +1,181 @@
+//! Semantic dedup as Magpie's gen_dis does it. Needs the whole dataset: every instruction is
+//! embedded (all-MiniLM-L6-v2, `embed`), then an exact kNN by blocked matrix products finds each
+//! row's k nearest others (k default 500, capped by the row count). Writes:
+//! - `min_neighbor_distance`: L2 distance to the nearest other row (normalised vectors);
+//! - `repeat_count`: neighbours closer than 0.05 (cosine >= 0.99875);
+//! - `min_similar_uuid`: the uuid of the earliest row among the row and those neighbours, or
+//!   null when it has none. A row is kept when it is its own `min_similar_uuid` or has none.
+//! Memory: the embeddings, 4 x 384 bytes per row.
+
+use super::embed::SentenceEncoder;
+use super::step::Step;
+use super::text::{instructions, uuids};
+use anyhow::Result;
+use arrow::array::{BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow::compute::filter_record_batch;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+use tch::{Kind, Tensor};
+
+/// Magpie's near-duplicate distance.
+pub const REPEAT_DISTANCE: f64 = 0.05;
+
+/// Rows embedded per forward pass, and rows per block of the kNN product.
+const EMBED_BATCH: usize = 64;
+const KNN_BLOCK: i64 = 1024;
+
+pub struct SemanticDedup {
+    encoder: SentenceEncoder,
+    k: usize,
+    drop: bool,
+    embeddings: Vec<Tensor>,
+    uuids: Vec<String>,
+    /// Per row: (min_neighbor_distance, repeat_count, earliest similar row).
+    results: Vec<(Option<f64>, i64, Option<usize>)>,
+    applied: usize,
+    duplicates: u64,
+    embed_seconds: f64,
+    knn_seconds: f64,
+}
+
+impl SemanticDedup {
+    pub fn new(model: &Path, k: usize, drop: bool) -> Result<Self> {
+        Ok(SemanticDedup { encoder: SentenceEncoder::load(model)?, k, drop, embeddings: vec![], uuids: vec![], results: vec![], applied: 0, duplicates: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
+    }
+}
+
+/// For each row of normalised `embeddings` (`[n, d]`): distance to the nearest other row, how
+/// many of its `k` nearest are closer than `REPEAT_DISTANCE`, and the earliest row among itself
+/// and those.
+pub fn neighbours(embeddings: &Tensor, k: usize) -> Vec<(Option<f64>, i64, Option<usize>)> {
+    let n = embeddings.size()[0];
+    let k = (k as i64).min(n - 1);
+    let mut out = Vec::with_capacity(n as usize);
+    if k <= 0 {
+        return (0..n).map(|_| (None, 0, None)).collect();
+    }
+    tch::no_grad(|| {
+        for start in (0..n).step_by(KNN_BLOCK as usize) {
+            let rows = KNN_BLOCK.min(n - start);
+            let block = embeddings.narrow(0, start, rows);
+            let sims = block.matmul(&embeddings.transpose(0, 1));
+            // Never one's own neighbour.
+            let own = Tensor::arange_start(start, start + rows, (Kind::Int64, sims.device())).unsqueeze(1);
+            let sims = sims.scatter_value(1, &own, f64::NEG_INFINITY);
+            let (top, index) = sims.topk(k, 1, true, true);
+            let distances: Vec<f64> = {
+                let squared: Tensor = (top * -2.0) + 2.0;
+                Vec::try_from(squared.clamp_min(0.0).sqrt().to_kind(Kind::Double).flatten(0, -1)).unwrap()
+            };
+            let index: Vec<i64> = Vec::try_from(index.flatten(0, -1)).unwrap();
+            for r in 0..rows as usize {
+                let row = start as usize + r;
+                let d = &distances[r * k as usize..(r + 1) * k as usize];
+                let near: Vec<usize> = (0..k as usize).filter(|&j| d[j] < REPEAT_DISTANCE).map(|j| index[r * k as usize + j] as usize).collect();
+                let earliest = (!near.is_empty()).then(|| near.iter().copied().chain([row]).min().unwrap());
+                out.push((Some(d[0]), near.len() as i64, earliest));
+            }
+        }
+    });
+    out
+}
+
+impl Step for SemanticDedup {
+    fn name(&self) -> &'static str {
+        "semantic_dedup"
+    }
+
+    fn needs_scan(&self) -> bool {
+        true
+    }
+
+    fn scan(&mut self, batch: &RecordBatch) -> Result<()> {
+        let texts = instructions(batch);
+        let texts: Vec<&str> = texts.iter().map(|t| t.as_deref().unwrap_or("")).collect();
+        let start = std::time::Instant::now();
+        // Batches of similar lengths pad little (sentence-transformers sorts the same way).
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| texts[i].len());
+        let sorted: Vec<&str> = order.iter().map(|&i| texts[i]).collect();
+        let chunks = sorted.chunks(EMBED_BATCH).map(|chunk| self.encoder.embed(chunk)).collect::<Result<Vec<_>>>()?;
+        if !chunks.is_empty() {
+            let mut inverse = vec![0i64; order.len()];
+            for (position, &row) in order.iter().enumerate() {
+                inverse[row] = position as i64;
+            }
+            self.embeddings.push(Tensor::cat(&chunks, 0).index_select(0, &Tensor::from_slice(&inverse)));
+        }
+        self.embed_seconds += start.elapsed().as_secs_f64();
+        self.uuids.extend(uuids(batch));
+        Ok(())
+    }
+
+    fn finish_scan(&mut self) -> Result<()> {
+        let start = std::time::Instant::now();
+        let embeddings = Tensor::cat(&std::mem::take(&mut self.embeddings), 0);
+        self.results = neighbours(&embeddings, self.k);
+        self.knn_seconds = start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    fn apply(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let rows = self.applied..self.applied + batch.num_rows();
+        self.applied = rows.end;
+        let results = &self.results[rows.clone()];
+        let distance: Float64Array = results.iter().map(|r| r.0).collect();
+        let repeats: Int64Array = results.iter().map(|r| Some(r.1)).collect();
+        let similar: StringArray = results.iter().map(|r| r.2.map(|i| self.uuids[i].as_str())).collect();
+        let keep: BooleanArray = rows.clone().zip(results).map(|(row, r)| Some(r.2.is_none_or(|e| e == row))).collect();
+        self.duplicates += keep.false_count() as u64;
+        let mut batch = super::with_column(batch, "min_neighbor_distance", Arc::new(distance))?;
+        batch = super::with_column(batch, "repeat_count", Arc::new(repeats))?;
+        batch = super::with_column(batch, "min_similar_uuid", Arc::new(similar))?;
+        Ok(if self.drop { filter_record_batch(&batch, &keep)? } else { batch })
+    }
+
+    fn report(&self) -> Value {
+        json!({
+            "k": self.k, "duplicates": self.duplicates, "dropped": if self.drop { self.duplicates } else { 0 },
+            "embed_seconds": self.embed_seconds, "knn_seconds": self.knn_seconds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn knn_follows_magpies_min_similar_uuid_rule() {
+        // Rows 0 and 2 are the same direction; 1 is orthogonal; 3 is close to 1 but not within 0.05.
+        let e = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0, 1.0, 0.0, 0.2, 0.98]).view([4, 2]);
+        let e = &e / e.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+        let result = neighbours(&e, 500);
+        assert_eq!(result[0].1, 1);
+        assert_eq!(result[0].2, Some(0));
+        assert_eq!(result[2].2, Some(0));
+        assert!(result[0].0.unwrap() < 1e-3);
+        assert_eq!((result[1].1, result[1].2), (0, None));
+        assert!(result[1].0.unwrap() > REPEAT_DISTANCE);
+    }
+}
+
+/// Times the kNN alone on random unit vectors: `scripts/bench/filter.sh` runs it for 100K rows.
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn knn_seconds_for_rows_in_env() {
+        let rows: i64 = std::env::var("KNN_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(100_000);
+        tch::manual_seed(0);
+        let e = Tensor::randn([rows, 384], (Kind::Float, tch::Device::Cpu));
+        let e = &e / e.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+        let start = std::time::Instant::now();
+        let result = neighbours(&e, 500);
+        println!("knn rows={rows} k=500 seconds={:.1}", start.elapsed().as_secs_f64());
+        assert_eq!(result.len(), rows as usize);
+    }
+}
