@@ -7,8 +7,10 @@
 //! - `heuristics`: lengths, trailing ":", truncation, empty turns, refusals, repetition, language;
 //! - `select`: rules, `keep_dedup`, top-k, shuffle and split (`select`).
 //!
-//! LLM-judge tags, reward scores and the safety tag are not built yet (issue #4): asking for them
-//! is an error, not a silent no-op.
+//! - `judge_tags`: Magpie's unitag quality, difficulty and category tags from a judge model.
+//!
+//! Reward scores and the safety tag are not built yet (issue #4): asking for them is an error,
+//! not a silent no-op.
 //!
 //! Every run writes a JSON report beside the output: rows in and out per step, why rows were
 //! dropped, and the distributions of the tag columns in the output.
@@ -16,6 +18,7 @@
 pub mod embed;
 pub mod exact;
 pub mod heuristics;
+pub mod judge;
 pub mod minhash;
 pub mod select;
 pub mod semantic;
@@ -72,6 +75,15 @@ fn seven_tenths() -> f64 {
 fn five_hundred() -> usize {
     500
 }
+fn two_fifty_six() -> usize {
+    256
+}
+fn thirty_two() -> usize {
+    32
+}
+fn all_tags() -> Vec<judge::Tag> {
+    vec![judge::Tag::Quality, judge::Tag::Difficulty, judge::Tag::Category]
+}
 
 /// One step of a recipe's `steps` list.
 #[derive(Clone, Debug, Deserialize)]
@@ -104,7 +116,16 @@ pub enum StepConfig {
         #[serde(default = "yes")]
         drop: bool,
     },
-    JudgeTags {},
+    JudgeTags {
+        /// Judge model (GGUF or safetensors directory); default: the embedded SmolLM2.
+        judge_model: Option<PathBuf>,
+        #[serde(default = "all_tags")]
+        tags: Vec<judge::Tag>,
+        #[serde(default = "two_fifty_six")]
+        max_tokens: usize,
+        #[serde(default = "thirty_two")]
+        batch_size: usize,
+    },
     RewardScores {},
     SafetyTag {},
 }
@@ -124,6 +145,9 @@ impl StepConfig {
             }
             StepConfig::Heuristics {} => Box::new(heuristics::Heuristics::default()),
             StepConfig::Select(config) => Box::new(select::Select::new(config)?),
+            StepConfig::JudgeTags { judge_model, tags, max_tokens, batch_size } => {
+                Box::new(judge::JudgeTags::new(judge_model, tags, max_tokens, batch_size)?)
+            }
             StepConfig::SemanticDedup { model, k, drop } => {
                 let model = model.unwrap_or_else(|| crate::synth::model::magpie_home().join(embed::DEFAULT_MODEL_DIR));
                 Box::new(semantic::SemanticDedup::new(&model, k, drop)?)
@@ -297,7 +321,7 @@ mod tests {
     fn unknown_step_keys_and_unbuilt_steps_are_errors() {
         let error = parse_steps(r#"[{"step": "minhash_dedup", "treshold": 0.7}]"#).unwrap_err();
         assert!(error.contains("unknown field `treshold`"), "{error}");
-        let error = parse_steps(r#"[{"step": "judge_tags"}]"#).unwrap().remove(0).build().err().unwrap().to_string();
+        let error = parse_steps(r#"[{"step": "reward_scores"}]"#).unwrap().remove(0).build().err().unwrap().to_string();
         assert!(error.contains("not implemented yet"), "{error}");
     }
 }

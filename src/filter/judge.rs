@@ -1,0 +1,197 @@
+//! LLM-judge tags as Magpie's unitag computes them: the judge model reads a rating prompt about
+//! the instruction and answers in JSON. Greedy, with the answer prefilled with `{`; parsing is
+//! tolerant (the first JSON object, else each expected key by pattern); a field that cannot be
+//! read, or holds a value outside its scale, stays null and is counted.
+//!
+//! - `quality`: `input_quality` (very poor .. excellent) and `quality_explanation`;
+//! - `difficulty`: `difficulty` (very easy .. very hard), `intent`, `knowledge`;
+//! - `category`: `task_category` (one of Magpie's 12 tags) and `other_task_category`.
+//!
+//! The judge runs through the synth engines; the default is the embedded SmolLM2.
+
+use super::step::Step;
+use super::text::instructions;
+use crate::chat_template::ChatTemplate;
+use crate::data::Message;
+use crate::synth::engine::{self, Engine, EngineChoice, EngineOptions, Request, Sampling};
+use crate::synth::{model, template};
+use anyhow::{Context, Result};
+use arrow::array::{ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub const QUALITY_SCALE: &[&str] = &["very poor", "poor", "average", "good", "excellent"];
+pub const DIFFICULTY_SCALE: &[&str] = &["very easy", "easy", "medium", "hard", "very hard"];
+pub const TASK_TAGS: &[&str] = &[
+    "Information seeking", "Reasoning", "Planning", "Editing", "Coding & Debugging", "Math", "Role playing",
+    "Data analysis", "Creative writing", "Advice seeking", "Brainstorming", "Others",
+];
+
+const QUALITY_PROMPT: &str = "# Instruction\n\nYou need to rate the quality of the user query based on its clarity, specificity, and coherence.\n\nThe rating scale is as follows:\n\n- very poor: The query is unclear, vague, or incoherent. It lacks essential information and context.\n- poor: The query is somewhat unclear or lacks important details. It requires significant clarification.\n- average: The query is moderately clear and specific. It may require some additional information for a complete understanding.\n- good: The query is clear, specific, and mostly well-formed. It provides sufficient context for understanding the user's intent.\n- excellent: The query is very clear, specific, and well-articulated. It contains all the necessary information and context for providing a comprehensive response.\n\n## User Query\n```\n{input}\n```\n\n## Output Format\nGiven the user query, you first need to give an assessment, highlighting the strengths and/or weaknesses of the user query.\nThen, you need to output a rating from very poor to excellent by filling in the placeholders in [...]:\n```\n{\n    \"explanation\": \"[...]\",\n    \"input_quality\": \"[very poor/poor/average/good/excellent]\"\n}\n```\n";
+const DIFFICULTY_PROMPT: &str = "# Instruction\n\nYou first need to identify the given user intent and then label the difficulty level of the user query based on the content of the user query.\n\n## User Query\n```\n{input}\n```\n\n## Output Format\nGiven the user query, in your output, you first need to identify the user intent and the knowledge needed to solve the task in the user query.\nThen, rate the difficulty level of the user query as `very easy`, `easy`, `medium`, `hard`, or `very hard`.\n\nNow, please output the user intent and difficulty level below in a json format by filling in the placeholders in []:\n```\n{\n    \"intent\": \"The user wants to [....]\",\n    \"knowledge\": \"To solve this problem, the models need to know [....]\",\n    \"difficulty\": \"[very easy/easy/medium/hard/very hard]\"\n}\n```\n";
+const CATEGORY_PROMPT: &str = "# Instruction\n\nPlease label the task tags for the user query.\n\n## User Query\n```\n{input}\n```\n\n## Tagging the user input\nPlease label the task tags for the user query. You will need to analyze the user query and select the most relevant task tag from the list below.\n\nall_task_tags = [\n    \"Information seeking\",  # Users ask for specific information or facts about various topics.\n    \"Reasoning\",  # Queries require logical thinking, problem-solving, or processing of complex ideas.\n    \"Planning\",  # Users need assistance in creating plans or strategies for activities and projects.\n    \"Editing\",  # Involves editing, rephrasing, proofreading, or other tasks related to the composition of general written content.\n    \"Coding & Debugging\",  # Users seek help with writing, reviewing, or fixing code in programming.\n    \"Math\",  # Queries related to mathematical concepts, problems, and calculations.\n    \"Role playing\",  # Users engage in scenarios requiring ChatGPT to adopt a character or persona.\n    \"Data analysis\",  # Requests involve interpreting data, statistics, or performing analytical tasks.\n    \"Creative writing\",  # Users seek assistance with crafting stories, poems, or other creative texts.\n    \"Advice seeking\",  # Users ask for recommendations or guidance on various personal or professional issues.\n    \"Brainstorming\",  # Involves generating ideas, creative thinking, or exploring possibilities.\n    \"Others\"  # Any queries that do not fit into the above categories or are of a miscellaneous nature.\n]\n\n## Output Format:\nNote that you can only select a single primary tag. Other applicable tags can be added to the list of other tags.\nNow, please output your tags below in a json format by filling in the placeholders in <...>:\n```\n{\n    \"primary_tag\": \"<primary tag>\",\n    \"other_tags\": [\"<tag 1>\", \"<tag 2>\", ... ]\n}\n```\n";
+
+/// One kind of judgement: its prompt and how its answer maps onto columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tag {
+    Quality,
+    Difficulty,
+    Category,
+}
+
+impl Tag {
+    fn prompt(self) -> &'static str {
+        match self {
+            Tag::Quality => QUALITY_PROMPT,
+            Tag::Difficulty => DIFFICULTY_PROMPT,
+            Tag::Category => CATEGORY_PROMPT,
+        }
+    }
+
+    /// (answer key, column, allowed values or none for free text).
+    fn fields(self) -> &'static [(&'static str, &'static str, Option<&'static [&'static str]>)] {
+        match self {
+            Tag::Quality => &[("input_quality", "input_quality", Some(QUALITY_SCALE)), ("explanation", "quality_explanation", None)],
+            Tag::Difficulty => &[("difficulty", "difficulty", Some(DIFFICULTY_SCALE)), ("intent", "intent", None), ("knowledge", "knowledge", None)],
+            Tag::Category => &[("primary_tag", "task_category", Some(TASK_TAGS))],
+        }
+    }
+}
+
+/// The first JSON object in `text` (which starts after the prefilled `{`), else the expected
+/// keys picked out one by one.
+pub fn parse_answer(text: &str, keys: &[&str]) -> Map<String, Value> {
+    let full = format!("{{{text}");
+    if let Some(end) = full.find('}') {
+        if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&full[..=end]) {
+            return map;
+        }
+    }
+    let mut map = Map::new();
+    for key in keys {
+        let pattern = format!("\"{key}\"");
+        let Some(at) = full.find(&pattern) else { continue };
+        let rest = full[at + pattern.len()..].trim_start().trim_start_matches(':').trim_start();
+        if let Some(body) = rest.strip_prefix('"') {
+            let value: String = body.split('"').next().unwrap_or_default().to_string();
+            map.insert(key.to_string(), Value::String(value));
+        } else if rest.starts_with('[') {
+            let list = &rest[..rest.find(']').map_or(rest.len(), |e| e + 1)];
+            if let Ok(value) = serde_json::from_str::<Value>(list) {
+                map.insert(key.to_string(), value);
+            }
+        }
+    }
+    map
+}
+
+/// `value` as one of `allowed` (case and brackets ignored), or `None`.
+pub fn on_scale(value: &str, allowed: &[&str]) -> Option<String> {
+    let cleaned = value.trim().trim_matches(|c| c == '[' || c == ']' || c == '<' || c == '>').trim();
+    allowed.iter().find(|a| a.eq_ignore_ascii_case(cleaned)).map(|a| a.to_string())
+}
+
+pub struct JudgeTags {
+    engine: Box<dyn Engine>,
+    chat: ChatTemplate,
+    tags: Vec<Tag>,
+    sampling: Sampling,
+    model_name: String,
+    failures: BTreeMap<&'static str, u64>,
+}
+
+impl JudgeTags {
+    pub fn new(judge_model: Option<PathBuf>, tags: Vec<Tag>, max_tokens: usize, batch_size: usize) -> Result<Self> {
+        let info = model::resolve(judge_model.as_deref())?;
+        let chat = info.chat_template.with_context(|| format!("{}: the judge model has no chat template", info.path.display()))?;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let options = EngineOptions { choice: EngineChoice::Auto, batch_size, threads, kv_tokens: 65536, cuda: cfg!(feature = "cuda") };
+        let engine = engine::open(&info.path, &options)?;
+        let stops = template::derive(&chat, None)?.stops;
+        let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens, seed: 0, stop_strings: stops, stop_token_ids: vec![] };
+        Ok(JudgeTags { engine, chat, tags, sampling, model_name: info.name, failures: BTreeMap::new() })
+    }
+}
+
+impl Step for JudgeTags {
+    fn name(&self) -> &'static str {
+        "judge_tags"
+    }
+
+    fn apply(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
+        let texts = instructions(&batch);
+        let mut batch = batch;
+        for tag in self.tags.clone() {
+            let mut requests = vec![];
+            for text in &texts {
+                let question = tag.prompt().replace("{input}", text.as_deref().unwrap_or(""));
+                let prompt = self.chat.render(&[Message::new("user", question)], true)? + "{";
+                requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.sampling.clone() });
+            }
+            let answers = self.engine.generate(&requests, &mut |_| {})?;
+            let keys: Vec<&str> = tag.fields().iter().map(|f| f.0).chain((tag == Tag::Category).then_some("other_tags")).collect();
+            let parsed: Vec<Map<String, Value>> = answers.iter().map(|a| parse_answer(&a.text, &keys)).collect();
+            for &(key, column, allowed) in tag.fields() {
+                let values: StringArray = parsed
+                    .iter()
+                    .map(|answer| {
+                        let raw = answer.get(key).and_then(Value::as_str);
+                        let value = match (raw, allowed) {
+                            (Some(v), Some(scale)) => on_scale(v, scale),
+                            (Some(v), None) => Some(v.trim().to_string()).filter(|v| !v.is_empty()),
+                            (None, _) => None,
+                        };
+                        if value.is_none() {
+                            *self.failures.entry(column).or_default() += 1;
+                        }
+                        value
+                    })
+                    .collect();
+                batch = super::with_column(batch, column, Arc::new(values))?;
+            }
+            if tag == Tag::Category {
+                let mut others = ListBuilder::new(StringBuilder::new());
+                for answer in &parsed {
+                    let tags = answer.get("other_tags").and_then(Value::as_array);
+                    others.append_value(tags.into_iter().flatten().filter_map(|t| t.as_str().and_then(|t| on_scale(t, TASK_TAGS))).map(Some));
+                }
+                batch = super::with_column(batch, "other_task_category", Arc::new(others.finish()) as ArrayRef)?;
+            }
+        }
+        Ok(batch)
+    }
+
+    fn report(&self) -> Value {
+        json!({ "judge": self.model_name, "parse_failures": self.failures })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn good_answers_parse_as_json() {
+        let answer = "\n    \"explanation\": \"Clear and specific.\",\n    \"input_quality\": \"good\"\n}\nextra text";
+        let map = parse_answer(answer, &["explanation", "input_quality"]);
+        assert_eq!(map["input_quality"], "good");
+        assert_eq!(map["explanation"], "Clear and specific.");
+    }
+
+    #[test]
+    fn broken_answers_are_read_key_by_key_or_left_null() {
+        // Unclosed object, a trailing comma: not JSON, but the keys are there.
+        let answer = "\"intent\": \"The user wants to sort a list\", \"difficulty\": \"Easy\",";
+        let map = parse_answer(answer, &["intent", "difficulty", "knowledge"]);
+        assert_eq!(on_scale(map["difficulty"].as_str().unwrap(), DIFFICULTY_SCALE).as_deref(), Some("easy"));
+        assert!(!map.contains_key("knowledge"));
+        let map = parse_answer("\"primary_tag\": \"<Math>\", \"other_tags\": [\"Reasoning\", \"Nonsense\"]", &["primary_tag", "other_tags"]);
+        assert_eq!(on_scale(map["primary_tag"].as_str().unwrap(), TASK_TAGS).as_deref(), Some("Math"));
+        assert_eq!(map["other_tags"].as_array().unwrap().len(), 2);
+        assert!(parse_answer("I think it is fine.", &["input_quality"]).is_empty());
+        assert_eq!(on_scale("superb", QUALITY_SCALE), None);
+    }
+}
