@@ -265,19 +265,20 @@ fn semantic_dedup_without_its_model_fails_naming_the_folder_and_writes_nothing()
 }
 
 #[test]
-fn judge_tags_run_the_embedded_model_and_count_what_it_could_not_parse() {
+fn judge_and_safety_tags_run_the_embedded_model_and_count_what_they_could_not_parse() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("judged.parquet");
     let input = fixture("magpie-released.parquet");
-    let steps = r#"[{"step": "judge_tags", "max_tokens": 48}]"#;
+    let steps = r#"[{"step": "judge_tags", "max_tokens": 48}, {"step": "safety_tag"}]"#;
     let output = magpie(&["filter", "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--steps", steps]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("judged.parquet.report.json")).unwrap()).unwrap();
     let step = &report["steps"][0];
     assert_eq!(step["rows_out"], 5);
     assert!(step["parse_failures"].is_object(), "{step}");
+    assert!(report["steps"][1]["parse_failures"].is_u64(), "{report}");
     let text = String::from_utf8(magpie(&["inspect", out.to_str().unwrap()]).stdout).unwrap();
-    for column in ["input_quality", "quality_explanation", "difficulty", "intent", "knowledge", "task_category", "other_task_category", "source_notes"] {
+    for column in ["input_quality", "quality_explanation", "difficulty", "intent", "knowledge", "task_category", "other_task_category", "llama_guard_2", "source_notes"] {
         assert!(text.contains(column), "{column}: {text}");
     }
 }

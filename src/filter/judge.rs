@@ -94,25 +94,49 @@ pub fn on_scale(value: &str, allowed: &[&str]) -> Option<String> {
     allowed.iter().find(|a| a.eq_ignore_ascii_case(cleaned)).map(|a| a.to_string())
 }
 
-pub struct JudgeTags {
-    engine: Box<dyn Engine>,
-    chat: ChatTemplate,
-    tags: Vec<Tag>,
-    sampling: Sampling,
-    model_name: String,
-    failures: BTreeMap<&'static str, u64>,
+/// A judge model loaded in a synth engine, with its chat template and greedy sampling. Shared by
+/// the judge tags and the safety tag.
+pub struct JudgeModel {
+    pub engine: Box<dyn Engine>,
+    pub chat: ChatTemplate,
+    pub sampling: Sampling,
+    pub name: String,
 }
 
-impl JudgeTags {
-    pub fn new(judge_model: Option<PathBuf>, tags: Vec<Tag>, max_tokens: usize, batch_size: usize) -> Result<Self> {
-        let info = model::resolve(judge_model.as_deref())?;
+impl JudgeModel {
+    /// Loads `model` (default: the embedded SmolLM2) for greedy answers of at most `max_tokens`.
+    pub fn load(model: Option<PathBuf>, max_tokens: usize, batch_size: usize) -> Result<Self> {
+        let info = model::resolve(model.as_deref())?;
         let chat = info.chat_template.with_context(|| format!("{}: the judge model has no chat template", info.path.display()))?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let options = EngineOptions { choice: EngineChoice::Auto, batch_size, threads, kv_tokens: 65536, cuda: cfg!(feature = "cuda") };
         let engine = engine::open(&info.path, &options)?;
         let stops = template::derive(&chat, None)?.stops;
         let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens, seed: 0, stop_strings: stops, stop_token_ids: vec![] };
-        Ok(JudgeTags { engine, chat, tags, sampling, model_name: info.name, failures: BTreeMap::new() })
+        Ok(JudgeModel { engine, chat, sampling, name: info.name })
+    }
+
+    /// Greedy answers to `conversations`, each rendered with a generation prompt and then
+    /// `prefill`; the answers exclude the prefill.
+    pub fn answer(&mut self, conversations: &[Vec<Message>], prefill: &str) -> Result<Vec<String>> {
+        let mut requests = vec![];
+        for messages in conversations {
+            let prompt = self.chat.render(messages, true)? + prefill;
+            requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.sampling.clone() });
+        }
+        Ok(self.engine.generate(&requests, &mut |_| {})?.into_iter().map(|c| c.text).collect())
+    }
+}
+
+pub struct JudgeTags {
+    judge: JudgeModel,
+    tags: Vec<Tag>,
+    failures: BTreeMap<&'static str, u64>,
+}
+
+impl JudgeTags {
+    pub fn new(judge_model: Option<PathBuf>, tags: Vec<Tag>, max_tokens: usize, batch_size: usize) -> Result<Self> {
+        Ok(JudgeTags { judge: JudgeModel::load(judge_model, max_tokens, batch_size)?, tags, failures: BTreeMap::new() })
     }
 }
 
@@ -125,15 +149,13 @@ impl Step for JudgeTags {
         let texts = instructions(&batch);
         let mut batch = batch;
         for tag in self.tags.clone() {
-            let mut requests = vec![];
-            for text in &texts {
-                let question = tag.prompt().replace("{input}", text.as_deref().unwrap_or(""));
-                let prompt = self.chat.render(&[Message::new("user", question)], true)? + "{";
-                requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.sampling.clone() });
-            }
-            let answers = self.engine.generate(&requests, &mut |_| {})?;
+            let questions: Vec<Vec<Message>> = texts
+                .iter()
+                .map(|text| vec![Message::new("user", tag.prompt().replace("{input}", text.as_deref().unwrap_or("")))])
+                .collect();
+            let answers = self.judge.answer(&questions, "{")?;
             let keys: Vec<&str> = tag.fields().iter().map(|f| f.0).chain((tag == Tag::Category).then_some("other_tags")).collect();
-            let parsed: Vec<Map<String, Value>> = answers.iter().map(|a| parse_answer(&a.text, &keys)).collect();
+            let parsed: Vec<Map<String, Value>> = answers.iter().map(|a| parse_answer(a, &keys)).collect();
             for &(key, column, allowed) in tag.fields() {
                 let values: StringArray = parsed
                     .iter()
@@ -165,7 +187,7 @@ impl Step for JudgeTags {
     }
 
     fn report(&self) -> Value {
-        json!({ "judge": self.model_name, "parse_failures": self.failures })
+        json!({ "judge": self.judge.name, "parse_failures": self.failures })
     }
 }
 

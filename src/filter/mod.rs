@@ -7,10 +7,10 @@
 //! - `heuristics`: lengths, trailing ":", truncation, empty turns, refusals, repetition, language;
 //! - `select`: rules, `keep_dedup`, top-k, shuffle and split (`select`).
 //!
-//! - `judge_tags`: Magpie's unitag quality, difficulty and category tags from a judge model.
+//! - `judge_tags`: Magpie's unitag quality, difficulty and category tags from a judge model;
+//! - `safety_tag`: a Llama-Guard-style verdict into `llama_guard_2`.
 //!
-//! Reward scores and the safety tag are not built yet (issue #4): asking for them is an error,
-//! not a silent no-op.
+//! Reward scores are not built yet (issue #4): asking for them is an error, not a silent no-op.
 //!
 //! Every run writes a JSON report beside the output: rows in and out per step, why rows were
 //! dropped, and the distributions of the tag columns in the output.
@@ -20,6 +20,7 @@ pub mod exact;
 pub mod heuristics;
 pub mod judge;
 pub mod minhash;
+pub mod safety;
 pub mod select;
 pub mod semantic;
 pub mod step;
@@ -127,7 +128,13 @@ pub enum StepConfig {
         batch_size: usize,
     },
     RewardScores {},
-    SafetyTag {},
+    SafetyTag {
+        /// Llama-Guard-style model (its own chat template is used when it has one); default: the
+        /// embedded SmolLM2.
+        guard_model: Option<PathBuf>,
+        #[serde(default = "thirty_two")]
+        batch_size: usize,
+    },
 }
 
 pub type Steps = Vec<StepConfig>;
@@ -148,6 +155,7 @@ impl StepConfig {
             StepConfig::JudgeTags { judge_model, tags, max_tokens, batch_size } => {
                 Box::new(judge::JudgeTags::new(judge_model, tags, max_tokens, batch_size)?)
             }
+            StepConfig::SafetyTag { guard_model, batch_size } => Box::new(safety::SafetyTag::new(guard_model, batch_size)?),
             StepConfig::SemanticDedup { model, k, drop } => {
                 let model = model.unwrap_or_else(|| crate::synth::model::magpie_home().join(embed::DEFAULT_MODEL_DIR));
                 Box::new(semantic::SemanticDedup::new(&model, k, drop)?)
