@@ -85,8 +85,12 @@ impl DatasetWriter {
         })
     }
 
-    pub fn schema(&self) -> &SchemaRef {
-        &self.schema
+    /// Rolls over to a new part every `rows` rows (directory outputs only).
+    pub fn with_part_rows(mut self, rows: usize) -> Self {
+        if self.part_rows.is_some() {
+            self.part_rows = Some(rows.max(1));
+        }
+        self
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
@@ -155,16 +159,6 @@ impl Drop for DatasetWriter {
             drop(self.current.take());
             let _ = std::fs::remove_dir_all(&self.tmp).or_else(|_| std::fs::remove_file(&self.tmp));
         }
-    }
-}
-
-impl DatasetWriter {
-    /// Rolls over to a new part every `rows` rows (directory outputs only).
-    pub fn with_part_rows(mut self, rows: usize) -> Self {
-        if self.part_rows.is_some() {
-            self.part_rows = Some(rows.max(1));
-        }
-        self
     }
 }
 
