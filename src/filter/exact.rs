@@ -6,24 +6,23 @@
 use super::step::Step;
 use super::text::{hash64, instructions, normalize, uuids};
 use anyhow::Result;
+use super::Duplicates;
 use arrow::array::{BooleanArray, RecordBatch, StringArray};
-use arrow::compute::filter_record_batch;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 pub struct ExactDedup {
-    drop: bool,
+    duplicates: Duplicates,
     /// Normalised-text hash -> (ordinal, uuid) of its first row.
     first: HashMap<u64, (u64, String)>,
     scanned: u64,
     applied: u64,
-    duplicates: u64,
 }
 
 impl ExactDedup {
     pub fn new(drop: bool) -> Self {
-        ExactDedup { drop, first: HashMap::new(), scanned: 0, applied: 0, duplicates: 0 }
+        ExactDedup { duplicates: Duplicates::new(drop), first: HashMap::new(), scanned: 0, applied: 0 }
     }
 }
 
@@ -56,12 +55,11 @@ impl Step for ExactDedup {
             self.applied += 1;
         }
         let keep: BooleanArray = duplicate_of.iter().map(|d| Some(d.is_none())).collect();
-        self.duplicates += keep.false_count() as u64;
         let batch = super::with_column(batch, "exact_duplicate_of", Arc::new(StringArray::from(duplicate_of)))?;
-        Ok(if self.drop { filter_record_batch(&batch, &keep)? } else { batch })
+        self.duplicates.settle(batch, &keep)
     }
 
     fn report(&self) -> Value {
-        json!({ "duplicates": self.duplicates, "dropped": if self.drop { self.duplicates } else { 0 } })
+        Value::Object(self.duplicates.report())
     }
 }

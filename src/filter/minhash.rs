@@ -18,8 +18,8 @@
 use super::step::Step;
 use super::text::{hash64, instructions, normalize, uuids};
 use anyhow::{bail, Result};
+use super::Duplicates;
 use arrow::array::{BooleanArray, RecordBatch, StringArray};
-use arrow::compute::filter_record_batch;
 use minhash_rs::lsh::band_hash;
 use minhash_rs::prelude::{MinHash, MinHasher};
 use rayon::prelude::*;
@@ -153,7 +153,7 @@ pub struct MinhashDedup {
     num_perm: usize,
     bands: usize,
     rows: usize,
-    drop: bool,
+    duplicates: Duplicates,
     threshold: f64,
     verify: bool,
     band_hashes: Vec<Vec<u64>>,
@@ -163,7 +163,6 @@ pub struct MinhashDedup {
     /// Root row of each row, after `finish_scan`.
     roots: Vec<u32>,
     applied: usize,
-    duplicates: u64,
     clusters: u64,
 }
 
@@ -177,8 +176,8 @@ impl MinhashDedup {
         }
         let (bands, rows) = if verify { optimal_bands_weighted(threshold, num_perm, 0.1, 0.9) } else { optimal_bands(threshold, num_perm) };
         Ok(MinhashDedup {
-            ngram, num_perm, bands, rows, drop, threshold, verify,
-            band_hashes: vec![], registers: vec![], uuids: vec![], roots: vec![], applied: 0, duplicates: 0, clusters: 0,
+            ngram, num_perm, bands, rows, threshold, verify, duplicates: Duplicates::new(drop),
+            band_hashes: vec![], registers: vec![], uuids: vec![], roots: vec![], applied: 0, clusters: 0,
         })
     }
 
@@ -236,16 +235,19 @@ impl Step for MinhashDedup {
         self.applied = rows.end;
         let cluster: StringArray = rows.clone().map(|i| Some(self.uuids[self.roots[i] as usize].as_str())).collect();
         let keep: BooleanArray = rows.map(|i| Some(self.roots[i] as usize == i)).collect();
-        self.duplicates += keep.false_count() as u64;
         let batch = super::with_column(batch, "minhash_cluster", Arc::new(cluster))?;
-        Ok(if self.drop { filter_record_batch(&batch, &keep)? } else { batch })
+        self.duplicates.settle(batch, &keep)
     }
 
     fn report(&self) -> Value {
-        json!({
-            "bands": self.bands, "rows_per_band": self.rows, "verified": self.verify, "clusters": self.clusters,
-            "duplicates": self.duplicates, "dropped": if self.drop { self.duplicates } else { 0 },
-        })
+        let mut report = self.duplicates.report();
+        report.extend([
+            ("bands".into(), json!(self.bands)),
+            ("rows_per_band".into(), json!(self.rows)),
+            ("verified".into(), json!(self.verify)),
+            ("clusters".into(), json!(self.clusters)),
+        ]);
+        Value::Object(report)
     }
 }
 

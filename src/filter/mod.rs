@@ -165,6 +165,31 @@ impl StepConfig {
     }
 }
 
+/// What the dedup steps share: counting the rows they mark as duplicates, and dropping them or
+/// keeping them (for `select`'s `keep_dedup`) as the step's `drop` option says.
+pub struct Duplicates {
+    drop: bool,
+    found: u64,
+}
+
+impl Duplicates {
+    pub fn new(drop: bool) -> Self {
+        Duplicates { drop, found: 0 }
+    }
+
+    /// Counts the rows `keep` marks false and drops them when `drop` is set.
+    pub fn settle(&mut self, batch: RecordBatch, keep: &arrow::array::BooleanArray) -> Result<RecordBatch> {
+        self.found += keep.false_count() as u64;
+        Ok(if self.drop { arrow::compute::filter_record_batch(&batch, keep)? } else { batch })
+    }
+
+    /// `duplicates` and `dropped` for the step's report.
+    pub fn report(&self) -> serde_json::Map<String, Value> {
+        let dropped = if self.drop { self.found } else { 0 };
+        [("duplicates".to_string(), json!(self.found)), ("dropped".to_string(), json!(dropped))].into_iter().collect()
+    }
+}
+
 /// `batch` with `name` replaced in place, or appended.
 pub fn with_column(batch: RecordBatch, name: &str, array: ArrayRef) -> Result<RecordBatch> {
     let schema = batch.schema();

@@ -11,8 +11,8 @@ use super::embed::SentenceEncoder;
 use super::step::Step;
 use super::text::{instructions, uuids};
 use anyhow::Result;
+use super::Duplicates;
 use arrow::array::{BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
-use arrow::compute::filter_record_batch;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::sync::Arc;
@@ -28,20 +28,19 @@ const KNN_BLOCK: i64 = 1024;
 pub struct SemanticDedup {
     encoder: SentenceEncoder,
     k: usize,
-    drop: bool,
+    duplicates: Duplicates,
     embeddings: Vec<Tensor>,
     uuids: Vec<String>,
     /// Per row: (min_neighbor_distance, repeat_count, earliest similar row).
     results: Vec<(Option<f64>, i64, Option<usize>)>,
     applied: usize,
-    duplicates: u64,
     embed_seconds: f64,
     knn_seconds: f64,
 }
 
 impl SemanticDedup {
     pub fn new(model: &Path, k: usize, drop: bool) -> Result<Self> {
-        Ok(SemanticDedup { encoder: SentenceEncoder::load(model)?, k, drop, embeddings: vec![], uuids: vec![], results: vec![], applied: 0, duplicates: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
+        Ok(SemanticDedup { encoder: SentenceEncoder::load(model)?, k, duplicates: Duplicates::new(drop), embeddings: vec![], uuids: vec![], results: vec![], applied: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
     }
 }
 
@@ -127,18 +126,20 @@ impl Step for SemanticDedup {
         let repeats: Int64Array = results.iter().map(|r| Some(r.1)).collect();
         let similar: StringArray = results.iter().map(|r| r.2.map(|i| self.uuids[i].as_str())).collect();
         let keep: BooleanArray = rows.clone().zip(results).map(|(row, r)| Some(r.2.is_none_or(|e| e == row))).collect();
-        self.duplicates += keep.false_count() as u64;
         let mut batch = super::with_column(batch, "min_neighbor_distance", Arc::new(distance))?;
         batch = super::with_column(batch, "repeat_count", Arc::new(repeats))?;
         batch = super::with_column(batch, "min_similar_uuid", Arc::new(similar))?;
-        Ok(if self.drop { filter_record_batch(&batch, &keep)? } else { batch })
+        self.duplicates.settle(batch, &keep)
     }
 
     fn report(&self) -> Value {
-        json!({
-            "k": self.k, "duplicates": self.duplicates, "dropped": if self.drop { self.duplicates } else { 0 },
-            "embed_seconds": self.embed_seconds, "knn_seconds": self.knn_seconds,
-        })
+        let mut report = self.duplicates.report();
+        report.extend([
+            ("k".into(), json!(self.k)),
+            ("embed_seconds".into(), json!(self.embed_seconds)),
+            ("knn_seconds".into(), json!(self.knn_seconds)),
+        ]);
+        Value::Object(report)
     }
 }
 
