@@ -1,6 +1,8 @@
 //! `magpie sft`, `magpie dpo` and `magpie convert`: Llama-family training on libtorch
 //! (REFERENCE §5–6). Not yet implemented: see issues #5 and #6.
 
+pub mod model;
+
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 

@@ -1,0 +1,198 @@
+//! Hugging Face model directories in and out: memory-mapped safetensors (one file or shards
+//! listed in `model.safetensors.index.json`) into a `VarStore`, and a `VarStore` back out as
+//! `model.safetensors` (metadata `format=pt`) with `config.json`, tokenizer files and chat template.
+//!
+//! A saved `config.json` keeps every original field and always carries a top-level `rope_theta`:
+//! transformers 5 writes only `rope_parameters`, which mistralrs 0.8.1 refuses.
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+
+use super::llama::LlamaConfig;
+
+/// Files beside the weights that a saved model carries over from its base.
+const TOKENIZER_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"];
+
+/// A model directory's `config.json`: the typed fields and the raw JSON to write back.
+pub struct ModelDir {
+    pub dir: PathBuf,
+    pub config: LlamaConfig,
+    pub raw_config: serde_json::Value,
+}
+
+impl ModelDir {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        if !dir.is_dir() {
+            bail!("{}: model directory not found (a Hugging Face safetensors directory; `magpie convert` makes one from a GGUF)", dir.display());
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let raw_config: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        let config = LlamaConfig::from_json(&text).with_context(|| format!("{}: not a Llama-family config", path.display()))?;
+        Ok(ModelDir { dir: dir.to_path_buf(), config, raw_config })
+    }
+
+    /// The safetensors files holding the weights.
+    pub fn weight_files(&self) -> Result<Vec<PathBuf>> {
+        let index = self.dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index)?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).with_context(|| format!("{}: not JSON", index.display()))?;
+            let Some(map) = json["weight_map"].as_object() else {
+                bail!("{}: no `weight_map`", index.display());
+            };
+            let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            return Ok(files.into_iter().map(|f| self.dir.join(f)).collect());
+        }
+        let single = self.dir.join("model.safetensors");
+        if !single.is_file() {
+            bail!("{}: no model.safetensors or model.safetensors.index.json", self.dir.display());
+        }
+        Ok(vec![single])
+    }
+
+    /// Copies the checkpoint's tensors into every variable of `vs`, converting dtype.
+    /// A variable the checkpoint lacks is an error naming it; extra tensors are ignored.
+    pub fn load_into(&self, vs: &nn::VarStore) -> Result<()> {
+        let mut variables = vs.variables();
+        let mut missing: BTreeSet<String> = variables.keys().cloned().collect();
+        for file in self.weight_files()? {
+            let handle = std::fs::File::open(&file).with_context(|| format!("{}: cannot open", file.display()))?;
+            // SAFETY: the file is only read, and is not expected to change while we copy from it.
+            let bytes = unsafe { memmap2::Mmap::map(&handle) }.with_context(|| format!("{}: cannot map", file.display()))?;
+            let tensors = SafeTensors::deserialize(&bytes)
+                .with_context(|| format!("{}: not a readable safetensors file (truncated or corrupt)", file.display()))?;
+            for (name, view) in tensors.tensors() {
+                let Some(var) = variables.get_mut(&name) else { continue };
+                let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor `{name}`", file.display()))?;
+                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+                if shape != var.size() {
+                    bail!("{}: tensor `{name}` has shape {shape:?}, the config says {:?}", file.display(), var.size());
+                }
+                let data = Tensor::from_data_size(view.data(), &shape, kind);
+                tch::no_grad(|| var.copy_(&data));
+                missing.remove(&name);
+            }
+        }
+        if !missing.is_empty() {
+            let names: Vec<_> = missing.into_iter().take(5).collect();
+            bail!("{}: the weights lack {}", self.dir.display(), names.join(", "));
+        }
+        Ok(())
+    }
+}
+
+fn kind_of(dtype: Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        other => bail!("dtype {other:?} is not supported"),
+    })
+}
+
+/// A host copy of one tensor, in the form the safetensors writer takes.
+struct HostTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl HostTensor {
+    fn new(tensor: &Tensor) -> Result<Self> {
+        let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
+        let dtype = match tensor.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Half => Dtype::F16,
+            other => bail!("cannot save a {other:?} tensor"),
+        };
+        let numel = tensor.numel();
+        let mut data = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
+        tensor.f_copy_data_u8(&mut data, numel)?;
+        Ok(HostTensor { dtype, shape: tensor.size().iter().map(|&d| d as usize).collect(), data })
+    }
+}
+
+impl View for &HostTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes `tensors` as one safetensors file with `format=pt` metadata, which transformers checks.
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let host: Vec<(String, HostTensor)> =
+        tensors.iter().map(|(name, t)| Ok((name.clone(), HostTensor::new(t)?))).collect::<Result<_>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = crate::data::write::temporary_sibling(path)?;
+    safetensors::tensor::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp)
+        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
+    Ok(())
+}
+
+/// `config.json` as a saved model carries it: the original fields, a top-level `rope_theta`, and
+/// the dtype the weights were written in.
+pub fn saved_config(raw: &serde_json::Value, config: &LlamaConfig, kind: Kind) -> serde_json::Value {
+    let mut out = raw.clone();
+    out["rope_theta"] = serde_json::json!(config.rope_theta());
+    if let Some(params) = raw.get("rope_parameters") {
+        if raw.get("rope_scaling").is_none() && params.get("rope_type").and_then(|t| t.as_str()) != Some("default") {
+            out["rope_scaling"] = params.clone();
+        }
+    }
+    let dtype = match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    };
+    out["torch_dtype"] = serde_json::json!(dtype);
+    out
+}
+
+/// Saves the variables of `vs` as a Hugging Face directory beside the base model's tokenizer
+/// files. Written into a temporary directory that is renamed into place, so a kill never leaves a
+/// half-written model under `dir`.
+pub fn save(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Result<()> {
+    let tmp = crate::data::write::temporary_sibling(dir)?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let kind = tensors.first().map_or(Kind::Float, |(_, t)| t.kind());
+    write_safetensors(&tensors, &tmp.join("model.safetensors"))?;
+    let config = saved_config(&base.raw_config, &base.config, kind);
+    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    for file in TOKENIZER_FILES {
+        let source = base.dir.join(file);
+        if source.is_file() {
+            std::fs::copy(&source, tmp.join(file)).with_context(|| format!("{}: cannot copy", source.display()))?;
+        }
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename into place", dir.display()))?;
+    Ok(())
+}

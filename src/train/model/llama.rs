@@ -1,0 +1,402 @@
+//! The Llama-family decoder in tch, configured from a Hugging Face `config.json`: GQA, RMSNorm,
+//! SwiGLU, RoPE (plain or Llama-3.1 `rope_type: llama3`), optional qkv bias (Qwen2) and tied
+//! embeddings (SmolLM2). Parameter names are the checkpoint's own (`model.layers.0.self_attn.q_proj.weight`),
+//! so loading and saving need no rename table. A `score` head turns it into
+//! `LlamaForSequenceClassification` for reward models.
+//!
+//! Attention is `scaled_dot_product_attention`: causal, or with an explicit per-document mask when
+//! several documents are packed into one row.
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use tch::nn::{self, Module};
+use tch::{Device, Kind, Tensor};
+
+/// The `config.json` fields the architecture needs. Older and newer spellings are both read:
+/// `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+#[derive(Debug, Clone, Deserialize)]
+pub struct LlamaConfig {
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    #[serde(default = "default_rms_norm_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeScaling>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub num_labels: Option<i64>,
+    #[serde(default)]
+    pub pad_token_id: Option<i64>,
+}
+
+/// `rope_scaling` / `rope_parameters`: the base and the Llama-3.1 frequency scaling.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeScaling {
+    #[serde(default, alias = "type")]
+    pub rope_type: Option<String>,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub factor: Option<f64>,
+    #[serde(default)]
+    pub low_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub high_freq_factor: Option<f64>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<f64>,
+}
+
+fn default_rms_norm_eps() -> f64 {
+    1e-6
+}
+
+impl LlamaConfig {
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        serde_json::from_str(text)
+    }
+
+    pub fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// Qwen2 always has a bias on q, k and v; Llama has one when `attention_bias` says so.
+    fn qkv_bias(&self) -> bool {
+        self.attention_bias || self.model_type.as_deref() == Some("qwen2")
+    }
+
+    fn rope(&self) -> RopeScaling {
+        self.rope_parameters.clone().or_else(|| self.rope_scaling.clone()).unwrap_or_default()
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        self.rope_theta.or(self.rope().rope_theta).unwrap_or(10_000.0)
+    }
+
+    /// The inverse RoPE frequencies, `[head_dim / 2]`, as transformers computes them.
+    fn inv_freq(&self) -> Result<Tensor> {
+        let dim = self.head_dim();
+        let base = self.rope_theta();
+        let inv: Vec<f64> = (0..dim / 2).map(|i| 1.0 / base.powf(2.0 * i as f64 / dim as f64)).collect();
+        let rope = self.rope();
+        let inv = match rope.rope_type.as_deref() {
+            None | Some("default") => inv,
+            Some("llama3") => {
+                let (Some(factor), Some(low), Some(high), Some(old_context)) =
+                    (rope.factor, rope.low_freq_factor, rope.high_freq_factor, rope.original_max_position_embeddings)
+                else {
+                    bail!("rope_type llama3 needs factor, low_freq_factor, high_freq_factor and original_max_position_embeddings");
+                };
+                let (low_wavelen, high_wavelen) = (old_context / low, old_context / high);
+                inv.into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old_context / wavelen - low) / (high - low);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+            Some(other) => bail!("rope_type `{other}` is not supported (default and llama3 are)"),
+        };
+        // transformers keeps inv_freq in f32.
+        Ok(Tensor::from_slice(&inv.iter().map(|&f| f as f32).collect::<Vec<f32>>()))
+    }
+}
+
+/// How tokens may attend within a row.
+pub enum AttentionMask {
+    /// Plain causal attention (one document per row, padding only at the end).
+    Causal,
+    /// Packed rows: `[batch, seq]` document ids; a token sees earlier tokens of its own document.
+    Documents(Tensor),
+}
+
+impl AttentionMask {
+    /// The boolean `[batch, 1, seq, seq]` mask SDPA takes, `true` where attention is allowed.
+    fn sdpa_mask(&self) -> Option<Tensor> {
+        match self {
+            AttentionMask::Causal => None,
+            AttentionMask::Documents(docs) => {
+                let t = docs.size()[1];
+                let same = docs.unsqueeze(2).eq_tensor(&docs.unsqueeze(1));
+                let causal = Tensor::ones([t, t], (Kind::Bool, docs.device())).tril(0);
+                Some(same.logical_and(&causal).unsqueeze(1))
+            }
+        }
+    }
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(vs: nn::Path, size: i64, eps: f64) -> Self {
+        RmsNorm { weight: vs.ones("weight", &[size]), eps }
+    }
+
+    /// As transformers: normalise in f32, then scale in the weight's dtype.
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let kind = x.kind();
+        let x32 = x.to_kind(Kind::Float);
+        let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = x32 * (variance + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+fn linear(vs: nn::Path, inputs: i64, outputs: i64, bias: bool) -> nn::Linear {
+    nn::linear(vs, inputs, outputs, nn::LinearConfig { bias, ..Default::default() })
+}
+
+struct Attention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    o_proj: nn::Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size()[3] / 2;
+    Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
+}
+
+impl Attention {
+    fn new(vs: nn::Path, c: &LlamaConfig) -> Self {
+        let (h, d) = (c.hidden_size, c.head_dim());
+        Attention {
+            q_proj: linear(&vs / "q_proj", h, c.num_attention_heads * d, c.qkv_bias()),
+            k_proj: linear(&vs / "k_proj", h, c.kv_heads() * d, c.qkv_bias()),
+            v_proj: linear(&vs / "v_proj", h, c.kv_heads() * d, c.qkv_bias()),
+            o_proj: linear(&vs / "o_proj", c.num_attention_heads * d, h, c.attention_bias),
+            heads: c.num_attention_heads,
+            kv_heads: c.kv_heads(),
+            head_dim: d,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>) -> Tensor {
+        let (b, t, _) = x.size3().unwrap();
+        let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
+        let (cos, sin) = rope;
+        let q = split(self.q_proj.forward(x), self.heads);
+        let k = split(self.k_proj.forward(x), self.kv_heads);
+        let v = split(self.v_proj.forward(x), self.kv_heads);
+        let q = &q * cos + rotate_half(&q) * sin;
+        let k = &k * cos + rotate_half(&k) * sin;
+        let repeat = self.heads / self.kv_heads;
+        let (k, v) = if repeat > 1 {
+            (k.repeat_interleave_self_int(repeat, 1, None), v.repeat_interleave_self_int(repeat, 1, None))
+        } else {
+            (k, v)
+        };
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, false);
+        self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]))
+    }
+}
+
+struct Mlp {
+    gate_proj: nn::Linear,
+    up_proj: nn::Linear,
+    down_proj: nn::Linear,
+}
+
+impl Mlp {
+    fn new(vs: nn::Path, c: &LlamaConfig) -> Self {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Mlp {
+            gate_proj: linear(&vs / "gate_proj", h, i, c.mlp_bias),
+            up_proj: linear(&vs / "up_proj", h, i, c.mlp_bias),
+            down_proj: linear(&vs / "down_proj", i, h, c.mlp_bias),
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        self.down_proj.forward(&(self.gate_proj.forward(x).silu() * self.up_proj.forward(x)))
+    }
+}
+
+/// One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
+pub struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(vs: nn::Path, c: &LlamaConfig) -> Self {
+        Block {
+            input_layernorm: RmsNorm::new(&vs / "input_layernorm", c.hidden_size, c.rms_norm_eps),
+            self_attn: Attention::new(&vs / "self_attn", c),
+            post_attention_layernorm: RmsNorm::new(&vs / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
+            mlp: Mlp::new(&vs / "mlp", c),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>) -> Tensor {
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask);
+        &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
+    }
+}
+
+/// What sits on top of the final norm.
+enum Head {
+    /// Next-token logits; `None` reuses the embedding matrix (tied embeddings).
+    LanguageModel(Option<Tensor>),
+    /// `LlamaForSequenceClassification`'s `score` projection, read at the last non-pad token.
+    Score(Tensor),
+}
+
+/// The decoder with its head. Build it in a `VarStore`, then fill the store from a checkpoint
+/// (`checkpoint::load_into`).
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    norm: RmsNorm,
+    head: Head,
+    inv_freq: Tensor,
+}
+
+/// One forward's inputs: token ids, position ids and the attention mask, all `[batch, seq]`.
+pub struct Inputs<'a> {
+    pub ids: &'a Tensor,
+    pub positions: &'a Tensor,
+    pub mask: &'a AttentionMask,
+}
+
+impl Llama {
+    /// A causal language model (`LlamaForCausalLM`).
+    pub fn causal_lm(vs: &nn::Path, config: &LlamaConfig) -> Result<Self> {
+        let head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some((vs / "lm_head").var("weight", &[config.vocab_size, config.hidden_size], nn::Init::Randn { mean: 0., stdev: 0.02 }))
+        };
+        Self::build(vs, config, Head::LanguageModel(head))
+    }
+
+    /// A reward model (`LlamaForSequenceClassification`, `num_labels` scores per sequence).
+    pub fn sequence_classifier(vs: &nn::Path, config: &LlamaConfig) -> Result<Self> {
+        let labels = config.num_labels.unwrap_or(1);
+        let score = (vs / "score").var("weight", &[labels, config.hidden_size], nn::Init::Randn { mean: 0., stdev: 0.02 });
+        Self::build(vs, config, Head::Score(score))
+    }
+
+    fn build(vs: &nn::Path, config: &LlamaConfig, head: Head) -> Result<Self> {
+        let model = vs / "model";
+        let embed_tokens = (&model / "embed_tokens").var(
+            "weight",
+            &[config.vocab_size, config.hidden_size],
+            nn::Init::Randn { mean: 0., stdev: 0.02 },
+        );
+        let layers = (0..config.num_hidden_layers).map(|i| Block::new(&model / "layers" / i, config)).collect();
+        Ok(Llama {
+            config: config.clone(),
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps),
+            head,
+            inv_freq: config.inv_freq()?.to_device(vs.device()),
+        })
+    }
+
+    pub fn device(&self) -> Device {
+        self.embed_tokens.device()
+    }
+
+    /// Token embeddings, `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+    }
+
+    /// The rotary cos/sin for `positions`, `[batch, 1, seq, head_dim]` in `kind`.
+    pub fn rope(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+
+    /// The final-norm hidden states, `[batch, seq, hidden]`.
+    pub fn hidden_states(&self, inputs: &Inputs) -> Tensor {
+        let mut x = self.embed(inputs.ids);
+        let rope = self.rope(inputs.positions, x.kind());
+        let mask = inputs.mask.sdpa_mask();
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, mask.as_ref());
+        }
+        self.final_norm(&x)
+    }
+
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        self.norm.forward(x)
+    }
+
+    /// Next-token logits from final hidden states, `[batch, seq, vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        match &self.head {
+            Head::LanguageModel(Some(w)) => hidden.linear::<Tensor>(w, None),
+            Head::LanguageModel(None) => hidden.linear::<Tensor>(&self.embed_tokens, None),
+            Head::Score(_) => panic!("a sequence classifier has no language-model head"),
+        }
+    }
+
+    pub fn forward(&self, inputs: &Inputs) -> Tensor {
+        self.logits(&self.hidden_states(inputs))
+    }
+
+    /// Reward scores `[batch, num_labels]`, read at each row's last token whose id is not
+    /// `pad_token_id` (right padding), as transformers does.
+    pub fn scores(&self, inputs: &Inputs) -> Tensor {
+        let Head::Score(score) = &self.head else { panic!("not a sequence classifier") };
+        let hidden = self.hidden_states(inputs);
+        let (b, t) = inputs.ids.size2().unwrap();
+        let last = match self.config.pad_token_id {
+            Some(pad) => {
+                let keep = inputs.ids.ne(pad).to_kind(Kind::Int64);
+                (Tensor::arange(t, (Kind::Int64, inputs.ids.device())) * keep).argmax(-1, false)
+            }
+            None => Tensor::full([b], t - 1, (Kind::Int64, inputs.ids.device())),
+        };
+        let rows = Tensor::arange(b, (Kind::Int64, inputs.ids.device()));
+        let picked = hidden.index(&[Some(rows), Some(last)]);
+        picked.linear::<Tensor>(score, None)
+    }
+}
+
+/// Position ids 0..seq for every row of a `[batch, seq]` batch.
+pub fn default_positions(batch: i64, seq: i64, device: Device) -> Tensor {
+    Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], true).contiguous()
+}

@@ -1,0 +1,106 @@
+//! The models training uses: the Llama-family decoder (`llama`), Hugging Face directories in and
+//! out (`hf`), and GGUF to Hugging Face conversion (`convert`).
+
+pub mod hf;
+pub mod llama;
+
+use anyhow::Result;
+use std::path::Path;
+use tch::{nn, Device, Kind};
+
+pub use hf::ModelDir;
+pub use llama::{AttentionMask, Inputs, Llama, LlamaConfig};
+
+/// A model with the store that owns its weights.
+pub struct Loaded {
+    pub vs: nn::VarStore,
+    pub model: Llama,
+    pub dir: ModelDir,
+}
+
+/// Loads a causal language model from a Hugging Face directory onto `device` in `kind`.
+pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<Loaded> {
+    let dir = ModelDir::open(dir)?;
+    let mut vs = nn::VarStore::new(device);
+    let model = Llama::causal_lm(&vs.root(), &dir.config)?;
+    dir.load_into(&vs)?;
+    vs.set_kind(kind);
+    Ok(Loaded { vs, model, dir })
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use tch::Tensor;
+
+    pub fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fixtures").join(name)
+    }
+
+    pub fn reference(path: &Path) -> HashMap<String, Tensor> {
+        Tensor::read_safetensors(path).unwrap().into_iter().collect()
+    }
+
+    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).abs().max().double_value(&[])
+    }
+
+    fn causal_logits(loaded: &Loaded, ids: &Tensor) -> Tensor {
+        let (b, t) = ids.size2().unwrap();
+        let positions = llama::default_positions(b, t, Device::Cpu);
+        tch::no_grad(|| loaded.model.forward(&Inputs { ids, positions: &positions, mask: &AttentionMask::Causal }))
+    }
+
+    #[test]
+    fn logits_match_transformers_on_tiny_llama_and_qwen2() {
+        for name in ["tiny-llama", "tiny-qwen2"] {
+            let loaded = load_causal_lm(&fixture(name), Device::Cpu, Kind::Float).unwrap();
+            let want = reference(&fixture(name).join("reference.safetensors"));
+            let got = causal_logits(&loaded, &want["input_ids"]);
+            let diff = max_abs_diff(&got, &want["logits"]);
+            assert!(diff <= 1e-4, "{name}: max abs diff {diff}");
+        }
+    }
+
+    #[test]
+    fn reward_scores_match_transformers_at_the_last_non_pad_token() {
+        let dir = ModelDir::open(&fixture("tiny-llama-reward")).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Llama::sequence_classifier(&vs.root(), &dir.config).unwrap();
+        dir.load_into(&vs).unwrap();
+        let want = reference(&fixture("tiny-llama-reward").join("reference.safetensors"));
+        let ids = &want["input_ids"];
+        let positions = llama::default_positions(2, ids.size()[1], Device::Cpu);
+        let got = tch::no_grad(|| model.scores(&Inputs { ids, positions: &positions, mask: &AttentionMask::Causal }));
+        assert!(max_abs_diff(&got, &want["scores"]) <= 1e-4);
+    }
+
+    #[test]
+    fn saved_model_loads_back_with_rope_theta_and_the_same_logits() {
+        let loaded = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let saved = out.path().join("saved");
+        hf::save(&loaded.vs, &loaded.dir, &saved).unwrap();
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
+        assert_eq!(config["rope_theta"], 500000.0);
+        assert_eq!(config["rope_scaling"]["rope_type"], "llama3");
+        assert_eq!(config["rope_parameters"]["rope_type"], "llama3", "original fields stay");
+        let again = load_causal_lm(&saved, Device::Cpu, Kind::Float).unwrap();
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 200]).view([1, 4]);
+        assert_eq!(max_abs_diff(&causal_logits(&loaded, &ids), &causal_logits(&again, &ids)), 0.0);
+    }
+
+    #[test]
+    fn missing_weights_and_directories_are_named() {
+        let err = load_causal_lm(Path::new("/nonexistent/model"), Device::Cpu, Kind::Float).err().unwrap();
+        assert!(err.to_string().contains("/nonexistent/model"), "{err}");
+        let out = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture("tiny-llama/config.json"), out.path().join("config.json")).unwrap();
+        let err = load_causal_lm(out.path(), Device::Cpu, Kind::Float).err().unwrap();
+        assert!(err.to_string().contains("no model.safetensors"), "{err}");
+        std::fs::write(out.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
+        let err = format!("{:#}", load_causal_lm(out.path(), Device::Cpu, Kind::Float).err().unwrap());
+        assert!(err.contains("truncated or corrupt"), "{err}");
+    }
+}
