@@ -1,6 +1,7 @@
-//! A reader for the metadata of GGUF files (the key/value header llama.cpp writes): enough to find
-//! a model's chat template, special tokens and name without loading it, and to tell a corrupt
-//! file from a good one before an engine sees it.
+//! A reader for GGUF files (what llama.cpp writes): the key/value metadata, enough to find a
+//! model's chat template, special tokens and name without loading it and to tell a corrupt file
+//! from a good one before an engine sees it; and the tensors, dequantised to f32 (F32, F16, BF16,
+//! Q8_0, Q4_0, Q4_1), for `magpie convert`.
 
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -38,17 +39,116 @@ pub struct Metadata {
     pub version: u32,
     pub tensor_count: u64,
     pub values: HashMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    /// Where tensor data starts; each tensor's `offset` counts from here.
+    pub data_offset: u64,
+}
+
+/// One tensor's header entry. `dims` are GGUF's order, fastest-varying first (the reverse of
+/// PyTorch's shape).
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub kind: u32,
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// The PyTorch-order shape.
+    pub fn shape(&self) -> Vec<i64> {
+        self.dims.iter().rev().map(|&d| d as i64).collect()
+    }
+
+    fn numel(&self) -> u64 {
+        self.dims.iter().product()
+    }
+
+    /// Bytes of data and the f32 values, for the types we can dequantise.
+    fn layout(&self) -> Result<(u64, fn(&[u8], &mut Vec<f32>))> {
+        let n = self.numel();
+        let blocks = n / 32;
+        Ok(match self.kind {
+            0 => (n * 4, |b, out| out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())))),
+            1 => (n * 2, |b, out| out.extend(b.chunks_exact(2).map(|c| f16(c).to_f32()))),
+            30 => (n * 2, |b, out| out.extend(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))),
+            2 => (blocks * 18, dequantize_q4_0),
+            3 => (blocks * 20, dequantize_q4_1),
+            8 => (blocks * 34, dequantize_q8_0),
+            other => bail!("tensor `{}` has GGUF type {other}, which convert cannot dequantise (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are supported)", self.name),
+        })
+    }
+}
+
+fn f16(bytes: &[u8]) -> half::f16 {
+    half::f16::from_le_bytes([bytes[0], bytes[1]])
+}
+
+fn dequantize_q8_0(bytes: &[u8], out: &mut Vec<f32>) {
+    for block in bytes.chunks_exact(34) {
+        let d = f16(block).to_f32();
+        out.extend(block[2..].iter().map(|&q| q as i8 as f32 * d));
+    }
+}
+
+fn dequantize_q4_0(bytes: &[u8], out: &mut Vec<f32>) {
+    for block in bytes.chunks_exact(18) {
+        let d = f16(block).to_f32();
+        let qs = &block[2..];
+        out.extend(qs.iter().map(|&q| ((q & 0xF) as f32 - 8.0) * d));
+        out.extend(qs.iter().map(|&q| ((q >> 4) as f32 - 8.0) * d));
+    }
+}
+
+fn dequantize_q4_1(bytes: &[u8], out: &mut Vec<f32>) {
+    for block in bytes.chunks_exact(20) {
+        let (d, m) = (f16(block).to_f32(), f16(&block[2..]).to_f32());
+        let qs = &block[4..];
+        out.extend(qs.iter().map(|&q| (q & 0xF) as f32 * d + m));
+        out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
+    }
 }
 
 impl Metadata {
     pub fn read(path: &Path) -> Result<Metadata> {
         let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        read_metadata(&mut BufReader::new(file))
+        read_metadata(&mut Counting { inner: BufReader::new(file), read: 0 })
             .with_context(|| format!("{}: not a readable GGUF file (truncated or corrupt)", path.display()))
     }
 
     pub fn text(&self, key: &str) -> Option<&str> {
         self.values.get(key).and_then(Value::as_text)
+    }
+
+    pub fn int(&self, key: &str) -> Option<i64> {
+        self.values.get(key).and_then(Value::as_int)
+    }
+
+    pub fn float(&self, key: &str) -> Option<f64> {
+        match self.values.get(key)? {
+            Value::Float(f) => Some(*f),
+            Value::Int(i) => Some(*i as f64),
+            _ => None,
+        }
+    }
+
+    /// A string array such as `tokenizer.ggml.tokens`.
+    pub fn texts(&self, key: &str) -> Option<Vec<&str>> {
+        match self.values.get(key)? {
+            Value::Array(items) => items.iter().map(Value::as_text).collect(),
+            _ => None,
+        }
+    }
+
+    pub fn ints(&self, key: &str) -> Option<Vec<i64>> {
+        match self.values.get(key)? {
+            Value::Array(items) => items.iter().map(Value::as_int).collect(),
+            _ => None,
+        }
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
     }
 
     /// The text of the token whose id is stored under `key` (e.g. `tokenizer.ggml.bos_token_id`).
@@ -58,6 +158,49 @@ impl Metadata {
             Value::Array(tokens) => tokens.get(id)?.as_text(),
             _ => None,
         }
+    }
+}
+
+/// A memory-mapped GGUF file whose tensors can be read as f32.
+pub struct File {
+    pub path: std::path::PathBuf,
+    pub metadata: Metadata,
+    bytes: memmap2::Mmap,
+}
+
+impl File {
+    pub fn open(path: &Path) -> Result<File> {
+        let metadata = Metadata::read(path)?;
+        let handle = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        // SAFETY: read-only mapping of a file we do not expect to change while converting.
+        let bytes = unsafe { memmap2::Mmap::map(&handle) }.with_context(|| format!("{}: cannot map", path.display()))?;
+        Ok(File { path: path.to_path_buf(), metadata, bytes })
+    }
+
+    /// The tensor's values in f32, GGUF element order (row-major in PyTorch's shape).
+    pub fn read_f32(&self, info: &TensorInfo) -> Result<Vec<f32>> {
+        let (len, dequantize) = info.layout()?;
+        let start = self.metadata.data_offset + info.offset;
+        let Some(bytes) = self.bytes.get(start as usize..(start + len) as usize) else {
+            bail!("{}: tensor `{}` runs past the end of the file (truncated)", self.path.display(), info.name);
+        };
+        let mut out = Vec::with_capacity(info.numel() as usize);
+        dequantize(bytes, &mut out);
+        Ok(out)
+    }
+}
+
+/// Counts bytes read so the tensor data offset can be found after the header.
+struct Counting<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
@@ -111,7 +254,7 @@ fn read_value(r: &mut impl Read, kind: u32) -> Result<Value> {
     })
 }
 
-fn read_metadata(r: &mut impl Read) -> Result<Metadata> {
+fn read_metadata<R: Read>(r: &mut Counting<R>) -> Result<Metadata> {
     if &read_exact::<4>(r).context("file too short")? != b"GGUF" {
         bail!("missing GGUF magic bytes");
     }
@@ -128,7 +271,21 @@ fn read_metadata(r: &mut impl Read) -> Result<Metadata> {
         let value = read_value(r, kind).with_context(|| format!("metadata key `{key}`"))?;
         values.insert(key, value);
     }
-    Ok(Metadata { version, tensor_count, values })
+    let mut tensors = Vec::with_capacity(tensor_count.min(1 << 16) as usize);
+    for _ in 0..tensor_count {
+        let name = read_string(r)?;
+        let n_dims = read_u32(r)?;
+        if n_dims > 4 {
+            bail!("tensor `{name}` has {n_dims} dimensions");
+        }
+        let dims = (0..n_dims).map(|_| read_u64(r)).collect::<Result<_>>()?;
+        let kind = read_u32(r)?;
+        let offset = read_u64(r)?;
+        tensors.push(TensorInfo { name, dims, kind, offset });
+    }
+    let alignment = values.get("general.alignment").and_then(Value::as_int).unwrap_or(32) as u64;
+    let data_offset = r.read.div_ceil(alignment) * alignment;
+    Ok(Metadata { version, tensor_count, values, tensors, data_offset })
 }
 
 #[cfg(test)]

@@ -1,7 +1,10 @@
 //! `magpie sft`, `magpie dpo` and `magpie convert`: Llama-family training on libtorch
 //! (REFERENCE §5–6). Not yet implemented: see issues #5 and #6.
 
+pub mod convert;
 pub mod model;
+
+pub use convert::ConvertArgs;
 
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -42,21 +45,6 @@ pub struct DpoArgs {
     pub beta: f64,
 }
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct ConvertArgs {
-    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
-    #[arg(long, value_name = "FILE.yaml")]
-    pub recipe: Option<PathBuf>,
-
-    /// GGUF file to convert.
-    #[arg(long)]
-    pub gguf: Option<PathBuf>,
-
-    /// Output Hugging Face model directory.
-    #[arg(long, short)]
-    pub output: Option<PathBuf>,
-}
-
 pub fn sft(_args: &SftArgs) -> Result<()> {
     bail!("`magpie sft` is not yet implemented (issue #5)")
 }
@@ -65,6 +53,6 @@ pub fn dpo(_args: &DpoArgs) -> Result<()> {
     bail!("`magpie dpo` is not yet implemented (issue #6)")
 }
 
-pub fn convert(_args: &ConvertArgs) -> Result<()> {
-    bail!("`magpie convert` is not yet implemented (issue #5)")
+pub fn convert(args: &ConvertArgs) -> Result<()> {
+    convert::run(args)
 }

@@ -196,3 +196,20 @@ impl Engine for LlamaCpp {
         results.into_iter().enumerate().map(|(i, r)| r.with_context(|| format!("request {i} never finished"))).collect()
     }
 }
+
+#[cfg(test)]
+impl LlamaCpp {
+    /// The prompt's token ids and llama.cpp's logits after its last token, for checks against
+    /// other implementations of the same model (`magpie convert`).
+    pub fn last_logits(&self, prompt: &str) -> (Vec<u32>, Vec<f32>) {
+        let tokens = self.tokenize(prompt).unwrap();
+        let params = LlamaContextParams::default().with_n_ctx(NonZeroU32::new(512)).with_n_threads(self.threads);
+        let mut ctx = self.model.new_context(backend().unwrap(), params).unwrap();
+        let mut batch = LlamaBatch::new(512, 1);
+        for (i, &t) in tokens.iter().enumerate() {
+            batch.add(LlamaToken(t as i32), i as i32, &[0], i + 1 == tokens.len()).unwrap();
+        }
+        ctx.decode(&mut batch).unwrap();
+        (tokens.clone(), ctx.get_logits_ith(tokens.len() as i32 - 1).to_vec())
+    }
+}
