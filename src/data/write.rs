@@ -50,6 +50,24 @@ pub fn write_atomically(target: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, target).with_context(|| format!("{}: cannot rename into place", target.display()))
 }
 
+/// Fills a fresh temporary sibling directory with `fill`, then renames it over `target`, so a
+/// kill never leaves a half-written directory there.
+pub fn write_dir_atomically(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temporary_sibling(target)?;
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if target.exists() {
+        std::fs::remove_dir_all(target).with_context(|| format!("{}: cannot replace", target.display()))?;
+    }
+    std::fs::rename(&tmp, target).with_context(|| format!("{}: cannot rename into place", target.display()))
+}
+
 /// Streams record batches into `target`; nothing is visible there until [`DatasetWriter::finish`].
 pub struct DatasetWriter {
     target: PathBuf,

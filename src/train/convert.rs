@@ -73,12 +73,16 @@ pub fn convert(gguf_path: &Path, out: &Path) -> Result<()> {
     };
     let tied = meta.tensor("output.weight").is_none();
 
-    let tmp = crate::data::write::temporary_sibling(out)?;
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let tensors = weights(&file, &shape, tied)?;
+    crate::data::write::write_dir_atomically(out, |tmp| write_hf_dir(&file, &shape, tied, tmp))
+}
+
+/// Writes the converted weights, config and tokenizer files into `tmp`.
+fn write_hf_dir(file: &gguf::File, shape: &Shape, tied: bool, tmp: &Path) -> Result<()> {
+    let meta = &file.metadata;
+    let name = file.path.display();
+    let need = |key: &str| meta.int(key).with_context(|| format!("{name}: metadata `{key}` is missing"));
+    let tokens = meta.texts("tokenizer.ggml.tokens").unwrap_or_default();
+    let tensors = weights(file, shape, tied)?;
     super::model::hf::write_safetensors(&tensors, &tmp.join("model.safetensors"))?;
     drop(tensors);
 
@@ -126,13 +130,7 @@ pub fn convert(gguf_path: &Path, out: &Path) -> Result<()> {
         tokenizer_config["chat_template"] = json!(template);
     }
     write_json("tokenizer_config.json", &tokenizer_config)?;
-    write_json("generation_config.json", &json!({"bos_token_id": bos, "eos_token_id": eos}))?;
-
-    if out.exists() {
-        std::fs::remove_dir_all(out).with_context(|| format!("{}: cannot replace", out.display()))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("{}: cannot rename into place", out.display()))?;
-    Ok(())
+    write_json("generation_config.json", &json!({"bos_token_id": bos, "eos_token_id": eos}))
 }
 
 /// GGUF tensor name -> HF name, and how many heads to un-permute by (q and k only).

@@ -1,39 +1,25 @@
 //! `magpie sft`, `magpie dpo` and `magpie convert`: Llama-family training on libtorch
-//! (REFERENCE §5–6). Not yet implemented: see issues #5 and #6.
+//! (REFERENCE §5–6).
+//!
+//! - `model`: the decoder in tch and Hugging Face directories in and out.
+//! - `convert`: GGUF to a Hugging Face directory.
+//! - `tokenize`: conversations through the model's chat template, assistant tokens marked.
+//! - `trainer`, `optim`, `plot`: the loop SFT and DPO share.
+//! - `sft`: the SFT objective and data (masking, packing).
 
 pub mod convert;
 pub mod model;
-
-pub use convert::ConvertArgs;
+pub mod optim;
+pub mod plot;
+pub mod sft;
+pub mod tokenize;
+pub mod trainer;
 
 use anyhow::{bail, Result};
-use std::path::PathBuf;
 
-/// What SFT and DPO both take.
-#[derive(clap::Args, Debug, Clone)]
-pub struct TrainArgs {
-    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
-    #[arg(long, value_name = "FILE.yaml")]
-    pub recipe: Option<PathBuf>,
-
-    /// Base model: a Hugging Face safetensors directory (see `magpie convert` for GGUF files).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-
-    /// Training dataset(s): parquet files, directories of parts, or globs.
-    #[arg(long, short)]
-    pub input: Vec<String>,
-
-    /// Output directory for checkpoints, metrics and plots.
-    #[arg(long, short)]
-    pub output: Option<PathBuf>,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct SftArgs {
-    #[command(flatten)]
-    pub train: TrainArgs,
-}
+pub use convert::ConvertArgs;
+pub use sft::SftArgs;
+pub use trainer::TrainArgs;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DpoArgs {
@@ -45,8 +31,8 @@ pub struct DpoArgs {
     pub beta: f64,
 }
 
-pub fn sft(_args: &SftArgs) -> Result<()> {
-    bail!("`magpie sft` is not yet implemented (issue #5)")
+pub fn sft(args: &SftArgs) -> Result<()> {
+    sft::run(args)
 }
 
 pub fn dpo(_args: &DpoArgs) -> Result<()> {

@@ -169,30 +169,25 @@ pub fn saved_config(raw: &serde_json::Value, config: &LlamaConfig, kind: Kind) -
     out
 }
 
-/// Saves the variables of `vs` as a Hugging Face directory beside the base model's tokenizer
-/// files. Written into a temporary directory that is renamed into place, so a kill never leaves a
-/// half-written model under `dir`.
-pub fn save(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Result<()> {
-    let tmp = crate::data::write::temporary_sibling(dir)?;
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+/// Writes the variables of `vs` as a Hugging Face model into the existing directory `dir`,
+/// beside the base model's tokenizer files.
+pub fn write_model_files(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let kind = tensors.first().map_or(Kind::Float, |(_, t)| t.kind());
-    write_safetensors(&tensors, &tmp.join("model.safetensors"))?;
+    write_safetensors(&tensors, &dir.join("model.safetensors"))?;
     let config = saved_config(&base.raw_config, &base.config, kind);
-    std::fs::write(tmp.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     for file in TOKENIZER_FILES {
         let source = base.dir.join(file);
         if source.is_file() {
-            std::fs::copy(&source, tmp.join(file)).with_context(|| format!("{}: cannot copy", source.display()))?;
+            std::fs::copy(&source, dir.join(file)).with_context(|| format!("{}: cannot copy", source.display()))?;
         }
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("{}: cannot replace", dir.display()))?;
-    }
-    std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot rename into place", dir.display()))?;
     Ok(())
+}
+
+/// Saves the variables of `vs` as a Hugging Face directory `dir`, atomically.
+pub fn save(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Result<()> {
+    crate::data::write::write_dir_atomically(dir, |tmp| write_model_files(vs, base, tmp))
 }

@@ -140,7 +140,7 @@ pub enum AttentionMask {
 
 impl AttentionMask {
     /// The boolean `[batch, 1, seq, seq]` mask SDPA takes, `true` where attention is allowed.
-    fn sdpa_mask(&self) -> Option<Tensor> {
+    pub fn sdpa_mask(&self) -> Option<Tensor> {
         match self {
             AttentionMask::Causal => None,
             AttentionMask::Documents(docs) => {
@@ -335,6 +335,11 @@ impl Llama {
 
     pub fn device(&self) -> Device {
         self.embed_tokens.device()
+    }
+
+    /// The weights' dtype.
+    pub fn kind(&self) -> Kind {
+        self.embed_tokens.kind()
     }
 
     /// Token embeddings, `[batch, seq, hidden]`.

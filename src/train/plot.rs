@@ -1,0 +1,49 @@
+//! Training plots as PNG (plotters): one chart per file, one line per series, step on the x axis.
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+const COLOURS: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40)];
+
+/// Draws `series` into `path` (written atomically). Series without points are left out.
+pub fn lines(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<()> {
+    let series: Vec<&Series> = series.iter().filter(|s| !s.points.is_empty()).collect();
+    let all = || series.iter().flat_map(|s| s.points.iter());
+    let (x_max, y_min, y_max) = all().fold((1.0f64, f64::INFINITY, f64::NEG_INFINITY), |(x, lo, hi), &(px, py)| {
+        (x.max(px), lo.min(py), hi.max(py))
+    });
+    let (y_min, y_max) = if y_min.is_finite() { (y_min, y_max) } else { (0.0, 1.0) };
+    let pad = ((y_max - y_min) * 0.05).max(1e-6);
+    let tmp = crate::data::write::temporary_sibling(path)?.with_extension("png");
+    {
+        let root = BitMapBackend::new(&tmp, (800, 480)).into_drawing_area();
+        let fail = |e: &dyn std::fmt::Display| anyhow!("{}: plot: {e}", path.display());
+        root.fill(&WHITE).map_err(|e| fail(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..x_max, (y_min - pad)..(y_max + pad))
+            .map_err(|e| fail(&e))?;
+        chart.configure_mesh().x_desc("step").y_desc(y_label).draw().map_err(|e| fail(&e))?;
+        for (i, s) in series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            chart
+                .draw_series(LineSeries::new(s.points.iter().copied(), colour.stroke_width(2)))
+                .map_err(|e| fail(&e))?
+                .label(&s.name)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+        }
+        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| fail(&e))?;
+        root.present().map_err(|e| fail(&e))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! `magpie sft`: supervised fine-tuning as TRL does it (REFERENCE §6). Conversations from the
+//! `messages` column are rendered with the model's chat template; the loss is on assistant tokens
+//! only, in every turn; `max_length` truncation keeps the start; with `packing`, documents are
+//! packed best-fit-decreasing into rows of `max_length`, each restarting its positions and
+//! attending only to itself.
+
+use anyhow::{Context, Result};
+use arrow::array::Array;
+use rayon::prelude::*;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use tch::{Device, Tensor};
+
+use super::model::{load_causal_lm, Llama};
+use super::tokenize::ChatTokenizer;
+use super::trainer::{self, epoch_order, summed_cross_entropy, Batch, Document, Metrics, Objective, Split, TrainArgs};
+use crate::data::{messages::read_turns, Dataset, Message};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SftArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+
+    /// Longest sequence in tokens; longer conversations keep their start.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+
+    /// Pack several conversations into each row of `max_length` tokens (best-fit decreasing).
+    #[arg(long)]
+    pub packing: bool,
+}
+
+/// Training and eval conversations of a dataset: rows whose `split` is test, eval or validation
+/// are eval rows; without a `split` column, a seeded `eval_ratio` share is.
+pub fn read_conversations(inputs: &[String], eval_ratio: f64, seed: u64) -> Result<(Vec<Vec<Message>>, Vec<Vec<Message>>)> {
+    let dataset = Dataset::open(inputs)?;
+    dataset.require(&["messages"])?;
+    let has_split = dataset.schema.column_with_name("split").is_some();
+    let (mut all, mut is_eval) = (vec![], vec![]);
+    for batch in dataset.batches() {
+        let batch = batch?;
+        let turns = read_turns(batch.column_by_name("messages").expect("required").as_ref(), "role", "content");
+        let split = batch.column_by_name("split").and_then(crate::data::messages::as_utf8);
+        for (row, messages) in turns.into_iter().enumerate() {
+            let Some(messages) = messages else { continue };
+            let eval = split.as_ref().is_some_and(|s| s.is_valid(row) && matches!(s.value(row), "test" | "eval" | "validation"));
+            all.push(messages);
+            is_eval.push(eval);
+        }
+    }
+    if !has_split && eval_ratio > 0.0 {
+        let held_out = ((all.len() as f64) * eval_ratio).round() as usize;
+        for &i in epoch_order(all.len(), seed ^ 0xE7A1, 0).iter().take(held_out) {
+            is_eval[i] = true;
+        }
+    }
+    let (eval, train): (Vec<_>, Vec<_>) = all.into_iter().zip(is_eval).partition(|(_, e)| *e);
+    Ok((train.into_iter().map(|(m, _)| m).collect(), eval.into_iter().map(|(m, _)| m).collect()))
+}
+
+/// Tokenises conversations (in parallel, order kept); returns the documents with at least one
+/// target token and the number dropped because truncation left none.
+pub fn tokenize(tokenizer: &ChatTokenizer, conversations: &[Vec<Message>], max_length: usize) -> Result<(Vec<Document>, usize)> {
+    let documents: Vec<Option<Document>> = conversations
+        .par_iter()
+        .enumerate()
+        .map(|(row, messages)| {
+            let mut tokens = tokenizer.conversation(messages).with_context(|| format!("conversation {row}"))?;
+            tokens.ids.truncate(max_length);
+            let doc = Document::from_labels(tokens.ids, |i| tokens.assistant[i]);
+            Ok((doc.target_count() > 0).then_some(doc))
+        })
+        .collect::<Result<_>>()?;
+    let dropped = documents.iter().filter(|d| d.is_none()).count();
+    Ok((documents.into_iter().flatten().collect(), dropped))
+}
+
+/// Best-fit decreasing: longest documents first, each into the open row with the least room that
+/// still fits it. Returns rows of document indices.
+pub fn pack(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
+    let mut rows: Vec<Vec<usize>> = vec![];
+    // Free room -> rows with that much room, for the best-fit lookup.
+    let mut by_room: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for i in order {
+        let len = lengths[i].min(capacity);
+        let fit = by_room.range_mut(len..).next().map(|(&room, rows)| (room, rows.pop().expect("non-empty")));
+        let (row, room) = match fit {
+            Some((room, row)) => {
+                if by_room[&room].is_empty() {
+                    by_room.remove(&room);
+                }
+                (row, room)
+            }
+            None => {
+                rows.push(vec![]);
+                (rows.len() - 1, capacity)
+            }
+        };
+        rows[row].push(i);
+        by_room.entry(room - len).or_default().push(row);
+    }
+    rows
+}
+
+/// The SFT objective over training rows (one document each, or packed).
+pub struct SftObjective {
+    documents: [Vec<Document>; 2],
+    rows: [Vec<Vec<usize>>; 2],
+    packed: bool,
+    pad_id: i64,
+}
+
+impl SftObjective {
+    pub fn new(train: Vec<Document>, eval: Vec<Document>, packing: bool, max_length: usize, pad_id: i64) -> Self {
+        let rows = |docs: &[Document]| -> Vec<Vec<usize>> {
+            if packing {
+                pack(&docs.iter().map(|d| d.ids.len()).collect::<Vec<_>>(), max_length)
+            } else {
+                (0..docs.len()).map(|i| vec![i]).collect()
+            }
+        };
+        let rows = [rows(&train), rows(&eval)];
+        SftObjective { documents: [train, eval], rows, packed: packing, pad_id }
+    }
+
+    fn index(split: Split) -> usize {
+        match split {
+            Split::Train => 0,
+            Split::Eval => 1,
+        }
+    }
+}
+
+impl Objective for SftObjective {
+    fn len(&self, split: Split) -> usize {
+        self.rows[Self::index(split)].len()
+    }
+
+    fn weight(&self, split: Split, example: usize) -> f64 {
+        let s = Self::index(split);
+        self.rows[s][example].iter().map(|&d| self.documents[s][d].target_count()).sum::<usize>() as f64
+    }
+
+    fn collate(&self, split: Split, examples: &[usize], device: Device) -> Result<Batch> {
+        let s = Self::index(split);
+        let rows: Vec<Vec<&Document>> = examples.iter().map(|&e| self.rows[s][e].iter().map(|&d| &self.documents[s][d]).collect()).collect();
+        Ok(Batch::from_rows(&rows, self.pad_id, self.packed, examples.to_vec(), device))
+    }
+
+    fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, _split: Split) -> Result<(Tensor, Metrics)> {
+        let loss = summed_cross_entropy(&model.logits(hidden), &batch.targets);
+        let metrics = Metrics::from([("loss", loss.double_value(&[]))]);
+        Ok((loss, metrics))
+    }
+}
+
+pub fn run(args: &SftArgs) -> Result<()> {
+    let train_args = &args.train;
+    let device = train_args.device()?;
+    tch::manual_seed(train_args.seed as i64);
+    let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
+    let tokenizer = ChatTokenizer::load(&train_args.model)?;
+    let (train, eval) = read_conversations(&train_args.input, train_args.eval_ratio, train_args.seed)?;
+    let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;
+    let (eval_docs, eval_dropped) = tokenize(&tokenizer, &eval, args.max_length)?;
+    let objective = SftObjective::new(train_docs, eval_docs, args.packing, args.max_length, tokenizer.pad_id);
+    eprintln!(
+        "magpie sft: {} train / {} eval conversations ({} dropped: no assistant token within max_length), {} train rows{}",
+        train.len() - train_dropped,
+        eval.len() - eval_dropped,
+        train_dropped + eval_dropped,
+        objective.len(Split::Train),
+        if args.packing { " packed" } else { "" }
+    );
+    let settings = json!({"max_length": args.max_length, "packing": args.packing});
+    let summary = trainer::train(&objective, &loaded, train_args, &settings)?;
+    let final_loss = summary.last.get("loss").copied().unwrap_or(f64::NAN);
+    let eval_loss = summary.eval.as_ref().and_then(|e| e.get("eval_loss").copied());
+    eprintln!(
+        "magpie sft: {} steps, final loss {final_loss:.4}{}; model in {}",
+        summary.steps,
+        eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+        PathBuf::from(&train_args.output).join("model").display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::model::tests::fixture;
+    use crate::train::model::{hf::ModelDir, AttentionMask};
+    use tch::{nn, Kind};
+
+    #[test]
+    fn best_fit_decreasing_packs_tightly_and_keeps_every_document() {
+        let lengths = [7, 5, 4, 3, 3, 2, 1];
+        let rows = pack(&lengths, 8);
+        let mut all: Vec<usize> = rows.iter().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..7).collect::<Vec<_>>());
+        for row in &rows {
+            assert!(row.iter().map(|&i| lengths[i]).sum::<usize>() <= 8);
+        }
+        // 25 tokens into rows of 8: BFD finds the optimum of 4 rows; the 3s go where they fit best.
+        assert_eq!(rows.len(), 4);
+        assert!(rows.contains(&vec![1, 3]), "{rows:?}");
+    }
+
+    fn tiny_model() -> (nn::VarStore, Llama) {
+        let dir = ModelDir::open(&fixture("tiny-llama")).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Llama::causal_lm(&vs.root(), &dir.config).unwrap();
+        dir.load_into(&vs).unwrap();
+        (vs, model)
+    }
+
+    fn per_token_loss(model: &Llama, batch: &Batch) -> Tensor {
+        let logits = tch::no_grad(|| model.forward(&batch.inputs()));
+        logits.view([-1, 256]).cross_entropy_loss::<Tensor>(&batch.targets.view([-1]), None, tch::Reduction::None, -100, 0.0)
+    }
+
+    #[test]
+    fn a_packed_row_gives_each_document_its_unpacked_loss() {
+        let (_vs, model) = tiny_model();
+        let docs = [
+            Document::from_labels(vec![1, 20, 30, 40, 50, 60], |i| i >= 3),
+            Document::from_labels(vec![1, 70, 80, 90], |i| i >= 2),
+            Document::from_labels(vec![1, 11, 12, 13, 14], |i| i >= 1),
+        ];
+        let packed = Batch::from_rows(&[docs.iter().collect()], 0, true, vec![0], Device::Cpu);
+        let packed_loss = per_token_loss(&model, &packed);
+        let mut at = 0;
+        for doc in &docs {
+            let alone = Batch::from_rows(&[vec![doc]], 0, false, vec![0], Device::Cpu);
+            let want = per_token_loss(&model, &alone).sum(Kind::Float).double_value(&[]);
+            let got = packed_loss.narrow(0, at, doc.ids.len() as i64).sum(Kind::Float).double_value(&[]);
+            assert!((got - want).abs() < 1e-5, "packed {got} vs alone {want}");
+            at += doc.ids.len() as i64;
+        }
+        // Without the document mask the later documents would see the earlier ones.
+        let leaky = Batch { mask: AttentionMask::Causal, ..Batch::from_rows(&[docs.iter().collect()], 0, true, vec![0], Device::Cpu) };
+        let leaky_loss = per_token_loss(&model, &leaky).narrow(0, 6, 4).sum(Kind::Float).double_value(&[]);
+        let second = per_token_loss(&model, &Batch::from_rows(&[vec![&docs[1]]], 0, false, vec![0], Device::Cpu)).sum(Kind::Float).double_value(&[]);
+        assert!((leaky_loss - second).abs() > 1e-4);
+    }
+
+    #[test]
+    fn truncation_keeps_the_start_and_drops_fully_masked_conversations() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::train::convert::convert(&crate::synth::model::test_model(), &dir.path().join("m")).unwrap();
+        let tok = ChatTokenizer::load(&dir.path().join("m")).unwrap();
+        let short = vec![Message::new("user", "Hi"), Message::new("assistant", "Hello there, friend.")];
+        let long_question = vec![Message::new("user", &"word ".repeat(200)), Message::new("assistant", "ok")];
+        let (docs, dropped) = tokenize(&tok, &[short.clone(), long_question], 64).unwrap();
+        assert_eq!((docs.len(), dropped), (1, 1));
+        let full = tok.conversation(&short).unwrap();
+        assert_eq!(docs[0].ids, full.ids[..full.ids.len().min(64)]);
+        let (cut, _) = tokenize(&tok, &[short], full.ids.len() - 2).unwrap();
+        assert_eq!(cut[0].ids, full.ids[..full.ids.len() - 2], "the start is kept");
+    }
+}
