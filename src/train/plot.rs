@@ -40,6 +40,10 @@ pub fn lines(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Resu
                 .map_err(|e| fail(&e))?
                 .label(&s.name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour.stroke_width(2)));
+            // Markers too, so a series of one point (a single evaluation) still shows.
+            chart.draw_series(PointSeries::of_element(s.points.iter().copied(), 3, colour.filled(), &|c, size, style| {
+                EmptyElement::at(c) + Circle::new((0, 0), size, style)
+            })).map_err(|e| fail(&e))?;
         }
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| fail(&e))?;
         root.present().map_err(|e| fail(&e))?;

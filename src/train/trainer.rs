@@ -537,6 +537,112 @@ pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, extra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::model::{load_causal_lm, tests::fixture};
+    use crate::train::sft::SftObjective;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    fn args(output: &Path, extra: &[&str]) -> TrainArgs {
+        let model = fixture("tiny-llama");
+        let base = ["t", "--model", model.to_str().unwrap(), "-i", "unused", "-o", output.to_str().unwrap(), "--device", "cpu"];
+        Cli::parse_from(base.iter().copied().chain(extra.iter().copied())).train
+    }
+
+    /// Twelve short documents over the tiny vocabulary, half of each a target.
+    fn objective() -> SftObjective {
+        let docs = (0..12)
+            .map(|i| Document::from_labels((0..6 + i % 5).map(|t| ((i * 31 + t * 7) % 250 + 1) as i64).collect(), |t| t >= 3))
+            .collect();
+        SftObjective::new(docs, vec![], false, 64, 0)
+    }
+
+    fn metrics(output: &Path) -> Vec<Value> {
+        std::fs::read_to_string(output.join("metrics.jsonl")).unwrap().lines().map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().retain(|k, _| k != "tokens_per_second");
+            v
+        }).collect()
+    }
+
+    fn run(output: &Path, extra: &[&str]) -> Result<Summary> {
+        let a = args(output, extra);
+        let loaded = load_causal_lm(&a.model, Device::Cpu, Kind::Float).unwrap();
+        train(&objective(), &loaded, &a, &json!({}))
+    }
+
+    const SETTINGS: &[&str] = &["--max-steps", "6", "--save-steps", "2", "--per-device-train-batch-size", "2",
+                                "--gradient-accumulation-steps", "2", "--learning-rate", "1e-3", "--warmup-steps", "2",
+                                "--weight-decay", "0.1"];
+
+    #[test]
+    fn a_resumed_run_logs_the_same_losses_as_an_uninterrupted_one() {
+        let whole = tempfile::tempdir().unwrap();
+        run(whole.path(), SETTINGS).unwrap();
+        let want = metrics(whole.path());
+        assert_eq!(want.len(), 6);
+        assert!(want[5]["loss"].as_f64().unwrap() < want[0]["loss"].as_f64().unwrap(), "training lowers the loss");
+
+        // A run killed after step 4's checkpoint: what it wrote after that is lost or stale.
+        let killed = tempfile::tempdir().unwrap();
+        run(killed.path(), SETTINGS).unwrap();
+        std::fs::remove_dir_all(killed.path().join("model")).unwrap();
+        let stale: String = std::fs::read_to_string(killed.path().join("metrics.jsonl")).unwrap().lines().take(5).map(|l| format!("{l}\n")).collect();
+        std::fs::write(killed.path().join("metrics.jsonl"), stale).unwrap();
+        let resumed: Vec<&str> = SETTINGS.iter().copied().chain(["--resume"]).collect();
+        run(killed.path(), &resumed).unwrap();
+        assert_eq!(metrics(killed.path()), want);
+        assert!(killed.path().join("model/model.safetensors").is_file());
+        assert!(killed.path().join("loss.png").is_file());
+    }
+
+    #[test]
+    fn resume_refuses_other_settings_and_missing_checkpoints() {
+        let out = tempfile::tempdir().unwrap();
+        let err = run(out.path(), &["--resume"]).err().unwrap().to_string();
+        assert!(err.contains("no checkpoint"), "{err}");
+        run(out.path(), SETTINGS).unwrap();
+        let mut other: Vec<&str> = SETTINGS.to_vec();
+        other[9] = "5e-4";
+        other.push("--resume");
+        let err = run(out.path(), &other).err().unwrap().to_string();
+        assert!(err.contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn a_diverging_run_stops_on_nan_and_keeps_its_last_checkpoint() {
+        let out = tempfile::tempdir().unwrap();
+        let err = run(out.path(), &["--max-steps", "8", "--save-steps", "1", "--learning-rate", "1e30", "--max-grad-norm", "0"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("loss is NaN") || err.contains("gradient norm"), "{err}");
+        let kept = checkpoint_dirs(out.path());
+        assert!(!kept.is_empty(), "{err}");
+        assert!(err.contains(&format!("checkpoint-{} is kept", kept.last().unwrap().0)), "{err}");
+        assert!(!out.path().join("model").exists(), "no final model from a failed run");
+    }
+
+    #[test]
+    fn gradient_checkpointing_gives_the_same_gradients() {
+        let objective = objective();
+        let batch = objective.collate(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
+        let grads = |checkpointing: bool| {
+            let loaded = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+            forward_backward(&objective, &loaded.model, &batch, 0.1, checkpointing).unwrap();
+            let mut vars: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
+            vars.sort_by(|a, b| a.0.cmp(&b.0));
+            vars.into_iter().map(|(n, t)| (n, t.grad().copy())).collect::<Vec<_>>()
+        };
+        for ((name, a), (_, b)) in grads(false).iter().zip(grads(true)) {
+            let diff = (a - &b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{name}: {diff}");
+        }
+    }
 
     #[test]
     fn epoch_order_is_a_seeded_permutation() {
