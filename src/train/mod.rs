@@ -6,8 +6,11 @@
 //! - `tokenize`: conversations through the model's chat template, assistant tokens marked.
 //! - `trainer`, `optim`, `plot`: the loop SFT and DPO share.
 //! - `sft`: the SFT objective and data (masking, packing).
+//! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
 
 pub mod convert;
+pub mod dpo;
+pub mod examples;
 pub mod model;
 pub mod optim;
 pub mod plot;
@@ -15,28 +18,19 @@ pub mod sft;
 pub mod tokenize;
 pub mod trainer;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 pub use convert::ConvertArgs;
+pub use dpo::DpoArgs;
 pub use sft::SftArgs;
 pub use trainer::TrainArgs;
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct DpoArgs {
-    #[command(flatten)]
-    pub train: TrainArgs,
-
-    /// DPO temperature β.
-    #[arg(long, default_value_t = 0.1)]
-    pub beta: f64,
-}
 
 pub fn sft(args: &SftArgs) -> Result<()> {
     sft::run(args)
 }
 
-pub fn dpo(_args: &DpoArgs) -> Result<()> {
-    bail!("`magpie dpo` is not yet implemented (issue #6)")
+pub fn dpo(args: &DpoArgs) -> Result<()> {
+    dpo::run(args)
 }
 
 pub fn convert(args: &ConvertArgs) -> Result<()> {

@@ -5,7 +5,6 @@
 //! attending only to itself.
 
 use anyhow::{Context, Result};
-use arrow::array::Array;
 use rayon::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -14,8 +13,9 @@ use tch::{Device, Tensor};
 
 use super::model::{load_causal_lm, Llama};
 use super::tokenize::ChatTokenizer;
-use super::trainer::{self, epoch_order, summed_cross_entropy, Batch, Document, Metrics, Objective, Split, TrainArgs};
-use crate::data::{messages::read_turns, Dataset, Message};
+use super::examples::read_rows;
+use super::trainer::{self, summed_cross_entropy, Batch, Document, Metrics, Objective, Split, TrainArgs};
+use crate::data::Message;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SftArgs {
@@ -29,34 +29,6 @@ pub struct SftArgs {
     /// Pack several conversations into each row of `max_length` tokens (best-fit decreasing).
     #[arg(long)]
     pub packing: bool,
-}
-
-/// Training and eval conversations of a dataset: rows whose `split` is test, eval or validation
-/// are eval rows; without a `split` column, a seeded `eval_ratio` share is.
-pub fn read_conversations(inputs: &[String], eval_ratio: f64, seed: u64) -> Result<(Vec<Vec<Message>>, Vec<Vec<Message>>)> {
-    let dataset = Dataset::open(inputs)?;
-    dataset.require(&["messages"])?;
-    let has_split = dataset.schema.column_with_name("split").is_some();
-    let (mut all, mut is_eval) = (vec![], vec![]);
-    for batch in dataset.batches() {
-        let batch = batch?;
-        let turns = read_turns(batch.column_by_name("messages").expect("required").as_ref(), "role", "content");
-        let split = batch.column_by_name("split").and_then(crate::data::messages::as_utf8);
-        for (row, messages) in turns.into_iter().enumerate() {
-            let Some(messages) = messages else { continue };
-            let eval = split.as_ref().is_some_and(|s| s.is_valid(row) && matches!(s.value(row), "test" | "eval" | "validation"));
-            all.push(messages);
-            is_eval.push(eval);
-        }
-    }
-    if !has_split && eval_ratio > 0.0 {
-        let held_out = ((all.len() as f64) * eval_ratio).round() as usize;
-        for &i in epoch_order(all.len(), seed ^ 0xE7A1, 0).iter().take(held_out) {
-            is_eval[i] = true;
-        }
-    }
-    let (eval, train): (Vec<_>, Vec<_>) = all.into_iter().zip(is_eval).partition(|(_, e)| *e);
-    Ok((train.into_iter().map(|(m, _)| m).collect(), eval.into_iter().map(|(m, _)| m).collect()))
 }
 
 /// Tokenises conversations (in parallel, order kept); returns the documents with at least one
@@ -163,7 +135,8 @@ pub fn run(args: &SftArgs) -> Result<()> {
     tch::manual_seed(train_args.seed as i64);
     let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
     let tokenizer = ChatTokenizer::load(&train_args.model)?;
-    let (train, eval) = read_conversations(&train_args.input, train_args.eval_ratio, train_args.seed)?;
+    let [train, eval] = read_rows(&train_args.input, &["messages"], train_args.eval_ratio, train_args.seed)?
+        .map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
     let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;
     let (eval_docs, eval_dropped) = tokenize(&tokenizer, &eval, args.max_length)?;
     let objective = SftObjective::new(train_docs, eval_docs, args.packing, args.max_length, tokenizer.pad_id);

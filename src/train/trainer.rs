@@ -152,7 +152,7 @@ pub struct Batch {
 
 /// One tokenised sequence: ids and, per position, the id it is trained to predict next
 /// (`-100` where there is no loss).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Document {
     pub ids: Vec<i64>,
     pub targets: Vec<i64>,
@@ -218,8 +218,8 @@ pub trait Objective {
     /// An example's share of a step's loss normaliser: target tokens for SFT, 1 for a DPO pair.
     fn weight(&self, split: Split, example: usize) -> f64;
     fn collate(&self, split: Split, examples: &[usize], device: Device) -> Result<Batch>;
-    /// The micro-batch's summed loss (a scalar with grad) and summed metrics, from the policy's
-    /// final hidden states.
+    /// The micro-batch's summed loss (a scalar with grad) and summed metrics, `loss` among them,
+    /// from the policy's final hidden states.
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, split: Split) -> Result<(Tensor, Metrics)>;
     /// Metric names to plot beside the loss (`rewards.png` for DPO).
     fn reward_plot(&self) -> Option<(&'static str, &'static [&'static str])> {
@@ -329,10 +329,9 @@ pub fn evaluate(objective: &dyn Objective, model: &Llama, args: &TrainArgs, devi
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(args.per_device_train_batch_size.max(1)) {
         let batch = objective.collate(Split::Eval, chunk, device)?;
-        let (loss, metrics) = tch::no_grad(|| -> Result<_> {
+        let (_, metrics) = tch::no_grad(|| -> Result<_> {
             objective.loss(model, &model.hidden_states(&batch.inputs()), &batch, Split::Eval)
         })?;
-        *sums.entry("loss").or_default() += loss.double_value(&[]);
         for (k, v) in metrics {
             *sums.entry(k).or_default() += v;
         }

@@ -1,0 +1,542 @@
+//! `magpie dpo`: preference optimisation with TRL's formulas (REFERENCE §5).
+//!
+//! Each pair's prompt is rendered with a generation prompt and each completion is what the full
+//! conversation adds after it. `max_prompt_length` keeps the end of the prompt, then `max_length`
+//! bounds prompt + completion; pairs with nothing of a completion left are dropped and counted.
+//! Chosen and rejected go through one forward pass as a concatenated batch of 2B rows, and a
+//! sequence's log-probability is the sum over its completion tokens.
+//!
+//! The reference model is either a frozen copy held during training, or, with
+//! `precompute_ref_log_probs`, one pass over the data before training whose results are cached
+//! beside the data (keyed by the tokenised pairs and the reference weights), so that no reference
+//! model is held while training.
+
+use anyhow::{bail, Context, Result};
+use arrow::array::{Float64Array, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema};
+use serde_json::json;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+use super::examples::read_rows;
+use super::model::{load_causal_lm, Llama, Loaded};
+use super::tokenize::ChatTokenizer;
+use super::trainer::{self, Batch, Document, Metrics, Objective, Split, TrainArgs};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossType {
+    Sigmoid,
+    Ipo,
+    Hinge,
+    Robust,
+    /// Reference-free SimPO: length-normalised log-probs and a target margin `simpo_gamma`.
+    Simpo,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DpoArgs {
+    #[command(flatten)]
+    pub train: TrainArgs,
+
+    /// β: how far the policy may move from the reference.
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+
+    #[arg(long, value_enum, default_value_t = LossType::Sigmoid)]
+    pub loss_type: LossType,
+
+    /// ε: the assumed share of flipped preference labels (sigmoid and robust losses).
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f64,
+
+    /// SimPO's target reward margin γ (the logits subtract γ/β).
+    #[arg(long, default_value_t = 0.5)]
+    pub simpo_gamma: f64,
+
+    /// Bound on prompt + completion tokens.
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+
+    /// Prompts longer than this keep their last tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_prompt_length: usize,
+
+    /// Reference model directory (default: the --model being trained, before training).
+    #[arg(long)]
+    pub ref_model: Option<PathBuf>,
+
+    /// Compute reference log-probs once before training and cache them beside the data, instead
+    /// of holding a reference model.
+    #[arg(long)]
+    pub precompute_ref_log_probs: bool,
+}
+
+/// The loss's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct LossConfig {
+    pub loss_type: LossType,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    pub simpo_gamma: f64,
+}
+
+/// Per-pair sequence statistics of a concatenated batch: summed completion log-probs, completion
+/// token counts, and summed raw logits over completion tokens (for `logits/*`).
+pub struct SequenceStats {
+    pub logps: Tensor,
+    pub tokens: Tensor,
+    pub logit_sums: Tensor,
+}
+
+/// Summed log-probs of each row's targets (`-100` masked), as TRL's `selective_log_softmax`.
+pub fn sequence_stats(logits: &Tensor, targets: &Tensor) -> SequenceStats {
+    let logits = logits.to_kind(Kind::Float);
+    let mask = targets.ne(-100);
+    let safe = targets.where_scalarother(&mask, 0);
+    let token_logps = logits.log_softmax(-1, Kind::Float).gather(-1, &safe.unsqueeze(-1), false).squeeze_dim(-1);
+    let maskf = mask.to_kind(Kind::Float);
+    let logit_sums = tch::no_grad(|| (logits.mean_dim(-1, false, Kind::Float) * &maskf).sum_dim_intlist(-1, false, Kind::Float));
+    SequenceStats {
+        logps: (token_logps * &maskf).sum_dim_intlist(-1, false, Kind::Float),
+        tokens: maskf.sum_dim_intlist(-1, false, Kind::Float),
+        logit_sums,
+    }
+}
+
+/// Per-pair losses and rewards, exactly REFERENCE §5's table. Inputs are `[pairs]` summed
+/// log-probs (policy, reference) and completion lengths.
+pub struct PairLosses {
+    pub losses: Tensor,
+    pub chosen_rewards: Tensor,
+    pub rejected_rewards: Tensor,
+}
+
+pub fn pair_losses(c: &LossConfig, policy: (&Tensor, &Tensor), reference: (&Tensor, &Tensor), lengths: (&Tensor, &Tensor)) -> PairLosses {
+    let (beta, eps) = (c.beta, c.label_smoothing);
+    let sigmoid_loss = |logits: &Tensor| -> Tensor {
+        -(logits * beta).log_sigmoid() * (1.0 - eps) - (-(logits * beta)).log_sigmoid() * eps
+    };
+    match c.loss_type {
+        LossType::Simpo => {
+            let (lc, lr) = (policy.0 / lengths.0, policy.1 / lengths.1);
+            let logits = &lc - &lr - c.simpo_gamma / beta;
+            PairLosses { losses: sigmoid_loss(&logits), chosen_rewards: (lc * beta).detach(), rejected_rewards: (lr * beta).detach() }
+        }
+        LossType::Ipo => {
+            // IPO works on length-normalised log-ratios, and so do its rewards.
+            let ratio_c = (policy.0 - reference.0) / lengths.0;
+            let ratio_r = (policy.1 - reference.1) / lengths.1;
+            let losses = (&ratio_c - &ratio_r - 1.0 / (2.0 * beta)).square();
+            PairLosses { losses, chosen_rewards: (ratio_c * beta).detach(), rejected_rewards: (ratio_r * beta).detach() }
+        }
+        other => {
+            let (ratio_c, ratio_r) = (policy.0 - reference.0, policy.1 - reference.1);
+            let delta = &ratio_c - &ratio_r;
+            let losses = match other {
+                LossType::Sigmoid => sigmoid_loss(&delta),
+                LossType::Hinge => (-(&delta * beta) + 1.0).relu(),
+                LossType::Robust => {
+                    (-(&delta * beta).log_sigmoid() * (1.0 - eps) + (-(&delta * beta)).log_sigmoid() * eps) / (1.0 - 2.0 * eps)
+                }
+                LossType::Ipo | LossType::Simpo => unreachable!(),
+            };
+            PairLosses { losses, chosen_rewards: (ratio_c * beta).detach(), rejected_rewards: (ratio_r * beta).detach() }
+        }
+    }
+}
+
+/// One preference pair, tokenised.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Pair {
+    pub chosen: Document,
+    pub rejected: Document,
+}
+
+/// Tokenises `(prompt, chosen, rejected)` rows with TRL's truncation; returns the pairs and how
+/// many were dropped because nothing of a completion was left.
+pub fn tokenize_pairs(tokenizer: &ChatTokenizer, rows: &[Vec<Vec<crate::data::Message>>], max_length: usize, max_prompt_length: usize) -> Result<(Vec<Pair>, usize)> {
+    use rayon::prelude::*;
+    let pairs: Vec<Option<Pair>> = rows
+        .par_iter()
+        .enumerate()
+        .map(|(row, columns)| {
+            let [prompt, chosen, rejected] = &columns[..] else { unreachable!("three columns requested") };
+            let mut sides = vec![];
+            for completion in [chosen, rejected] {
+                let (mut p, c) = tokenizer.prompt_and_completion(prompt, completion).with_context(|| format!("pair {row}"))?;
+                if p.len() > max_prompt_length {
+                    p.drain(..p.len() - max_prompt_length);
+                }
+                let prompt_len = p.len();
+                let mut ids = p;
+                ids.extend(c);
+                ids.truncate(max_length);
+                if ids.len() <= prompt_len {
+                    return Ok(None);
+                }
+                sides.push(Document::from_labels(ids, |i| i >= prompt_len));
+            }
+            let rejected = sides.pop().expect("two sides");
+            Ok(Some(Pair { chosen: sides.pop().expect("two sides"), rejected }))
+        })
+        .collect::<Result<_>>()?;
+    let dropped = pairs.iter().filter(|p| p.is_none()).count();
+    Ok((pairs.into_iter().flatten().collect(), dropped))
+}
+
+/// Where reference log-probs come from.
+pub enum Reference {
+    /// A frozen model run on each batch.
+    Live(Loaded),
+    /// `[chosen, rejected]` summed log-probs per pair, per split.
+    Precomputed([Vec<[f64; 2]>; 2]),
+    /// SimPO needs none.
+    None,
+}
+
+pub struct DpoObjective {
+    pub pairs: [Vec<Pair>; 2],
+    pub reference: Reference,
+    pub loss: LossConfig,
+    pub pad_id: i64,
+}
+
+fn side(split: Split) -> usize {
+    match split {
+        Split::Train => 0,
+        Split::Eval => 1,
+    }
+}
+
+impl DpoObjective {
+    /// Reference log-probs `[chosen], [rejected]` for a batch.
+    fn reference_logps(&self, batch: &Batch, split: Split) -> Result<(Tensor, Tensor)> {
+        let n = batch.examples.len() as i64;
+        let device = batch.ids.device();
+        match &self.reference {
+            Reference::Live(reference) => {
+                let stats = tch::no_grad(|| sequence_stats(&reference.model.forward(&batch.inputs()), &batch.targets));
+                Ok((stats.logps.narrow(0, 0, n), stats.logps.narrow(0, n, n)))
+            }
+            Reference::Precomputed(cached) => {
+                let rows: Vec<[f64; 2]> = batch.examples.iter().map(|&e| cached[side(split)][e]).collect();
+                let column = |k: usize| Tensor::from_slice(&rows.iter().map(|r| r[k] as f32).collect::<Vec<_>>()).to_device(device);
+                Ok((column(0), column(1)))
+            }
+            Reference::None => Ok((Tensor::zeros([n], (Kind::Float, device)), Tensor::zeros([n], (Kind::Float, device)))),
+        }
+    }
+}
+
+impl Objective for DpoObjective {
+    fn len(&self, split: Split) -> usize {
+        self.pairs[side(split)].len()
+    }
+
+    fn weight(&self, _split: Split, _example: usize) -> f64 {
+        1.0
+    }
+
+    fn collate(&self, split: Split, examples: &[usize], device: Device) -> Result<Batch> {
+        let pairs = &self.pairs[side(split)];
+        let rows: Vec<Vec<&Document>> = examples
+            .iter()
+            .map(|&e| vec![&pairs[e].chosen])
+            .chain(examples.iter().map(|&e| vec![&pairs[e].rejected]))
+            .collect();
+        Ok(Batch::from_rows(&rows, self.pad_id, false, examples.to_vec(), device))
+    }
+
+    fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, split: Split) -> Result<(Tensor, Metrics)> {
+        let n = batch.examples.len() as i64;
+        let stats = sequence_stats(&model.logits(hidden), &batch.targets);
+        let (ref_c, ref_r) = self.reference_logps(batch, split)?;
+        let half = |t: &Tensor, k: i64| t.narrow(0, k * n, n);
+        let (logp_c, logp_r) = (half(&stats.logps, 0), half(&stats.logps, 1));
+        let (len_c, len_r) = (half(&stats.tokens, 0), half(&stats.tokens, 1));
+        let out = pair_losses(&self.loss, (&logp_c, &logp_r), (&ref_c, &ref_r), (&len_c, &len_r));
+        let sum = |t: &Tensor| t.sum(Kind::Float).double_value(&[]);
+        let nf = n as f64;
+        // logits/* are TRL's batch means over all completion tokens (and vocab), per pair here.
+        let mean_logits = |k: i64| sum(&half(&stats.logit_sums, k)) / sum(&half(&stats.tokens, k)).max(1.0) * nf;
+        let metrics = Metrics::from([
+            ("loss", sum(&out.losses)),
+            ("rewards/chosen", sum(&out.chosen_rewards)),
+            ("rewards/rejected", sum(&out.rejected_rewards)),
+            ("rewards/accuracies", sum(&out.chosen_rewards.gt_tensor(&out.rejected_rewards).to_kind(Kind::Float))),
+            ("rewards/margins", sum(&(&out.chosen_rewards - &out.rejected_rewards))),
+            ("logps/chosen", sum(&logp_c.detach())),
+            ("logps/rejected", sum(&logp_r.detach())),
+            ("logits/chosen", mean_logits(0)),
+            ("logits/rejected", mean_logits(1)),
+        ]);
+        Ok((out.losses.sum(Kind::Float), metrics))
+    }
+
+    fn reward_plot(&self) -> Option<(&'static str, &'static [&'static str])> {
+        Some(("rewards.png", &["rewards/accuracies", "rewards/margins"]))
+    }
+}
+
+/// Runs `reference` over every pair of both splits, under no grad.
+fn compute_reference(objective: &DpoObjective, reference: &Llama, batch_size: usize, device: Device) -> Result<[Vec<[f64; 2]>; 2]> {
+    let mut out = [vec![], vec![]];
+    for split in [Split::Train, Split::Eval] {
+        let indices: Vec<usize> = (0..objective.len(split)).collect();
+        for chunk in indices.chunks(batch_size.max(1)) {
+            let batch = objective.collate(split, chunk, device)?;
+            let logps = tch::no_grad(|| sequence_stats(&reference.forward(&batch.inputs()), &batch.targets).logps);
+            let values: Vec<f32> = logps.to_device(Device::Cpu).try_into()?;
+            let n = chunk.len();
+            out[side(split)].extend((0..n).map(|i| [values[i] as f64, values[n + i] as f64]));
+        }
+    }
+    Ok(out)
+}
+
+/// A key for the cache: the tokenised pairs of both splits and the reference weights' bytes.
+fn cache_key(pairs: &[Vec<Pair>; 2], reference_dir: &super::model::ModelDir) -> Result<String> {
+    use std::hash::Hash;
+    let mut hasher = twox_hash::XxHash64::with_seed(0);
+    pairs.hash(&mut hasher);
+    for file in reference_dir.weight_files()? {
+        let handle = std::fs::File::open(&file)?;
+        // SAFETY: read-only mapping, hashed and dropped.
+        let bytes = unsafe { memmap2::Mmap::map(&handle) }?;
+        hasher.write(&bytes);
+    }
+    Ok(format!("{:016x}", hasher.finish()))
+}
+
+/// The cache file beside the first input: `<input>.ref-logps-<key>.parquet`.
+fn cache_path(input: &str, key: &str) -> PathBuf {
+    let first = crate::data::read::resolve(input).ok().and_then(|f| f.into_iter().next()).unwrap_or_else(|| PathBuf::from(input));
+    let name = first.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    first.with_file_name(format!(".{name}.ref-logps-{key}.parquet"))
+}
+
+fn write_cache(path: &Path, values: &[Vec<[f64; 2]>; 2]) -> Result<()> {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("split", DataType::Float64, false),
+        Field::new("ref_chosen_logps", DataType::Float64, false),
+        Field::new("ref_rejected_logps", DataType::Float64, false),
+    ]));
+    let rows: Vec<(f64, [f64; 2])> = values.iter().enumerate().flat_map(|(s, v)| v.iter().map(move |r| (s as f64, *r))).collect();
+    let column = |f: &dyn Fn(&(f64, [f64; 2])) -> f64| Arc::new(Float64Array::from(rows.iter().map(f).collect::<Vec<_>>())) as _;
+    let batch = RecordBatch::try_new(schema.clone(), vec![column(&|r| r.0), column(&|r| r.1[0]), column(&|r| r.1[1])])?;
+    let mut writer = crate::data::DatasetWriter::create(path, schema)?;
+    writer.write(&batch)?;
+    writer.finish()?;
+    Ok(())
+}
+
+fn read_cache(path: &Path) -> Result<[Vec<[f64; 2]>; 2]> {
+    let dataset = crate::data::Dataset::open(&[path.display().to_string()])?;
+    let mut out = [vec![], vec![]];
+    for batch in dataset.batches() {
+        let batch = batch?;
+        let column = |name: &str| -> Result<Float64Array> {
+            let array = batch.column_by_name(name).with_context(|| format!("{}: column `{name}` is missing", path.display()))?;
+            Ok(array.as_any().downcast_ref::<Float64Array>().with_context(|| format!("{}: column `{name}` is not float64", path.display()))?.clone())
+        };
+        let (split, c, r) = (column("split")?, column("ref_chosen_logps")?, column("ref_rejected_logps")?);
+        for i in 0..batch.num_rows() {
+            out[split.value(i) as usize].push([c.value(i), r.value(i)]);
+        }
+    }
+    Ok(out)
+}
+
+/// Reference log-probs from the cache beside the data, or computed now and cached.
+fn precomputed_reference(objective: &DpoObjective, args: &DpoArgs, reference_dir: &Path, device: Device) -> Result<[Vec<[f64; 2]>; 2]> {
+    let dir = super::model::ModelDir::open(reference_dir)?;
+    let path = cache_path(&args.train.input[0], &cache_key(&objective.pairs, &dir)?);
+    if path.is_file() {
+        let cached = read_cache(&path)?;
+        if cached[0].len() == objective.pairs[0].len() && cached[1].len() == objective.pairs[1].len() {
+            eprintln!("magpie dpo: reference log-probs from {}", path.display());
+            return Ok(cached);
+        }
+    }
+    let reference = load_causal_lm(reference_dir, device, args.train.kind())?;
+    let values = compute_reference(objective, &reference.model, args.train.per_device_train_batch_size, device)?;
+    write_cache(&path, &values)?;
+    eprintln!("magpie dpo: reference log-probs computed and cached in {}", path.display());
+    Ok(values)
+}
+
+pub fn run(args: &DpoArgs) -> Result<()> {
+    let train_args = &args.train;
+    if args.label_smoothing < 0.0 || args.label_smoothing >= 0.5 {
+        bail!("--label-smoothing {}: expected 0 <= ε < 0.5", args.label_smoothing);
+    }
+    let device = train_args.device()?;
+    tch::manual_seed(train_args.seed as i64);
+    let tokenizer = ChatTokenizer::load(&train_args.model)?;
+    let [train, eval] = read_rows(&train_args.input, &["prompt", "chosen", "rejected"], train_args.eval_ratio, train_args.seed)?;
+    let (train_pairs, train_dropped) = tokenize_pairs(&tokenizer, &train, args.max_length, args.max_prompt_length)?;
+    let (eval_pairs, eval_dropped) = tokenize_pairs(&tokenizer, &eval, args.max_length, args.max_prompt_length)?;
+    eprintln!(
+        "magpie dpo: {} train / {} eval pairs ({} dropped: no completion token within max_length)",
+        train_pairs.len(),
+        eval_pairs.len(),
+        train_dropped + eval_dropped
+    );
+    let loss = LossConfig { loss_type: args.loss_type, beta: args.beta, label_smoothing: args.label_smoothing, simpo_gamma: args.simpo_gamma };
+    let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
+    let reference_dir = args.ref_model.clone().unwrap_or_else(|| train_args.model.clone());
+    objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
+        (LossType::Simpo, _) => Reference::None,
+        (_, true) => Reference::Precomputed(precomputed_reference(&objective, args, &reference_dir, device)?),
+        (_, false) => {
+            let mut reference = load_causal_lm(&reference_dir, device, train_args.kind())?;
+            reference.vs.freeze();
+            Reference::Live(reference)
+        }
+    };
+    let policy = load_causal_lm(&train_args.model, device, train_args.kind())?;
+    let settings = json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
+                          "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
+                          "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs});
+    let summary = trainer::train(&objective, &policy, train_args, &settings)?;
+    let show = |m: &std::collections::BTreeMap<String, f64>, prefix: &str| {
+        ["loss", "rewards/accuracies", "rewards/margins"]
+            .iter()
+            .filter_map(|k| m.get(&format!("{prefix}{k}")).map(|v| format!("{prefix}{k} {v:.4}")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    eprintln!("magpie dpo: {} steps; last step: {}", summary.steps, show(&summary.last, ""));
+    if let Some(eval) = &summary.eval {
+        eprintln!("magpie dpo: eval: {}", show(eval, "eval_"));
+    }
+    eprintln!("magpie dpo: model in {}", train_args.output.join("model").display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Message;
+    use crate::train::model::tests::fixture;
+    use tch::Kind;
+
+    fn config(loss_type: LossType, beta: f64, label_smoothing: f64) -> LossConfig {
+        LossConfig { loss_type, beta, label_smoothing, simpo_gamma: 0.5 }
+    }
+
+    fn scalar(t: &Tensor) -> f64 {
+        t.double_value(&[0])
+    }
+
+    #[test]
+    fn each_loss_matches_hand_computed_values() {
+        // Policy log-probs (-10, -12), reference (-11, -11), lengths (5, 4): Δ = 2; β = 0.5, ε = 0.2.
+        let t = |v: f32| Tensor::from_slice(&[v]);
+        let (pc, pr, rc, rr, lc, lr) = (t(-10.), t(-12.), t(-11.), t(-11.), t(5.), t(4.));
+        let loss = |kind| scalar(&pair_losses(&config(kind, 0.5, 0.2), (&pc, &pr), (&rc, &rr), (&lc, &lr)).losses);
+        let (ls1, lsm1) = (-0.313_261_687_518_222_8, -1.313_261_687_518_222_8); // log σ(1), log σ(-1)
+        assert!((loss(LossType::Sigmoid) - (-0.8 * ls1 - 0.2 * lsm1)).abs() < 1e-6);
+        assert!(loss(LossType::Hinge).abs() < 1e-6, "relu(1 - βΔ) = 0");
+        assert!((loss(LossType::Robust) - (-0.8 * ls1 + 0.2 * lsm1) / 0.6).abs() < 1e-6);
+        // IPO: (1/5 - (-1/4) - 1/(2β))² = (0.45 - 1)².
+        assert!((loss(LossType::Ipo) - 0.3025).abs() < 1e-6);
+        // SimPO: mean logps -2 and -3, logits 1 - γ/β = 0, so loss = ln 2 whatever ε.
+        assert!((loss(LossType::Simpo) - std::f64::consts::LN_2).abs() < 1e-6);
+        let out = pair_losses(&config(LossType::Sigmoid, 0.5, 0.0), (&pc, &pr), (&rc, &rr), (&lc, &lr));
+        assert!((scalar(&out.chosen_rewards) - 0.5).abs() < 1e-6 && (scalar(&out.rejected_rewards) + 0.5).abs() < 1e-6);
+    }
+
+    fn fixture_objective(loss_type: LossType, label_smoothing: f64, reference: Reference) -> (DpoObjective, serde_json::Value) {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture("dpo-reference.json")).unwrap()).unwrap();
+        let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect::<Vec<i64>>();
+        let pairs = json["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let prompt = ids(&p["prompt"]);
+                let side = |c: &serde_json::Value| Document::from_labels([prompt.clone(), ids(c)].concat(), |i| i >= prompt.len());
+                Pair { chosen: side(&p["chosen"]), rejected: side(&p["rejected"]) }
+            })
+            .collect();
+        let loss = LossConfig { loss_type, beta: json["beta"].as_f64().unwrap(), label_smoothing, simpo_gamma: json["simpo_gamma"].as_f64().unwrap() };
+        (DpoObjective { pairs: [pairs, vec![]], reference, loss, pad_id: 0 }, json)
+    }
+
+    fn metrics_of(objective: &DpoObjective) -> Metrics {
+        let policy = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        let batch = objective.collate(Split::Train, &[0, 1], Device::Cpu).unwrap();
+        let hidden = tch::no_grad(|| policy.model.hidden_states(&batch.inputs()));
+        objective.loss(&policy.model, &hidden, &batch, Split::Train).unwrap().1
+    }
+
+    fn live_reference() -> Reference {
+        Reference::Live(load_causal_lm(&fixture("tiny-qwen2"), Device::Cpu, Kind::Float).unwrap())
+    }
+
+    #[test]
+    fn loss_and_metrics_equal_the_pytorch_formulas_for_every_loss_type() {
+        for (name, loss_type) in [("sigmoid", LossType::Sigmoid), ("ipo", LossType::Ipo), ("hinge", LossType::Hinge), ("robust", LossType::Robust), ("simpo", LossType::Simpo)] {
+            let (_, json) = fixture_objective(loss_type, 0.0, Reference::None);
+            let want = &json["results"][name];
+            let reference = if loss_type == LossType::Simpo { Reference::None } else { live_reference() };
+            let (objective, _) = fixture_objective(loss_type, want["label_smoothing"].as_f64().unwrap(), reference);
+            let got = metrics_of(&objective);
+            for (key, value) in want.as_object().unwrap() {
+                if key == "label_smoothing" {
+                    continue;
+                }
+                let (got, want) = (got[key.as_str()] / 2.0, value.as_f64().unwrap());
+                assert!((got - want).abs() <= 1e-5 * want.abs() + 1e-7, "{name} {key}: ours {got}, PyTorch {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn precomputed_reference_log_probs_give_the_live_reference_results_and_are_cached() {
+        let (live, _) = fixture_objective(LossType::Sigmoid, 0.0, live_reference());
+        let Reference::Live(reference) = &live.reference else { unreachable!() };
+        let values = compute_reference(&live, &reference.model, 1, Device::Cpu).unwrap();
+        let (precomputed, _) = fixture_objective(LossType::Sigmoid, 0.0, Reference::Precomputed(values.clone()));
+        let (a, b) = (metrics_of(&live), metrics_of(&precomputed));
+        for (key, value) in &a {
+            assert!((value - b[key]).abs() <= 1e-5 * value.abs() + 1e-6, "{key}: {value} vs {}", b[key]);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(".cache.parquet");
+        write_cache(&path, &values).unwrap();
+        assert_eq!(read_cache(&path).unwrap(), values);
+        let key = cache_key(&live.pairs, &crate::train::model::ModelDir::open(&fixture("tiny-qwen2")).unwrap()).unwrap();
+        let other = cache_key(&live.pairs, &crate::train::model::ModelDir::open(&fixture("tiny-llama")).unwrap()).unwrap();
+        assert_ne!(key, other, "the cache is keyed by the reference weights");
+    }
+
+    #[test]
+    fn prompts_keep_their_end_and_pairs_without_completion_tokens_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::train::convert::convert(&crate::synth::model::test_model(), &dir.path().join("m")).unwrap();
+        let tok = ChatTokenizer::load(&dir.path().join("m")).unwrap();
+        let row = |question: &str| {
+            vec![vec![Message::new("user", question)], vec![Message::new("assistant", "Yes, certainly.")], vec![Message::new("assistant", "No.")]]
+        };
+        let (pairs, dropped) = tokenize_pairs(&tok, &[row("Short?")], 1024, 512).unwrap();
+        assert_eq!((pairs.len(), dropped), (1, 0));
+        let (prompt, _) = tok.prompt_and_completion(&row("Short?")[0], &row("Short?")[1]).unwrap();
+        let pair = &pairs[0];
+        assert_eq!(pair.chosen.ids[..prompt.len()], prompt[..]);
+        assert_eq!(pair.chosen.target_count(), pair.chosen.ids.len() - prompt.len(), "every completion token is a target");
+        // A long prompt keeps its last 20 tokens (so the generation prompt survives).
+        let long = row(&"many words ".repeat(50));
+        let (long_prompt, _) = tok.prompt_and_completion(&long[0], &long[1]).unwrap();
+        let (cut, _) = tokenize_pairs(&tok, &[long], 1024, 20).unwrap();
+        assert_eq!(cut[0].chosen.ids.len() - cut[0].chosen.target_count(), 20);
+        assert_eq!(cut[0].chosen.ids[..20], long_prompt[long_prompt.len() - 20..]);
+        // max_length below the prompt leaves no completion: dropped and counted.
+        let (none, dropped) = tokenize_pairs(&tok, &[row("Short?")], prompt.len(), 512).unwrap();
+        assert_eq!((none.len(), dropped), (0, 1));
+    }
+}
