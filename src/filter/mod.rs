@@ -10,7 +10,8 @@
 //! - `judge_tags`: Magpie's unitag quality, difficulty and category tags from a judge model;
 //! - `safety_tag`: a Llama-Guard-style verdict into `llama_guard_2`.
 //!
-//! Reward scores are not built yet (issue #4): asking for them is an error, not a silent no-op.
+//! - `reward_scores`: `instruct_reward` from a sequence-classification reward model, and with
+//!   `responses`, `rewards` and the `prompt`/`chosen`/`rejected` pair (`reward`).
 //!
 //! Every run writes a JSON report beside the output: rows in and out per step, why rows were
 //! dropped, and the distributions of the tag columns in the output.
@@ -20,6 +21,7 @@ pub mod exact;
 pub mod heuristics;
 pub mod judge;
 pub mod minhash;
+pub mod reward;
 pub mod safety;
 pub mod select;
 pub mod semantic;
@@ -82,6 +84,12 @@ fn two_fifty_six() -> usize {
 fn thirty_two() -> usize {
     32
 }
+fn eight() -> usize {
+    8
+}
+fn two_thousand_forty_eight() -> usize {
+    2048
+}
 fn all_tags() -> Vec<judge::Tag> {
     vec![judge::Tag::Quality, judge::Tag::Difficulty, judge::Tag::Category]
 }
@@ -127,7 +135,14 @@ pub enum StepConfig {
         #[serde(default = "thirty_two")]
         batch_size: usize,
     },
-    RewardScores {},
+    RewardScores {
+        /// A Hugging Face LlamaForSequenceClassification directory (safetensors, `score` head).
+        reward_model: PathBuf,
+        #[serde(default = "two_thousand_forty_eight")]
+        max_length: usize,
+        #[serde(default = "eight")]
+        batch_size: usize,
+    },
     SafetyTag {
         /// Llama-Guard-style model (its own chat template is used when it has one); default: the
         /// embedded SmolLM2.
@@ -160,7 +175,9 @@ impl StepConfig {
                 let model = model.unwrap_or_else(|| crate::synth::model::magpie_home().join(embed::DEFAULT_MODEL_DIR));
                 Box::new(semantic::SemanticDedup::new(&model, k, drop)?)
             }
-            other => bail!("filter step {other:?} is not implemented yet (issue #4)"),
+            StepConfig::RewardScores { reward_model, max_length, batch_size } => {
+                Box::new(reward::RewardScores::new(&reward_model, max_length, batch_size)?)
+            }
         })
     }
 }
@@ -351,10 +368,13 @@ mod tests {
     }
 
     #[test]
-    fn unknown_step_keys_and_unbuilt_steps_are_errors() {
+    fn unknown_step_keys_and_missing_reward_models_are_errors() {
         let error = parse_steps(r#"[{"step": "minhash_dedup", "treshold": 0.7}]"#).unwrap_err();
         assert!(error.contains("unknown field `treshold`"), "{error}");
-        let error = parse_steps(r#"[{"step": "reward_scores"}]"#).unwrap().remove(0).build().err().unwrap().to_string();
-        assert!(error.contains("not implemented yet"), "{error}");
+        let error = parse_steps(r#"[{"step": "reward_scores"}]"#).unwrap_err();
+        assert!(error.contains("missing field `reward_model`"), "{error}");
+        let steps = parse_steps(r#"[{"step": "reward_scores", "reward_model": "/nonexistent/rm"}]"#).unwrap();
+        let error = format!("{:#}", steps.into_iter().next().unwrap().build().err().unwrap());
+        assert!(error.contains("/nonexistent/rm"), "{error}");
     }
 }

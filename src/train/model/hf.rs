@@ -179,9 +179,10 @@ pub fn write_model_files(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Resu
     let config = saved_config(&base.raw_config, &base.config, kind);
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
     for file in TOKENIZER_FILES {
-        let source = base.dir.join(file);
-        if source.is_file() {
-            std::fs::copy(&source, dir.join(file)).with_context(|| format!("{}: cannot copy", source.display()))?;
+        let (source, target) = (base.dir.join(file), dir.join(file));
+        // Copying a file onto itself would truncate it.
+        if source.is_file() && source.canonicalize().ok() != target.canonicalize().ok() {
+            std::fs::copy(&source, &target).with_context(|| format!("{}: cannot copy", source.display()))?;
         }
     }
     Ok(())

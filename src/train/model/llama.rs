@@ -385,8 +385,6 @@ impl Llama {
     /// Reward scores `[batch, num_labels]`, read at each row's last token whose id is not
     /// `pad_token_id` (right padding), as transformers does.
     pub fn scores(&self, inputs: &Inputs) -> Tensor {
-        let Head::Score(score) = &self.head else { panic!("not a sequence classifier") };
-        let hidden = self.hidden_states(inputs);
         let (b, t) = inputs.ids.size2().unwrap();
         let last = match self.config.pad_token_id {
             Some(pad) => {
@@ -395,8 +393,15 @@ impl Llama {
             }
             None => Tensor::full([b], t - 1, (Kind::Int64, inputs.ids.device())),
         };
-        let rows = Tensor::arange(b, (Kind::Int64, inputs.ids.device()));
-        let picked = hidden.index(&[Some(rows), Some(last)]);
+        self.scores_at(inputs, &last)
+    }
+
+    /// Reward scores `[batch, num_labels]` read at position `last[row]` of each row.
+    pub fn scores_at(&self, inputs: &Inputs, last: &Tensor) -> Tensor {
+        let Head::Score(score) = &self.head else { panic!("not a sequence classifier") };
+        let hidden = self.hidden_states(inputs);
+        let rows = Tensor::arange(last.size()[0], (Kind::Int64, inputs.ids.device()));
+        let picked = hidden.index(&[Some(rows), Some(last.shallow_clone())]);
         picked.linear::<Tensor>(score, None)
     }
 }
