@@ -1,16 +1,29 @@
 #!/usr/bin/env bash
-# Set-up, then the main job on the embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
-# Each stage issue extends this. Today:
-#   1. synth: tens of two-turn conversations with two sampled responses each
+# The whole Magpie pipeline on the embedded model (SmolLM2-135M-Instruct, Q4_1 GGUF), after set-up:
+#   1. synth: two-turn conversations with three sampled responses each
 #      (recipes/magpie-smollm2-demo.yaml); rerunning resumes from out/demo/synth;
-#   2. filter: exact + MinHash dedup, heuristic tags, selection and a test split
-#      (recipes/smollm2-demo-filter.yaml), with its report;
-#   3. inspect the result.
+#   2. convert: the GGUF to a Hugging Face directory (the SFT base), and the same model as a
+#      judge reward model (score = logit(Yes) - logit(No), `--judge-reward-head`);
+#   3. filter: exact + MinHash + semantic dedup, heuristics, reward scores and preference pairs,
+#      selection and a test split (recipes/smollm2-demo-filter.yaml), with its report;
+#   4. sft on the filtered conversations (recipes/smollm2-135m-sft-demo.yaml), then a few
+#      responses from the trained checkpoint through `magpie synth --model <ckpt>` (mistralrs);
+#   5. dpo of the SFT model on the pairs (recipes/smollm2-135m-dpo-demo.yaml);
+#   6. a summary table: rows per stage and the DPO eval metrics; plots in out/demo/{sft,dpo}.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MAGPIE_ROOT"
 scripts/setup.sh
+started=$(date +%s)
 mkdir -p out/demo
 "$MAGPIE_BIN" synth --recipe recipes/magpie-smollm2-demo.yaml -o out/demo/synth
+"$MAGPIE_BIN" convert -o out/demo/smollm2-hf
+"$MAGPIE_BIN" convert --judge-reward-head -o out/demo/judge-rm
 "$MAGPIE_BIN" filter --recipe recipes/smollm2-demo-filter.yaml -i out/demo/synth -o out/demo/filtered
-"$MAGPIE_BIN" inspect out/demo/filtered --samples 3
+"$MAGPIE_BIN" inspect out/demo/filtered --samples 1
+"$MAGPIE_BIN" sft --recipe recipes/smollm2-135m-sft-demo.yaml
+rm -rf out/demo/synth-sft
+"$MAGPIE_BIN" synth --model out/demo/sft/model --num 4 --max-tokens 48 --response-max-tokens 64 -o out/demo/synth-sft
+"$MAGPIE_BIN" inspect out/demo/synth-sft --samples 2
+"$MAGPIE_BIN" dpo --recipe recipes/smollm2-135m-dpo-demo.yaml
+"$VIRTUAL_ENV/bin/python" scripts/demo_summary.py out/demo "$(( $(date +%s) - started ))"

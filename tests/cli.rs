@@ -70,13 +70,77 @@ fn recipe_values_are_checked_by_the_flag_parser_and_overridden_by_the_command_li
     assert!(stderr(&output).contains("--output is required"), "{}", stderr(&output));
 }
 
+// ---- training on tiny fixtures and the converted SmolLM2 ----
+
+/// The embedded SmolLM2 converted to a Hugging Face directory under `dir`.
+fn converted_smollm2(dir: &Path) -> PathBuf {
+    let out = dir.join("smollm2");
+    let output = magpie(&["convert", "-o", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    out
+}
+
 #[test]
-fn stages_not_built_yet_fail_clearly() {
-    for stage in ["sft", "dpo", "convert"] {
-        let output = magpie(&[stage]);
-        assert_eq!(output.status.code(), Some(1), "{stage}");
-        assert!(stderr(&output).contains("not yet implemented"), "{stage}: {}", stderr(&output));
+fn sft_and_dpo_refuse_bad_input_naming_file_and_column_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = converted_smollm2(dir.path());
+    let out = dir.path().join("run");
+    let released = fixture("magpie-released.parquet");
+    // No messages at all in a preference file: SFT names the file and the column.
+    let output = magpie(&["sft", "--model", model.to_str().unwrap(), "-i", fixture("ultrafeedback-armorm.parquet").to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("ultrafeedback-armorm.parquet: column `messages` is missing"), "{}", stderr(&output));
+    // An SFT file has no preference columns.
+    let output = magpie(&["dpo", "--model", model.to_str().unwrap(), "-i", released.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("column `prompt` is missing"), "{}", stderr(&output));
+    // A missing model directory is named.
+    let output = magpie(&["sft", "--model", "/nonexistent/model", "-i", released.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("/nonexistent/model"), "{}", stderr(&output));
+    assert!(!out.exists(), "no partial output");
+    // A misspelt recipe key.
+    let recipe = dir.path().join("dpo.yaml");
+    std::fs::write(&recipe, "beta: 0.1\nlearning_rat: 1.0e-6\n").unwrap();
+    let output = magpie(&["dpo", "--recipe", recipe.to_str().unwrap()]);
+    assert_ne!(output.status.code(), Some(0));
+    assert!(stderr(&output).contains("dpo.yaml: unknown key `learning_rat` for `magpie dpo`"), "{}", stderr(&output));
+}
+
+#[test]
+fn sft_then_dpo_train_the_converted_model_and_synth_loads_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = converted_smollm2(dir.path());
+    let sft = dir.path().join("sft");
+    let released = fixture("magpie-released.parquet");
+    let output = magpie(&["sft", "--model", model.to_str().unwrap(), "-i", released.to_str().unwrap(), "-o", sft.to_str().unwrap(),
+        "--max-length", "128", "--packing", "--per-device-train-batch-size", "2", "--max-steps", "2", "--learning-rate", "1e-5",
+        "--save-steps", "1", "--save-total-limit", "1", "--eval-ratio", "0.25", "--device", "cpu"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    for file in ["model/model.safetensors", "model/config.json", "model/tokenizer.json", "metrics.jsonl", "loss.png", "checkpoint-1/optimizer.safetensors"] {
+        assert!(sft.join(file).is_file(), "{file}");
     }
+    let metrics = std::fs::read_to_string(sft.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"eval_loss\""), "{metrics}");
+
+    let dpo = dir.path().join("dpo");
+    let pairs = fixture("ultrafeedback-armorm.parquet");
+    let output = magpie(&["dpo", "--model", sft.join("model").to_str().unwrap(), "-i", pairs.to_str().unwrap(), "-o", dpo.to_str().unwrap(),
+        "--max-length", "160", "--max-prompt-length", "64", "--per-device-train-batch-size", "2", "--max-steps", "1",
+        "--learning-rate", "1e-6", "--save-steps", "0", "--device", "cpu"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let metrics = std::fs::read_to_string(dpo.join("metrics.jsonl")).unwrap();
+    for key in ["rewards/accuracies", "rewards/margins", "logps/chosen", "logits/rejected"] {
+        assert!(metrics.contains(key), "{key}: {metrics}");
+    }
+    assert!(dpo.join("rewards.png").is_file());
+
+    // The trained checkpoint loads in mistralrs through `magpie synth --model`.
+    let synth = dir.path().join("synth");
+    let output = magpie(&["synth", "--model", dpo.join("model").to_str().unwrap(), "--num", "1", "--max-tokens", "16",
+        "--response-max-tokens", "16", "-o", synth.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(Dataset::open(&[synth.display().to_string()]).unwrap().num_rows, 1);
 }
 
 // ---- synth on the embedded SmolLM2 (scripts/setup.sh puts it in models/) ----

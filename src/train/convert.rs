@@ -27,7 +27,17 @@ pub struct ConvertArgs {
     /// Output Hugging Face model directory (replaced if it exists).
     #[arg(long, short)]
     pub output: PathBuf,
+
+    /// Make a judge reward model instead (LlamaForSequenceClassification): a chat template that
+    /// asks whether the answer is helpful and correct, and a score head equal to the embedding
+    /// rows of "Yes" minus "No", so the score is the model's logit(Yes) - logit(No).
+    #[arg(long)]
+    pub judge_reward_head: bool,
 }
+
+/// The judge reward model's chat template: one user turn holding the question and answer, then
+/// the assistant header, where the next token would be the verdict.
+const JUDGE_TEMPLATE: &str = "{% set q = messages | selectattr('role', 'equalto', 'user') | list %}{% set a = messages | selectattr('role', 'equalto', 'assistant') | list %}<|im_start|>user\nHere is a question and an answer.\n\nQuestion: {{ q[-1]['content'] if q else '' }}\n\nAnswer: {{ a[-1]['content'] if a else '' }}\n\nIs the answer helpful, correct and on topic? Reply Yes or No.<|im_end|>\n{{ '<|im_start|>assistant\\n' }}";
 
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let gguf = match &args.gguf {
@@ -35,7 +45,45 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         None => crate::synth::model::magpie_home().join(crate::synth::model::DEFAULT_MODEL_FILE),
     };
     convert(&gguf, &args.output)?;
+    if args.judge_reward_head {
+        add_judge_reward_head(&args.output)?;
+    }
     eprintln!("magpie convert: {} -> {}", gguf.display(), args.output.display());
+    Ok(())
+}
+
+/// Turns a converted causal LM directory into the judge reward model `--judge-reward-head`
+/// describes. Needs "Yes" and "No" to be single tokens.
+pub fn add_judge_reward_head(dir: &Path) -> Result<()> {
+    let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let token = |word: &str| -> Result<i64> {
+        let ids = tokenizer.encode(word, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+        match ids[..] {
+            [id] => Ok(id as i64),
+            _ => bail!("{}: \"{word}\" is not a single token, so no Yes/No reward head can be built", dir.display()),
+        }
+    };
+    let (yes, no) = (token("Yes")?, token("No")?);
+    let file = dir.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&file).with_context(|| format!("{}: unreadable", file.display()))?;
+    let rows = {
+        let head = tensors.iter().find(|(n, _)| n == "lm_head.weight").or_else(|| tensors.iter().find(|(n, _)| n == "model.embed_tokens.weight"));
+        let (_, head) = head.with_context(|| format!("{}: no output head", file.display()))?;
+        (head.get(yes) - head.get(no)).unsqueeze(0)
+    };
+    tensors.retain(|(n, _)| n != "lm_head.weight");
+    tensors.push(("score.weight".to_string(), rows));
+    super::model::hf::write_safetensors(&tensors, &file)?;
+    let config_file = dir.join("config.json");
+    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_file)?)?;
+    config["architectures"] = json!(["LlamaForSequenceClassification"]);
+    config["num_labels"] = json!(1);
+    config["tie_word_embeddings"] = json!(false);
+    std::fs::write(&config_file, serde_json::to_string_pretty(&config)?)?;
+    let tokenizer_file = dir.join("tokenizer_config.json");
+    let mut tokenizer_config: Value = serde_json::from_str(&std::fs::read_to_string(&tokenizer_file)?)?;
+    tokenizer_config["chat_template"] = json!(JUDGE_TEMPLATE);
+    std::fs::write(&tokenizer_file, serde_json::to_string_pretty(&tokenizer_config)?)?;
     Ok(())
 }
 
@@ -259,7 +307,10 @@ mod tests {
     }
 
     fn last_logits(dir: &Path, ids: &Tensor) -> Tensor {
-        let loaded = load_causal_lm(dir, Device::Cpu, Kind::Float).unwrap();
+        last_logits_of(&load_causal_lm(dir, Device::Cpu, Kind::Float).unwrap(), ids)
+    }
+
+    fn last_logits_of(loaded: &crate::train::model::Loaded, ids: &Tensor) -> Tensor {
         let positions = llama::default_positions(1, ids.size()[1], Device::Cpu);
         let logits = tch::no_grad(|| loaded.model.forward(&Inputs { ids, positions: &positions, mask: &AttentionMask::Causal }));
         logits.get(0)
@@ -300,6 +351,25 @@ mod tests {
         assert_eq!(got.argmax(0, false).int64_value(&[]), want.argmax(0, false).int64_value(&[]));
         let diff = max_abs_diff(&got, &want);
         assert!(diff < 1.5, "max abs diff {diff} is more than quantisation noise");
+    }
+
+    #[test]
+    fn the_judge_reward_head_scores_logit_yes_minus_logit_no() {
+        let (_tmp, out) = converted_smollm2();
+        let causal = load_causal_lm(&out, Device::Cpu, Kind::Float).unwrap();
+        let judge = out.with_file_name("judge");
+        std::fs::rename(&out, &judge).unwrap();
+        add_judge_reward_head(&judge).unwrap();
+        let rm = crate::filter::reward::RewardModel::load(&judge, 512, 2).unwrap();
+        let conversation = vec![crate::data::Message::new("user", "What is 2 + 2?"), crate::data::Message::new("assistant", "4")];
+        let score = rm.score(&[conversation.clone()]).unwrap()[0];
+        let tok = crate::train::tokenize::ChatTokenizer::load(&judge).unwrap();
+        let text = tok.template.render(&conversation, false).unwrap();
+        assert!(text.contains("Question: What is 2 + 2?") && text.ends_with("<|im_start|>assistant\n"), "{text}");
+        let ids: Vec<i64> = tok.tokenizer.encode(text, false).unwrap().get_ids().iter().map(|&i| i as i64).collect();
+        let logits = last_logits_of(&causal, &Tensor::from_slice(&ids).view([1, -1])).get(-1);
+        let want = logits.double_value(&[10539]) - logits.double_value(&[5230]);
+        assert!((score - want).abs() < 1e-3, "{score} vs logit(Yes) - logit(No) = {want}");
     }
 
     #[test]

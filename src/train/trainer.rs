@@ -449,6 +449,18 @@ fn write_plots(log: &MetricsLog, objective: &dyn Objective, output: &Path) -> Re
     Ok(())
 }
 
+/// Evaluates, prints and logs the eval metrics at step `done`; `None` without an eval split.
+fn log_evaluation(objective: &dyn Objective, model: &Llama, args: &TrainArgs, done: usize, log: &mut MetricsLog, bar: &ProgressBar) -> Result<Option<BTreeMap<String, f64>>> {
+    let Some(metrics) = evaluate(objective, model, args, model.device())? else { return Ok(None) };
+    let mut row = json!({"step": done});
+    for (k, v) in &metrics {
+        row[k] = json!(v);
+    }
+    bar.println(format!("step {done}: {}", metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join("  ")));
+    log.push(row)?;
+    Ok(Some(metrics))
+}
+
 /// What a finished run reports.
 pub struct Summary {
     pub steps: usize,
@@ -473,6 +485,10 @@ pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, extra
     let mut last = BTreeMap::new();
     let mut eval = None;
     let mut last_good = start;
+    if start == 0 && args.eval_steps > 0 {
+        // The baseline the later evaluations are read against.
+        eval = log_evaluation(objective, &loaded.model, args, 0, &mut log, &bar)?;
+    }
     for step in start..plan.total_steps {
         let started = Instant::now();
         let micro = plan.step_batches(step, args, train_examples);
@@ -512,15 +528,7 @@ pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, extra
         bar.inc(1);
         let eval_now = (args.eval_steps > 0 && done % args.eval_steps == 0) || done == plan.total_steps;
         if eval_now {
-            if let Some(metrics) = evaluate(objective, &loaded.model, args, device)? {
-                let mut row = json!({"step": done});
-                for (k, v) in &metrics {
-                    row[k] = json!(v);
-                }
-                bar.println(format!("step {done}: {}", metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join("  ")));
-                log.push(row)?;
-                eval = Some(metrics);
-            }
+            eval = log_evaluation(objective, &loaded.model, args, done, &mut log, &bar)?.or(eval);
         }
         if args.save_steps > 0 && done % args.save_steps == 0 && done < plan.total_steps {
             save_checkpoint(loaded, &opt, done, args, extra)?;

@@ -1,0 +1,62 @@
+"""The PyTorch side of scripts/bench/dpo.sh: TRL's sigmoid DPO loss written out in plain PyTorch
+(concatenated chosen + rejected forward, summed completion log-probs, reference log-probs computed
+once beforehand) with torch.optim.AdamW, on the same model and the same 4 pairs as `magpie dpo`.
+Prompts and completions are tokenised as magpie does (prompt with a generation prompt; completion
+= what the full conversation adds). Prints JSON: first-step loss, pairs/s and tokens/s over the
+steps after the first.
+
+    python scripts/bench/dpo_pytorch.py MODEL_DIR DATA.parquet STEPS BETA
+"""
+import json, sys, time
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_dir, data, steps, beta = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+tok = AutoTokenizer.from_pretrained(model_dir)
+model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+table = pq.read_table(data).to_pylist()
+
+
+def side(prompt, completion):
+    p_text = tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(prompt + completion, tokenize=False)
+    p = tok(p_text, add_special_tokens=False)["input_ids"]
+    c = tok(full[len(p_text):].rstrip(), add_special_tokens=False)["input_ids"]
+    return p + c, [-100] * len(p) + c
+
+
+rows = [side(r["prompt"], r["chosen"]) for r in table] + [side(r["prompt"], r["rejected"]) for r in table]
+width = max(len(r[0]) for r in rows)
+ids = torch.tensor([r[0] + [tok.pad_token_id] * (width - len(r[0])) for r in rows])
+labels = torch.tensor([r[1] + [-100] * (width - len(r[1])) for r in rows])
+n = len(table)
+
+
+def logps(m):
+    logits = m(input_ids=ids).logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != -100
+    token = torch.gather(logits.log_softmax(-1), 2, target.clamp(min=0).unsqueeze(2)).squeeze(2)
+    return (token * mask).sum(-1)
+
+
+with torch.no_grad():
+    ref = logps(model)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
+losses, times = [], []
+for step in range(steps):
+    start = time.perf_counter()
+    pol = logps(model)
+    delta = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
+    loss = -F.logsigmoid(beta * delta).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+    times.append(time.perf_counter() - start)
+    losses.append(loss.item())
+tokens = sum(len(r[0]) for r in rows)
+print(json.dumps({"first_loss": losses[0], "losses": losses, "pairs_per_s": n * (steps - 1) / sum(times[1:]),
+                  "tok_per_s": tokens * (steps - 1) / sum(times[1:]), "threads": torch.get_num_threads()}))
