@@ -289,16 +289,23 @@ fn rerunning_into_an_output_with_other_settings_is_refused() {
 fn filter_demo_recipe_dedups_tags_selects_and_reports_on_magpie_released_data() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("filtered.parquet");
-    let recipe = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/smollm2-demo-filter.yaml");
+    // The demo recipe's reward model is the judge `magpie convert --judge-reward-head` builds.
+    let judge = dir.path().join("judge-rm");
+    let output = magpie(&["convert", "--judge-reward-head", "-o", judge.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let demo = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/smollm2-demo-filter.yaml")).unwrap();
+    assert!(demo.contains("reward_model: out/demo/judge-rm"));
+    let recipe = dir.path().join("demo-filter.yaml");
+    std::fs::write(&recipe, demo.replace("out/demo/judge-rm", judge.to_str().unwrap())).unwrap();
     let input = fixture("magpie-released.parquet");
     let output = magpie(&["filter", "--recipe", recipe.to_str().unwrap(), "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("filtered.parquet.report.json")).unwrap()).unwrap();
     assert_eq!(report["rows_in"], 5);
-    assert_eq!(report["steps"].as_array().unwrap().len(), 5);
+    assert_eq!(report["steps"].as_array().unwrap().len(), 6);
     assert!(report["distributions"]["language"]["EN"].as_u64().unwrap() > 0, "{report}");
     let text = String::from_utf8(magpie(&["inspect", out.to_str().unwrap()]).stdout).unwrap();
-    for column in ["source_notes", "gen_input_configs", "exact_duplicate_of", "minhash_cluster", "min_neighbor_distance", "repeat_count", "min_similar_uuid", "refusal", "split"] {
+    for column in ["source_notes", "gen_input_configs", "exact_duplicate_of", "minhash_cluster", "min_neighbor_distance", "repeat_count", "min_similar_uuid", "refusal", "instruct_reward", "reward_model", "split"] {
         assert!(text.contains(column), "{column}: {text}");
     }
 }

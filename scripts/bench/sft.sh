@@ -13,7 +13,8 @@ python scripts/bench/sft_pytorch.py "$work/smollm2" "$work/sft.parquet" "$STEPS"
 echo "== magpie sft, $STEPS steps"
 # One epoch of 4 conversations is one step of batch 4, so every step sees the same batch.
 "$MAGPIE_BIN" sft --model "$work/smollm2" -i "$work/sft.parquet" -o "$work/ours" --device cpu --max-length 256 \
-  --per-device-train-batch-size 4 --num-train-epochs "$STEPS" --learning-rate 1e-5 --save-steps 0 2> "$work/ours.log"
+  --per-device-train-batch-size 4 --num-train-epochs "$STEPS" --learning-rate 1e-5 --lr-scheduler-type constant \
+  --save-steps 0 2> "$work/ours.log"
 
 python - "$work" <<'PY'
 import json, sys

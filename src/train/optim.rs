@@ -1,7 +1,7 @@
 //! AdamW as `torch.optim.AdamW` computes it (decoupled weight decay, bias-corrected moments), with
 //! weight decay only on matrices (norms and biases are excluded, as the HF Trainer does), global
-//! gradient-norm clipping, and the cosine-with-warmup schedule of
-//! `transformers.get_cosine_schedule_with_warmup`.
+//! gradient-norm clipping, and transformers' learning-rate schedules with warmup (cosine, linear,
+//! constant).
 //!
 //! Written here rather than taken from `tch::nn::Optimizer` so that its state can be saved in a
 //! checkpoint and resumed exactly, and kept in f32 while the weights are bf16.
@@ -133,13 +133,28 @@ impl AdamW {
     }
 }
 
-/// `get_cosine_schedule_with_warmup`: the learning rate of optimizer step `step` (0-based).
-pub fn cosine_lr(peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
-    if step < warmup {
-        return peak * step as f64 / warmup.max(1) as f64;
+/// transformers' `lr_scheduler_type` values, each with linear warmup.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+impl Schedule {
+    /// The learning rate of optimizer step `step` (0-based), as `get_{cosine,linear,constant}_schedule_with_warmup`.
+    pub fn lr(self, peak: f64, step: usize, warmup: usize, total: usize) -> f64 {
+        if step < warmup {
+            return peak * step as f64 / warmup.max(1) as f64;
+        }
+        let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
+        match self {
+            Schedule::Cosine => peak * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
+            Schedule::Linear => peak * (1.0 - progress).max(0.0),
+            Schedule::Constant => peak,
+        }
     }
-    let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
-    peak * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
 }
 
 #[cfg(test)]
@@ -147,14 +162,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cosine_schedule_matches_transformers() {
+    fn schedules_match_transformers() {
         // transformers: warmup 2 of 10 steps at 1e-3 -> [0, 5e-4, 1e-3, 9.62e-4, ...].
-        let lrs: Vec<f64> = (0..10).map(|s| cosine_lr(1e-3, s, 2, 10)).collect();
+        let lrs: Vec<f64> = (0..10).map(|s| Schedule::Cosine.lr(1e-3, s, 2, 10)).collect();
         assert_eq!(lrs[0], 0.0);
         assert!((lrs[1] - 5e-4).abs() < 1e-12);
         assert!((lrs[2] - 1e-3).abs() < 1e-12);
         assert!((lrs[3] - 1e-3 * 0.5 * (1.0 + (std::f64::consts::PI / 8.0).cos())).abs() < 1e-12);
         assert!(lrs[9] > 0.0 && lrs[9] < lrs[8]);
+        assert!((Schedule::Linear.lr(1e-3, 6, 2, 10) - 5e-4).abs() < 1e-12);
+        assert_eq!(Schedule::Constant.lr(1e-3, 9, 2, 10), 1e-3);
+        assert_eq!(Schedule::Constant.lr(1e-3, 0, 2, 10), 0.0);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use super::model::{hf, AttentionMask, Inputs, Llama, Loaded};
-use super::optim::{cosine_lr, AdamW};
+use super::optim::{AdamW, Schedule};
 use super::plot;
 
 /// Flags every training command takes. Names follow TRL's `TrainingArguments`.
@@ -50,6 +50,10 @@ pub struct TrainArgs {
 
     #[arg(long, default_value_t = 2e-5)]
     pub learning_rate: f64,
+
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    pub lr_scheduler_type: Schedule,
 
     /// Linear warmup as a fraction of all steps (ignored when --warmup-steps is set).
     #[arg(long, default_value_t = 0.0)]
@@ -493,7 +497,7 @@ pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, extra
         let started = Instant::now();
         let micro = plan.step_batches(step, args, train_examples);
         let weight: f64 = micro.iter().flatten().map(|&i| objective.weight(Split::Train, i)).sum();
-        let lr = cosine_lr(args.learning_rate, step, plan.warmup, plan.total_steps);
+        let lr = args.lr_scheduler_type.lr(args.learning_rate, step, plan.warmup, plan.total_steps);
         opt.zero_grad();
         let mut sums = Metrics::new();
         let mut tokens = 0;
