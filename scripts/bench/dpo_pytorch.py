@@ -7,11 +7,12 @@ steps after the first.
 
     python scripts/bench/dpo_pytorch.py MODEL_DIR DATA.parquet STEPS BETA
 """
-import json, sys, time
+import json, sys
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch_loop import timed_steps
 
 model_dir, data, steps, beta = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 tok = AutoTokenizer.from_pretrained(model_dir)
@@ -45,18 +46,15 @@ def logps(m):
 with torch.no_grad():
     ref = logps(model)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
-losses, times = [], []
-for step in range(steps):
-    start = time.perf_counter()
+
+
+def dpo_loss():
     pol = logps(model)
     delta = (pol[:n] - ref[:n]) - (pol[n:] - ref[n:])
-    loss = -F.logsigmoid(beta * delta).mean()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad()
-    times.append(time.perf_counter() - start)
-    losses.append(loss.item())
+    return -F.logsigmoid(beta * delta).mean()
+
+
+losses, times = timed_steps(model, opt, dpo_loss, steps)
 tokens = sum(len(r[0]) for r in rows)
 print(json.dumps({"first_loss": losses[0], "losses": losses, "pairs_per_s": n * (steps - 1) / sum(times[1:]),
                   "tok_per_s": tokens * (steps - 1) / sum(times[1:]), "threads": torch.get_num_threads()}))

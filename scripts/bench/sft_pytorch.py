@@ -5,10 +5,11 @@ Prints JSON: first-step loss and tokens/s over the steps after the first.
 
     python scripts/bench/sft_pytorch.py MODEL_DIR DATA.parquet STEPS MAX_LENGTH
 """
-import json, sys, time
+import json, sys
 import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from torch_loop import timed_steps
 
 model_dir, data, steps, max_length = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(42)
@@ -38,16 +39,7 @@ decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
 no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
 opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.0}, {"params": no_decay, "weight_decay": 0.0}],
                         lr=1e-5, betas=(0.9, 0.999), eps=1e-8, foreach=False)
-losses, times = [], []
-for step in range(steps):
-    start = time.perf_counter()
-    loss = model(input_ids=ids, labels=labels).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad()
-    times.append(time.perf_counter() - start)
-    losses.append(loss.item())
+losses, times = timed_steps(model, opt, lambda: model(input_ids=ids, labels=labels).loss, steps)
 tokens = ids.numel()
 print(json.dumps({"first_loss": losses[0], "losses": losses, "tok_per_s": tokens * (steps - 1) / sum(times[1:]),
                   "threads": torch.get_num_threads()}))

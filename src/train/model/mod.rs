@@ -1,5 +1,5 @@
-//! The models training uses: the Llama-family decoder (`llama`), Hugging Face directories in and
-//! out (`hf`), and GGUF to Hugging Face conversion (`convert`).
+//! The models training uses: the Llama-family decoder (`llama`) and Hugging Face directories in
+//! and out (`hf`). GGUF conversion is `train::convert`.
 
 pub mod hf;
 pub mod llama;
