@@ -43,27 +43,33 @@ impl RewardModel {
         Ok(RewardModel { name, model, _vs: vs, tokenizer, max_length: max_length.max(2), batch_size: batch_size.max(1) })
     }
 
-    /// The first score of each conversation.
+    /// The first score of each conversation. Conversations are batched in length order (less
+    /// padding); right padding and causal attention keep each score what it is alone.
     pub fn score(&self, conversations: &[Vec<Message>]) -> Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(conversations.len());
-        for chunk in conversations.chunks(self.batch_size) {
-            let mut rows = vec![];
-            for messages in chunk {
-                let text = self.tokenizer.template.render(messages, false)?;
-                let encoding = self.tokenizer.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("reward tokenizer: {e}"))?;
-                let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
-                ids.truncate(self.max_length);
-                rows.push(ids);
-            }
-            let width = rows.iter().map(Vec::len).max().unwrap_or(1).max(1);
-            let padded: Vec<i64> = rows.iter().flat_map(|r| r.iter().copied().chain(std::iter::repeat(self.tokenizer.pad_id)).take(width)).collect();
+        let mut rows = Vec::with_capacity(conversations.len());
+        for messages in conversations {
+            let text = self.tokenizer.template.render(messages, false)?;
+            let encoding = self.tokenizer.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("reward tokenizer: {e}"))?;
+            let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
+            ids.truncate(self.max_length);
+            rows.push(ids);
+        }
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&i| rows[i].len());
+        let mut out = vec![0.0; rows.len()];
+        for chunk in order.chunks(self.batch_size) {
+            let width = chunk.iter().map(|&i| rows[i].len()).max().unwrap_or(1).max(1);
+            let padded: Vec<i64> =
+                chunk.iter().flat_map(|&i| rows[i].iter().copied().chain(std::iter::repeat(self.tokenizer.pad_id)).take(width)).collect();
             let device = self.model.device();
-            let ids = Tensor::from_slice(&padded).view([rows.len() as i64, width as i64]).to_device(device);
-            let last = Tensor::from_slice(&rows.iter().map(|r| r.len().max(1) as i64 - 1).collect::<Vec<_>>()).to_device(device);
-            let positions = llama::default_positions(rows.len() as i64, width as i64, device);
+            let ids = Tensor::from_slice(&padded).view([chunk.len() as i64, width as i64]).to_device(device);
+            let last = Tensor::from_slice(&chunk.iter().map(|&i| rows[i].len().max(1) as i64 - 1).collect::<Vec<_>>()).to_device(device);
+            let positions = llama::default_positions(chunk.len() as i64, width as i64, device);
             let scores = tch::no_grad(|| self.model.scores_at(&Inputs { ids: &ids, positions: &positions, mask: &AttentionMask::Causal }, &last));
             let first: Vec<f64> = scores.select(1, 0).to_kind(Kind::Double).to_device(Device::Cpu).try_into()?;
-            out.extend(first);
+            for (&i, score) in chunk.iter().zip(first) {
+                out[i] = score;
+            }
         }
         Ok(out)
     }
@@ -112,17 +118,22 @@ impl Step for RewardScores {
             .as_any()
             .downcast_ref::<arrow::array::ListArray>()
             .context("reward_scores: column `responses` must be a list of strings")?;
-        let mut per_row_rewards = ListBuilder::new(Float64Builder::new());
-        let (mut prompts, mut chosen, mut rejected) = (vec![], vec![], vec![]);
-        for (row, instruction) in instructions.iter().enumerate() {
-            let texts: Vec<String> = if samples.is_valid(row) {
+        let mut texts: Vec<Vec<String>> = vec![];
+        for row in 0..instructions.len() {
+            texts.push(if samples.is_valid(row) {
                 let values = samples.value(row);
                 let values = crate::data::messages::as_utf8(&values).context("reward_scores: column `responses` must hold strings")?;
                 values.iter().map(|v| v.unwrap_or_default().to_string()).collect()
             } else {
                 vec![]
-            };
-            let scores = self.model.score(&texts.iter().map(|t| exchange(instruction, t)).collect::<Vec<_>>())?;
+            });
+        }
+        let all: Vec<Vec<Message>> = instructions.iter().zip(&texts).flat_map(|(i, ts)| ts.iter().map(move |t| exchange(i, t))).collect();
+        let mut all_scores = self.model.score(&all)?.into_iter();
+        let mut per_row_rewards = ListBuilder::new(Float64Builder::new());
+        let (mut prompts, mut chosen, mut rejected) = (vec![], vec![], vec![]);
+        for (instruction, texts) in instructions.iter().zip(&texts) {
+            let scores: Vec<f64> = all_scores.by_ref().take(texts.len()).collect();
             per_row_rewards.append_value(scores.iter().map(|&s| Some(s)));
             match best_and_worst(&scores) {
                 Some((best, worst)) => {
