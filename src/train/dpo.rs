@@ -12,7 +12,7 @@
 //! model is held while training.
 
 use anyhow::{bail, Context, Result};
-use arrow::array::{Float64Array, RecordBatch};
+use arrow::array::{Float64Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema};
 use serde_json::json;
 use std::hash::Hasher;
@@ -320,13 +320,14 @@ fn cache_path(input: &str, key: &str) -> PathBuf {
 
 fn write_cache(path: &Path, values: &[Vec<[f64; 2]>; 2]) -> Result<()> {
     let schema = Arc::new(Schema::new(vec![
-        Field::new("split", DataType::Float64, false),
+        Field::new("split", DataType::Int64, false),
         Field::new("ref_chosen_logps", DataType::Float64, false),
         Field::new("ref_rejected_logps", DataType::Float64, false),
     ]));
-    let rows: Vec<(f64, [f64; 2])> = values.iter().enumerate().flat_map(|(s, v)| v.iter().map(move |r| (s as f64, *r))).collect();
-    let column = |f: &dyn Fn(&(f64, [f64; 2])) -> f64| Arc::new(Float64Array::from(rows.iter().map(f).collect::<Vec<_>>())) as _;
-    let batch = RecordBatch::try_new(schema.clone(), vec![column(&|r| r.0), column(&|r| r.1[0]), column(&|r| r.1[1])])?;
+    let rows: Vec<(i64, [f64; 2])> = values.iter().enumerate().flat_map(|(s, v)| v.iter().map(move |r| (s as i64, *r))).collect();
+    let logps = |k: usize| Arc::new(Float64Array::from(rows.iter().map(|r| r.1[k]).collect::<Vec<_>>())) as _;
+    let split = Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())) as _;
+    let batch = RecordBatch::try_new(schema.clone(), vec![split, logps(0), logps(1)])?;
     let mut writer = crate::data::DatasetWriter::create(path, schema)?;
     writer.write(&batch)?;
     writer.finish()?;
@@ -334,17 +335,23 @@ fn write_cache(path: &Path, values: &[Vec<[f64; 2]>; 2]) -> Result<()> {
 }
 
 fn read_cache(path: &Path) -> Result<[Vec<[f64; 2]>; 2]> {
-    let dataset = crate::data::Dataset::open(&[path.display().to_string()])?;
+    // A private file of ours, read as plain parquet (not through the dataset normaliser).
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{}: not a readable parquet file", path.display()))?
+        .build()?;
     let mut out = [vec![], vec![]];
-    for batch in dataset.batches() {
+    for batch in reader {
         let batch = batch?;
-        let column = |name: &str| -> Result<Float64Array> {
-            let array = batch.column_by_name(name).with_context(|| format!("{}: column `{name}` is missing", path.display()))?;
-            Ok(array.as_any().downcast_ref::<Float64Array>().with_context(|| format!("{}: column `{name}` is not float64", path.display()))?.clone())
+        let column = |name: &str| batch.column_by_name(name).with_context(|| format!("{}: column `{name}` is missing", path.display()));
+        let split = column("split")?.as_any().downcast_ref::<Int64Array>().cloned();
+        let logps = |name: &str| -> Result<Float64Array> {
+            column(name)?.as_any().downcast_ref::<Float64Array>().cloned().with_context(|| format!("{}: column `{name}` is not float64", path.display()))
         };
-        let (split, c, r) = (column("split")?, column("ref_chosen_logps")?, column("ref_rejected_logps")?);
+        let Some(split) = split else { bail!("{}: column `split` is not int64", path.display()) };
+        let (c, r) = (logps("ref_chosen_logps")?, logps("ref_rejected_logps")?);
         for i in 0..batch.num_rows() {
-            out[split.value(i) as usize].push([c.value(i), r.value(i)]);
+            out[usize::from(split.value(i) != 0)].push([c.value(i), r.value(i)]);
         }
     }
     Ok(out)
