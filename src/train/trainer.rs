@@ -659,6 +659,25 @@ mod tests {
     }
 
     #[test]
+    fn bf16_weights_train_with_f32_moments_and_save_as_bf16() {
+        let out = tempfile::tempdir().unwrap();
+        let a = args(out.path(), &["--max-steps", "2", "--save-steps", "1", "--learning-rate", "1e-3", "--bf16"]);
+        let loaded = load_causal_lm(&a.model, Device::Cpu, a.kind()).unwrap();
+        let summary = train(&objective(), &loaded, &a, &json!({})).unwrap();
+        assert!(summary.last["loss"].is_finite());
+        let saved: HashMap<String, Tensor> = Tensor::read_safetensors(out.path().join("model/model.safetensors")).unwrap().into_iter().collect();
+        assert_eq!(saved["model.norm.weight"].kind(), Kind::BFloat16);
+        let moments: HashMap<String, Tensor> = Tensor::read_safetensors(out.path().join("checkpoint-1/optimizer.safetensors")).unwrap().into_iter().collect();
+        assert_eq!(moments["exp_avg.model.norm.weight"].kind(), Kind::Float);
+        let config: Value = serde_json::from_str(&std::fs::read_to_string(out.path().join("model/config.json")).unwrap()).unwrap();
+        assert_eq!(config["torch_dtype"], "bfloat16");
+        let mut other = args(out.path(), &[]);
+        other.device = "tpu".into();
+        let err = other.device().unwrap_err().to_string();
+        assert!(err.contains("expected cpu, cuda or auto"), "{err}");
+    }
+
+    #[test]
     fn epoch_order_is_a_seeded_permutation() {
         let a = epoch_order(100, 42, 0);
         let mut sorted = a.clone();
