@@ -92,6 +92,28 @@ pub mod tests {
     }
 
     #[test]
+    fn sharded_checkpoints_load_through_their_index() {
+        let out = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture("tiny-llama/config.json"), out.path().join("config.json")).unwrap();
+        let mut tensors = Tensor::read_safetensors(fixture("tiny-llama/model.safetensors")).unwrap();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let second = tensors.split_off(tensors.len() / 2);
+        let mut weight_map = serde_json::Map::new();
+        for (file, part) in [("model-00001-of-00002.safetensors", &tensors), ("model-00002-of-00002.safetensors", &second)] {
+            hf::write_safetensors(part, &out.path().join(file)).unwrap();
+            for (name, _) in part.iter() {
+                weight_map.insert(name.clone(), serde_json::json!(file));
+            }
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(out.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+        let sharded = load_causal_lm(out.path(), Device::Cpu, Kind::Float).unwrap();
+        let whole = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 200]).view([1, 4]);
+        assert_eq!(max_abs_diff(&causal_logits(&sharded, &ids), &causal_logits(&whole, &ids)), 0.0);
+    }
+
+    #[test]
     fn missing_weights_and_directories_are_named() {
         let err = load_causal_lm(Path::new("/nonexistent/model"), Device::Cpu, Kind::Float).err().unwrap();
         assert!(err.to_string().contains("/nonexistent/model"), "{err}");
