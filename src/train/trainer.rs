@@ -528,7 +528,11 @@ pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, extra
         if done % args.logging_steps.max(1) == 0 || done == plan.total_steps {
             log.push(row)?;
         }
-        bar.set_message(format!("loss {loss:.4} lr {lr:.2e} {:.0} tok/s", tokens as f64 / seconds));
+        let rewards: String = [("rewards/accuracies", "acc"), ("rewards/margins", "margin")]
+            .iter()
+            .filter_map(|(key, short)| last.get(*key).map(|v| format!(" {short} {v:.3}")))
+            .collect();
+        bar.set_message(format!("loss {loss:.4}{rewards} lr {lr:.2e} {:.0} tok/s", tokens as f64 / seconds));
         bar.inc(1);
         let eval_now = (args.eval_steps > 0 && done % args.eval_steps == 0) || done == plan.total_steps;
         if eval_now {
