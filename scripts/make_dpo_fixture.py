@@ -1,6 +1,7 @@
 """Writes data/fixtures/dpo-reference.json once: on a fixed batch of two preference pairs, the DPO
 loss and TRL's metrics for every loss type, computed in PyTorch from transformers forwards of the
-tiny random fixtures (policy: tiny-llama, reference: tiny-qwen2; both from make_llama_fixtures.py).
+tiny fixtures (policy: tiny-llama, reference: tiny-qwen2; configs from make_llama_fixtures.py, weights
+from scripts/tiny_models.py, as the Rust tests build them).
 src/train/dpo.rs must agree to 1e-5 relative.
 
 The formulas are TRL's DPOTrainer (concatenated forward, summed completion log-probs; `ipo`
@@ -11,12 +12,13 @@ length-normalises) and CPOTrainer's SimPO, as REFERENCE §5 lists them.
 import json, pathlib
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
+from tiny_models import fill_deterministic
 
 root = pathlib.Path(__file__).resolve().parent.parent
 fixtures = root / "data" / "fixtures"
-policy = AutoModelForCausalLM.from_pretrained(fixtures / "tiny-llama").eval()
-reference = AutoModelForCausalLM.from_pretrained(fixtures / "tiny-qwen2").eval()
+policy, reference = (fill_deterministic(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(fixtures / name))).eval()
+                     for name in ["tiny-llama", "tiny-qwen2"])
 pairs = [
     {"prompt": [1, 17, 200, 33], "chosen": [45, 9, 250, 3, 2], "rejected": [77, 128, 2]},
     {"prompt": [1, 99, 14, 15, 16, 7], "chosen": [201, 8, 2], "rejected": [9, 10, 11, 12, 13, 2]},

@@ -428,8 +428,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
 mod tests {
     use super::*;
     use crate::data::Message;
-    use crate::train::model::tests::fixture;
-    use tch::Kind;
+    use crate::train::model::tests::{fixture, tiny};
 
     fn config(loss_type: LossType, beta: f64, label_smoothing: f64) -> LossConfig {
         LossConfig { loss_type, beta, label_smoothing, simpo_gamma: 0.5 }
@@ -475,14 +474,14 @@ mod tests {
     }
 
     fn metrics_of(objective: &DpoObjective) -> Metrics {
-        let policy = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        let policy = tiny("tiny-llama");
         let batch = objective.collate(Split::Train, &[0, 1], Device::Cpu).unwrap();
         let hidden = tch::no_grad(|| policy.model.hidden_states(&batch.inputs()));
         objective.loss(&policy.model, &hidden, &batch, Split::Train).unwrap().1
     }
 
     fn live_reference() -> Reference {
-        Reference::Live(load_causal_lm(&fixture("tiny-qwen2"), Device::Cpu, Kind::Float).unwrap())
+        Reference::Live(tiny("tiny-qwen2"))
     }
 
     #[test]
@@ -517,8 +516,13 @@ mod tests {
         let path = dir.path().join(".cache.parquet");
         write_cache(&path, &values).unwrap();
         assert_eq!(read_cache(&path).unwrap(), values);
-        let key = cache_key(&live.pairs, &crate::train::model::ModelDir::open(&fixture("tiny-qwen2")).unwrap()).unwrap();
-        let other = cache_key(&live.pairs, &crate::train::model::ModelDir::open(&fixture("tiny-llama")).unwrap()).unwrap();
+        let saved = |name: &str| {
+            let loaded = tiny(name);
+            crate::train::model::hf::save(&loaded.vs, &loaded.dir, &dir.path().join(name)).unwrap();
+            crate::train::model::ModelDir::open(&dir.path().join(name)).unwrap()
+        };
+        let key = cache_key(&live.pairs, &saved("tiny-qwen2")).unwrap();
+        let other = cache_key(&live.pairs, &saved("tiny-llama")).unwrap();
         assert_ne!(key, other, "the cache is keyed by the reference weights");
     }
 

@@ -164,9 +164,9 @@ pub fn run(args: &SftArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::model::tests::fixture;
-    use crate::train::model::{hf::ModelDir, AttentionMask};
-    use tch::{nn, Kind};
+    use crate::train::model::tests::tiny;
+    use crate::train::model::AttentionMask;
+    use tch::Kind;
 
     #[test]
     fn best_fit_decreasing_packs_tightly_and_keeps_every_document() {
@@ -183,14 +183,6 @@ mod tests {
         assert!(rows.contains(&vec![1, 3]), "{rows:?}");
     }
 
-    fn tiny_model() -> (nn::VarStore, Llama) {
-        let dir = ModelDir::open(&fixture("tiny-llama")).unwrap();
-        let vs = nn::VarStore::new(Device::Cpu);
-        let model = Llama::causal_lm(&vs.root(), &dir.config).unwrap();
-        dir.load_into(&vs).unwrap();
-        (vs, model)
-    }
-
     fn per_token_loss(model: &Llama, batch: &Batch) -> Tensor {
         let logits = tch::no_grad(|| model.forward(&batch.inputs()));
         logits.view([-1, 256]).cross_entropy_loss::<Tensor>(&batch.targets.view([-1]), None, tch::Reduction::None, -100, 0.0)
@@ -198,7 +190,7 @@ mod tests {
 
     #[test]
     fn a_packed_row_gives_each_document_its_unpacked_loss() {
-        let (_vs, model) = tiny_model();
+        let model = &tiny("tiny-llama").model;
         let docs = [
             Document::from_labels(vec![1, 20, 30, 40, 50, 60], |i| i >= 3),
             Document::from_labels(vec![1, 70, 80, 90], |i| i >= 2),

@@ -555,7 +555,7 @@ pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, extra
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::model::{load_causal_lm, tests::fixture};
+    use crate::train::model::tests::{fixture, tiny};
     use crate::train::sft::SftObjective;
     use clap::Parser;
 
@@ -589,8 +589,7 @@ mod tests {
 
     fn run(output: &Path, extra: &[&str]) -> Result<Summary> {
         let a = args(output, extra);
-        let loaded = load_causal_lm(&a.model, Device::Cpu, Kind::Float).unwrap();
-        train(&objective(), &loaded, &a, &json!({}))
+        train(&objective(), &tiny("tiny-llama"), &a, &json!({}))
     }
 
     const SETTINGS: &[&str] = &["--max-steps", "6", "--save-steps", "2", "--per-device-train-batch-size", "2",
@@ -650,7 +649,7 @@ mod tests {
         let objective = objective();
         let batch = objective.collate(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
         let grads = |checkpointing: bool| {
-            let loaded = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+            let loaded = tiny("tiny-llama");
             forward_backward(&objective, &loaded.model, &batch, 0.1, checkpointing).unwrap();
             let mut vars: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -666,7 +665,8 @@ mod tests {
     fn bf16_weights_train_with_f32_moments_and_save_as_bf16() {
         let out = tempfile::tempdir().unwrap();
         let a = args(out.path(), &["--max-steps", "2", "--save-steps", "1", "--learning-rate", "1e-3", "--bf16"]);
-        let loaded = load_causal_lm(&a.model, Device::Cpu, a.kind()).unwrap();
+        let mut loaded = tiny("tiny-llama");
+        loaded.vs.set_kind(a.kind());
         let summary = train(&objective(), &loaded, &a, &json!({})).unwrap();
         assert!(summary.last["loss"].is_finite());
         let saved: HashMap<String, Tensor> = Tensor::read_safetensors(out.path().join("model/model.safetensors")).unwrap().into_iter().collect();

@@ -38,8 +38,49 @@ pub mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fixtures").join(name)
     }
 
+    /// Reference tensors written by `scripts/tiny_models.py::write_tensors_json`; `input_ids` are
+    /// i64, everything else f32.
     pub fn reference(path: &Path) -> HashMap<String, Tensor> {
-        Tensor::read_safetensors(path).unwrap().into_iter().collect()
+        let json: HashMap<String, serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        json.into_iter()
+            .map(|(name, t)| {
+                let shape: Vec<i64> = t["shape"].as_array().unwrap().iter().map(|d| d.as_i64().unwrap()).collect();
+                let data = t["data"].as_array().unwrap();
+                let tensor = if name == "input_ids" {
+                    Tensor::from_slice(&data.iter().map(|v| v.as_i64().unwrap()).collect::<Vec<_>>())
+                } else {
+                    Tensor::from_slice(&data.iter().map(|v| v.as_f64().unwrap() as f32).collect::<Vec<_>>())
+                };
+                (name, tensor.view(shape.as_slice()))
+            })
+            .collect()
+    }
+
+    /// The deterministic weights `scripts/tiny_models.py` gives the tiny fixtures (the repository
+    /// tracks their configs and reference outputs, not weight files).
+    pub fn fill_deterministic(vs: &nn::VarStore) {
+        let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        for (p, (name, mut var)) in variables.into_iter().enumerate() {
+            let offset = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+            let values: Vec<f32> = (0..var.numel() as u64)
+                .map(|k| {
+                    let h = (k * 2_654_435_761 + p as u64 * 40_503 + 12_345) & 0xFFFF_FFFF;
+                    (((h >> 8) % 2001) as f64 - 1000.0) / 1000.0 * 0.1 + offset
+                })
+                .map(|v| v as f32)
+                .collect();
+            tch::no_grad(|| var.copy_(&Tensor::from_slice(&values).view(var.size().as_slice())));
+        }
+    }
+
+    /// A tiny fixture (`tiny-llama`, `tiny-qwen2`) as a causal LM with its deterministic weights.
+    pub fn tiny(name: &str) -> Loaded {
+        let dir = ModelDir::open(&fixture(name)).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Llama::causal_lm(&vs.root(), &dir.config).unwrap();
+        fill_deterministic(&vs);
+        Loaded { vs, model, dir }
     }
 
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -55,8 +96,8 @@ pub mod tests {
     #[test]
     fn logits_match_transformers_on_tiny_llama_and_qwen2() {
         for name in ["tiny-llama", "tiny-qwen2"] {
-            let loaded = load_causal_lm(&fixture(name), Device::Cpu, Kind::Float).unwrap();
-            let want = reference(&fixture(name).join("reference.safetensors"));
+            let loaded = tiny(name);
+            let want = reference(&fixture(name).join("reference.json"));
             let got = causal_logits(&loaded, &want["input_ids"]);
             let diff = max_abs_diff(&got, &want["logits"]);
             assert!(diff <= 1e-4, "{name}: max abs diff {diff}");
@@ -68,8 +109,8 @@ pub mod tests {
         let dir = ModelDir::open(&fixture("tiny-llama-reward")).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Llama::sequence_classifier(&vs.root(), &dir.config).unwrap();
-        dir.load_into(&vs).unwrap();
-        let want = reference(&fixture("tiny-llama-reward").join("reference.safetensors"));
+        fill_deterministic(&vs);
+        let want = reference(&fixture("tiny-llama-reward").join("reference.json"));
         let ids = &want["input_ids"];
         let positions = llama::default_positions(2, ids.size()[1], Device::Cpu);
         let got = tch::no_grad(|| model.scores(&Inputs { ids, positions: &positions, mask: &AttentionMask::Causal }));
@@ -78,7 +119,7 @@ pub mod tests {
 
     #[test]
     fn saved_model_loads_back_with_rope_theta_and_the_same_logits() {
-        let loaded = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
+        let loaded = tiny("tiny-llama");
         let out = tempfile::tempdir().unwrap();
         let saved = out.path().join("saved");
         hf::save(&loaded.vs, &loaded.dir, &saved).unwrap();
@@ -95,7 +136,8 @@ pub mod tests {
     fn sharded_checkpoints_load_through_their_index() {
         let out = tempfile::tempdir().unwrap();
         std::fs::copy(fixture("tiny-llama/config.json"), out.path().join("config.json")).unwrap();
-        let mut tensors = Tensor::read_safetensors(fixture("tiny-llama/model.safetensors")).unwrap();
+        let whole = tiny("tiny-llama");
+        let mut tensors: Vec<(String, Tensor)> = whole.vs.variables().into_iter().collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let second = tensors.split_off(tensors.len() / 2);
         let mut weight_map = serde_json::Map::new();
@@ -108,7 +150,6 @@ pub mod tests {
         let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
         std::fs::write(out.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
         let sharded = load_causal_lm(out.path(), Device::Cpu, Kind::Float).unwrap();
-        let whole = load_causal_lm(&fixture("tiny-llama"), Device::Cpu, Kind::Float).unwrap();
         let ids = Tensor::from_slice(&[1i64, 5, 9, 200]).view([1, 4]);
         assert_eq!(max_abs_diff(&causal_logits(&sharded, &ids), &causal_logits(&whole, &ids)), 0.0);
     }
