@@ -8,7 +8,6 @@ use anyhow::{Context, Result};
 use rayon::prelude::*;
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use tch::{Device, Tensor};
 
 use super::model::{load_causal_lm, Llama};
@@ -156,7 +155,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         "magpie sft: {} steps, final loss {final_loss:.4}{}; model in {}",
         summary.steps,
         eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
-        PathBuf::from(&train_args.output).join("model").display()
+        train_args.output.join("model").display()
     );
     Ok(())
 }

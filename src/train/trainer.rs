@@ -323,7 +323,7 @@ fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch, sca
 }
 
 /// Loss and metrics over the whole eval split, weighted means, under `eval_` names.
-pub fn evaluate(objective: &dyn Objective, model: &Llama, args: &TrainArgs, device: Device) -> Result<Option<BTreeMap<String, f64>>> {
+pub fn evaluate(objective: &dyn Objective, model: &Llama, args: &TrainArgs) -> Result<Option<BTreeMap<String, f64>>> {
     let n = objective.len(Split::Eval);
     if n == 0 {
         return Ok(None);
@@ -332,7 +332,7 @@ pub fn evaluate(objective: &dyn Objective, model: &Llama, args: &TrainArgs, devi
     let mut weight = 0.0;
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(args.per_device_train_batch_size.max(1)) {
-        let batch = objective.collate(Split::Eval, chunk, device)?;
+        let batch = objective.collate(Split::Eval, chunk, model.device())?;
         let (_, metrics) = tch::no_grad(|| -> Result<_> {
             objective.loss(model, &model.hidden_states(&batch.inputs()), &batch, Split::Eval)
         })?;
@@ -455,7 +455,7 @@ fn write_plots(log: &MetricsLog, objective: &dyn Objective, output: &Path) -> Re
 
 /// Evaluates, prints and logs the eval metrics at step `done`; `None` without an eval split.
 fn log_evaluation(objective: &dyn Objective, model: &Llama, args: &TrainArgs, done: usize, log: &mut MetricsLog, bar: &ProgressBar) -> Result<Option<BTreeMap<String, f64>>> {
-    let Some(metrics) = evaluate(objective, model, args, model.device())? else { return Ok(None) };
+    let Some(metrics) = evaluate(objective, model, args)? else { return Ok(None) };
     let mut row = json!({"step": done});
     for (k, v) in &metrics {
         row[k] = json!(v);
