@@ -5,7 +5,7 @@ from scripts/tiny_models.py, as the Rust tests build them).
 src/train/dpo.rs must agree to 1e-5 relative.
 
 The formulas are TRL's DPOTrainer (concatenated forward, summed completion log-probs; `ipo`
-length-normalises) and CPOTrainer's SimPO, as REFERENCE §5 lists them.
+length-normalises) and CPOTrainer's SimPO, as docs/upstream.md §5 lists them.
 
     .venv/bin/python scripts/make_dpo_fixture.py
 """

@@ -72,5 +72,5 @@ for other in "$MAGPIE_CACHE"/target-*; do
 done
 say "building magpie (release, native CPU $MAGPIE_CPU_ID) into $CARGO_TARGET_DIR"
 cargo build --release --locked
-# DOCTOR
+"$MAGPIE_BIN" doctor
 say "ready: $MAGPIE_BIN"

@@ -1,7 +1,7 @@
 //! The command line: one subcommand per stage, each args struct owned by its stage's module so
 //! the library can be driven without the CLI. `--recipe FILE.yaml` is spliced in by `recipe`.
 
-use crate::{data::inspect::InspectArgs, filter::FilterArgs, synth::SynthArgs, train::{ConvertArgs, DpoArgs, SftArgs}};
+use crate::{data::inspect::InspectArgs, doctor::DoctorArgs, filter::FilterArgs, model::convert::ConvertArgs, synth::SynthArgs, train::{DpoArgs, SftArgs}};
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::ffi::OsString;
@@ -37,13 +37,16 @@ pub enum Command {
     /// Convert a GGUF model (llama architecture) into a Hugging Face safetensors directory.
     #[command(args_override_self = true)]
     Convert(ConvertArgs),
+    /// Check this machine: CPU features, llama.cpp's CPU paths, libtorch and CUDA, models, cache.
+    Doctor(DoctorArgs),
 }
 
-/// Parses `argv` with any `--recipe` spliced in. A flag given twice takes its last value. Clap's own errors (and `--help`) exit here with
-/// clap's usual formatting and exit code 2.
+/// Parses `argv` with any `--recipe` spliced in. A flag given twice takes its last value.
+/// Clap's own errors (and `--help`) come back as a `clap::Error` for `main` to print and exit
+/// with.
 pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli> {
     let argv = crate::recipe::expand(&Cli::command(), argv.into_iter().collect())?;
-    Ok(Cli::try_parse_from(argv).unwrap_or_else(|e| e.exit()))
+    Ok(Cli::try_parse_from(argv)?)
 }
 
 #[cfg(test)]

@@ -3,21 +3,12 @@
 
 use magpie::data::messages::read_turns;
 use magpie::data::{Dataset, Message};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn magpie(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_magpie")).args(args).output().expect("run magpie")
-}
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fixtures").join(name)
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
+mod common;
+use common::{converted_smollm2, fixture, magpie, stderr};
 
 #[test]
 fn inspect_shows_rows_schema_stats_and_samples() {
@@ -71,14 +62,6 @@ fn recipe_values_are_checked_by_the_flag_parser_and_overridden_by_the_command_li
 }
 
 // ---- training on tiny fixtures and the converted SmolLM2 ----
-
-/// The embedded SmolLM2 converted to a Hugging Face directory under `dir`.
-fn converted_smollm2(dir: &Path) -> PathBuf {
-    let out = dir.join("smollm2");
-    let output = magpie(&["convert", "-o", out.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", stderr(&output));
-    out
-}
 
 #[test]
 fn sft_and_dpo_refuse_bad_input_naming_file_and_column_and_write_nothing() {
@@ -244,7 +227,9 @@ fn shards_write_disjoint_parts_that_concatenate_to_the_whole_run() {
     run_synth(&whole, &[]);
     let sharded = dir.path().join("sharded");
     run_synth(&sharded, &["--shard", "0/2"]);
-    let first = rows(&sharded);
+    // Half the chunks: not a finished dataset yet, so readers refuse it.
+    let first = std::fs::read_dir(&sharded).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with("part-")).count();
+    assert!(Dataset::open(&[sharded.display().to_string()]).unwrap_err().to_string().contains("unfinished magpie synth output"));
     // Slurm's variables select the other shard.
     let output = Command::new(env!("CARGO_BIN_EXE_magpie"))
         .args(synth_args(&sharded, &[]))
@@ -254,7 +239,7 @@ fn shards_write_disjoint_parts_that_concatenate_to_the_whole_run() {
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let all = rows(&sharded);
-    assert!(!first.is_empty() && first.len() < all.len());
+    assert_eq!(first, 2, "shard 0 of 2 writes chunks 0 and 2 of 4");
     assert_eq!(all, rows(&whole));
 }
 
@@ -280,7 +265,7 @@ fn rerunning_into_an_output_with_other_settings_is_refused() {
     let args = synth_args(&out, &["--num", "3", "--seed", "7"]);
     let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(&args).output().unwrap();
     assert_eq!(output.status.code(), Some(1));
-    assert!(stderr(&output).contains("holds a run with other settings (args.seed)"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("holds a finished synth run with other settings (args.seed)"), "{}", stderr(&output));
 }
 
 // ---- filter ----

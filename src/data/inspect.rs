@@ -2,6 +2,8 @@
 //! row count, the schema with per-column null counts, length statistics (characters for text,
 //! items for lists, turns for conversations, values for numbers) and a few sample conversations.
 //! It reads through the same normaliser as every stage, so it shows what the stages will see.
+//! For a magpie output it shows how it was made (the manifest, or a single file's footer). Text
+//! from the data is printed with control characters escaped, so no file can drive the terminal.
 
 use super::messages::{read_turns, Message};
 use super::read::Dataset;
@@ -112,12 +114,15 @@ pub fn report(input: &str, samples: usize) -> Result<String> {
 
     let mut out = String::new();
     let files = dataset.files.len();
-    writeln!(out, "== {} ({files} file{})", dataset.name, if files == 1 { "" } else { "s" })?;
+    writeln!(out, "== {} ({files} file{})", printable(&dataset.name), if files == 1 { "" } else { "s" })?;
+    if let Some(made) = provenance(input)? {
+        writeln!(out, "made by: {made}")?;
+    }
     writeln!(out, "rows: {}", dataset.num_rows)?;
     writeln!(out, "columns:")?;
-    let width = fields.iter().map(|f| f.name().len()).max().unwrap_or(0);
+    let width = fields.iter().map(|f| printable(f.name()).chars().count()).max().unwrap_or(0);
     for (i, field) in fields.iter().enumerate() {
-        let mut line = format!("  {:width$}  nulls {:>7}", field.name(), nulls[i]);
+        let mut line = format!("  {:width$}  nulls {:>7}", printable(field.name()), nulls[i]);
         if let Some(name) = measure_name(field.data_type())
             && summaries[i].count > 0
         {
@@ -136,7 +141,7 @@ pub fn report(input: &str, samples: usize) -> Result<String> {
 
 fn write_sample(out: &mut String, batch: &RecordBatch, row: usize) -> Result<()> {
     let uuid = batch.column_by_name("uuid").map(|a| a.as_string::<i32>().value(row).to_string()).unwrap_or_default();
-    writeln!(out, "--- sample uuid={uuid}")?;
+    writeln!(out, "--- sample uuid={}", printable(&uuid))?;
     let turns = |name: &str| -> Option<Vec<Message>> {
         let array = batch.column_by_name(name)?;
         read_turns(array.slice(row, 1).as_ref(), "role", "content").pop().flatten()
@@ -147,14 +152,55 @@ fn write_sample(out: &mut String, batch: &RecordBatch, row: usize) -> Result<()>
             writeln!(out, "  ({name})")?;
         }
         for message in messages {
-            writeln!(out, "  [{}] {}", message.role, preview(&message.content))?;
+            writeln!(out, "  [{}] {}", printable(&message.role), preview(&message.content))?;
         }
     }
     Ok(())
 }
 
-/// The first 300 characters of `text`, on one line.
+/// One line on how a magpie output was made: its manifest, or a single file's parquet footer.
+fn provenance(input: &str) -> Result<Option<String>> {
+    let path = std::path::Path::new(input);
+    let (tool, stage, command, kind) = if path.is_dir() {
+        let Some(m) = crate::output::Manifest::read(path)? else { return Ok(None) };
+        (m.tool, m.provenance.stage, m.provenance.command, format!("{}, {} files", m.kind, m.files.len()))
+    } else {
+        let Some(footer) = super::write::provenance_of(path) else { return Ok(None) };
+        let Ok(p) = serde_json::from_value::<crate::output::Provenance>(footer["provenance"].clone()) else { return Ok(None) };
+        (footer["tool"].as_str().unwrap_or("magpie").to_string(), p.stage, p.command, "dataset, 1 file".to_string())
+    };
+    Ok(Some(printable(&format!("{tool} {stage} ({kind}): {}", command.join(" ")))))
+}
+
+/// `text` on one line with every control character escaped: a newline shows as ⏎, others as
+/// `\u{1b}` and the like (ESC, BEL and NUL would otherwise reach the terminal).
+fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push('⏎'),
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The first 300 characters of `text`, on one line, control characters escaped.
 fn preview(text: &str) -> String {
-    let flat: String = text.chars().take(300).map(|c| if c == '\n' { '⏎' } else { c }).collect();
+    let head: String = text.chars().take(300).collect();
+    let flat = printable(&head);
     if text.chars().count() > 300 { format!("{flat}…") } else { flat }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_before_they_reach_a_terminal() {
+        let shown = preview("red\u{1b}[31m alert\u{7}\u{0}\nnext\ttab");
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown:?}");
+        assert_eq!(shown, "red\\u{1b}[31m alert\\u{7}\\u{0}⏎next\\u{9}tab");
+    }
 }

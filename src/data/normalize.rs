@@ -271,7 +271,7 @@ fn derived_uuids(origin: Origin, num_rows: usize) -> ArrayRef {
 #[cfg(test)]
 mod tests {
     use super::super::messages::read_turns;
-    use super::super::test_support::{batch, fixture, read_all, text, write};
+    use crate::test_support::{batch, fixture, read_all, text, write};
     use super::*;
     use arrow::array::{AsArray, Int64Array};
 

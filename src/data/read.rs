@@ -25,7 +25,29 @@ pub struct Dataset {
 
 /// The files an input spec names: a file; every `*.parquet` directly in a directory (hidden
 /// files, such as magpie's temporary outputs, are skipped); or the matches of a glob. Sorted.
+/// An unfinished magpie output is refused, and so is a finished one whose parts differ from
+/// its manifest.
 pub fn resolve(spec: &str) -> Result<Vec<PathBuf>> {
+    let files = resolve_files(spec)?;
+    let mut folders: Vec<PathBuf> = files.iter().map(|f| f.parent().map(Path::to_path_buf).unwrap_or_default()).collect();
+    folders.dedup();
+    for folder in &folders {
+        let folder = if folder.as_os_str().is_empty() { Path::new(".") } else { folder.as_path() };
+        crate::output::require_finished(folder)?;
+        if let Some(manifest) = crate::output::Manifest::read(folder)? {
+            let listed: std::collections::HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
+            for file in files.iter().filter(|f| f.parent() == Some(folder)) {
+                let name = file.file_name().unwrap_or_default().to_string_lossy();
+                if !listed.contains(name.as_ref()) {
+                    bail!("{}: not listed in {}; the output was changed after magpie wrote it", file.display(), folder.join(crate::output::MANIFEST).display());
+                }
+            }
+        }
+    }
+    Ok(files)
+}
+
+fn resolve_files(spec: &str) -> Result<Vec<PathBuf>> {
     let path = Path::new(spec);
     if path.is_dir() {
         let mut files: Vec<PathBuf> = std::fs::read_dir(path)
@@ -196,7 +218,7 @@ impl Iterator for Batches<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_support::{batch, read_all, text, write};
+    use crate::test_support::{batch, read_all, text, write};
     use super::*;
     use arrow::array::{ArrayRef, Int64Array};
     use std::sync::Arc;

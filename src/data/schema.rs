@@ -1,5 +1,5 @@
 //! The column catalogue: the one place in code that names magpie's canonical columns, their Arrow
-//! types and what they hold (the README's table is generated from the same words).
+//! types and what they hold (the README's column table repeats these words; keep them in step).
 //!
 //! Every stage reads and writes these names. A column that is not in the catalogue is carried
 //! through every stage unchanged. Every column is nullable except `uuid`.
@@ -61,7 +61,7 @@ const fn col(name: &'static str, kind: Kind, doc: &'static str) -> Column {
     Column { name, kind, doc }
 }
 
-/// The canonical columns (REFERENCE §4), in the order stages write them.
+/// The canonical columns (docs/upstream.md §4), in the order stages write them.
 pub const CATALOGUE: &[Column] = &[
     col("uuid", Kind::Text, "unique row id; the only non-nullable column"),
     col("messages", Kind::Messages, "the conversation, [{role, content}] (HF/TRL convention)"),

@@ -1,13 +1,16 @@
-//! Writing datasets atomically: a single `.parquet` file, or a directory of
-//! `part-NNNNN.parquet` parts. Everything goes to a hidden temporary name beside the target and is
-//! renamed into place by `finish`; an error, a drop without `finish` or a kill leaves no file that
-//! looks finished (readers skip hidden names).
+//! Writing datasets atomically: a single `.parquet` file, or a folder of `part-NNNNN.parquet`
+//! parts with a manifest (`crate::output`). Everything goes to a hidden temporary beside the
+//! target; [`DatasetWriter::finish`] closes it and [`Staged::commit`] puts it in place. An error,
+//! a drop before the commit or a kill leaves nothing that looks finished (readers skip hidden
+//! names, and a folder without its manifest is not a finished output).
 
+use crate::output::{self, Manifest, Provenance};
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,64 +18,41 @@ use std::path::{Path, PathBuf};
 /// Rows per part file when writing a directory.
 pub const PART_ROWS: usize = 100_000;
 
+/// The parquet footer key that holds the provenance of a file magpie wrote.
+const PROVENANCE_KEY: &str = "magpie";
+
 /// The name of part `index` in a directory output.
 pub fn part_name(index: usize) -> String {
     format!("part-{index:05}.parquet")
 }
 
-fn writer_properties() -> WriterProperties {
-    WriterProperties::builder().set_compression(Compression::SNAPPY).build()
-}
-
-/// Opens a parquet writer on `path` with magpie's writer settings.
-pub fn parquet_writer(path: &Path, schema: SchemaRef) -> Result<ArrowWriter<File>> {
+/// Opens a parquet writer on `path` with magpie's writer settings and, when given, the
+/// provenance in the footer (how `--overwrite` knows a single file is ours).
+pub fn parquet_writer(path: &Path, schema: SchemaRef, provenance: Option<&Provenance>) -> Result<ArrowWriter<File>> {
     let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-    Ok(ArrowWriter::try_new(file, schema, Some(writer_properties()))?)
+    let mut properties = WriterProperties::builder().set_compression(Compression::SNAPPY);
+    if let Some(provenance) = provenance {
+        let value = serde_json::json!({ "tool": output::tool(), "provenance": provenance }).to_string();
+        properties = properties.set_key_value_metadata(Some(vec![KeyValue::new(PROVENANCE_KEY.to_string(), value)]));
+    }
+    ArrowWriter::try_new(file, schema, Some(properties.build())).with_context(|| format!("{}: cannot write parquet", path.display()))
 }
 
-/// A hidden sibling of `target` to write into before the final rename.
-pub fn temporary_sibling(target: &Path) -> Result<PathBuf> {
-    let name = target.file_name().with_context(|| format!("{}: not a file name", target.display()))?;
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    if !parent.is_dir() {
-        bail!("{}: parent directory does not exist", target.display());
-    }
-    Ok(parent.join(format!(".{}.magpie-tmp-{}", name.to_string_lossy(), std::process::id())))
+/// The tool and provenance magpie left in a parquet file's footer; `None` for other files.
+pub fn provenance_of(path: &Path) -> Option<serde_json::Value> {
+    let file = File::open(path).ok()?;
+    let reader = parquet::file::reader::SerializedFileReader::new(file).ok()?;
+    let metadata = parquet::file::reader::FileReader::metadata(&reader).file_metadata().key_value_metadata()?.clone();
+    let value = metadata.iter().find(|kv| kv.key == PROVENANCE_KEY)?.value.clone()?;
+    serde_json::from_str(&value).ok()
 }
 
-/// Writes `bytes` to `target` through a temporary sibling and a rename.
-pub fn write_atomically(target: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary_sibling(target)?;
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    std::fs::rename(&tmp, target).with_context(|| format!("{}: cannot rename into place", target.display()))
-}
-
-/// Fills a fresh temporary sibling directory with `fill`, then renames it over `target`, so a
-/// kill never leaves a half-written directory there.
-pub fn write_dir_atomically(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temporary_sibling(target)?;
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    if let Err(e) = fill(&tmp) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if target.exists() {
-        std::fs::remove_dir_all(target).with_context(|| format!("{}: cannot replace", target.display()))?;
-    }
-    std::fs::rename(&tmp, target).with_context(|| format!("{}: cannot rename into place", target.display()))
-}
-
-/// Streams record batches into `target`; nothing is visible there until [`DatasetWriter::finish`].
+/// Streams record batches into `target`; nothing is visible there until the commit.
 pub struct DatasetWriter {
     target: PathBuf,
     tmp: PathBuf,
     schema: SchemaRef,
+    provenance: Provenance,
     /// `None` for a single-file output.
     part_rows: Option<usize>,
     current: Option<ArrowWriter<File>>,
@@ -84,9 +64,9 @@ pub struct DatasetWriter {
 
 impl DatasetWriter {
     /// A target ending in `.parquet` is one file; anything else is a directory of parts.
-    pub fn create(target: &Path, schema: SchemaRef) -> Result<Self> {
+    pub fn create(target: &Path, schema: SchemaRef, provenance: &Provenance) -> Result<Self> {
         let single = target.extension().is_some_and(|e| e == "parquet");
-        let tmp = temporary_sibling(target)?;
+        let tmp = output::temporary_sibling(target)?;
         if !single {
             std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         }
@@ -94,6 +74,7 @@ impl DatasetWriter {
             target: target.to_path_buf(),
             tmp,
             schema,
+            provenance: provenance.clone(),
             part_rows: (!single).then_some(PART_ROWS),
             current: None,
             parts: 0,
@@ -111,6 +92,15 @@ impl DatasetWriter {
         self
     }
 
+    fn open_part(&mut self) -> Result<()> {
+        let (path, provenance) = match self.part_rows {
+            Some(_) => (self.tmp.join(part_name(self.parts)), None),
+            None => (self.tmp.clone(), Some(&self.provenance)),
+        };
+        self.current = Some(parquet_writer(&path, self.schema.clone(), provenance)?);
+        Ok(())
+    }
+
     pub fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         if batch.schema().fields() != self.schema.fields() {
             bail!("internal: batch schema differs from the output schema of {}", self.target.display());
@@ -123,15 +113,11 @@ impl DatasetWriter {
                 self.close_part()?;
             }
             if self.current.is_none() {
-                let path = match self.part_rows {
-                    Some(_) => self.tmp.join(part_name(self.parts)),
-                    None => self.tmp.clone(),
-                };
-                self.current = Some(parquet_writer(&path, self.schema.clone())?);
+                self.open_part()?;
             }
             let room = self.part_rows.map_or(usize::MAX, |limit| limit - self.rows_in_part);
             let take = room.min(batch.num_rows() - offset);
-            self.current.as_mut().unwrap().write(&batch.slice(offset, take))?;
+            self.current.as_mut().unwrap().write(&batch.slice(offset, take)).with_context(|| format!("{}: cannot write", self.target.display()))?;
             self.rows_in_part += take;
             self.rows += take as u64;
             offset += take;
@@ -141,33 +127,26 @@ impl DatasetWriter {
 
     fn close_part(&mut self) -> Result<()> {
         if let Some(writer) = self.current.take() {
-            writer.close()?;
+            writer.close().with_context(|| format!("{}: cannot write", self.target.display()))?;
             self.parts += 1;
             self.rows_in_part = 0;
         }
         Ok(())
     }
 
-    /// Closes the output and renames it into place, replacing an earlier output. Returns the rows
-    /// written.
-    pub fn finish(mut self) -> Result<u64> {
+    /// Closes the output (a folder gets its manifest) without putting it in place yet: the
+    /// caller may read it (`Staged::path`) and write companions before [`Staged::commit`].
+    pub fn finish(mut self) -> Result<Staged> {
         if self.current.is_none() && (self.part_rows.is_none() || self.parts == 0) {
             // Write the schema even for zero rows, so the output is a valid empty dataset.
-            let path = match self.part_rows {
-                Some(_) => self.tmp.join(part_name(0)),
-                None => self.tmp.clone(),
-            };
-            self.current = Some(parquet_writer(&path, self.schema.clone())?);
+            self.open_part()?;
         }
         self.close_part()?;
-        if self.target.is_dir() {
-            std::fs::remove_dir_all(&self.target)
-                .with_context(|| format!("{}: cannot replace the earlier output", self.target.display()))?;
+        if self.part_rows.is_some() {
+            Manifest::write(&self.tmp, "dataset", Some(self.rows), &self.provenance)?;
         }
-        std::fs::rename(&self.tmp, &self.target)
-            .with_context(|| format!("{}: cannot rename into place", self.target.display()))?;
         self.finished = true;
-        Ok(self.rows)
+        Ok(Staged { tmp: self.tmp.clone(), target: self.target.clone(), rows: self.rows, committed: false })
     }
 }
 
@@ -175,7 +154,41 @@ impl Drop for DatasetWriter {
     fn drop(&mut self) {
         if !self.finished {
             drop(self.current.take());
-            let _ = std::fs::remove_dir_all(&self.tmp).or_else(|_| std::fs::remove_file(&self.tmp));
+            remove(&self.tmp);
+        }
+    }
+}
+
+fn remove(path: &Path) {
+    let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+}
+
+/// A finished output still under its temporary name; removed unless committed.
+pub struct Staged {
+    tmp: PathBuf,
+    target: PathBuf,
+    pub rows: u64,
+    committed: bool,
+}
+
+impl Staged {
+    /// Where the finished output is now, to read it before the commit.
+    pub fn path(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Puts the output in place, replacing a finished output of ours there; returns the rows.
+    pub fn commit(mut self) -> Result<u64> {
+        output::commit(&self.tmp, &self.target)?;
+        self.committed = true;
+        Ok(self.rows)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            remove(&self.tmp);
         }
     }
 }
@@ -184,7 +197,7 @@ impl Drop for DatasetWriter {
 mod tests {
     use super::super::messages::build_messages;
     use super::super::schema::{self, Kind, CATALOGUE};
-    use super::super::test_support::read_all;
+    use crate::test_support::read_all;
     use super::super::Message;
     use super::*;
     use arrow::array::{
@@ -193,6 +206,10 @@ mod tests {
     };
     use arrow::datatypes::{DataType, Field, Float64Type, Schema};
     use std::sync::Arc;
+
+    fn provenance() -> Provenance {
+        Provenance::new("test", serde_json::json!({}))
+    }
 
     /// Two rows with a value in every catalogue column (and nulls in the second where allowed).
     fn every_column() -> RecordBatch {
@@ -238,14 +255,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let batch = every_column();
         for target in [dir.path().join("all.parquet"), dir.path().join("all-parts")] {
-            let mut writer = DatasetWriter::create(&target, batch.schema()).unwrap().with_part_rows(1);
+            let mut writer = DatasetWriter::create(&target, batch.schema(), &provenance()).unwrap().with_part_rows(1);
             writer.write(&batch).unwrap();
-            assert_eq!(writer.finish().unwrap(), 2);
+            assert_eq!(writer.finish().unwrap().commit().unwrap(), 2);
             let back = read_all(&[&target]).unwrap();
             assert_eq!(back, batch, "{}", target.display());
             assert!(schema::field(schema::lookup("uuid").unwrap()) == *back.schema().field(0));
         }
-        assert_eq!(std::fs::read_dir(dir.path().join("all-parts")).unwrap().count(), 2);
+        assert_eq!(std::fs::read_dir(dir.path().join("all-parts")).unwrap().count(), 3, "two parts and the manifest");
+        assert!(provenance_of(&dir.path().join("all.parquet")).is_some());
     }
 
     #[test]
@@ -253,9 +271,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let batch = every_column();
         for target in [dir.path().join("out.parquet"), dir.path().join("out-dir")] {
-            let mut writer = DatasetWriter::create(&target, batch.schema()).unwrap();
+            let mut writer = DatasetWriter::create(&target, batch.schema(), &provenance()).unwrap();
             writer.write(&batch).unwrap();
             drop(writer); // an error path: no finish
+            assert!(!target.exists());
+            let mut writer = DatasetWriter::create(&target, batch.schema(), &provenance()).unwrap();
+            writer.write(&batch).unwrap();
+            drop(writer.finish().unwrap()); // finished, but a later step failed: no commit
             assert!(!target.exists());
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "temporary files left behind");
@@ -267,9 +289,9 @@ mod tests {
         let target = dir.path().join("out");
         let batch = every_column();
         for rows in [2, 1] {
-            let mut writer = DatasetWriter::create(&target, batch.schema()).unwrap();
+            let mut writer = DatasetWriter::create(&target, batch.schema(), &provenance()).unwrap();
             writer.write(&batch.slice(0, rows)).unwrap();
-            writer.finish().unwrap();
+            writer.finish().unwrap().commit().unwrap();
         }
         assert_eq!(read_all(&[&target]).unwrap().num_rows(), 1);
     }

@@ -6,11 +6,26 @@
 use super::step::Step;
 use super::text::{hash64, instructions, normalize, uuids};
 use anyhow::Result;
-use super::Duplicates;
+use super::step::Duplicates;
 use arrow::array::{BooleanArray, RecordBatch, StringArray};
+use serde::Deserialize;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// `exact_dedup` in a recipe.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExactDedupConfig {
+    /// Drop the duplicates (false: keep them, marked, for `select`'s `keep_dedup`).
+    pub drop: bool,
+}
+
+impl Default for ExactDedupConfig {
+    fn default() -> Self {
+        ExactDedupConfig { drop: true }
+    }
+}
 
 pub struct ExactDedup {
     duplicates: Duplicates,
@@ -21,8 +36,8 @@ pub struct ExactDedup {
 }
 
 impl ExactDedup {
-    pub fn new(drop: bool) -> Self {
-        ExactDedup { duplicates: Duplicates::new(drop), first: HashMap::new(), scanned: 0, applied: 0 }
+    pub fn new(config: ExactDedupConfig) -> Self {
+        ExactDedup { duplicates: Duplicates::new(config.drop), first: HashMap::new(), scanned: 0, applied: 0 }
     }
 }
 
@@ -55,7 +70,7 @@ impl Step for ExactDedup {
             self.applied += 1;
         }
         let keep: BooleanArray = duplicate_of.iter().map(|d| Some(d.is_none())).collect();
-        let batch = super::with_column(batch, "exact_duplicate_of", Arc::new(StringArray::from(duplicate_of)))?;
+        let batch = super::step::with_column(batch, "exact_duplicate_of", Arc::new(StringArray::from(duplicate_of)))?;
         self.duplicates.settle(batch, &keep)
     }
 

@@ -7,6 +7,7 @@ use super::step::Step;
 use super::text::{instructions, responses};
 use anyhow::Result;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -64,6 +65,11 @@ pub fn language(text: &str) -> Option<String> {
     whatlang::detect(text).map(|info| iso_639_1(info.lang().code()).to_uppercase())
 }
 
+/// `heuristics` in a recipe: no settings; the rules are fixed (docs/upstream.md §3's).
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeuristicsConfig {}
+
 #[derive(Default)]
 pub struct Heuristics {
     flagged: BTreeMap<&'static str, u64>,
@@ -105,7 +111,7 @@ impl Step for Heuristics {
             if let Some(flags) = array.as_boolean_opt() {
                 *self.flagged.entry(name).or_default() += flags.true_count() as u64;
             }
-            batch = super::with_column(batch, name, array)?;
+            batch = super::step::with_column(batch, name, array)?;
         }
         Ok(batch)
     }

@@ -11,12 +11,14 @@
 
 use super::step::Step;
 use super::text::instructions;
-use crate::chat_template::ChatTemplate;
+use crate::model::chat_template::ChatTemplate;
 use crate::data::Message;
-use crate::synth::engine::{self, Engine, EngineChoice, EngineOptions, Request, Sampling};
-use crate::synth::{model, template};
+use crate::engine::lookup as model;
+use crate::engine::{self, Engine, EngineChoice, EngineOptions, Request, Sampling};
+use crate::model::pre_query as template;
 use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -34,7 +36,7 @@ const DIFFICULTY_PROMPT: &str = "# Instruction\n\nYou first need to identify the
 const CATEGORY_PROMPT: &str = "# Instruction\n\nPlease label the task tags for the user query.\n\n## User Query\n```\n{input}\n```\n\n## Tagging the user input\nPlease label the task tags for the user query. You will need to analyze the user query and select the most relevant task tag from the list below.\n\nall_task_tags = [\n    \"Information seeking\",  # Users ask for specific information or facts about various topics.\n    \"Reasoning\",  # Queries require logical thinking, problem-solving, or processing of complex ideas.\n    \"Planning\",  # Users need assistance in creating plans or strategies for activities and projects.\n    \"Editing\",  # Involves editing, rephrasing, proofreading, or other tasks related to the composition of general written content.\n    \"Coding & Debugging\",  # Users seek help with writing, reviewing, or fixing code in programming.\n    \"Math\",  # Queries related to mathematical concepts, problems, and calculations.\n    \"Role playing\",  # Users engage in scenarios requiring ChatGPT to adopt a character or persona.\n    \"Data analysis\",  # Requests involve interpreting data, statistics, or performing analytical tasks.\n    \"Creative writing\",  # Users seek assistance with crafting stories, poems, or other creative texts.\n    \"Advice seeking\",  # Users ask for recommendations or guidance on various personal or professional issues.\n    \"Brainstorming\",  # Involves generating ideas, creative thinking, or exploring possibilities.\n    \"Others\"  # Any queries that do not fit into the above categories or are of a miscellaneous nature.\n]\n\n## Output Format:\nNote that you can only select a single primary tag. Other applicable tags can be added to the list of other tags.\nNow, please output your tags below in a json format by filling in the placeholders in <...>:\n```\n{\n    \"primary_tag\": \"<primary tag>\",\n    \"other_tags\": [\"<tag 1>\", \"<tag 2>\", ... ]\n}\n```\n";
 
 /// One kind of judgement: its prompt and how its answer maps onto columns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tag {
     Quality,
@@ -109,7 +111,7 @@ impl JudgeModel {
         let info = model::resolve(model.as_deref())?;
         let chat = info.chat_template.with_context(|| format!("{}: the judge model has no chat template", info.path.display()))?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let options = EngineOptions { choice: EngineChoice::Auto, batch_size, threads, kv_tokens: 65536, cuda: cfg!(feature = "cuda") };
+        let options = EngineOptions::new(EngineChoice::Auto, batch_size, threads, 65536);
         let engine = engine::open(&info.path, &options)?;
         let stops = template::derive(&chat, None)?.stops;
         let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens, seed: 0, stop_strings: stops, stop_token_ids: vec![] };
@@ -128,6 +130,26 @@ impl JudgeModel {
     }
 }
 
+/// `judge_tags` in a recipe.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JudgeTagsConfig {
+    /// Judge model (GGUF or safetensors directory); default: the embedded SmolLM2.
+    pub judge_model: Option<PathBuf>,
+    /// Which tags to ask for.
+    pub tags: Vec<Tag>,
+    /// Most tokens per judge answer.
+    pub max_tokens: usize,
+    /// Prompts decoded together.
+    pub batch_size: usize,
+}
+
+impl Default for JudgeTagsConfig {
+    fn default() -> Self {
+        JudgeTagsConfig { judge_model: None, tags: vec![Tag::Quality, Tag::Difficulty, Tag::Category], max_tokens: 256, batch_size: 32 }
+    }
+}
+
 pub struct JudgeTags {
     judge: JudgeModel,
     tags: Vec<Tag>,
@@ -135,8 +157,9 @@ pub struct JudgeTags {
 }
 
 impl JudgeTags {
-    pub fn new(judge_model: Option<PathBuf>, tags: Vec<Tag>, max_tokens: usize, batch_size: usize) -> Result<Self> {
-        Ok(JudgeTags { judge: JudgeModel::load(judge_model, max_tokens, batch_size)?, tags, failures: BTreeMap::new() })
+    pub fn new(config: JudgeTagsConfig) -> Result<Self> {
+        let judge = JudgeModel::load(config.judge_model, config.max_tokens, config.batch_size)?;
+        Ok(JudgeTags { judge, tags: config.tags, failures: BTreeMap::new() })
     }
 }
 
@@ -172,7 +195,7 @@ impl Step for JudgeTags {
                         value
                     })
                     .collect();
-                batch = super::with_column(batch, column, Arc::new(values))?;
+                batch = super::step::with_column(batch, column, Arc::new(values))?;
             }
             if tag == Tag::Category {
                 let mut others = ListBuilder::new(StringBuilder::new());
@@ -180,7 +203,7 @@ impl Step for JudgeTags {
                     let tags = answer.get("other_tags").and_then(Value::as_array);
                     others.append_value(tags.into_iter().flatten().filter_map(|t| t.as_str().and_then(|t| on_scale(t, TASK_TAGS))).map(Some));
                 }
-                batch = super::with_column(batch, "other_task_category", Arc::new(others.finish()) as ArrayRef)?;
+                batch = super::step::with_column(batch, "other_task_category", Arc::new(others.finish()) as ArrayRef)?;
             }
         }
         Ok(batch)

@@ -18,11 +18,12 @@
 use super::step::Step;
 use super::text::{hash64, instructions, normalize, uuids};
 use anyhow::{bail, Result};
-use super::Duplicates;
+use super::step::Duplicates;
 use arrow::array::{BooleanArray, RecordBatch, StringArray};
 use minhash_rs::lsh::band_hash;
 use minhash_rs::prelude::{MinHash, MinHasher};
 use rayon::prelude::*;
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -148,6 +149,28 @@ pub fn cluster(band_hashes: &[Vec<u64>], bands: usize, verify: Verify) -> Cluste
     clusters
 }
 
+/// `minhash_dedup` in a recipe; the defaults are datatrove's and Magpie's.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MinhashDedupConfig {
+    /// Word n-gram size of the shingles.
+    pub ngram: usize,
+    /// Hash functions per signature: 64, 128 or 256.
+    pub num_perm: usize,
+    /// Jaccard similarity above which two rows are near duplicates.
+    pub threshold: f64,
+    /// Drop the duplicates (false: keep them, marked).
+    pub drop: bool,
+    /// Check LSH candidates on their signatures (see the module docs); false is plain LSH.
+    pub verify: bool,
+}
+
+impl Default for MinhashDedupConfig {
+    fn default() -> Self {
+        MinhashDedupConfig { ngram: 5, num_perm: 128, threshold: 0.7, drop: true, verify: true }
+    }
+}
+
 pub struct MinhashDedup {
     ngram: usize,
     num_perm: usize,
@@ -167,7 +190,8 @@ pub struct MinhashDedup {
 }
 
 impl MinhashDedup {
-    pub fn new(ngram: usize, num_perm: usize, threshold: f64, drop: bool, verify: bool) -> Result<Self> {
+    pub fn new(config: MinhashDedupConfig) -> Result<Self> {
+        let MinhashDedupConfig { ngram, num_perm, threshold, drop, verify } = config;
         if ![64, 128, 256].contains(&num_perm) {
             bail!("minhash_dedup: num_perm must be 64, 128 or 256, got {num_perm}");
         }
@@ -235,7 +259,7 @@ impl Step for MinhashDedup {
         self.applied = rows.end;
         let cluster: StringArray = rows.clone().map(|i| Some(self.uuids[self.roots[i] as usize].as_str())).collect();
         let keep: BooleanArray = rows.map(|i| Some(self.roots[i] as usize == i)).collect();
-        let batch = super::with_column(batch, "minhash_cluster", Arc::new(cluster))?;
+        let batch = super::step::with_column(batch, "minhash_cluster", Arc::new(cluster))?;
         self.duplicates.settle(batch, &keep)
     }
 
@@ -265,7 +289,7 @@ mod tests {
 
     #[test]
     fn planted_near_duplicates_cluster_and_distinct_texts_do_not() {
-        let dedup = MinhashDedup::new(5, 128, 0.7, true, false).unwrap();
+        let dedup = MinhashDedup::new(MinhashDedupConfig { verify: false, ..Default::default() }).unwrap();
         let base = "please write a detailed step by step guide explaining how to bake sourdough bread at home for complete beginners who only have simple kitchen tools and a small oven and want to understand why each step of the process matters for the final loaf";
         let texts = [
             base.to_string(),

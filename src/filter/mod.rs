@@ -1,4 +1,4 @@
-//! `magpie filter`: the steps that turn raw synthesis into a training set (REFERENCE §3), each
+//! `magpie filter`: the steps that turn raw synthesis into a training set (docs/upstream.md §3), each
 //! usable alone and composed by a recipe's `steps` list:
 //!
 //! - `exact_dedup` (`exact`): normalised-instruction duplicates;
@@ -16,7 +16,6 @@
 //! Every run writes a JSON report beside the output: rows in and out per step, why rows were
 //! dropped, and the distributions of the tag columns in the output.
 
-pub mod embed;
 pub mod exact;
 pub mod heuristics;
 pub mod judge;
@@ -28,15 +27,13 @@ pub mod semantic;
 pub mod step;
 pub mod text;
 
-use crate::data::{write::write_atomically, Dataset};
+use crate::data::Dataset;
+use crate::output::{self, Provenance, Rules};
 use anyhow::{bail, Context, Result};
-use arrow::array::{ArrayRef, RecordBatch};
-use arrow::datatypes::{Field, Schema};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use step::Step;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -61,169 +58,54 @@ pub struct FilterArgs {
     /// Where to write the JSON report (default: beside the output, `<output>.report.json`).
     #[arg(long)]
     pub report: Option<PathBuf>,
+
+    /// Replace an earlier magpie output (and report) at --output (only what magpie wrote there).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
-fn yes() -> bool {
-    true
-}
-fn five() -> usize {
-    5
-}
-fn perms() -> usize {
-    128
-}
-fn seven_tenths() -> f64 {
-    0.7
-}
-fn five_hundred() -> usize {
-    500
-}
-fn two_fifty_six() -> usize {
-    256
-}
-fn thirty_two() -> usize {
-    32
-}
-fn eight() -> usize {
-    8
-}
-fn two_thousand_forty_eight() -> usize {
-    2048
-}
-fn all_tags() -> Vec<judge::Tag> {
-    vec![judge::Tag::Quality, judge::Tag::Difficulty, judge::Tag::Category]
-}
-
-/// One step of a recipe's `steps` list.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(tag = "step", rename_all = "snake_case", deny_unknown_fields)]
+/// One step of a recipe's `steps` list: its name under `step`, and its own config's fields.
+/// Every field has a default (in the step's config); unknown fields are errors.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
 pub enum StepConfig {
-    ExactDedup {
-        #[serde(default = "yes")]
-        drop: bool,
-    },
-    MinhashDedup {
-        #[serde(default = "five")]
-        ngram: usize,
-        #[serde(default = "perms")]
-        num_perm: usize,
-        #[serde(default = "seven_tenths")]
-        threshold: f64,
-        #[serde(default = "yes")]
-        drop: bool,
-        /// Check LSH candidates on their signatures (see `minhash`); false is plain LSH.
-        #[serde(default = "yes")]
-        verify: bool,
-    },
-    Heuristics {},
+    ExactDedup(exact::ExactDedupConfig),
+    MinhashDedup(minhash::MinhashDedupConfig),
+    Heuristics(heuristics::HeuristicsConfig),
     Select(select::SelectConfig),
-    SemanticDedup {
-        /// Embedding model folder (default: `$MAGPIE_HOME/all-minilm-l6-v2`).
-        model: Option<PathBuf>,
-        #[serde(default = "five_hundred")]
-        k: usize,
-        #[serde(default = "yes")]
-        drop: bool,
-    },
-    JudgeTags {
-        /// Judge model (GGUF or safetensors directory); default: the embedded SmolLM2.
-        judge_model: Option<PathBuf>,
-        #[serde(default = "all_tags")]
-        tags: Vec<judge::Tag>,
-        #[serde(default = "two_fifty_six")]
-        max_tokens: usize,
-        #[serde(default = "thirty_two")]
-        batch_size: usize,
-    },
-    RewardScores {
-        /// A Hugging Face LlamaForSequenceClassification directory (safetensors, `score` head).
-        reward_model: PathBuf,
-        #[serde(default = "two_thousand_forty_eight")]
-        max_length: usize,
-        #[serde(default = "eight")]
-        batch_size: usize,
-    },
-    SafetyTag {
-        /// Llama-Guard-style model (its own chat template is used when it has one); default: the
-        /// embedded SmolLM2.
-        guard_model: Option<PathBuf>,
-        #[serde(default = "thirty_two")]
-        batch_size: usize,
-    },
+    SemanticDedup(semantic::SemanticDedupConfig),
+    JudgeTags(judge::JudgeTagsConfig),
+    RewardScores(reward::RewardScoresConfig),
+    SafetyTag(safety::SafetyTagConfig),
 }
 
 pub type Steps = Vec<StepConfig>;
 
 fn parse_steps(json: &str) -> Result<Steps, String> {
-    serde_json::from_str(json).map_err(|e| format!("bad `steps`: {e}"))
+    let steps: Steps = serde_json::from_str(json).map_err(|e| format!("bad `steps`: {e}"))?;
+    for step in &steps {
+        if let StepConfig::RewardScores(config) = step
+            && config.reward_model.is_none()
+        {
+            return Err("bad `steps`: reward_scores: missing field `reward_model` (a LlamaForSequenceClassification directory)".into());
+        }
+    }
+    Ok(steps)
 }
 
 impl StepConfig {
     fn build(self) -> Result<Box<dyn Step>> {
         Ok(match self {
-            StepConfig::ExactDedup { drop } => Box::new(exact::ExactDedup::new(drop)),
-            StepConfig::MinhashDedup { ngram, num_perm, threshold, drop, verify } => {
-                Box::new(minhash::MinhashDedup::new(ngram, num_perm, threshold, drop, verify)?)
-            }
-            StepConfig::Heuristics {} => Box::new(heuristics::Heuristics::default()),
+            StepConfig::ExactDedup(config) => Box::new(exact::ExactDedup::new(config)),
+            StepConfig::MinhashDedup(config) => Box::new(minhash::MinhashDedup::new(config)?),
+            StepConfig::Heuristics(_) => Box::new(heuristics::Heuristics::default()),
             StepConfig::Select(config) => Box::new(select::Select::new(config)?),
-            StepConfig::JudgeTags { judge_model, tags, max_tokens, batch_size } => {
-                Box::new(judge::JudgeTags::new(judge_model, tags, max_tokens, batch_size)?)
-            }
-            StepConfig::SafetyTag { guard_model, batch_size } => Box::new(safety::SafetyTag::new(guard_model, batch_size)?),
-            StepConfig::SemanticDedup { model, k, drop } => {
-                let model = model.unwrap_or_else(|| crate::synth::model::magpie_home().join(embed::DEFAULT_MODEL_DIR));
-                Box::new(semantic::SemanticDedup::new(&model, k, drop)?)
-            }
-            StepConfig::RewardScores { reward_model, max_length, batch_size } => {
-                Box::new(reward::RewardScores::new(&reward_model, max_length, batch_size)?)
-            }
+            StepConfig::JudgeTags(config) => Box::new(judge::JudgeTags::new(config)?),
+            StepConfig::SafetyTag(config) => Box::new(safety::SafetyTag::new(config)?),
+            StepConfig::SemanticDedup(config) => Box::new(semantic::SemanticDedup::new(config)?),
+            StepConfig::RewardScores(config) => Box::new(reward::RewardScores::new(config)?),
         })
     }
-}
-
-/// What the dedup steps share: counting the rows they mark as duplicates, and dropping them or
-/// keeping them (for `select`'s `keep_dedup`) as the step's `drop` option says.
-pub struct Duplicates {
-    drop: bool,
-    found: u64,
-}
-
-impl Duplicates {
-    pub fn new(drop: bool) -> Self {
-        Duplicates { drop, found: 0 }
-    }
-
-    /// Counts the rows `keep` marks false and drops them when `drop` is set.
-    pub fn settle(&mut self, batch: RecordBatch, keep: &arrow::array::BooleanArray) -> Result<RecordBatch> {
-        self.found += keep.false_count() as u64;
-        Ok(if self.drop { arrow::compute::filter_record_batch(&batch, keep)? } else { batch })
-    }
-
-    /// `duplicates` and `dropped` for the step's report.
-    pub fn report(&self) -> serde_json::Map<String, Value> {
-        let dropped = if self.drop { self.found } else { 0 };
-        [("duplicates".to_string(), json!(self.found)), ("dropped".to_string(), json!(dropped))].into_iter().collect()
-    }
-}
-
-/// `batch` with `name` replaced in place, or appended.
-pub fn with_column(batch: RecordBatch, name: &str, array: ArrayRef) -> Result<RecordBatch> {
-    let schema = batch.schema();
-    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-    let mut columns = batch.columns().to_vec();
-    let field = Field::new(name, array.data_type().clone(), true);
-    match schema.index_of(name) {
-        Ok(i) => {
-            fields[i] = field;
-            columns[i] = array;
-        }
-        Err(_) => {
-            fields.push(field);
-            columns.push(array);
-        }
-    }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
 }
 
 /// Value counts of the tag columns in `output`, for the report.
@@ -255,20 +137,47 @@ pub fn run(args: &FilterArgs) -> Result<()> {
         name.push(".report.json");
         args.output.with_file_name(name)
     });
-    let step_reports = step::run(input, steps, &args.output)?;
+    let mut inputs = input.files.clone();
+    inputs.extend(args.input.iter().map(PathBuf::from).filter(|p| p.is_dir()));
+    output::check(&args.output, &inputs, &Rules { overwrite: args.overwrite, resumable: None })?;
+    check_report_path(&report_path, &inputs, args.overwrite)?;
+    let provenance = Provenance::new("filter", json!({ "input": args.input, "steps": args.steps }));
+    let (staged, step_reports) = step::run(input, steps, &args.output, &provenance)?;
     let rows_out = step_reports.last().and_then(|r| r["rows_out"].as_u64()).unwrap_or(rows_in);
     let report = json!({
-        "input": args.input, "output": args.output, "rows_in": rows_in, "rows_out": rows_out,
-        "steps": step_reports, "distributions": distributions(&args.output)?,
+        "tool": output::tool(), "input": args.input, "output": args.output, "rows_in": rows_in, "rows_out": rows_out,
+        "steps": step_reports, "distributions": distributions(staged.path())?,
     });
+    // The report first, then the dataset: a failure at either leaves no finished-looking output.
     let text = serde_json::to_string_pretty(&report)?;
-    write_atomically(&report_path, text.as_bytes()).with_context(|| format!("{}: cannot write report", report_path.display()))?;
+    output::write_atomically(&report_path, text.as_bytes()).with_context(|| format!("{}: cannot write the report", report_path.display()))?;
+    if let Err(e) = staged.commit() {
+        let _ = std::fs::remove_file(&report_path);
+        return Err(e);
+    }
     println!("filter: {rows_in} rows in, {rows_out} rows out -> {}", args.output.display());
     for step in report["steps"].as_array().into_iter().flatten() {
         println!("  {:<14} {:>8} -> {:<8} {}", step["step"].as_str().unwrap_or(""), step["rows_in"], step["rows_out"], compact(step));
     }
     println!("report: {}", report_path.display());
     Ok(())
+}
+
+/// The report may replace only an earlier report of ours, and only with --overwrite.
+fn check_report_path(path: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<()> {
+    output::check_not_an_input(path, inputs)?;
+    if !path.exists() {
+        return Ok(());
+    }
+    let ours = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|v| v["tool"].as_str().is_some_and(|t| t.starts_with("magpie ")));
+    match (ours, overwrite) {
+        (false, _) => bail!("{}: exists and is not a magpie report; refusing to overwrite it (give --report elsewhere)", path.display()),
+        (true, false) => bail!("{}: an earlier report exists; pass --overwrite to replace it", path.display()),
+        (true, true) => Ok(()),
+    }
 }
 
 /// A step's extra report fields on one line.
@@ -284,8 +193,9 @@ fn compact(step: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data::test_support::{batch, read_all, text, write};
-    use arrow::array::{AsArray, Float64Array};
+    use crate::test_support::{batch, read_all, text, write};
+    use arrow::array::{ArrayRef, AsArray, Float64Array, RecordBatch};
+    use std::sync::Arc;
 
     fn steps(json: &str) -> Vec<Box<dyn Step>> {
         parse_steps(json).unwrap().into_iter().map(|s| s.build().unwrap()).collect()
@@ -299,7 +209,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "in.parquet", &input);
         let output = dir.path().join("out.parquet");
-        let report = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(json), &output).unwrap();
+        let (staged, report) = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(json), &output, &Provenance::new("test", ())).unwrap();
+        staged.commit().unwrap();
         (read_all(&[&output]).unwrap(), report)
     }
 

@@ -13,65 +13,31 @@ use super::step::Step;
 use super::text::{instructions, responses};
 use crate::data::messages::build_messages;
 use crate::data::Message;
-use crate::train::model::{llama, AttentionMask, Inputs, Llama, ModelDir};
-use crate::train::tokenize::ChatTokenizer;
+use crate::model::reward::RewardModel;
 use anyhow::{Context, Result};
 use arrow::array::{Array, Float64Array, Float64Builder, ListBuilder, RecordBatch, StringArray};
 use serde_json::{json, Value};
-use std::path::Path;
+use serde::Deserialize;
+use std::path::PathBuf;
 use std::sync::Arc;
-use tch::{nn, Device, Kind, Tensor};
 
-/// A loaded reward model.
-pub struct RewardModel {
-    pub name: String,
-    model: Llama,
-    _vs: nn::VarStore,
-    tokenizer: ChatTokenizer,
-    max_length: usize,
-    batch_size: usize,
+/// `reward_scores` in a recipe.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewardScoresConfig {
+    /// A Hugging Face LlamaForSequenceClassification directory (safetensors, `score` head).
+    pub reward_model: Option<PathBuf>,
+    /// Tokens per conversation; longer ones keep their start.
+    pub max_length: usize,
+    /// Conversations scored together.
+    pub batch_size: usize,
+    /// cpu, cuda, cuda:N or auto.
+    pub device: String,
 }
 
-impl RewardModel {
-    pub fn load(dir: &Path, max_length: usize, batch_size: usize) -> Result<Self> {
-        let model_dir = ModelDir::open(dir).with_context(|| "reward_scores: reward_model")?;
-        let vs = nn::VarStore::new(Device::cuda_if_available());
-        let model = Llama::sequence_classifier(&vs.root(), &model_dir.config)?;
-        model_dir.load_into(&vs).with_context(|| format!("{}: not a LlamaForSequenceClassification checkpoint (it needs `score.weight`)", dir.display()))?;
-        let tokenizer = ChatTokenizer::load(dir)?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| dir.display().to_string());
-        Ok(RewardModel { name, model, _vs: vs, tokenizer, max_length: max_length.max(2), batch_size: batch_size.max(1) })
-    }
-
-    /// The first score of each conversation. Conversations are batched in length order (less
-    /// padding); right padding and causal attention keep each score what it is alone.
-    pub fn score(&self, conversations: &[Vec<Message>]) -> Result<Vec<f64>> {
-        let mut rows = Vec::with_capacity(conversations.len());
-        for messages in conversations {
-            let text = self.tokenizer.template.render(messages, false)?;
-            let encoding = self.tokenizer.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("reward tokenizer: {e}"))?;
-            let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
-            ids.truncate(self.max_length);
-            rows.push(ids);
-        }
-        let mut order: Vec<usize> = (0..rows.len()).collect();
-        order.sort_by_key(|&i| rows[i].len());
-        let mut out = vec![0.0; rows.len()];
-        for chunk in order.chunks(self.batch_size) {
-            let width = chunk.iter().map(|&i| rows[i].len()).max().unwrap_or(1).max(1);
-            let padded: Vec<i64> =
-                chunk.iter().flat_map(|&i| rows[i].iter().copied().chain(std::iter::repeat(self.tokenizer.pad_id)).take(width)).collect();
-            let device = self.model.device();
-            let ids = Tensor::from_slice(&padded).view([chunk.len() as i64, width as i64]).to_device(device);
-            let last = Tensor::from_slice(&chunk.iter().map(|&i| rows[i].len().max(1) as i64 - 1).collect::<Vec<_>>()).to_device(device);
-            let positions = llama::default_positions(chunk.len() as i64, width as i64, device);
-            let scores = tch::no_grad(|| self.model.scores_at(&Inputs { ids: &ids, positions: &positions, mask: &AttentionMask::Causal }, &last));
-            let first: Vec<f64> = scores.select(1, 0).to_kind(Kind::Double).to_device(Device::Cpu).try_into()?;
-            for (&i, score) in chunk.iter().zip(first) {
-                out[i] = score;
-            }
-        }
-        Ok(out)
+impl Default for RewardScoresConfig {
+    fn default() -> Self {
+        RewardScoresConfig { reward_model: None, max_length: 2048, batch_size: 8, device: "auto".into() }
     }
 }
 
@@ -83,8 +49,13 @@ pub struct RewardScores {
 }
 
 impl RewardScores {
-    pub fn new(reward_model: &Path, max_length: usize, batch_size: usize) -> Result<Self> {
-        Ok(RewardScores { model: RewardModel::load(reward_model, max_length, batch_size)?, scored: 0, pairs: 0, ties: 0 })
+    pub fn new(config: RewardScoresConfig) -> Result<Self> {
+        let Some(reward_model) = config.reward_model else {
+            anyhow::bail!("reward_scores: `reward_model` is required (a LlamaForSequenceClassification directory)");
+        };
+        let device = crate::model::parse_device(&config.device)?;
+        let model = RewardModel::load(&reward_model, config.max_length, config.batch_size, device)?;
+        Ok(RewardScores { model, scored: 0, pairs: 0, ties: 0 })
     }
 }
 
@@ -110,9 +81,9 @@ impl Step for RewardScores {
         let conversations: Vec<Vec<Message>> = instructions.iter().zip(&responses).map(|(i, r)| exchange(i, r)).collect();
         let rewards = self.model.score(&conversations)?;
         self.scored += rewards.len() as u64;
-        let mut batch = super::with_column(batch, "instruct_reward", Arc::new(Float64Array::from(rewards)))?;
+        let mut batch = super::step::with_column(batch, "instruct_reward", Arc::new(Float64Array::from(rewards)))?;
         let names: StringArray = std::iter::repeat_n(Some(self.model.name.as_str()), batch.num_rows()).collect();
-        batch = super::with_column(batch, "reward_model", Arc::new(names))?;
+        batch = super::step::with_column(batch, "reward_model", Arc::new(names))?;
         let Some(samples) = batch.column_by_name("responses").cloned() else { return Ok(batch) };
         let samples = samples
             .as_any()
@@ -150,9 +121,9 @@ impl Step for RewardScores {
                 }
             }
         }
-        batch = super::with_column(batch, "rewards", Arc::new(per_row_rewards.finish()))?;
+        batch = super::step::with_column(batch, "rewards", Arc::new(per_row_rewards.finish()))?;
         for (name, rows) in [("prompt", prompts), ("chosen", chosen), ("rejected", rejected)] {
-            batch = super::with_column(batch, name, build_messages(rows.iter().map(|r| r.as_deref())))?;
+            batch = super::step::with_column(batch, name, build_messages(rows.iter().map(|r| r.as_deref())))?;
         }
         Ok(batch)
     }
@@ -166,7 +137,9 @@ impl Step for RewardScores {
 mod tests {
     use super::*;
     use crate::filter::step::Step;
-    use crate::train::model::hf;
+    use crate::model::{hf, Llama, ModelDir};
+    use std::path::Path;
+    use tch::{nn, Device};
 
     #[test]
     fn best_and_worst_skip_ties() {
@@ -178,7 +151,7 @@ mod tests {
     /// A tiny random LlamaForSequenceClassification over SmolLM2's tokenizer and chat template.
     fn tiny_reward_model(dir: &Path) {
         let smol = dir.join("smol");
-        crate::train::convert::convert(&crate::synth::model::test_model(), &smol).unwrap();
+        crate::model::convert::convert(&crate::test_support::test_model(), &smol, false).unwrap();
         let rm = dir.join("tiny-rm");
         std::fs::create_dir_all(&rm).unwrap();
         for file in ["tokenizer.json", "tokenizer_config.json"] {
@@ -199,12 +172,12 @@ mod tests {
     fn rewards_pick_the_highest_and_lowest_response_and_count_ties() {
         let dir = tempfile::tempdir().unwrap();
         tiny_reward_model(dir.path());
-        let mut step = RewardScores::new(&dir.path().join("tiny-rm"), 512, 4).unwrap();
+        let mut step = RewardScores::new(RewardScoresConfig { reward_model: Some(dir.path().join("tiny-rm")), max_length: 512, batch_size: 4, device: "cpu".into() }).unwrap();
         let samples = ["Paris is the capital.", "I do not know.", "It is Lyon, obviously!"];
         let mut responses = ListBuilder::new(arrow::array::StringBuilder::new());
         responses.append_value(samples.iter().map(|s| Some(*s)));
         responses.append_value([Some("Same."), Some("Same.")]);
-        let batch = crate::data::test_support::batch(vec![
+        let batch = crate::test_support::batch(vec![
             ("instruction", Arc::new(StringArray::from(vec!["Capital of France?", "Say same."])) as _),
             ("response", Arc::new(StringArray::from(vec!["Paris.", "Same."])) as _),
             ("responses", Arc::new(responses.finish()) as _),

@@ -10,6 +10,7 @@ use super::text::{instructions, responses};
 use crate::data::Message;
 use anyhow::Result;
 use arrow::array::{RecordBatch, StringArray};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,6 +43,23 @@ pub fn parse_verdict(answer: &str) -> Option<String> {
     }
 }
 
+/// `safety_tag` in a recipe.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SafetyTagConfig {
+    /// Llama-Guard-style model (its own chat template is used when it has one); default: the
+    /// embedded SmolLM2.
+    pub guard_model: Option<PathBuf>,
+    /// Prompts decoded together.
+    pub batch_size: usize,
+}
+
+impl Default for SafetyTagConfig {
+    fn default() -> Self {
+        SafetyTagConfig { guard_model: None, batch_size: 32 }
+    }
+}
+
 pub struct SafetyTag {
     judge: JudgeModel,
     /// The judge's chat template is Llama Guard's own.
@@ -51,8 +69,8 @@ pub struct SafetyTag {
 }
 
 impl SafetyTag {
-    pub fn new(guard_model: Option<PathBuf>, batch_size: usize) -> Result<Self> {
-        let judge = JudgeModel::load(guard_model, 16, batch_size)?;
+    pub fn new(config: SafetyTagConfig) -> Result<Self> {
+        let judge = JudgeModel::load(config.guard_model, 16, config.batch_size)?;
         let native = judge.chat.source.contains("UNSAFE CONTENT CATEGORIES");
         Ok(SafetyTag { judge, native, failures: 0, unsafe_rows: 0 })
     }
@@ -79,7 +97,7 @@ impl Step for SafetyTag {
         let verdicts: Vec<Option<String>> = self.judge.answer(&conversations, "")?.iter().map(|a| parse_verdict(a)).collect();
         self.failures += verdicts.iter().filter(|v| v.is_none()).count() as u64;
         self.unsafe_rows += verdicts.iter().filter(|v| v.as_deref().is_some_and(|v| v.starts_with("unsafe"))).count() as u64;
-        super::with_column(batch, "llama_guard_2", Arc::new(verdicts.into_iter().collect::<StringArray>()))
+        super::step::with_column(batch, "llama_guard_2", Arc::new(verdicts.into_iter().collect::<StringArray>()))
     }
 
     fn report(&self) -> Value {

@@ -12,7 +12,7 @@
 
 use super::step::Step;
 use super::text::{hash64, uuids};
-use crate::synth::pipeline::mix;
+use crate::seed::{mix, shuffle, unit};
 use anyhow::{bail, Result};
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt32Array};
 use arrow::compute::{cast, concat_batches, filter_record_batch, take_record_batch};
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Deserialize, serde::Serialize, PartialEq)]
 pub enum Op {
     #[serde(rename = "==")]
     Eq,
@@ -54,7 +54,7 @@ pub enum Op {
     NotContains,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     pub column: String,
@@ -63,7 +63,7 @@ pub struct Rule {
     pub value: Value,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SelectConfig {
     #[serde(default)]
@@ -82,8 +82,7 @@ pub struct SelectConfig {
     pub split_seed: u64,
 }
 
-const QUALITY: &[&str] = &["very poor", "poor", "average", "good", "excellent"];
-const DIFFICULTY: &[&str] = &["very easy", "easy", "medium", "hard", "very hard"];
+use super::judge::{DIFFICULTY_SCALE as DIFFICULTY, QUALITY_SCALE as QUALITY};
 
 /// One value of a column, as rules compare it.
 #[derive(Clone, Debug, PartialEq)]
@@ -314,9 +313,9 @@ impl Step for Select {
             let seed = self.config.split_seed;
             let split: StringArray = uuids(&batch)
                 .iter()
-                .map(|u| Some(if ((mix(seed ^ hash64(u)) >> 11) as f64 / (1u64 << 53) as f64) < ratio { "test" } else { "train" }))
+                .map(|u| Some(if unit(mix(seed ^ hash64(u))) < ratio { "test" } else { "train" }))
                 .collect();
-            batch = super::with_column(batch, "split", Arc::new(split))?;
+            batch = super::step::with_column(batch, "split", Arc::new(split))?;
         }
         if self.config.shuffle_seed.is_some() {
             self.held.push(batch.clone());
@@ -331,10 +330,10 @@ impl Step for Select {
         self.held.clear();
         let mut order: Vec<u32> = (0..all.num_rows() as u32).collect();
         let mut state = seed;
-        for i in (1..order.len()).rev() {
+        shuffle(&mut order, || {
             state = mix(state);
-            order.swap(i, (state % (i as u64 + 1)) as usize);
-        }
+            state
+        });
         Ok(Some(take_record_batch(&all, &UInt32Array::from(order))?))
     }
 

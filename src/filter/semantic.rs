@@ -7,14 +7,15 @@
 //!   null when it has none. A row is kept when it is its own `min_similar_uuid` or has none.
 //! Memory: the embeddings, 4 x 384 bytes per row.
 
-use super::embed::SentenceEncoder;
+use crate::model::embed::SentenceEncoder;
 use super::step::Step;
 use super::text::{instructions, uuids};
 use anyhow::Result;
-use super::Duplicates;
+use super::step::Duplicates;
 use arrow::array::{BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use serde_json::{json, Value};
-use std::path::Path;
+use serde::Deserialize;
+use std::path::PathBuf;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
@@ -24,6 +25,26 @@ pub const REPEAT_DISTANCE: f64 = 0.05;
 /// Rows embedded per forward pass, and rows per block of the kNN product.
 const EMBED_BATCH: usize = 64;
 const KNN_BLOCK: i64 = 1024;
+
+/// `semantic_dedup` in a recipe.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SemanticDedupConfig {
+    /// Embedding model folder (default: `$MAGPIE_HOME/all-minilm-l6-v2`).
+    pub model: Option<PathBuf>,
+    /// Neighbours per row (Magpie: 500).
+    pub k: usize,
+    /// Drop the duplicates (false: keep them, marked).
+    pub drop: bool,
+    /// Where the encoder runs: cpu, cuda, cuda:N or auto (the kNN runs on the CPU).
+    pub device: String,
+}
+
+impl Default for SemanticDedupConfig {
+    fn default() -> Self {
+        SemanticDedupConfig { model: None, k: 500, drop: true, device: "cpu".into() }
+    }
+}
 
 pub struct SemanticDedup {
     encoder: SentenceEncoder,
@@ -39,8 +60,10 @@ pub struct SemanticDedup {
 }
 
 impl SemanticDedup {
-    pub fn new(model: &Path, k: usize, drop: bool) -> Result<Self> {
-        Ok(SemanticDedup { encoder: SentenceEncoder::load(model)?, k, duplicates: Duplicates::new(drop), embeddings: vec![], uuids: vec![], results: vec![], applied: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
+    pub fn new(config: SemanticDedupConfig) -> Result<Self> {
+        let model = config.model.unwrap_or_else(crate::home::default_embedding_model);
+        let device = crate::model::parse_device(&config.device)?;
+        Ok(SemanticDedup { encoder: SentenceEncoder::load(&model, device)?, k: config.k, duplicates: Duplicates::new(config.drop), embeddings: vec![], uuids: vec![], results: vec![], applied: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
     }
 }
 
@@ -126,9 +149,9 @@ impl Step for SemanticDedup {
         let repeats: Int64Array = results.iter().map(|r| Some(r.1)).collect();
         let similar: StringArray = results.iter().map(|r| r.2.map(|i| self.uuids[i].as_str())).collect();
         let keep: BooleanArray = rows.clone().zip(results).map(|(row, r)| Some(r.2.is_none_or(|e| e == row))).collect();
-        let mut batch = super::with_column(batch, "min_neighbor_distance", Arc::new(distance))?;
-        batch = super::with_column(batch, "repeat_count", Arc::new(repeats))?;
-        batch = super::with_column(batch, "min_similar_uuid", Arc::new(similar))?;
+        let mut batch = super::step::with_column(batch, "min_neighbor_distance", Arc::new(distance))?;
+        batch = super::step::with_column(batch, "repeat_count", Arc::new(repeats))?;
+        batch = super::step::with_column(batch, "min_similar_uuid", Arc::new(similar))?;
         self.duplicates.settle(batch, &keep)
     }
 

@@ -7,8 +7,13 @@
 //! Consecutive steps that need no scan share one pass. Between passes the data is written to a
 //! hidden temporary dataset beside the output.
 
+use crate::data::write::Staged;
 use crate::data::{Dataset, DatasetWriter};
-use anyhow::Result;
+use crate::output::Provenance;
+use arrow::array::ArrayRef;
+use arrow::datatypes::{Field, Schema};
+use std::sync::Arc;
+use anyhow::{Context, Result};
 use arrow::array::RecordBatch;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -45,6 +50,50 @@ pub trait Step {
     }
 }
 
+/// What the dedup steps share: counting the rows they mark as duplicates, and dropping them or
+/// keeping them (for `select`'s `keep_dedup`) as the step's `drop` option says.
+pub struct Duplicates {
+    drop: bool,
+    found: u64,
+}
+
+impl Duplicates {
+    pub fn new(drop: bool) -> Self {
+        Duplicates { drop, found: 0 }
+    }
+
+    /// Counts the rows `keep` marks false and drops them when `drop` is set.
+    pub fn settle(&mut self, batch: RecordBatch, keep: &arrow::array::BooleanArray) -> Result<RecordBatch> {
+        self.found += keep.false_count() as u64;
+        Ok(if self.drop { arrow::compute::filter_record_batch(&batch, keep)? } else { batch })
+    }
+
+    /// `duplicates` and `dropped` for the step's report.
+    pub fn report(&self) -> serde_json::Map<String, Value> {
+        let dropped = if self.drop { self.found } else { 0 };
+        [("duplicates".to_string(), json!(self.found)), ("dropped".to_string(), json!(dropped))].into_iter().collect()
+    }
+}
+
+/// `batch` with `name` replaced in place, or appended.
+pub fn with_column(batch: RecordBatch, name: &str, array: ArrayRef) -> Result<RecordBatch> {
+    let schema = batch.schema();
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = batch.columns().to_vec();
+    let field = Field::new(name, array.data_type().clone(), true);
+    match schema.index_of(name) {
+        Ok(i) => {
+            fields[i] = field;
+            columns[i] = array;
+        }
+        Err(_) => {
+            fields.push(field);
+            columns.push(array);
+        }
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
 /// Rows in and out of one step, and the time spent in its own calls (reading and writing the
 /// data is not counted).
 #[derive(Default, Clone, Copy)]
@@ -62,10 +111,11 @@ fn timed<T>(seconds: &mut f64, f: impl FnOnce() -> T) -> T {
     result
 }
 
-/// Runs `steps` over `input` into `output`; returns the per-step report.
-pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path) -> Result<Vec<Value>> {
-    let scratch = crate::data::write::temporary_sibling(&output.with_extension("filter-scratch"))?;
-    std::fs::create_dir_all(&scratch)?;
+/// Runs `steps` over `input` into `output`; returns the finished output, not yet in place (see
+/// [`Staged`]), and the per-step report.
+pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, provenance: &Provenance) -> Result<(Staged, Vec<Value>)> {
+    let scratch = crate::output::temporary_sibling(&output.with_extension("filter-scratch"))?;
+    std::fs::create_dir_all(&scratch).with_context(|| format!("{}: cannot create", scratch.display()))?;
     let _cleanup = RemoveOnDrop(scratch.clone());
     let mut counts = vec![Counts::default(); steps.len()];
 
@@ -77,9 +127,11 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path) -> Resu
         }
         if i > pass_start {
             let target = scratch.join(format!("pass-{i}"));
-            current = stream(current.as_ref(), &mut steps[pass_start..i], &mut counts[pass_start..i], &target)?
-                .then(|| Dataset::open(&[target.display().to_string()]))
-                .transpose()?;
+            let staged = stream(current.as_ref(), &mut steps[pass_start..i], &mut counts[pass_start..i], &target, provenance)?;
+            current = match staged.map(Staged::commit).transpose()? {
+                Some(rows) if rows > 0 => Some(Dataset::open(&[target.display().to_string()])?),
+                _ => None,
+            };
         }
         let step = &mut steps[i];
         let seconds = &mut counts[i].seconds;
@@ -92,9 +144,10 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path) -> Resu
         timed(seconds, || step.finish_scan())?;
         pass_start = i;
     }
-    stream(current.as_ref(), &mut steps[pass_start..], &mut counts[pass_start..], output)?;
+    let staged = stream(current.as_ref(), &mut steps[pass_start..], &mut counts[pass_start..], output, provenance)?
+        .with_context(|| format!("the input has no rows; nothing to write to {}", output.display()))?;
 
-    Ok(steps
+    let reports = steps
         .iter()
         .zip(counts)
         .map(|(step, c)| {
@@ -104,19 +157,20 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path) -> Resu
             }
             entry
         })
-        .collect())
+        .collect();
+    Ok((staged, reports))
 }
 
-/// Streams `input` through `steps` into a new dataset at `target`. Returns whether any row was
-/// written. With no input (an earlier pass dropped everything), writes nothing.
-fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Counts], target: &Path) -> Result<bool> {
+/// Streams `input` through `steps` into a new dataset for `target`, finished but not yet in
+/// place; `None` when not one batch came through.
+fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Counts], target: &Path, provenance: &Provenance) -> Result<Option<Staged>> {
     let Some(input) = input else {
         anyhow::bail!("every row was filtered out before the last step; nothing to write to {}", target.display());
     };
     let mut writer: Option<DatasetWriter> = None;
     let write = |batch: RecordBatch, writer: &mut Option<DatasetWriter>| -> Result<()> {
         if writer.is_none() {
-            *writer = Some(DatasetWriter::create(target, batch.schema())?);
+            *writer = Some(DatasetWriter::create(target, batch.schema(), provenance)?);
         }
         writer.as_mut().unwrap().write(&batch)
     };
@@ -141,8 +195,7 @@ fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Co
             write(batch, &mut writer)?;
         }
     }
-    let Some(writer) = writer else { return Ok(false) };
-    Ok(writer.finish()? > 0)
+    writer.map(DatasetWriter::finish).transpose()
 }
 
 struct RemoveOnDrop(std::path::PathBuf);

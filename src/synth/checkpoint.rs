@@ -1,45 +1,72 @@
-//! Synth's resumable output: a directory of `part-NNNNN.parquet` files, one per finished chunk
-//! (NNNNN is the chunk index, global across shards), plus `synth.json`, the settings that
-//! determine the rows. A rerun with the same settings skips the chunks whose part exists; a rerun
-//! with different settings is refused, naming what differs.
+//! Synth's resumable output: a folder of `part-NNNNN.parquet` files, one per finished chunk
+//! (NNNNN is the chunk index, global across shards), plus the run claim (`magpie-run.json`, the
+//! settings that determine the rows) and, once every chunk of every shard is there, the manifest
+//! that marks the dataset finished (`crate::output`).
+//!
+//! A rerun with the same settings skips the chunks whose part exists; a rerun with different
+//! settings is refused, naming what differs. A finished output is left as it is, unless
+//! `--overwrite` asks for a new run in its place.
 
-use crate::data::write::{parquet_writer, part_name, temporary_sibling};
+use crate::data::write::{parquet_writer, part_name};
+use crate::output::{self, Existing, Manifest, Provenance, Resumable, Rules, RUN_CLAIM};
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
-use serde_json::Value;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-
-pub const MANIFEST: &str = "synth.json";
 
 pub struct Checkpoint {
     dir: PathBuf,
+    provenance: Provenance,
+}
+
+/// The names a synth run writes into its folder.
+fn owns(name: &str) -> bool {
+    name == RUN_CLAIM
+        || name == output::MANIFEST
+        || name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")).is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What opening the output found.
+pub enum Opened {
+    /// Chunks to write (some may be done already).
+    Run(Checkpoint),
+    /// A finished output with the same settings: nothing to do.
+    AlreadyFinished,
 }
 
 impl Checkpoint {
-    /// Opens (or creates) `dir` for a run whose row-determining settings are `settings`.
-    pub fn open(dir: &Path, settings: &Value) -> Result<Self> {
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create output directory", dir.display()))?;
-        let manifest = dir.join(MANIFEST);
-        if manifest.exists() {
-            let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: cannot read", manifest.display()))?;
-            let earlier: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", manifest.display()))?;
+    /// Opens (or creates) `dir` for a run whose row-determining settings are `settings`, after
+    /// checking it against the inputs (`model`) and what is already there.
+    pub fn open(dir: &Path, inputs: &[PathBuf], settings: &Value, overwrite: bool) -> Result<Opened> {
+        let rules = Rules { overwrite, resumable: Some(Resumable { claim: RUN_CLAIM, owns }) };
+        let existing = output::check(dir, inputs, &rules)?;
+        let provenance = Provenance::new("synth", settings);
+        let claim = dir.join(RUN_CLAIM);
+        if existing != Existing::Nothing {
+            let earlier = read_claim(&claim)?;
             let mut differing = vec![];
-            differing_keys("", &earlier, settings, &mut differing);
-            if !differing.is_empty() {
-                bail!(
-                    "{}: holds a run with other settings ({}); use another --output to start a new run",
+            output::differing_keys("", &earlier["settings"], settings, &mut differing);
+            match (existing, differing.is_empty(), overwrite) {
+                (Existing::Finished, true, false) => return Ok(Opened::AlreadyFinished),
+                (Existing::Finished, _, true) => output::clear_finished(dir)?,
+                (Existing::Finished, false, false) => bail!(
+                    "{}: holds a finished synth run with other settings ({}); pass --overwrite to replace it, or use another --output",
                     dir.display(),
                     differing.join(", ")
-                );
+                ),
+                (_, false, _) => bail!(
+                    "{}: holds an unfinished synth run with other settings ({}); rerun it with the same ones, or use another --output",
+                    dir.display(),
+                    differing.join(", ")
+                ),
+                _ => {}
             }
-        } else {
-            let has_parts = std::fs::read_dir(dir)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "parquet"));
-            if has_parts {
-                bail!("{}: holds parquet files but no {MANIFEST}; use an empty or new --output", dir.display());
-            }
-            crate::data::write::write_atomically(&manifest, serde_json::to_string_pretty(settings)?.as_bytes())?;
         }
-        Ok(Checkpoint { dir: dir.to_path_buf() })
+        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create output directory", dir.display()))?;
+        if !claim.exists() {
+            output::write_atomically(&claim, serde_json::to_string_pretty(&json!({ "stage": "synth", "settings": settings }))?.as_bytes())?;
+        }
+        Ok(Opened::Run(Checkpoint { dir: dir.to_path_buf(), provenance }))
     }
 
     pub fn part_path(&self, chunk: usize) -> PathBuf {
@@ -53,28 +80,39 @@ impl Checkpoint {
     /// Writes a finished chunk: to a hidden temporary file, then renamed into place.
     pub fn write(&self, chunk: usize, batch: &RecordBatch) -> Result<()> {
         let target = self.part_path(chunk);
-        let tmp = temporary_sibling(&target)?;
-        let mut writer = parquet_writer(&tmp, batch.schema())?;
-        writer.write(batch)?;
-        writer.close()?;
+        let tmp = output::temporary_sibling(&target)?;
+        let written = parquet_writer(&tmp, batch.schema(), None).and_then(|mut writer| {
+            writer.write(batch).with_context(|| format!("{}: cannot write", tmp.display()))?;
+            writer.close().with_context(|| format!("{}: cannot write", tmp.display()))?;
+            Ok(())
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         std::fs::rename(&tmp, &target).with_context(|| format!("{}: cannot rename into place", target.display()))
+    }
+
+    /// Once all `chunks` parts are there (every shard done), writes the manifest that marks the
+    /// dataset finished and removes what interrupted runs left. Returns whether it did.
+    pub fn finish_if_complete(&self, chunks: usize) -> Result<bool> {
+        if !(0..chunks).all(|c| self.is_done(c)) {
+            return Ok(false);
+        }
+        output::sweep_temporaries(&self.dir, ".part-");
+        let rows = (0..chunks).map(|c| parquet_rows(&self.part_path(c))).sum::<Result<u64>>()?;
+        Manifest::write(&self.dir, "dataset", Some(rows), &self.provenance)?;
+        Ok(true)
     }
 }
 
-/// Dotted paths (`args.seed`) of the settings that differ between two runs.
-fn differing_keys(path: &str, earlier: &Value, now: &Value, out: &mut Vec<String>) {
-    match (earlier, now) {
-        (Value::Object(a), Value::Object(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for key in keys {
-                let (x, y) = (a.get(key).unwrap_or(&Value::Null), b.get(key).unwrap_or(&Value::Null));
-                let child = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
-                differing_keys(&child, x, y, out);
-            }
-        }
-        (a, b) if a != b => out.push(path.to_string()),
-        _ => {}
-    }
+fn read_claim(claim: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(claim).with_context(|| format!("{}: cannot read", claim.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", claim.display()))
+}
+
+fn parquet_rows(path: &Path) -> Result<u64> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let reader = parquet::file::reader::SerializedFileReader::new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
+    Ok(parquet::file::reader::FileReader::metadata(&reader).file_metadata().num_rows() as u64)
 }

@@ -1,5 +1,5 @@
 //! `magpie synth`: harvest instructions from an aligned model by giving it only its pre-query
-//! template, then collect its responses (REFERENCE §1–2): more turns with `--turns`, several
+//! template, then collect its responses (docs/upstream.md §1–2): more turns with `--turns`, several
 //! sampled responses per instruction with `--responses`, task control with system prompts.
 //!
 //! Work is split into chunks of `--chunk-rows` rows; each finished chunk is written as one part
@@ -8,15 +8,12 @@
 //! `--shard i/N` takes every N-th chunk, so Slurm array tasks write disjoint parts of one dataset.
 
 pub mod checkpoint;
-pub mod engine;
-pub mod model;
 pub mod pipeline;
 pub mod rows;
 pub mod sanitize;
-pub mod template;
 
 use anyhow::{bail, Context, Result};
-use engine::EngineChoice;
+use crate::engine::EngineChoice;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -46,6 +43,11 @@ pub struct SynthArgs {
     #[arg(long, short)]
     #[serde(skip)]
     pub output: Option<PathBuf>,
+
+    /// Replace a finished synth output at --output (only the files its manifest lists).
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
 
     /// Instructions to synthesise (attempts; empty ones are dropped and counted).
     #[arg(long, default_value_t = 100)]

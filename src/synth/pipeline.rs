@@ -1,17 +1,18 @@
 //! The synthesis stages for one chunk of rows, in order: instructions from the pre-query
-//! template; responses through the chat template; more turns (REFERENCE §1, multi-turn); sampled
+//! template; responses through the chat template; more turns (docs/upstream.md §1, multi-turn); sampled
 //! preference responses. Every stage sends all of the chunk's prompts to the engine at once, so
 //! the engine can batch them.
 
-use super::checkpoint::Checkpoint;
-use super::engine::{self, Completion, Engine, EngineOptions, FinishReason, Request, Sampling};
-use super::model::{self, ModelInfo};
+use super::checkpoint::{Checkpoint, Opened};
+use crate::engine::{self, Completion, Engine, EngineOptions, FinishReason, Request, Sampling};
+use crate::engine::lookup::{self as model, ModelInfo};
 use super::rows::{self, Row, RunInfo};
 use super::sanitize::sanitize;
-use super::template::{self, PreQuery};
+use crate::model::pre_query::{self as template, PreQuery};
 use super::{Shard, SynthArgs};
-use crate::chat_template::ChatTemplate;
+use crate::model::chat_template::ChatTemplate;
 use crate::data::Message;
+use crate::seed::{mix, unit};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
@@ -19,14 +20,6 @@ use std::time::Instant;
 
 /// Magpie's system prompt for asking follow-up questions (turn 2 and later).
 pub const MULTI_TURN_SYSTEM_PROMPT: &str = "You are a helpful AI assistant. The user will engage in a multi-round conversation with you, asking initial questions and following up with additional related questions. Your goal is to provide thorough, relevant and insightful responses to help the user with their queries.";
-
-/// A deterministic 64-bit mix (splitmix64): seeds per row, turn and sample.
-pub fn mix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// The seed of global row `row` under base seed `seed`.
 pub fn row_seed(seed: u64, row: u64) -> u64 {
@@ -150,7 +143,7 @@ impl<'a> Synthesizer<'a> {
     /// Picks a task for a row by its weights, from the row's own seed.
     fn pick_task(&self, seed: u64) -> usize {
         let total: f64 = self.tasks.iter().map(|t| t.weight).sum();
-        let mut point = (mix(seed ^ 0x7461_736b) >> 11) as f64 / (1u64 << 53) as f64 * total;
+        let mut point = unit(mix(seed ^ 0x7461_736b)) * total;
         for (i, task) in self.tasks.iter().enumerate() {
             if point < task.weight {
                 return i;
@@ -350,21 +343,22 @@ fn single_token_ids(engine: &dyn Engine, stops: &[String]) -> Result<Vec<u32>> {
 pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
     let info = model::resolve(args.model.as_deref())?;
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = EngineOptions {
-        choice: args.engine,
-        batch_size: args.batch_size,
-        threads,
-        kv_tokens: args.kv_tokens,
-        cuda: cfg!(feature = "cuda"),
-    };
+    let options = EngineOptions::new(args.engine, args.batch_size, threads, args.kv_tokens);
     let engine = engine::open(&info.path, &options)?;
     let mut synth = Synthesizer::new(args, &info, engine)?;
     let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args });
-    let checkpoint = Checkpoint::open(output, &settings)?;
+    let checkpoint = match Checkpoint::open(output, std::slice::from_ref(&info.path), &settings, args.overwrite)? {
+        Opened::Run(checkpoint) => checkpoint,
+        Opened::AlreadyFinished => {
+            println!("synth: {} is already finished with these settings; nothing to do", output.display());
+            return Ok(());
+        }
+    };
 
     let chunk_rows = args.chunk_rows as u64;
     let num = args.num as u64;
-    let chunks: Vec<usize> = (0..num.div_ceil(chunk_rows) as usize).filter(|c| c % shard.count == shard.index).collect();
+    let all_chunks = num.div_ceil(chunk_rows) as usize;
+    let chunks: Vec<usize> = (0..all_chunks).filter(|c| c % shard.count == shard.index).collect();
     let rows_of = |c: usize| (c as u64 * chunk_rows)..((c as u64 + 1) * chunk_rows).min(num);
     let todo: Vec<usize> = chunks.iter().copied().filter(|&c| !checkpoint.is_done(c)).collect();
     let shard_rows: u64 = chunks.iter().map(|&c| rows_of(c).end - rows_of(c).start).sum();
@@ -393,6 +387,9 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
     }
     bar.finish_and_clear();
     print_summary(&synth.stats, shard, started.elapsed().as_secs_f64(), output);
+    if !checkpoint.finish_if_complete(all_chunks)? {
+        println!("  other shards' chunks are still missing; the dataset is finished when the last shard is done");
+    }
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! Synthesised rows and their Arrow form, in the column catalogue's names (`data::schema`).
 
-use super::engine::FinishReason;
+use crate::engine::FinishReason;
 use crate::data::messages::build_messages;
 use crate::data::schema;
 use crate::data::Message;

@@ -1,4 +1,4 @@
-//! Optional clean-up of generated instructions (`--sanitize`, REFERENCE §2): strip leading
+//! Optional clean-up of generated instructions (`--sanitize`, docs/upstream.md §2): strip leading
 //! numbering and "Task:"-style prefixes, and cut where the model starts answering its own
 //! question ("Answer:", "Solution:", "## Step 1"). The raw text is kept beside the result.
 

@@ -1,4 +1,4 @@
-//! `magpie dpo`: preference optimisation with TRL's formulas (REFERENCE §5).
+//! `magpie dpo`: preference optimisation with TRL's formulas (docs/upstream.md §5).
 //!
 //! Each pair's prompt is rendered with a generation prompt and each completion is what the full
 //! conversation adds after it. `max_prompt_length` keeps the end of the prompt, then `max_length`
@@ -21,9 +21,13 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::examples::read_rows;
-use super::model::{load_causal_lm, Llama, Loaded};
-use super::tokenize::ChatTokenizer;
-use super::trainer::{self, Batch, Document, Metrics, Objective, Split, TrainArgs};
+use crate::model::{load_causal_lm, Llama, Loaded};
+use crate::model::tokenize::ChatTokenizer;
+use super::args::TrainArgs;
+use super::batch::{Batch, Document};
+use super::checkpoint;
+use super::objective::{Metrics, Objective, Split};
+use super::trainer;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,7 +110,7 @@ pub fn sequence_stats(logits: &Tensor, targets: &Tensor) -> SequenceStats {
     }
 }
 
-/// Per-pair losses and rewards, exactly REFERENCE §5's table. Inputs are `[pairs]` summed
+/// Per-pair losses and rewards, exactly docs/upstream.md §5's table. Inputs are `[pairs]` summed
 /// log-probs (policy, reference) and completion lengths.
 pub struct PairLosses {
     pub losses: Tensor,
@@ -204,13 +208,6 @@ pub struct DpoObjective {
     pub pad_id: i64,
 }
 
-fn side(split: Split) -> usize {
-    match split {
-        Split::Train => 0,
-        Split::Eval => 1,
-    }
-}
-
 impl DpoObjective {
     /// Reference log-probs `[chosen], [rejected]` for a batch.
     fn reference_logps(&self, batch: &Batch, split: Split) -> Result<(Tensor, Tensor)> {
@@ -222,7 +219,7 @@ impl DpoObjective {
                 Ok((stats.logps.narrow(0, 0, n), stats.logps.narrow(0, n, n)))
             }
             Reference::Precomputed(cached) => {
-                let rows: Vec<[f64; 2]> = batch.examples.iter().map(|&e| cached[side(split)][e]).collect();
+                let rows: Vec<[f64; 2]> = batch.examples.iter().map(|&e| cached[split.index()][e]).collect();
                 let column = |k: usize| Tensor::from_slice(&rows.iter().map(|r| r[k] as f32).collect::<Vec<_>>()).to_device(device);
                 Ok((column(0), column(1)))
             }
@@ -233,7 +230,7 @@ impl DpoObjective {
 
 impl Objective for DpoObjective {
     fn len(&self, split: Split) -> usize {
-        self.pairs[side(split)].len()
+        self.pairs[split.index()].len()
     }
 
     fn weight(&self, _split: Split, _example: usize) -> f64 {
@@ -241,7 +238,7 @@ impl Objective for DpoObjective {
     }
 
     fn collate(&self, split: Split, examples: &[usize], device: Device) -> Result<Batch> {
-        let pairs = &self.pairs[side(split)];
+        let pairs = &self.pairs[split.index()];
         let rows: Vec<Vec<&Document>> = examples
             .iter()
             .map(|&e| vec![&pairs[e].chosen])
@@ -258,18 +255,18 @@ impl Objective for DpoObjective {
         let (logp_c, logp_r) = (half(&stats.logps, 0), half(&stats.logps, 1));
         let (len_c, len_r) = (half(&stats.tokens, 0), half(&stats.tokens, 1));
         let out = pair_losses(&self.loss, (&logp_c, &logp_r), (&ref_c, &ref_r), (&len_c, &len_r));
-        let sum = |t: &Tensor| t.sum(Kind::Float).double_value(&[]);
+        let sum = |t: &Tensor| t.detach().sum(Kind::Float);
         let nf = n as f64;
         // logits/* are TRL's batch means over all completion tokens (and vocab), per pair here.
-        let mean_logits = |k: i64| sum(&half(&stats.logit_sums, k)) / sum(&half(&stats.tokens, k)).max(1.0) * nf;
+        let mean_logits = |k: i64| sum(&half(&stats.logit_sums, k)) / sum(&half(&stats.tokens, k)).clamp_min(1.0) * nf;
         let metrics = Metrics::from([
             ("loss", sum(&out.losses)),
             ("rewards/chosen", sum(&out.chosen_rewards)),
             ("rewards/rejected", sum(&out.rejected_rewards)),
             ("rewards/accuracies", sum(&out.chosen_rewards.gt_tensor(&out.rejected_rewards).to_kind(Kind::Float))),
             ("rewards/margins", sum(&(&out.chosen_rewards - &out.rejected_rewards))),
-            ("logps/chosen", sum(&logp_c.detach())),
-            ("logps/rejected", sum(&logp_r.detach())),
+            ("logps/chosen", sum(&logp_c)),
+            ("logps/rejected", sum(&logp_r)),
             ("logits/chosen", mean_logits(0)),
             ("logits/rejected", mean_logits(1)),
         ]);
@@ -291,19 +288,19 @@ fn compute_reference(objective: &DpoObjective, reference: &Llama, batch_size: us
             let logps = tch::no_grad(|| sequence_stats(&reference.forward(&batch.inputs()), &batch.targets).logps);
             let values: Vec<f32> = logps.to_device(Device::Cpu).try_into()?;
             let n = chunk.len();
-            out[side(split)].extend((0..n).map(|i| [values[i] as f64, values[n + i] as f64]));
+            out[split.index()].extend((0..n).map(|i| [values[i] as f64, values[n + i] as f64]));
         }
     }
     Ok(out)
 }
 
 /// A key for the cache: the tokenised pairs of both splits and the reference weights' bytes.
-fn cache_key(pairs: &[Vec<Pair>; 2], reference_dir: &super::model::ModelDir) -> Result<String> {
+fn cache_key(pairs: &[Vec<Pair>; 2], reference_dir: &crate::model::ModelDir) -> Result<String> {
     use std::hash::Hash;
     let mut hasher = twox_hash::XxHash64::with_seed(0);
     pairs.hash(&mut hasher);
     for file in reference_dir.weight_files()? {
-        let handle = std::fs::File::open(&file)?;
+        let handle = std::fs::File::open(&file).with_context(|| format!("{}: cannot open", file.display()))?;
         // SAFETY: read-only mapping, hashed and dropped.
         let bytes = unsafe { memmap2::Mmap::map(&handle) }?;
         hasher.write(&bytes);
@@ -311,11 +308,11 @@ fn cache_key(pairs: &[Vec<Pair>; 2], reference_dir: &super::model::ModelDir) -> 
     Ok(format!("{:016x}", hasher.finish()))
 }
 
-/// The cache file beside the first input: `<input>.ref-logps-<key>.parquet`.
-fn cache_path(input: &str, key: &str) -> PathBuf {
-    let first = crate::data::read::resolve(input).ok().and_then(|f| f.into_iter().next()).unwrap_or_else(|| PathBuf::from(input));
-    let name = first.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    first.with_file_name(format!(".{name}.ref-logps-{key}.parquet"))
+/// The cache file: `$MAGPIE_CACHE/dpo-reference-logps/<key>.parquet`, never beside the data.
+fn cache_path(key: &str) -> Result<PathBuf> {
+    let dir = crate::home::cache_dir().join("dpo-reference-logps");
+    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the cache folder", dir.display()))?;
+    Ok(dir.join(format!("{key}.parquet")))
 }
 
 fn write_cache(path: &Path, values: &[Vec<[f64; 2]>; 2]) -> Result<()> {
@@ -328,9 +325,9 @@ fn write_cache(path: &Path, values: &[Vec<[f64; 2]>; 2]) -> Result<()> {
     let logps = |k: usize| Arc::new(Float64Array::from(rows.iter().map(|r| r.1[k]).collect::<Vec<_>>())) as _;
     let split = Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())) as _;
     let batch = RecordBatch::try_new(schema.clone(), vec![split, logps(0), logps(1)])?;
-    let mut writer = crate::data::DatasetWriter::create(path, schema)?;
+    let mut writer = crate::data::DatasetWriter::create(path, schema, &crate::output::Provenance::new("dpo", "reference log-probs cache"))?;
     writer.write(&batch)?;
-    writer.finish()?;
+    writer.finish()?.commit()?;
     Ok(())
 }
 
@@ -359,8 +356,8 @@ fn read_cache(path: &Path) -> Result<[Vec<[f64; 2]>; 2]> {
 
 /// Reference log-probs from the cache beside the data, or computed now and cached.
 fn precomputed_reference(objective: &DpoObjective, args: &DpoArgs, reference_dir: &Path, device: Device) -> Result<[Vec<[f64; 2]>; 2]> {
-    let dir = super::model::ModelDir::open(reference_dir)?;
-    let path = cache_path(&args.train.input[0], &cache_key(&objective.pairs, &dir)?);
+    let dir = crate::model::ModelDir::open(reference_dir)?;
+    let path = cache_path(&cache_key(&objective.pairs, &dir)?)?;
     if path.is_file() {
         let cached = read_cache(&path)?;
         if cached[0].len() == objective.pairs[0].len() && cached[1].len() == objective.pairs[1].len() {
@@ -382,19 +379,25 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     }
     let device = train_args.device()?;
     tch::manual_seed(train_args.seed as i64);
+    crate::model::ModelDir::open(&train_args.model)?; // a missing model is named before anything else
     let tokenizer = ChatTokenizer::load(&train_args.model)?;
-    let [train, eval] = read_rows(&train_args.input, &["prompt", "chosen", "rejected"], train_args.eval_ratio, train_args.seed)?;
+    let rows = read_rows(&train_args.input, &["prompt", "chosen", "rejected"], train_args.eval_ratio, train_args.seed)?;
+    let reference_dir = args.ref_model.clone().unwrap_or_else(|| train_args.model.clone());
+    let mut inputs = rows.files.clone();
+    inputs.extend([train_args.model.clone(), reference_dir.clone()]);
+    checkpoint::check_output(train_args, &inputs)?;
+    let [train, eval] = rows.splits;
     let (train_pairs, train_dropped) = tokenize_pairs(&tokenizer, &train, args.max_length, args.max_prompt_length)?;
     let (eval_pairs, eval_dropped) = tokenize_pairs(&tokenizer, &eval, args.max_length, args.max_prompt_length)?;
     eprintln!(
-        "magpie dpo: {} train / {} eval pairs ({} dropped: no completion token within max_length)",
+        "magpie dpo: {} train / {} eval pairs ({} dropped: no completion token within max_length; {} dropped: null prompt, chosen or rejected)",
         train_pairs.len(),
         eval_pairs.len(),
-        train_dropped + eval_dropped
+        train_dropped + eval_dropped,
+        rows.null_rows
     );
     let loss = LossConfig { loss_type: args.loss_type, beta: args.beta, label_smoothing: args.label_smoothing, simpo_gamma: args.simpo_gamma };
     let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
-    let reference_dir = args.ref_model.clone().unwrap_or_else(|| train_args.model.clone());
     objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
         (LossType::Simpo, _) => Reference::None,
         (_, true) => Reference::Precomputed(precomputed_reference(&objective, args, &reference_dir, device)?),
@@ -408,7 +411,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     let settings = json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
                           "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
                           "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs});
-    let summary = trainer::train(&objective, &policy, train_args, &settings)?;
+    let summary = trainer::train(&objective, &policy, train_args, "dpo", &settings, &inputs)?;
     let show = |m: &std::collections::BTreeMap<String, f64>, prefix: &str| {
         ["loss", "rewards/accuracies", "rewards/margins"]
             .iter()
@@ -428,7 +431,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
 mod tests {
     use super::*;
     use crate::data::Message;
-    use crate::train::model::tests::{fixture, tiny};
+    use crate::model::tests::{fixture, tiny};
 
     fn config(loss_type: LossType, beta: f64, label_smoothing: f64) -> LossConfig {
         LossConfig { loss_type, beta, label_smoothing, simpo_gamma: 0.5 }
@@ -473,11 +476,11 @@ mod tests {
         (DpoObjective { pairs: [pairs, vec![]], reference, loss, pad_id: 0 }, json)
     }
 
-    fn metrics_of(objective: &DpoObjective) -> Metrics {
+    fn metrics_of(objective: &DpoObjective) -> std::collections::BTreeMap<String, f64> {
         let policy = tiny("tiny-llama");
         let batch = objective.collate(Split::Train, &[0, 1], Device::Cpu).unwrap();
         let hidden = tch::no_grad(|| policy.model.hidden_states(&batch.inputs()));
-        objective.loss(&policy.model, &hidden, &batch, Split::Train).unwrap().1
+        crate::train::objective::read(&objective.loss(&policy.model, &hidden, &batch, Split::Train).unwrap().1, 1.0).unwrap()
     }
 
     fn live_reference() -> Reference {
@@ -496,7 +499,7 @@ mod tests {
                 if key == "label_smoothing" {
                     continue;
                 }
-                let (got, want) = (got[key.as_str()] / 2.0, value.as_f64().unwrap());
+                let (got, want) = (got[key] / 2.0, value.as_f64().unwrap());
                 assert!((got - want).abs() <= 1e-5 * want.abs() + 1e-7, "{name} {key}: ours {got}, PyTorch {want}");
             }
         }
@@ -518,8 +521,8 @@ mod tests {
         assert_eq!(read_cache(&path).unwrap(), values);
         let saved = |name: &str| {
             let loaded = tiny(name);
-            crate::train::model::hf::save(&loaded.vs, &loaded.dir, &dir.path().join(name)).unwrap();
-            crate::train::model::ModelDir::open(&dir.path().join(name)).unwrap()
+            crate::model::hf::save(&loaded.vs, &loaded.dir, &dir.path().join(name), &crate::output::Provenance::new("test", ())).unwrap();
+            crate::model::ModelDir::open(&dir.path().join(name)).unwrap()
         };
         let key = cache_key(&live.pairs, &saved("tiny-qwen2")).unwrap();
         let other = cache_key(&live.pairs, &saved("tiny-llama")).unwrap();
@@ -529,7 +532,7 @@ mod tests {
     #[test]
     fn prompts_keep_their_end_and_pairs_without_completion_tokens_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
-        crate::train::convert::convert(&crate::synth::model::test_model(), &dir.path().join("m")).unwrap();
+        crate::model::convert::convert(&crate::test_support::test_model(), &dir.path().join("m"), false).unwrap();
         let tok = ChatTokenizer::load(&dir.path().join("m")).unwrap();
         let row = |question: &str| {
             vec![vec![Message::new("user", question)], vec![Message::new("assistant", "Yes, certainly.")], vec![Message::new("assistant", "No.")]]

@@ -1,29 +1,30 @@
-//! `magpie sft`, `magpie dpo` and `magpie convert`: Llama-family training on libtorch
-//! (REFERENCE §5–6).
+//! `magpie sft` and `magpie dpo`: Llama-family training on libtorch, on the models in
+//! `crate::model` (the decoder, Hugging Face directories, chat tokenisation).
 //!
-//! - `model`: the decoder in tch and Hugging Face directories in and out.
-//! - `convert`: GGUF to a Hugging Face directory.
-//! - `tokenize`: conversations through the model's chat template, assistant tokens marked.
-//! - `trainer`, `optim`, `plot`: the loop SFT and DPO share.
+//! - `trainer`: the loop SFT and DPO share, over `args` (the flags), `objective`, `batch`,
+//!   `optim` (AdamW with fp32 master weights, schedules), `checkpoint` (the run's folder,
+//!   checkpoints, resume) and `metrics` + `plot` (metrics.jsonl and PNG plots).
+//! - `examples`: training rows from the dataset format.
 //! - `sft`: the SFT objective and data (masking, packing).
 //! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
 
-pub mod convert;
+pub mod args;
+pub mod batch;
+pub mod checkpoint;
 pub mod dpo;
 pub mod examples;
-pub mod model;
+pub mod metrics;
+pub mod objective;
 pub mod optim;
 pub mod plot;
 pub mod sft;
-pub mod tokenize;
 pub mod trainer;
 
 use anyhow::Result;
 
-pub use convert::ConvertArgs;
 pub use dpo::DpoArgs;
 pub use sft::SftArgs;
-pub use trainer::TrainArgs;
+pub use args::TrainArgs;
 
 pub fn sft(args: &SftArgs) -> Result<()> {
     sft::run(args)
@@ -31,8 +32,4 @@ pub fn sft(args: &SftArgs) -> Result<()> {
 
 pub fn dpo(args: &DpoArgs) -> Result<()> {
     dpo::run(args)
-}
-
-pub fn convert(args: &ConvertArgs) -> Result<()> {
-    convert::run(args)
 }

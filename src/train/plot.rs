@@ -1,6 +1,6 @@
 //! Training plots as PNG (plotters): one chart per file, one line per series, step on the x axis.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -33,7 +33,8 @@ pub fn lines(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Resu
     let (y_min, y_max) = if y_min.is_finite() { (y_min, y_max) } else { (0.0, 1.0) };
     let pad = ((y_max - y_min) * 0.05).max(1e-6);
     register_embedded_font()?;
-    let tmp = crate::data::write::temporary_sibling(path)?.with_extension("png");
+    // The temporary keeps a .png ending: the bitmap encoder picks the format by extension.
+    let tmp = std::path::PathBuf::from(format!("{}.png", crate::output::temporary_sibling(path)?.display()));
     {
         let root = BitMapBackend::new(&tmp, (800, 480)).into_drawing_area();
         let fail = |e: &dyn std::fmt::Display| anyhow!("{}: plot: {e}", path.display());
@@ -61,6 +62,6 @@ pub fn lines(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Resu
         chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| fail(&e))?;
         root.present().map_err(|e| fail(&e))?;
     }
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `magpie sft`: supervised fine-tuning as TRL does it (REFERENCE §6). Conversations from the
+//! `magpie sft`: supervised fine-tuning as TRL does it (docs/upstream.md §6). Conversations from the
 //! `messages` column are rendered with the model's chat template; the loss is on assistant tokens
 //! only, in every turn; `max_length` truncation keeps the start; with `packing`, documents are
 //! packed best-fit-decreasing into rows of `max_length`, each restarting its positions and
@@ -10,10 +10,14 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use tch::{Device, Tensor};
 
-use super::model::{load_causal_lm, Llama};
-use super::tokenize::ChatTokenizer;
+use crate::model::{load_causal_lm, Llama};
+use crate::model::tokenize::ChatTokenizer;
 use super::examples::read_rows;
-use super::trainer::{self, summed_cross_entropy, Batch, Document, Metrics, Objective, Split, TrainArgs};
+use super::args::TrainArgs;
+use super::batch::{summed_cross_entropy, Batch, Document};
+use super::checkpoint;
+use super::objective::{Metrics, Objective, Split};
+use super::trainer;
 use crate::data::Message;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -97,33 +101,27 @@ impl SftObjective {
         SftObjective { documents: [train, eval], rows, packed: packing, pad_id }
     }
 
-    fn index(split: Split) -> usize {
-        match split {
-            Split::Train => 0,
-            Split::Eval => 1,
-        }
-    }
 }
 
 impl Objective for SftObjective {
     fn len(&self, split: Split) -> usize {
-        self.rows[Self::index(split)].len()
+        self.rows[split.index()].len()
     }
 
     fn weight(&self, split: Split, example: usize) -> f64 {
-        let s = Self::index(split);
+        let s = split.index();
         self.rows[s][example].iter().map(|&d| self.documents[s][d].target_count()).sum::<usize>() as f64
     }
 
     fn collate(&self, split: Split, examples: &[usize], device: Device) -> Result<Batch> {
-        let s = Self::index(split);
+        let s = split.index();
         let rows: Vec<Vec<&Document>> = examples.iter().map(|&e| self.rows[s][e].iter().map(|&d| &self.documents[s][d]).collect()).collect();
         Ok(Batch::from_rows(&rows, self.pad_id, self.packed, examples.to_vec(), device))
     }
 
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, _split: Split) -> Result<(Tensor, Metrics)> {
         let loss = summed_cross_entropy(&model.logits(hidden), &batch.targets);
-        let metrics = Metrics::from([("loss", loss.double_value(&[]))]);
+        let metrics = Metrics::from([("loss", loss.detach())]);
         Ok((loss, metrics))
     }
 }
@@ -132,23 +130,27 @@ pub fn run(args: &SftArgs) -> Result<()> {
     let train_args = &args.train;
     let device = train_args.device()?;
     tch::manual_seed(train_args.seed as i64);
+    let rows = read_rows(&train_args.input, &["messages"], train_args.eval_ratio, train_args.seed)?;
+    let mut inputs = rows.files.clone();
+    inputs.push(train_args.model.clone());
+    checkpoint::check_output(train_args, &inputs)?;
     let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
     let tokenizer = ChatTokenizer::load(&train_args.model)?;
-    let [train, eval] = read_rows(&train_args.input, &["messages"], train_args.eval_ratio, train_args.seed)?
-        .map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
+    let [train, eval] = rows.splits.map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
     let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;
     let (eval_docs, eval_dropped) = tokenize(&tokenizer, &eval, args.max_length)?;
     let objective = SftObjective::new(train_docs, eval_docs, args.packing, args.max_length, tokenizer.pad_id);
     eprintln!(
-        "magpie sft: {} train / {} eval conversations ({} dropped: no assistant token within max_length), {} train rows{}",
+        "magpie sft: {} train / {} eval conversations ({} dropped: no assistant token within max_length; {} dropped: null messages), {} train rows{}",
         train.len() - train_dropped,
         eval.len() - eval_dropped,
         train_dropped + eval_dropped,
+        rows.null_rows,
         objective.len(Split::Train),
         if args.packing { " packed" } else { "" }
     );
     let settings = json!({"max_length": args.max_length, "packing": args.packing});
-    let summary = trainer::train(&objective, &loaded, train_args, &settings)?;
+    let summary = trainer::train(&objective, &loaded, train_args, "sft", &settings, &inputs)?;
     let final_loss = summary.last.get("loss").copied().unwrap_or(f64::NAN);
     let eval_loss = summary.eval.as_ref().and_then(|e| e.get("eval_loss").copied());
     eprintln!(
@@ -163,8 +165,8 @@ pub fn run(args: &SftArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::model::tests::tiny;
-    use crate::train::model::AttentionMask;
+    use crate::model::tests::tiny;
+    use crate::model::AttentionMask;
     use tch::Kind;
 
     #[test]
@@ -215,7 +217,7 @@ mod tests {
     #[test]
     fn truncation_keeps_the_start_and_drops_fully_masked_conversations() {
         let dir = tempfile::tempdir().unwrap();
-        crate::train::convert::convert(&crate::synth::model::test_model(), &dir.path().join("m")).unwrap();
+        crate::model::convert::convert(&crate::test_support::test_model(), &dir.path().join("m"), false).unwrap();
         let tok = ChatTokenizer::load(&dir.path().join("m")).unwrap();
         let short = vec![Message::new("user", "Hi"), Message::new("assistant", "Hello there, friend.")];
         let long_question = vec![Message::new("user", &"word ".repeat(200)), Message::new("assistant", "ok")];

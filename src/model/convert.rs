@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
-use crate::gguf;
+use crate::model::gguf;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConvertArgs {
@@ -24,9 +24,14 @@ pub struct ConvertArgs {
     #[arg(long)]
     pub gguf: Option<PathBuf>,
 
-    /// Output Hugging Face model directory (replaced if it exists).
+    /// Output Hugging Face model directory: new or empty, or an earlier `magpie convert`
+    /// output with --overwrite.
     #[arg(long, short)]
     pub output: PathBuf,
+
+    /// Replace an earlier magpie output at --output (only the files its manifest lists).
+    #[arg(long)]
+    pub overwrite: bool,
 
     /// Make a judge reward model instead (LlamaForSequenceClassification): a chat template that
     /// asks whether the answer is helpful and correct, and a score head equal to the embedding
@@ -42,12 +47,10 @@ const JUDGE_TEMPLATE: &str = "{% set q = messages | selectattr('role', 'equalto'
 pub fn run(args: &ConvertArgs) -> Result<()> {
     let gguf = match &args.gguf {
         Some(path) => path.clone(),
-        None => crate::synth::model::magpie_home().join(crate::synth::model::DEFAULT_MODEL_FILE),
+        None => crate::home::default_model(),
     };
-    convert(&gguf, &args.output)?;
-    if args.judge_reward_head {
-        add_judge_reward_head(&args.output)?;
-    }
+    crate::output::check(&args.output, std::slice::from_ref(&gguf), &crate::output::Rules { overwrite: args.overwrite, resumable: None })?;
+    convert(&gguf, &args.output, args.judge_reward_head)?;
     eprintln!("magpie convert: {} -> {}", gguf.display(), args.output.display());
     Ok(())
 }
@@ -73,18 +76,26 @@ pub fn add_judge_reward_head(dir: &Path) -> Result<()> {
     };
     tensors.retain(|(n, _)| n != "lm_head.weight");
     tensors.push(("score.weight".to_string(), rows));
-    super::model::hf::write_safetensors(&tensors, &file)?;
+    super::hf::write_safetensors(&tensors, &file)?;
     let config_file = dir.join("config.json");
-    let mut config: Value = serde_json::from_str(&std::fs::read_to_string(&config_file)?)?;
+    let mut config = read_json(&config_file)?;
     config["architectures"] = json!(["LlamaForSequenceClassification"]);
     config["num_labels"] = json!(1);
     config["tie_word_embeddings"] = json!(false);
-    std::fs::write(&config_file, serde_json::to_string_pretty(&config)?)?;
+    write_json(&config_file, &config)?;
     let tokenizer_file = dir.join("tokenizer_config.json");
-    let mut tokenizer_config: Value = serde_json::from_str(&std::fs::read_to_string(&tokenizer_file)?)?;
+    let mut tokenizer_config = read_json(&tokenizer_file)?;
     tokenizer_config["chat_template"] = json!(JUDGE_TEMPLATE);
-    std::fs::write(&tokenizer_file, serde_json::to_string_pretty(&tokenizer_config)?)?;
-    Ok(())
+    write_json(&tokenizer_file, &tokenizer_config)
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 /// The architecture numbers llama.cpp stores under `llama.*`.
@@ -96,7 +107,9 @@ struct Shape {
     vocab: i64,
 }
 
-pub fn convert(gguf_path: &Path, out: &Path) -> Result<()> {
+/// Converts `gguf_path` into the Hugging Face directory `out` (written atomically, with a
+/// manifest); with `judge_reward_head`, into the judge reward model `--judge-reward-head` describes.
+pub fn convert(gguf_path: &Path, out: &Path, judge_reward_head: bool) -> Result<()> {
     if !gguf_path.is_file() {
         bail!("{}: GGUF file not found (run scripts/setup.sh for the embedded model)", gguf_path.display());
     }
@@ -121,7 +134,11 @@ pub fn convert(gguf_path: &Path, out: &Path) -> Result<()> {
     };
     let tied = meta.tensor("output.weight").is_none();
 
-    crate::data::write::write_dir_atomically(out, |tmp| write_hf_dir(&file, &shape, tied, tmp))
+    let provenance = crate::output::Provenance::new("convert", json!({ "gguf": gguf_path, "judge_reward_head": judge_reward_head }));
+    crate::output::write_dir(out, "model", &provenance, |tmp| {
+        write_hf_dir(&file, &shape, tied, tmp)?;
+        if judge_reward_head { add_judge_reward_head(tmp) } else { Ok(()) }
+    })
 }
 
 /// Writes the converted weights, config and tokenizer files into `tmp`.
@@ -131,7 +148,7 @@ fn write_hf_dir(file: &gguf::File, shape: &Shape, tied: bool, tmp: &Path) -> Res
     let need = |key: &str| meta.int(key).with_context(|| format!("{name}: metadata `{key}` is missing"));
     let tokens = meta.texts("tokenizer.ggml.tokens").unwrap_or_default();
     let tensors = weights(file, shape, tied)?;
-    super::model::hf::write_safetensors(&tensors, &tmp.join("model.safetensors"))?;
+    super::hf::write_safetensors(&tensors, &tmp.join("model.safetensors"))?;
     drop(tensors);
 
     let bos = meta.int("tokenizer.ggml.bos_token_id");
@@ -290,27 +307,27 @@ fn tokenizer_json(meta: &gguf::Metadata, name: &str) -> Result<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::model::tests::{fixture, max_abs_diff, reference};
-    use crate::train::model::{llama, load_causal_lm, AttentionMask, Inputs};
-    use crate::synth::engine::{llamacpp::LlamaCpp, Engine, EngineChoice, EngineOptions};
+    use crate::model::tests::{fixture, max_abs_diff, reference};
+    use crate::model::{llama, load_causal_lm, AttentionMask, Inputs};
+    use crate::engine::{llamacpp::LlamaCpp, Engine, EngineChoice, EngineOptions};
     use tch::Device;
 
     fn converted_smollm2() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("smollm2");
-        convert(&crate::synth::model::test_model(), &out).unwrap();
+        convert(&crate::test_support::test_model(), &out, false).unwrap();
         (dir, out)
     }
 
     fn llama_cpp() -> LlamaCpp {
-        LlamaCpp::load(&crate::synth::model::test_model(), &EngineOptions { choice: EngineChoice::Llamacpp, batch_size: 1, threads: 2, kv_tokens: 4096, cuda: false }).unwrap()
+        LlamaCpp::load(&crate::test_support::test_model(), &EngineOptions { choice: EngineChoice::Llamacpp, batch_size: 1, threads: 2, kv_tokens: 4096, cuda: false }).unwrap()
     }
 
     fn last_logits(dir: &Path, ids: &Tensor) -> Tensor {
         last_logits_of(&load_causal_lm(dir, Device::Cpu, Kind::Float).unwrap(), ids)
     }
 
-    fn last_logits_of(loaded: &crate::train::model::Loaded, ids: &Tensor) -> Tensor {
+    fn last_logits_of(loaded: &crate::model::Loaded, ids: &Tensor) -> Tensor {
         let positions = llama::default_positions(1, ids.size()[1], Device::Cpu);
         let logits = tch::no_grad(|| loaded.model.forward(&Inputs { ids, positions: &positions, mask: &AttentionMask::Causal }));
         logits.get(0)
@@ -358,12 +375,11 @@ mod tests {
         let (_tmp, out) = converted_smollm2();
         let causal = load_causal_lm(&out, Device::Cpu, Kind::Float).unwrap();
         let judge = out.with_file_name("judge");
-        std::fs::rename(&out, &judge).unwrap();
-        add_judge_reward_head(&judge).unwrap();
-        let rm = crate::filter::reward::RewardModel::load(&judge, 512, 2).unwrap();
+        convert(&crate::test_support::test_model(), &judge, true).unwrap();
+        let rm = crate::model::reward::RewardModel::load(&judge, 512, 2, Device::Cpu).unwrap();
         let conversation = vec![crate::data::Message::new("user", "What is 2 + 2?"), crate::data::Message::new("assistant", "4")];
         let score = rm.score(&[conversation.clone()]).unwrap()[0];
-        let tok = crate::train::tokenize::ChatTokenizer::load(&judge).unwrap();
+        let tok = crate::model::tokenize::ChatTokenizer::load(&judge).unwrap();
         let text = tok.template.render(&conversation, false).unwrap();
         assert!(text.contains("Question: What is 2 + 2?") && text.ends_with("<|im_start|>assistant\n"), "{text}");
         let ids: Vec<i64> = tok.tokenizer.encode(text, false).unwrap().get_ids().iter().map(|&i| i as i64).collect();
@@ -376,11 +392,11 @@ mod tests {
     fn missing_and_foreign_files_are_refused_without_output() {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("out");
-        let err = convert(Path::new("/nonexistent.gguf"), &out).unwrap_err();
+        let err = convert(Path::new("/nonexistent.gguf"), &out, false).unwrap_err();
         assert!(err.to_string().contains("/nonexistent.gguf: GGUF file not found"), "{err}");
         let bad = dir.path().join("bad.gguf");
         std::fs::write(&bad, b"GGUF\x03\x00\x00\x00").unwrap();
-        assert!(format!("{:#}", convert(&bad, &out).unwrap_err()).contains("bad.gguf"));
+        assert!(format!("{:#}", convert(&bad, &out, false).unwrap_err()).contains("bad.gguf"));
         assert!(!out.exists());
     }
 }

@@ -22,6 +22,7 @@ pub struct MistralRs {
     model: Model,
     /// One request at a time (CPU); see the module docs.
     serial: bool,
+    widest_batch: usize,
 }
 
 impl MistralRs {
@@ -55,7 +56,7 @@ impl MistralRs {
             }
         });
         let model = model.map_err(|e| anyhow!("{}: mistralrs could not load this model: {e:#}", path.display()))?;
-        Ok(MistralRs { runtime, model, serial: !options.cuda })
+        Ok(MistralRs { runtime, model, serial: !options.cuda, widest_batch: 0 })
     }
 
     async fn complete(model: &Model, request: &Request) -> Result<Completion> {
@@ -124,7 +125,12 @@ impl Engine for MistralRs {
             .map_err(|e| anyhow!("mistralrs tokenizer: {e}"))
     }
 
+    fn widest_batch(&self) -> usize {
+        self.widest_batch
+    }
+
     fn generate(&mut self, requests: &[Request], on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Completion>> {
+        self.widest_batch = if self.serial { requests.len().min(1) } else { requests.len() };
         let model = &self.model;
         if self.serial {
             return requests

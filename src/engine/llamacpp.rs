@@ -30,11 +30,21 @@ fn backend() -> Result<&'static LlamaBackend> {
     Ok(BACKEND.get_or_init(|| backend))
 }
 
+/// llama.cpp's system-info line: the CPU features its kernels were built with and use
+/// (`SSE3 = 1 | AVX2 = 1 | ...`). AMX never appears: the build keeps ggml's AMX backend out.
+pub fn system_info() -> Result<String> {
+    backend()?;
+    // SAFETY: returns a pointer to a static, NUL-terminated buffer owned by llama.cpp.
+    let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    Ok(info.to_string_lossy().trim().to_string())
+}
+
 pub struct LlamaCpp {
     model: LlamaModel,
     batch_size: usize,
     threads: i32,
     kv_tokens: usize,
+    widest_batch: usize,
 }
 
 /// A sequence being decoded in one slot of the batch.
@@ -71,6 +81,7 @@ impl LlamaCpp {
             batch_size: options.batch_size.max(1),
             threads: options.threads.max(1) as i32,
             kv_tokens: options.kv_tokens.max(256),
+            widest_batch: 0,
         })
     }
 
@@ -88,7 +99,12 @@ impl Engine for LlamaCpp {
         Ok(self.model.vocab().tokenize(text.as_bytes(), false, true).into_iter().map(|t| t.0 as u32).collect())
     }
 
+    fn widest_batch(&self) -> usize {
+        self.widest_batch
+    }
+
     fn generate(&mut self, requests: &[Request], on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Completion>> {
+        self.widest_batch = 0;
         if requests.is_empty() {
             return Ok(vec![]);
         }
@@ -108,7 +124,7 @@ impl Engine for LlamaCpp {
             .with_n_seq_max(slots as u32)
             .with_kv_unified(false)
             // CPU flash attention sums in an order that depends on the batch; off, greedy output
-            // is the same alone or batched (src/synth/engine/mod.rs tests it). 0 = DISABLED.
+            // is the same alone or batched (src/engine/mod.rs tests it). 0 = DISABLED.
             .with_flash_attention_policy(0)
             .with_n_threads(self.threads)
             .with_n_threads_batch(self.threads);
@@ -155,6 +171,7 @@ impl Engine for LlamaCpp {
             if batch.n_tokens() == 0 {
                 break;
             }
+            self.widest_batch = self.widest_batch.max(active.iter().flatten().count());
             ctx.decode(&mut batch).map_err(|e| anyhow!("llama.cpp decode: {e}"))?;
 
             let mut new_tokens = 0;

@@ -34,6 +34,7 @@ impl ModelDir {
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
         let raw_config: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))?;
+        check_architecture(&raw_config).with_context(|| format!("{}: cannot load this model", path.display()))?;
         let config = LlamaConfig::from_json(&text).with_context(|| format!("{}: not a Llama-family config", path.display()))?;
         Ok(ModelDir { dir: dir.to_path_buf(), config, raw_config })
     }
@@ -58,8 +59,11 @@ impl ModelDir {
         Ok(vec![single])
     }
 
-    /// Copies the checkpoint's tensors into every variable of `vs`, converting dtype.
-    /// A variable the checkpoint lacks is an error naming it; extra tensors are ignored.
+    /// Copies the checkpoint's tensors into every variable of `vs`, converting dtype. A variable
+    /// the checkpoint lacks is an error naming it, and so is a tensor the model has no place for
+    /// (another architecture's weights would otherwise be dropped in silence). Two extras are
+    /// known to be harmless and skipped: rotary `inv_freq` buffers, and an `lm_head.weight`
+    /// stored beside tied embeddings (the sequence classifier has no LM head either).
     pub fn load_into(&self, vs: &nn::VarStore) -> Result<()> {
         let mut variables = vs.variables();
         let mut missing: BTreeSet<String> = variables.keys().cloned().collect();
@@ -70,7 +74,12 @@ impl ModelDir {
             let tensors = SafeTensors::deserialize(&bytes)
                 .with_context(|| format!("{}: not a readable safetensors file (truncated or corrupt)", file.display()))?;
             for (name, view) in tensors.tensors() {
-                let Some(var) = variables.get_mut(&name) else { continue };
+                let Some(var) = variables.get_mut(&name) else {
+                    if name.ends_with("rotary_emb.inv_freq") || name == "lm_head.weight" {
+                        continue;
+                    }
+                    bail!("{}: tensor `{name}` has no place in a {} model (another architecture?)", file.display(), self.config.model_type.as_deref().unwrap_or("llama"));
+                };
                 let kind = kind_of(view.dtype()).with_context(|| format!("{}: tensor `{name}`", file.display()))?;
                 let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
                 if shape != var.size() {
@@ -87,6 +96,34 @@ impl ModelDir {
         }
         Ok(())
     }
+}
+
+/// The architectures the decoder in `llama` computes exactly.
+const MODEL_TYPES: &[&str] = &["llama", "qwen2", "mistral"];
+const ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "Qwen2ForCausalLM",
+    "Qwen2ForSequenceClassification",
+    "MistralForCausalLM",
+    "MistralForSequenceClassification",
+];
+
+/// Fails on a config whose `model_type` or `architectures` the decoder does not implement (a
+/// Gemma checkpoint would otherwise load and compute the wrong model).
+fn check_architecture(config: &serde_json::Value) -> Result<()> {
+    match config["model_type"].as_str() {
+        Some(t) if MODEL_TYPES.contains(&t) => {}
+        Some(t) => bail!("model_type `{t}` is not supported (supported: {})", MODEL_TYPES.join(", ")),
+        None => bail!("config.json has no `model_type` (supported: {})", MODEL_TYPES.join(", ")),
+    }
+    for architecture in config["architectures"].as_array().into_iter().flatten() {
+        let name = architecture.as_str().unwrap_or("?");
+        if !ARCHITECTURES.contains(&name) {
+            bail!("architecture `{name}` is not supported (supported: {})", ARCHITECTURES.join(", "));
+        }
+    }
+    Ok(())
 }
 
 fn kind_of(dtype: Dtype) -> Result<Kind> {
@@ -143,7 +180,7 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
     let host: Vec<(String, HostTensor)> =
         tensors.iter().map(|(name, t)| Ok((name.clone(), HostTensor::new(t)?))).collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = crate::data::write::temporary_sibling(path)?;
+    let tmp = crate::output::temporary_sibling(path)?;
     safetensors::tensor::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp)
         .with_context(|| format!("{}: cannot write", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
@@ -177,7 +214,8 @@ pub fn write_model_files(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Resu
     let kind = tensors.first().map_or(Kind::Float, |(_, t)| t.kind());
     write_safetensors(&tensors, &dir.join("model.safetensors"))?;
     let config = saved_config(&base.raw_config, &base.config, kind);
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    let config_path = dir.join("config.json");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?).with_context(|| format!("{}: cannot write", config_path.display()))?;
     for file in TOKENIZER_FILES {
         let (source, target) = (base.dir.join(file), dir.join(file));
         // Copying a file onto itself would truncate it.
@@ -188,7 +226,7 @@ pub fn write_model_files(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Resu
     Ok(())
 }
 
-/// Saves the variables of `vs` as a Hugging Face directory `dir`, atomically.
-pub fn save(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Result<()> {
-    crate::data::write::write_dir_atomically(dir, |tmp| write_model_files(vs, base, tmp))
+/// Saves the variables of `vs` as a Hugging Face directory `dir`, atomically, with a manifest.
+pub fn save(vs: &nn::VarStore, base: &ModelDir, dir: &Path, provenance: &crate::output::Provenance) -> Result<()> {
+    crate::output::write_dir(dir, "model", provenance, |tmp| write_model_files(vs, base, tmp))
 }

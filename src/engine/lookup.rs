@@ -1,21 +1,13 @@
-//! Finding the model to generate with, and what synth needs to know about it before an engine
+//! Finding the model to generate with, and what a stage needs to know about it before an engine
 //! loads it: its chat template and special tokens (from GGUF metadata or the Hugging Face
 //! tokenizer_config.json) and a name for the `model` column. Missing or corrupt files fail here
 //! with the path in the message.
 
-use crate::chat_template::ChatTemplate;
-use crate::gguf;
+use crate::model::chat_template::{special_token, ChatTemplate};
+use crate::model::gguf;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-
-/// File name of the embedded default model inside `$MAGPIE_HOME` (scripts/setup.sh puts it there).
-pub const DEFAULT_MODEL_FILE: &str = "smollm2-135m-instruct-q4_1.gguf";
-
-/// Where set-up puts models: `$MAGPIE_HOME`, else `./models`.
-pub fn magpie_home() -> PathBuf {
-    std::env::var_os("MAGPIE_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("models"))
-}
 
 #[derive(Debug)]
 pub struct ModelInfo {
@@ -31,7 +23,7 @@ pub fn resolve(model: Option<&Path>) -> Result<ModelInfo> {
     let path = match model {
         Some(p) => p.to_path_buf(),
         None => {
-            let default = magpie_home().join(DEFAULT_MODEL_FILE);
+            let default = crate::home::default_model();
             if !default.exists() {
                 bail!(
                     "{}: the embedded default model is missing; run scripts/setup.sh (or set MAGPIE_HOME), or pass --model",
@@ -67,15 +59,6 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
-/// A special token in tokenizer_config.json is a string or `{"content": ...}`.
-fn token_text(config: &Value, key: &str) -> String {
-    match &config[key] {
-        Value::String(s) => s.clone(),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).unwrap_or_default().to_string(),
-        _ => String::new(),
-    }
-}
-
 fn read_hf_dir(path: PathBuf) -> Result<ModelInfo> {
     for required in ["config.json", "tokenizer.json"] {
         if !path.join(required).is_file() {
@@ -92,7 +75,7 @@ fn read_hf_dir(path: PathBuf) -> Result<ModelInfo> {
         config["chat_template"].as_str().map(str::to_string)
     };
     let chat_template = source
-        .map(|s| ChatTemplate::new(&s, &token_text(&config, "bos_token"), &token_text(&config, "eos_token")))
+        .map(|s| ChatTemplate::new(&s, &special_token(&config, "bos_token").unwrap_or_default(), &special_token(&config, "eos_token").unwrap_or_default()))
         .transpose()
         .with_context(|| format!("{}: chat template", path.display()))?;
     Ok(ModelInfo { name: stem(&path), path, chat_template })
@@ -102,29 +85,16 @@ fn stem(path: &Path) -> String {
     path.file_stem().unwrap_or_default().to_string_lossy().into_owned()
 }
 
-/// Where set-up put the models, for tests: `$MAGPIE_HOME` if set, else the checkout's `models/`.
-#[cfg(test)]
-pub(crate) fn magpie_home_for_tests() -> PathBuf {
-    std::env::var_os("MAGPIE_HOME").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"))
-}
-
-/// The embedded model for tests; scripts/test.sh runs set-up first, so it is there.
-#[cfg(test)]
-pub(crate) fn test_model() -> PathBuf {
-    let path = magpie_home_for_tests().join(DEFAULT_MODEL_FILE);
-    assert!(path.exists(), "{}: run scripts/setup.sh first", path.display());
-    path
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::test_model;
 
     #[test]
     fn smollm2_auto_template_is_derived_from_its_gguf() {
         let info = resolve(Some(&test_model())).unwrap();
         assert_eq!(info.name, "Smollm2 135M 8k Lc100K Mix1 Ep2");
-        let derived = crate::synth::template::resolve("auto", info.chat_template.as_ref(), None).unwrap();
+        let derived = crate::model::pre_query::resolve("auto", info.chat_template.as_ref(), None).unwrap();
         assert_eq!(
             derived.pre_query,
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"

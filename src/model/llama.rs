@@ -280,7 +280,7 @@ enum Head {
 }
 
 /// The decoder with its head. Build it in a `VarStore`, then fill the store from a checkpoint
-/// (`checkpoint::load_into`).
+/// (`hf::ModelDir::load_into`).
 pub struct Llama {
     pub config: LlamaConfig,
     embed_tokens: Tensor,

@@ -1,15 +1,48 @@
-//! The models training uses: the Llama-family decoder (`llama`) and Hugging Face directories in
-//! and out (`hf`). GGUF conversion is `train::convert`.
+//! The models every stage shares, in tch and plain Rust:
+//! - `llama`: the Llama-family decoder (Llama, Qwen2, Mistral) with LM or score head; `hf`:
+//!   Hugging Face safetensors directories in and out; `reward`: a sequence-classification
+//!   reward model on top of them.
+//! - `embed`: the sentence encoder (all-MiniLM-L6-v2) for semantic dedup.
+//! - `tokenize`: chat-template tokenisation with assistant-only targets.
+//! - `chat_template` (Jinja) and `pre_query` (Magpie's pre-query templates derived from it).
+//! - `gguf` (metadata reader) and `convert` (GGUF to a Hugging Face directory, `magpie convert`).
 
+pub mod chat_template;
+pub mod convert;
+pub mod embed;
+pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod pre_query;
+pub mod reward;
+pub mod tokenize;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::path::Path;
 use tch::{nn, Device, Kind};
 
 pub use hf::ModelDir;
 pub use llama::{AttentionMask, Inputs, Llama, LlamaConfig};
+
+/// `cpu`, `cuda`, `cuda:N` or `auto` (the first CUDA device when libtorch sees one, else CPU).
+pub fn parse_device(text: &str) -> Result<Device> {
+    let cuda = |index: usize| -> Result<Device> {
+        let count = tch::Cuda::device_count() as usize;
+        if index >= count {
+            bail!("--device {text}: libtorch sees {count} CUDA device(s)");
+        }
+        Ok(Device::Cuda(index))
+    };
+    match text {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        "auto" => Ok(Device::cuda_if_available()),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => cuda(index),
+            _ => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}
 
 /// A model with the store that owns its weights.
 pub struct Loaded {
@@ -34,9 +67,7 @@ pub mod tests {
     use std::collections::HashMap;
     use tch::Tensor;
 
-    pub fn fixture(name: &str) -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fixtures").join(name)
-    }
+    pub use crate::test_support::fixture;
 
     /// Reference tensors written by `scripts/tiny_models.py::write_tensors_json`; `input_ids` are
     /// i64, everything else f32.
@@ -122,7 +153,7 @@ pub mod tests {
         let loaded = tiny("tiny-llama");
         let out = tempfile::tempdir().unwrap();
         let saved = out.path().join("saved");
-        hf::save(&loaded.vs, &loaded.dir, &saved).unwrap();
+        hf::save(&loaded.vs, &loaded.dir, &saved, &crate::output::Provenance::new("test", ())).unwrap();
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["rope_theta"], 500000.0);
         assert_eq!(config["rope_scaling"]["rope_type"], "llama3");
@@ -165,5 +196,29 @@ pub mod tests {
         std::fs::write(out.path().join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":").unwrap();
         let err = format!("{:#}", load_causal_lm(out.path(), Device::Cpu, Kind::Float).err().unwrap());
         assert!(err.contains("truncated or corrupt"), "{err}");
+    }
+
+    #[test]
+    fn other_architectures_and_stray_tensors_are_refused() {
+        let out = tempfile::tempdir().unwrap();
+        let loaded = tiny("tiny-llama");
+        hf::save(&loaded.vs, &loaded.dir, out.path(), &crate::output::Provenance::new("test", ())).unwrap();
+        let config_path = out.path().join("config.json");
+        let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+        let with = |key: &str, value: serde_json::Value| {
+            let mut changed = config.clone();
+            changed[key] = value;
+            std::fs::write(&config_path, changed.to_string()).unwrap();
+            load_causal_lm(out.path(), Device::Cpu, Kind::Float).err().map(|e| format!("{e:#}")).unwrap_or_default()
+        };
+        assert!(with("model_type", serde_json::json!("gemma")).contains("model_type `gemma` is not supported"));
+        assert!(with("architectures", serde_json::json!(["GemmaForCausalLM"])).contains("architecture `GemmaForCausalLM` is not supported"));
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        // A tensor the model has no place for, e.g. another architecture's extra norm.
+        let mut tensors: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
+        tensors.push(("model.layers.0.post_feedforward_layernorm.weight".into(), Tensor::ones([8], (Kind::Float, Device::Cpu))));
+        hf::write_safetensors(&tensors, &out.path().join("model.safetensors")).unwrap();
+        let err = format!("{:#}", load_causal_lm(out.path(), Device::Cpu, Kind::Float).err().unwrap());
+        assert!(err.contains("tensor `model.layers.0.post_feedforward_layernorm.weight` has no place"), "{err}");
     }
 }

@@ -1,12 +1,12 @@
 //! Pre-query templates: the chat template up to where the user's text would start. Given only
-//! this prefix, an aligned model writes a user instruction (REFERENCE §1).
+//! this prefix, an aligned model writes a user instruction (docs/upstream.md §1).
 //!
 //! Built-in families carry Magpie's own configs (pre-query template, stop strings, multi-turn
 //! user-append template). `auto` derives all three from the model's chat template by rendering
 //! conversations with sentinel texts and cutting around them, so any model that ships a chat
 //! template works. A raw string is used as the pre-query template as it is.
 
-use crate::chat_template::ChatTemplate;
+use crate::model::chat_template::ChatTemplate;
 use crate::data::Message;
 use anyhow::{bail, Context, Result};
 
@@ -21,7 +21,7 @@ pub struct Family {
     pub user_append: &'static str,
 }
 
-/// REFERENCE §1, one row per family.
+/// docs/upstream.md §1, one row per family.
 pub const FAMILIES: &[Family] = &[
     Family {
         names: &["llama3", "llama3.1", "llama3.3"],

@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 use tokenizers::Tokenizer;
 
-use crate::chat_template::ChatTemplate;
+use crate::model::chat_template::{special_token, ChatTemplate};
 use crate::data::Message;
 
 /// A model directory's tokenizer and chat template.
@@ -20,6 +20,8 @@ pub struct ChatTokenizer {
     pub template: ChatTemplate,
     /// Id used to pad batches (never a training target).
     pub pad_id: i64,
+    /// The tokenizer's `eos_token`, which TRL appends to every preference completion.
+    pub eos_id: Option<i64>,
 }
 
 /// One tokenised conversation: ids and which of them are assistant tokens.
@@ -27,14 +29,6 @@ pub struct ChatTokenizer {
 pub struct Tokens {
     pub ids: Vec<i64>,
     pub assistant: Vec<bool>,
-}
-
-fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
-    match &config[key] {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
-        _ => None,
-    }
 }
 
 impl ChatTokenizer {
@@ -57,8 +51,9 @@ impl ChatTokenizer {
         let eos = special_token(&config, "eos_token").unwrap_or_default();
         let pad = special_token(&config, "pad_token").unwrap_or_else(|| eos.clone());
         let pad_id = tokenizer.token_to_id(&pad).or_else(|| tokenizer.token_to_id(&eos)).unwrap_or(0) as i64;
+        let eos_id = tokenizer.token_to_id(&eos).map(i64::from);
         let template = ChatTemplate::new(&source, &bos, &eos).with_context(|| format!("{}: chat template", dir.display()))?;
-        Ok(ChatTokenizer { tokenizer, template, pad_id })
+        Ok(ChatTokenizer { tokenizer, template, pad_id, eos_id })
     }
 
     fn encode(&self, text: &str) -> Result<tokenizers::Encoding> {
@@ -85,8 +80,10 @@ impl ChatTokenizer {
         Ok(Tokens { ids: encoding.get_ids().iter().map(|&i| i as i64).collect(), assistant })
     }
 
-    /// A preference example's prompt (rendered with a generation prompt) and what the full
-    /// conversation adds after it, as TRL splits them.
+    /// A preference example's prompt (rendered with a generation prompt) and its completion,
+    /// token for token as TRL's DPOTrainer makes them: the text the full conversation adds after
+    /// the prompt, trailing newline included (`<|im_end|>\n`), tokenised without special tokens,
+    /// then the tokenizer's EOS id appended.
     pub fn prompt_and_completion(&self, prompt: &[Message], completion: &[Message]) -> Result<(Vec<i64>, Vec<i64>)> {
         let prompt_text = self.template.render(prompt, true)?;
         let full: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
@@ -95,7 +92,9 @@ impl ChatTokenizer {
             bail!("the chat template does not render the prompt as a prefix of the full conversation");
         };
         let ids = |text: &str| -> Result<Vec<i64>> { Ok(self.encode(text)?.get_ids().iter().map(|&i| i as i64).collect()) };
-        Ok((ids(&prompt_text)?, ids(rest.trim_end())?))
+        let mut completion = ids(rest)?;
+        completion.extend(self.eos_id);
+        Ok((ids(&prompt_text)?, completion))
     }
 }
 
@@ -105,7 +104,7 @@ mod tests {
 
     fn smollm2_tokenizer() -> (tempfile::TempDir, ChatTokenizer) {
         let dir = tempfile::tempdir().unwrap();
-        crate::train::convert::convert(&crate::synth::model::test_model(), &dir.path().join("m")).unwrap();
+        crate::model::convert::convert(&crate::test_support::test_model(), &dir.path().join("m"), false).unwrap();
         let tokenizer = ChatTokenizer::load(&dir.path().join("m")).unwrap();
         (dir, tokenizer)
     }
@@ -140,7 +139,9 @@ mod tests {
         let (_dir, tok) = smollm2_tokenizer();
         let prompt = [Message::new("user", "Capital of France?")];
         let (p, c) = tok.prompt_and_completion(&prompt, &[Message::new("assistant", "Paris.")]).unwrap();
-        assert_eq!(tok.tokenizer.decode(&c.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap(), "Paris.<|im_end|>");
+        // TRL's tokens: the rendered completion with its newline, then EOS (<|im_end|> for SmolLM2).
+        assert_eq!(tok.tokenizer.decode(&c.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap(), "Paris.<|im_end|>\n<|im_end|>");
+        assert_eq!(c.last().copied(), tok.eos_id);
         assert!(tok.tokenizer.decode(&p.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap().ends_with("<|im_start|>assistant\n"));
     }
 }

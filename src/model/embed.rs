@@ -8,8 +8,6 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
-/// The folder set-up fetches the embedding model into, under `$MAGPIE_HOME`.
-pub const DEFAULT_MODEL_DIR: &str = "all-minilm-l6-v2";
 
 #[derive(serde::Deserialize)]
 struct BertConfig {
@@ -31,17 +29,20 @@ pub struct SentenceEncoder {
 }
 
 impl SentenceEncoder {
-    pub fn load(dir: &Path) -> Result<Self> {
+    /// Loads the encoder in `dir` onto `device`.
+    pub fn load(dir: &Path, device: tch::Device) -> Result<Self> {
         for file in ["config.json", "tokenizer.json", "model.safetensors"] {
             if !dir.join(file).is_file() {
                 bail!("{}: embedding model incomplete ({file} is missing); run scripts/setup.sh or pass `model`", dir.display());
             }
         }
-        let config: BertConfig = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
+        let config_text = std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("{}: cannot read", dir.join("config.json").display()))?;
+        let config: BertConfig = serde_json::from_str(&config_text)
             .with_context(|| format!("{}: not a BERT config", dir.join("config.json").display()))?;
         let weights = Tensor::read_safetensors(dir.join("model.safetensors"))
             .with_context(|| format!("{}: unreadable safetensors", dir.join("model.safetensors").display()))?
             .into_iter()
+            .map(|(name, tensor)| (name, tensor.to_device(device)))
             .collect();
         let max_length = std::fs::read_to_string(dir.join("sentence_bert_config.json"))
             .ok()
@@ -70,15 +71,16 @@ impl SentenceEncoder {
         x.layer_norm(size.as_slice(), Some(self.w(&format!("{prefix}.weight"))), Some(self.w(&format!("{prefix}.bias"))), self.config.layer_norm_eps, false)
     }
 
-    /// Normalised embeddings of `texts`, `[n, hidden]` f32.
+    /// Normalised embeddings of `texts`, `[n, hidden]` f32, on the CPU.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
         let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         let (n, len) = (encodings.len() as i64, encodings.first().map_or(0, |e| e.len()) as i64);
         let ids: Vec<i64> = encodings.iter().flat_map(|e| e.get_ids().iter().map(|&i| i as i64)).collect();
         let mask: Vec<f32> = encodings.iter().flat_map(|e| e.get_attention_mask().iter().map(|&m| m as f32)).collect();
-        let ids = Tensor::from_slice(&ids).view([n, len]);
-        let mask = Tensor::from_slice(&mask).view([n, len]);
-        Ok(tch::no_grad(|| self.forward(&ids, &mask)))
+        let device = self.w("embeddings.word_embeddings.weight").device();
+        let ids = Tensor::from_slice(&ids).view([n, len]).to_device(device);
+        let mask = Tensor::from_slice(&mask).view([n, len]).to_device(device);
+        Ok(tch::no_grad(|| self.forward(&ids, &mask)).to_device(tch::Device::Cpu))
     }
 
     fn forward(&self, ids: &Tensor, mask: &Tensor) -> Tensor {
@@ -120,17 +122,17 @@ mod tests {
     use super::*;
 
     fn model_dir() -> std::path::PathBuf {
-        crate::synth::model::magpie_home_for_tests().join(DEFAULT_MODEL_DIR)
+        crate::test_support::magpie_home().join(crate::home::DEFAULT_EMBEDDING_MODEL_DIR)
     }
 
     /// Vectors written once by scripts/make_embedding_fixture.py with sentence-transformers.
     #[test]
     fn embeddings_match_sentence_transformers() {
-        let fixture: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/fixtures/minilm-embeddings.json")).unwrap()).unwrap();
-        let sentences: Vec<&str> = fixture["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
-        let expected: Vec<f32> = fixture["embeddings"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
-        let encoder = SentenceEncoder::load(&model_dir()).unwrap();
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(crate::test_support::fixture("minilm-embeddings.json")).unwrap()).unwrap();
+        let sentences: Vec<&str> = reference["sentences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+        let expected: Vec<f32> = reference["embeddings"].as_array().unwrap().iter().flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32)).collect();
+        let encoder = SentenceEncoder::load(&model_dir(), tch::Device::Cpu).unwrap();
         let ours: Vec<f32> = Vec::try_from(encoder.embed(&sentences).unwrap().flatten(0, -1)).unwrap();
         assert_eq!(ours.len(), expected.len());
         let worst = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
@@ -140,7 +142,7 @@ mod tests {
     #[test]
     fn a_missing_embedding_model_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let error = SentenceEncoder::load(dir.path()).err().unwrap().to_string();
+        let error = SentenceEncoder::load(dir.path(), tch::Device::Cpu).err().unwrap().to_string();
         assert!(error.contains("embedding model incomplete (config.json is missing)"), "{error}");
     }
 }

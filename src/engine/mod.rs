@@ -4,11 +4,13 @@
 //!
 //! - `llamacpp`: llama.cpp through `llama-cpp-2`; continuous batching, per-request seeds. The
 //!   default for GGUF files on CPU.
+//! - `lookup`: which model (`--model` or the embedded default) and its chat template.
 //! - `mistralrs`: mistralrs 0.8.1; the default for Hugging Face safetensors directories and CUDA.
 //!   Its batched decoding is wrong on CPU (sequences come back with another prompt's answer), so
 //!   on CPU it runs one sequence at a time.
 
 pub mod llamacpp;
+pub mod lookup;
 pub mod mistralrs;
 
 use anyhow::{bail, Result};
@@ -73,6 +75,10 @@ pub trait Engine {
     /// Completes every request; results are in request order. `on_tokens` is told how many
     /// tokens were generated as generation goes, for progress.
     fn generate(&mut self, requests: &[Request], on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Completion>>;
+
+    /// The most sequences the last `generate` call decoded together: llama.cpp's widest decode
+    /// batch, or the requests mistralrs had in flight at once. Tests use it to know which path ran.
+    fn widest_batch(&self) -> usize;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -94,6 +100,13 @@ pub struct EngineOptions {
     /// Upper bound on KV-cache tokens across all sequences of a batch.
     pub kv_tokens: usize,
     pub cuda: bool,
+}
+
+impl EngineOptions {
+    /// Options for this build: CUDA when it was built with the `cuda` feature.
+    pub fn new(choice: EngineChoice, batch_size: usize, threads: usize, kv_tokens: usize) -> Self {
+        EngineOptions { choice, batch_size, threads, kv_tokens, cuda: cfg!(feature = "cuda") }
+    }
 }
 
 /// Loads `model` (a GGUF file or a safetensors directory) in the chosen engine.
@@ -160,7 +173,7 @@ mod tests {
 #[cfg(test)]
 mod batch_invariance {
     use super::*;
-    use crate::synth::model::test_model;
+    use crate::test_support::test_model;
 
     /// Instructions SmolLM2 wrote itself; 16 prompts x 96 greedy tokens, long enough that a
     /// batch-dependent summation order shows up as a flipped token (it did in 10 of 32 such
@@ -204,24 +217,54 @@ mod batch_invariance {
             .collect()
     }
 
-    fn check(choice: EngineChoice) {
-        let options = EngineOptions { choice, batch_size: 16, threads: 2, kv_tokens: 16384, cuda: false };
+    /// Runs the requests as one batch and one at a time; returns both outputs and the widest
+    /// batch each path decoded.
+    fn batched_and_alone(choice: EngineChoice, cuda: bool) -> (Vec<Completion>, usize, Vec<Completion>, usize) {
+        let options = EngineOptions { choice, batch_size: 16, threads: 2, kv_tokens: 16384, cuda };
         let mut engine = open(&test_model(), &options).unwrap();
         let requests = requests(engine.as_ref());
         let batched = engine.generate(&requests, &mut |_| {}).unwrap();
-        let alone: Vec<Completion> = requests.iter().map(|r| engine.generate(std::slice::from_ref(r), &mut |_| {}).unwrap().remove(0)).collect();
-        assert_eq!(batched, alone);
+        let widest_batched = engine.widest_batch();
+        let mut widest_alone = 0;
+        let alone: Vec<Completion> = requests
+            .iter()
+            .map(|r| {
+                let completion = engine.generate(std::slice::from_ref(r), &mut |_| {}).unwrap().remove(0);
+                widest_alone = widest_alone.max(engine.widest_batch());
+                completion
+            })
+            .collect();
         let distinct: std::collections::HashSet<_> = batched.iter().map(|c| c.text.clone()).collect();
         assert_eq!(distinct.len(), requests.len(), "prompts got each other's answers: {batched:#?}");
+        (batched, widest_batched, alone, widest_alone)
     }
 
+    /// Runs with this build's CPU kernels (the ones `magpie doctor` lists), the same flags as
+    /// the binary: .cargo/config.toml applies to both.
     #[test]
     fn llamacpp_greedy_output_is_the_same_alone_or_batched() {
-        check(EngineChoice::Llamacpp);
+        let (batched, widest_batched, alone, widest_alone) = batched_and_alone(EngineChoice::Llamacpp, false);
+        assert_eq!(widest_batched, INSTRUCTIONS.len(), "the batched run did not decode all sequences together");
+        assert_eq!(widest_alone, 1);
+        let kernels = llamacpp::system_info().unwrap();
+        assert_eq!(batched, alone, "llama.cpp kernels: {kernels}");
     }
 
+    /// mistralrs 0.8.1 batches wrongly on CPU, so its CPU engine sends one request at a time: the
+    /// batched path is not exercised here (it is with `--features cuda` on a GPU, below). This
+    /// pins the workaround: a batch call goes one sequence at a time and keeps every answer.
+    #[test]
+    fn mistralrs_on_cpu_answers_a_batch_one_sequence_at_a_time() {
+        let (batched, widest_batched, alone, widest_alone) = batched_and_alone(EngineChoice::Mistralrs, false);
+        assert_eq!((widest_batched, widest_alone), (1, 1));
+        assert_eq!(batched, alone);
+    }
+
+    #[cfg(feature = "cuda")]
     #[test]
     fn mistralrs_greedy_output_is_the_same_alone_or_batched() {
-        check(EngineChoice::Mistralrs);
+        let (batched, widest_batched, alone, widest_alone) = batched_and_alone(EngineChoice::Mistralrs, true);
+        assert_eq!((widest_batched, widest_alone), (INSTRUCTIONS.len(), 1));
+        assert_eq!(batched, alone);
     }
 }

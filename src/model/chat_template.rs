@@ -58,6 +58,15 @@ impl ChatTemplate {
     }
 }
 
+/// A special token in tokenizer_config.json: a string, or `{"content": ...}`.
+pub fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
+    match &config[key] {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

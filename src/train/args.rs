@@ -1,0 +1,132 @@
+//! The flags every training command takes, named as TRL's `TrainingArguments` names them.
+
+use anyhow::Result;
+use std::path::PathBuf;
+use tch::{Device, Kind};
+
+use super::optim::Schedule;
+
+/// Flags every training command takes. Names follow TRL's `TrainingArguments`.
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct TrainArgs {
+    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
+    #[arg(long, value_name = "FILE.yaml")]
+    #[serde(skip)]
+    pub recipe: Option<PathBuf>,
+
+    /// Base model: a Hugging Face safetensors directory (`magpie convert` makes one from a GGUF).
+    #[arg(long)]
+    pub model: PathBuf,
+
+    /// Training dataset(s): parquet files, directories of parts, or globs.
+    #[arg(long, short, required = true)]
+    pub input: Vec<String>,
+
+    /// Output directory: checkpoints, the final model in `model/`, metrics.jsonl and plots.
+    #[arg(long, short)]
+    pub output: PathBuf,
+
+    /// Held-out fraction when the data has no `split` column (rows whose split is test, eval or
+    /// validation are the eval set when it does).
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_ratio: f64,
+
+    #[arg(long, default_value_t = 2e-5)]
+    pub learning_rate: f64,
+
+    /// Learning-rate schedule after warmup.
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    pub lr_scheduler_type: Schedule,
+
+    /// Linear warmup as a fraction of all steps (ignored when --warmup-steps is set).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+
+    #[arg(long, default_value_t = 1.0)]
+    pub num_train_epochs: f64,
+
+    /// Stop after this many optimizer steps (overrides --num-train-epochs).
+    #[arg(long, value_parser = at_least_one)]
+    pub max_steps: Option<usize>,
+
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub per_device_train_batch_size: usize,
+
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    pub gradient_accumulation_steps: usize,
+
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// Save a checkpoint every N optimizer steps (0: only the final model).
+    #[arg(long, default_value_t = 500)]
+    pub save_steps: usize,
+
+    /// Keep at most this many checkpoints (oldest deleted first).
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
+
+    /// Evaluate every N steps (0: only at the end) when there is an eval split.
+    #[arg(long, default_value_t = 0)]
+    pub eval_steps: usize,
+
+    #[arg(long, default_value_t = 1)]
+    pub logging_steps: usize,
+
+    /// cpu, cuda, cuda:N, or auto (the first CUDA device when libtorch sees one).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Mixed precision as DeepSpeed and FSDP do it: bf16 weights for compute, fp32 master
+    /// weights and fp32 Adam moments in the optimizer.
+    #[arg(long)]
+    pub bf16: bool,
+
+    /// With --bf16: no fp32 master weights and bf16 Adam moments (saves 6 bytes a parameter).
+    /// Updates smaller than bf16's spacing are lost, so small learning rates barely train.
+    #[arg(long)]
+    pub no_fp32_optimizer_state: bool,
+
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
+    /// Continue from the latest checkpoint in --output.
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: bool,
+
+    /// Replace a finished (or start an unfinished) run at --output over again; only what magpie
+    /// wrote there is removed.
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
+}
+
+fn at_least_one(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl TrainArgs {
+    pub fn device(&self) -> Result<Device> {
+        crate::model::parse_device(&self.device)
+    }
+
+    pub fn kind(&self) -> Kind {
+        if self.bf16 { Kind::BFloat16 } else { Kind::Float }
+    }
+}
+

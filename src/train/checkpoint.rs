@@ -1,0 +1,132 @@
+//! A training run's folder and its checkpoints.
+//!
+//! The folder (`--output`) holds the run claim (`magpie-run.json`, written first), `checkpoint-N/`
+//! folders, `metrics.jsonl`, the plots, the final `model/` and, written last, the manifest that
+//! marks the run finished (`crate::output`). `--resume` continues an unfinished run from its
+//! newest checkpoint; `--overwrite` starts over in place of a run of ours; anything else in the
+//! way is an error, and nothing magpie did not write is ever removed.
+//!
+//! A checkpoint is a loadable HF model plus `optimizer.safetensors` (moments, and the fp32 master
+//! weights under mixed precision) and `trainer_state.json` (step, seed, settings), with a manifest
+//! of its own. Resuming refuses other settings, naming them.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+use super::args::TrainArgs;
+use super::optim::AdamW;
+use crate::model::{hf, Loaded};
+use crate::output::{self, Existing, Manifest, Provenance, Resumable, Rules, RUN_CLAIM};
+
+/// The names a training run writes into its folder.
+fn owns(name: &str) -> bool {
+    [RUN_CLAIM, output::MANIFEST, "metrics.jsonl", "loss.png", "rewards.png", "model"].contains(&name)
+        || name.strip_prefix("checkpoint-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+fn rules(args: &TrainArgs) -> Rules {
+    Rules { overwrite: args.overwrite, resumable: Some(Resumable { claim: RUN_CLAIM, owns }) }
+}
+
+/// Before anything is loaded or written: the output against the inputs, `--resume` and
+/// `--overwrite`, and what is already there.
+pub fn check_output(args: &TrainArgs, inputs: &[PathBuf]) -> Result<Existing> {
+    let existing = output::check(&args.output, inputs, &rules(args))?;
+    let dir = args.output.display();
+    match (&existing, args.resume, args.overwrite) {
+        (_, true, true) => bail!("--resume and --overwrite contradict each other"),
+        (Existing::Nothing, true, _) => bail!("{dir}: --resume, but there is no checkpoint-* here"),
+        (Existing::Finished, true, _) => bail!("{dir}: holds a finished run; nothing to resume (--overwrite trains again in its place)"),
+        (Existing::Finished, false, false) => bail!("{dir}: holds a finished training run; pass --overwrite to replace it"),
+        (Existing::Unfinished, false, false) => {
+            bail!("{dir}: holds an unfinished training run; pass --resume to continue it or --overwrite to start over")
+        }
+        _ => Ok(existing),
+    }
+}
+
+/// The settings a checkpoint must agree with to be resumed.
+pub fn settings(args: &TrainArgs, extra: &Value) -> Value {
+    json!({"train": args, "objective": extra})
+}
+
+/// At the start of training: clears what `--overwrite` replaces and writes the run claim.
+pub fn open_output(args: &TrainArgs, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<()> {
+    match check_output(args, inputs)? {
+        Existing::Finished if args.overwrite => output::clear_finished(&args.output)?,
+        Existing::Unfinished if args.overwrite => output::clear_unfinished(&args.output, owns)?,
+        _ => {}
+    }
+    std::fs::create_dir_all(&args.output).with_context(|| format!("{}: cannot create", args.output.display()))?;
+    let claim = json!({ "stage": stage, "settings": settings(args, extra) });
+    output::write_atomically(&args.output.join(RUN_CLAIM), serde_json::to_string_pretty(&claim)?.as_bytes())
+}
+
+/// After the final model and plots: removes what interrupted runs left and writes the manifest.
+pub fn finish_output(args: &TrainArgs, provenance: &Provenance) -> Result<()> {
+    output::sweep_temporaries(&args.output, ".");
+    Manifest::write(&args.output, "training run", None, provenance)?;
+    Ok(())
+}
+
+/// The checkpoint folders in `output`, oldest first.
+pub fn checkpoint_dirs(output: &Path) -> Vec<(usize, PathBuf)> {
+    let mut dirs: Vec<(usize, PathBuf)> = std::fs::read_dir(output)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// Writes `checkpoint-{step}` atomically, then drops the oldest past `save_total_limit`.
+pub fn save(loaded: &Loaded, opt: &AdamW, step: usize, args: &TrainArgs, provenance: &Provenance) -> Result<()> {
+    let dir = args.output.join(format!("checkpoint-{step}"));
+    output::write_dir(&dir, "checkpoint", provenance, |tmp| {
+        hf::write_model_files(&loaded.vs, &loaded.dir, tmp)?;
+        hf::write_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
+        let state = json!({"global_step": step, "optimizer_steps": opt.steps, "seed": args.seed, "settings": provenance.settings});
+        let path = tmp.join("trainer_state.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&state)?).with_context(|| format!("{}: cannot write", path.display()))
+    })?;
+    if let Some(limit) = args.save_total_limit {
+        let dirs = checkpoint_dirs(&args.output);
+        for (_, old) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {
+            output::clear_finished(old)?;
+            std::fs::remove_dir(old).with_context(|| format!("{}: cannot remove (it holds files magpie did not write)", old.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the newest checkpoint into the model and optimizer; returns its step.
+pub fn resume(loaded: &Loaded, opt: &mut AdamW, args: &TrainArgs, want: &Value) -> Result<usize> {
+    let Some((step, dir)) = checkpoint_dirs(&args.output).pop() else {
+        bail!("{}: --resume, but there is no checkpoint-* here", args.output.display());
+    };
+    let state_file = dir.join("trainer_state.json");
+    let state: Value = serde_json::from_str(&std::fs::read_to_string(&state_file).with_context(|| format!("{}: cannot read", state_file.display()))?)
+        .with_context(|| format!("{}: not JSON", state_file.display()))?;
+    let mut differing = vec![];
+    output::differing_keys("", &state["settings"], want, &mut differing);
+    if !differing.is_empty() {
+        let names: Vec<&str> = differing.iter().map(|k| k.rsplit('.').next().unwrap_or(k)).collect();
+        bail!("{}: was made with other settings ({}); resume with the same ones or use a new --output", dir.display(), names.join(", "));
+    }
+    hf::ModelDir::open(&dir)?.load_into(&loaded.vs)?;
+    let optimizer: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
+        .with_context(|| format!("{}: unreadable optimizer state", dir.display()))?
+        .into_iter()
+        .collect();
+    opt.load_state(&optimizer, state["optimizer_steps"].as_i64().unwrap_or(step as i64))?;
+    Ok(step)
+}

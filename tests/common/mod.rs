@@ -1,0 +1,27 @@
+//! What the binary-driving tests share: running `magpie`, the committed fixtures, and the
+//! embedded model converted to a Hugging Face directory.
+// Each test binary uses its own subset of these helpers.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn magpie(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_magpie")).args(args).output().expect("run magpie")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fixtures").join(name)
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The embedded SmolLM2 converted by `magpie convert` into `dir/smollm2`.
+pub fn converted_smollm2(dir: &Path) -> PathBuf {
+    let out = dir.join("smollm2");
+    let output = magpie(&["convert", "-o", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    out
+}
