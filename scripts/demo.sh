@@ -10,6 +10,8 @@
 #      responses from the trained checkpoint through `magpie synth --model <ckpt>` (mistralrs);
 #   5. dpo of the SFT model on the pairs (recipes/smollm2-135m-dpo-demo.yaml);
 #   6. a summary table: rows per stage and the DPO eval metrics; plots in out/demo/{sft,dpo}.
+# Rerunning replaces the demo's own outputs in out/demo (--overwrite removes only what magpie
+# wrote there); synth resumes, or has nothing to do once finished.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MAGPIE_ROOT"
@@ -17,13 +19,12 @@ scripts/setup.sh
 started=$(date +%s)
 mkdir -p out/demo
 "$MAGPIE_BIN" synth --recipe recipes/magpie-smollm2-demo.yaml -o out/demo/synth
-"$MAGPIE_BIN" convert -o out/demo/smollm2-hf
-"$MAGPIE_BIN" convert --judge-reward-head -o out/demo/judge-rm
-"$MAGPIE_BIN" filter --recipe recipes/smollm2-demo-filter.yaml -i out/demo/synth -o out/demo/filtered
+"$MAGPIE_BIN" convert -o out/demo/smollm2-hf --overwrite
+"$MAGPIE_BIN" convert --judge-reward-head -o out/demo/judge-rm --overwrite
+"$MAGPIE_BIN" filter --recipe recipes/smollm2-demo-filter.yaml -i out/demo/synth -o out/demo/filtered --overwrite
 "$MAGPIE_BIN" inspect out/demo/filtered --samples 1
-"$MAGPIE_BIN" sft --recipe recipes/smollm2-135m-sft-demo.yaml
-rm -rf out/demo/synth-sft
-"$MAGPIE_BIN" synth --model out/demo/sft/model --num 4 --max-tokens 48 --response-max-tokens 64 -o out/demo/synth-sft
+"$MAGPIE_BIN" sft --recipe recipes/smollm2-135m-sft-demo.yaml --overwrite
+"$MAGPIE_BIN" synth --model out/demo/sft/model --num 4 --max-tokens 48 --response-max-tokens 64 -o out/demo/synth-sft --overwrite
 "$MAGPIE_BIN" inspect out/demo/synth-sft --samples 2
-"$MAGPIE_BIN" dpo --recipe recipes/smollm2-135m-dpo-demo.yaml
+"$MAGPIE_BIN" dpo --recipe recipes/smollm2-135m-dpo-demo.yaml --overwrite
 "$VIRTUAL_ENV/bin/python" scripts/demo_summary.py out/demo "$(( $(date +%s) - started ))"
