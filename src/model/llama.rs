@@ -215,13 +215,9 @@ impl Attention {
         let v = split(self.v_proj.forward(x), self.kv_heads);
         let q = &q * cos + rotate_half(&q) * sin;
         let k = &k * cos + rotate_half(&k) * sin;
-        let repeat = self.heads / self.kv_heads;
-        let (k, v) = if repeat > 1 {
-            (k.repeat_interleave_self_int(repeat, 1, None), v.repeat_interleave_self_int(repeat, 1, None))
-        } else {
-            (k, v)
-        };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, false);
+        // Grouped-query attention inside SDPA (`enable_gqa`): no repeated copies of K and V.
+        let gqa = self.heads != self.kv_heads;
+        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa);
         self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]))
     }
 }

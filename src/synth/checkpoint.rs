@@ -42,7 +42,13 @@ impl Checkpoint {
         let existing = output::check(dir, inputs, &rules)?;
         let provenance = Provenance::new("synth", settings);
         let claim = dir.join(RUN_CLAIM);
-        if existing != Existing::Nothing {
+        if existing == Existing::Finished && !claim.is_file() {
+            // A finished output of another stage (no synth claim): only --overwrite replaces it.
+            if !overwrite {
+                bail!("{}: holds a finished magpie output that is not a synth run; pass --overwrite to replace it, or use another --output", dir.display());
+            }
+            output::clear_finished(dir)?;
+        } else if existing != Existing::Nothing {
             let earlier = read_claim(&claim)?;
             let mut differing = vec![];
             output::differing_keys("", &earlier["settings"], settings, &mut differing);
