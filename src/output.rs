@@ -319,19 +319,16 @@ pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existin
     if names.is_empty() {
         return Ok(Existing::Nothing);
     }
+    // Fails naming the entries that `owned` does not account for.
     let foreign = |owned: &dyn Fn(&str) -> bool| -> Result<()> {
         let mut others: Vec<&String> = names.iter().filter(|n| !owned(n)).collect();
         others.sort();
-        if !others.is_empty() {
-            let shown: Vec<&str> = others.iter().take(5).map(|s| s.as_str()).collect();
-            let more = if others.len() > 5 { format!(" and {} more", others.len() - 5) } else { String::new() };
-            bail!(
-                "{}: holds files magpie did not write ({}{more}); refusing to write into it. Choose a new or empty folder",
-                target.display(),
-                shown.join(", ")
-            );
+        if others.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let shown: Vec<&str> = others.iter().take(5).map(|s| s.as_str()).collect();
+        let more = if others.len() > 5 { format!(" and {} more", others.len() - 5) } else { String::new() };
+        bail!("{}: holds files magpie did not write ({}{more}); refusing to write into it. Choose a new or empty folder", target.display(), shown.join(", "))
     };
     if let Some(manifest) = Manifest::read(target)? {
         let listed = manifest.top_level_names();
@@ -346,10 +343,8 @@ pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existin
             foreign(&|n| (resumable.owns)(n))?;
             Ok(Existing::Unfinished)
         }
-        _ => {
-            foreign(&|_| false)?;
-            unreachable!("names is not empty")
-        }
+        // No manifest and no claim of ours: everything there is someone else's.
+        _ => foreign(&|_| false).map(|()| Existing::Nothing),
     }
 }
 
