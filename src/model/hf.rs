@@ -137,30 +137,28 @@ fn kind_of(dtype: Dtype) -> Result<Kind> {
     })
 }
 
-/// A host copy of one tensor, in the form the safetensors writer takes.
-struct HostTensor {
+/// One tensor as the safetensors writer takes it. Its bytes are copied to the host only when the
+/// writer reaches it, one tensor at a time, so saving never holds a second full copy of the model
+/// in host memory (an 8B checkpoint would otherwise need 16 GB and more of RAM).
+struct TensorView {
+    tensor: Tensor,
     dtype: Dtype,
     shape: Vec<usize>,
-    data: Vec<u8>,
 }
 
-impl HostTensor {
+impl TensorView {
     fn new(tensor: &Tensor) -> Result<Self> {
-        let tensor = tensor.to_device(tch::Device::Cpu).contiguous();
         let dtype = match tensor.kind() {
             Kind::Float => Dtype::F32,
             Kind::BFloat16 => Dtype::BF16,
             Kind::Half => Dtype::F16,
             other => bail!("cannot save a {other:?} tensor"),
         };
-        let numel = tensor.numel();
-        let mut data = vec![0u8; numel * tensor.kind().elt_size_in_bytes()];
-        tensor.f_copy_data_u8(&mut data, numel)?;
-        Ok(HostTensor { dtype, shape: tensor.size().iter().map(|&d| d as usize).collect(), data })
+        Ok(TensorView { tensor: tensor.shallow_clone(), dtype, shape: tensor.size().iter().map(|&d| d as usize).collect() })
     }
 }
 
-impl View for &HostTensor {
+impl View for &TensorView {
     fn dtype(&self) -> Dtype {
         self.dtype
     }
@@ -168,21 +166,27 @@ impl View for &HostTensor {
         &self.shape
     }
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
+        let host = self.tensor.to_device(tch::Device::Cpu).contiguous();
+        let numel = host.numel();
+        let mut bytes = vec![0u8; self.data_len()];
+        host.copy_data_u8(&mut bytes, numel);
+        Cow::Owned(bytes)
     }
     fn data_len(&self) -> usize {
-        self.data.len()
+        self.shape.iter().product::<usize>() * self.tensor.kind().elt_size_in_bytes()
     }
 }
 
-/// Writes `tensors` as one safetensors file with `format=pt` metadata, which transformers checks.
+/// Writes `tensors` as one safetensors file with `format=pt` metadata, which transformers checks,
+/// through a temporary sibling, copying one tensor at a time to the host.
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    let host: Vec<(String, HostTensor)> =
-        tensors.iter().map(|(name, t)| Ok((name.clone(), HostTensor::new(t)?))).collect::<Result<_>>()?;
+    let views: Vec<(String, TensorView)> = tensors.iter().map(|(name, t)| Ok((name.clone(), TensorView::new(t)?))).collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let tmp = crate::output::temporary_sibling(path)?;
-    safetensors::tensor::serialize_to_file(host.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp)
-        .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    if let Err(e) = safetensors::tensor::serialize_to_file(views.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename into place", path.display()))?;
     Ok(())
 }
