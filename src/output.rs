@@ -200,8 +200,7 @@ pub fn sweep_temporaries(dir: &Path, prefix: &str) {
         let pid = name.rsplit(TMP_MARK).next().and_then(|p| p.split('.').next()).and_then(|p| p.parse::<u32>().ok());
         let alive = pid.is_some_and(|p| p == std::process::id() || Path::new(&format!("/proc/{p}")).exists());
         if !alive {
-            let path = entry.path();
-            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            remove_temporary(&entry.path());
         }
     }
 }
@@ -288,7 +287,9 @@ pub fn check_not_an_input(target: &Path, inputs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
-/// Checks an output path before anything is written; see the module docs.
+/// Checks an output path before anything is written (see the module docs), and creates the
+/// folder it goes in, so that a path that cannot be written is named now rather than after the
+/// work.
 pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existing> {
     check_not_an_input(target, inputs)?;
     let parent = parent_of(target);
@@ -349,10 +350,11 @@ pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existin
 }
 
 /// For readers: fails on an unfinished run's folder (a claim, no manifest), and on a finished
-/// one whose files no longer match its manifest. Folders magpie did not write pass as they are.
-pub fn require_finished(dir: &Path) -> Result<()> {
+/// one whose files no longer match its manifest; returns the manifest of a finished one. Folders
+/// magpie did not write pass as they are (`None`).
+pub fn require_finished(dir: &Path) -> Result<Option<Manifest>> {
     match Manifest::read(dir)? {
-        Some(manifest) => manifest.check_sizes(dir),
+        Some(manifest) => manifest.check_sizes(dir).map(|()| Some(manifest)),
         None if dir.join(RUN_CLAIM).is_file() => {
             let stage = std::fs::read_to_string(dir.join(RUN_CLAIM))
                 .ok()
@@ -365,7 +367,7 @@ pub fn require_finished(dir: &Path) -> Result<()> {
                 dir.display()
             )
         }
-        None => Ok(()),
+        None => Ok(None),
     }
 }
 
@@ -394,8 +396,7 @@ pub fn clear_finished(dir: &Path) -> Result<()> {
     for file in &manifest.files {
         let path = dir.join(file.path.trim_end_matches('/'));
         if file.path.ends_with('/') {
-            clear_finished(&path)?;
-            remove_empty_dir(&path)?;
+            remove_finished_dir(&path)?;
         } else if path.exists() {
             std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
         }
@@ -422,8 +423,7 @@ pub fn clear_unfinished(dir: &Path, owns: fn(&str) -> bool) -> Result<()> {
             continue;
         }
         if path.is_dir() {
-            clear_finished(&path)?;
-            remove_empty_dir(&path)?;
+            remove_finished_dir(&path)?;
         } else {
             std::fs::remove_file(&path).with_context(|| format!("{}: cannot remove", path.display()))?;
         }
@@ -431,11 +431,19 @@ pub fn clear_unfinished(dir: &Path, owns: fn(&str) -> bool) -> Result<()> {
     Ok(())
 }
 
-fn remove_empty_dir(dir: &Path) -> Result<()> {
+/// Removes a finished output folder of ours: what its manifest lists, then the folder, which
+/// must be empty by then (anything else in it stays, and is an error naming the folder).
+pub fn remove_finished_dir(dir: &Path) -> Result<()> {
+    clear_finished(dir)?;
     if dir.is_dir() {
         std::fs::remove_dir(dir).with_context(|| format!("{}: still holds files magpie did not write; left in place", dir.display()))?;
     }
     Ok(())
+}
+
+/// Removes a temporary file or folder, ignoring failures (it is ours, and only in the way).
+pub fn remove_temporary(path: &Path) {
+    let _ = if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) };
 }
 
 /// Puts a finished temporary (file or folder) in place of `target`: a finished output of ours
@@ -443,8 +451,7 @@ fn remove_empty_dir(dir: &Path) -> Result<()> {
 /// interrupted runs left for `target` are removed.
 pub fn commit(tmp: &Path, target: &Path) -> Result<()> {
     if target.is_dir() {
-        clear_finished(target)?;
-        remove_empty_dir(target)?;
+        remove_finished_dir(target)?;
     }
     std::fs::rename(tmp, target).with_context(|| format!("{}: cannot rename into place", target.display()))?;
     sweep_temporaries_of(target);
@@ -461,7 +468,7 @@ pub fn write_dir(target: &Path, kind: &str, provenance: &Provenance, fill: impl 
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
     let result = fill(&tmp).and_then(|()| Manifest::write(&tmp, kind, None, provenance)).and_then(|_| commit(&tmp, target));
     if result.is_err() {
-        let _ = std::fs::remove_dir_all(&tmp);
+        remove_temporary(&tmp);
     }
     result
 }

@@ -33,8 +33,7 @@ pub fn resolve(spec: &str) -> Result<Vec<PathBuf>> {
     folders.dedup();
     for folder in &folders {
         let folder = if folder.as_os_str().is_empty() { Path::new(".") } else { folder.as_path() };
-        crate::output::require_finished(folder)?;
-        if let Some(manifest) = crate::output::Manifest::read(folder)? {
+        if let Some(manifest) = crate::output::require_finished(folder)? {
             let listed: std::collections::HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
             for file in files.iter().filter(|f| f.parent() == Some(folder)) {
                 let name = file.file_name().unwrap_or_default().to_string_lossy();

@@ -154,13 +154,9 @@ impl Drop for DatasetWriter {
     fn drop(&mut self) {
         if !self.finished {
             drop(self.current.take());
-            remove(&self.tmp);
+            output::remove_temporary(&self.tmp);
         }
     }
-}
-
-fn remove(path: &Path) {
-    let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
 }
 
 /// A finished output still under its temporary name; removed unless committed.
@@ -188,7 +184,7 @@ impl Staged {
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
-            remove(&self.tmp);
+            output::remove_temporary(&self.tmp);
         }
     }
 }

@@ -10,13 +10,12 @@
 use crate::data::write::Staged;
 use crate::data::{Dataset, DatasetWriter};
 use crate::output::Provenance;
-use arrow::array::ArrayRef;
-use arrow::datatypes::{Field, Schema};
-use std::sync::Arc;
 use anyhow::{Context, Result};
-use arrow::array::RecordBatch;
+use arrow::array::{ArrayRef, RecordBatch};
+use arrow::datatypes::{Field, Schema};
 use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::Arc;
 
 pub trait Step {
     fn name(&self) -> &'static str;

@@ -101,8 +101,7 @@ pub fn save(loaded: &Loaded, opt: &AdamW, step: usize, args: &TrainArgs, provena
     if let Some(limit) = args.save_total_limit {
         let dirs = checkpoint_dirs(&args.output);
         for (_, old) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {
-            output::clear_finished(old)?;
-            std::fs::remove_dir(old).with_context(|| format!("{}: cannot remove (it holds files magpie did not write)", old.display()))?;
+            output::remove_finished_dir(old)?;
         }
     }
     Ok(())
