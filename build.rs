@@ -1,8 +1,13 @@
 //! Build-time set-up for the binary:
 //! - an rpath to the venv's libtorch, so `magpie` runs without LD_LIBRARY_PATH, and libtorch_cuda
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
+//! - `src/train/distributed/c10d.cpp`, the C++ side of the process groups (libtorch's c10d), against
+//!   the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
+//!   installed (the `nvidia-*` wheels `scripts/build-device.sh` installs);
 //! - the instruction-set flags of the CPU it was built on (`MAGPIE_BUILD_CPU_FLAGS`): the build is
 //!   native to that CPU, and the binary checks them at start (src/cpu.rs).
+
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -19,7 +24,52 @@ fn main() {
         return;
     };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
-    if std::path::Path::new(&lib_dir).join("libtorch_cuda.so").exists() {
+    let cuda = Path::new(&lib_dir).join("libtorch_cuda.so").exists();
+    if cuda {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    compile_c10d(Path::new(&lib_dir), cuda);
+}
+
+/// Compiles the c10d shim. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
+/// `nccl.h`; they are looked for in the wheels beside torch and in `$CUDA_HOME`.
+fn compile_c10d(lib_dir: &Path, cuda: bool) {
+    const SHIM: &str = "src/train/distributed/c10d.cpp";
+    const VENDOR: &str = "src/train/distributed/vendor";
+    println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-changed={VENDOR}");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let torch = lib_dir.parent().expect("libtorch's lib folder has a parent");
+    let include = torch.join("include");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++20")
+        .file(SHIM)
+        .include(VENDOR)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("USE_C10D_GLOO", None)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .warnings(false);
+    let site = torch.parent().expect("torch sits in site-packages");
+    let mut candidates: Vec<PathBuf> = ["nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cuda_nvcc/include", "nvidia/nccl/include"]
+        .iter()
+        .map(|d| site.join(d))
+        .collect();
+    if let Ok(home) = std::env::var("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("include"));
+    }
+    let find = |header: &str| candidates.iter().find(|d| d.join(header).exists()).cloned();
+    let headers = [find("cuda_runtime.h"), find("crt/host_config.h"), find("nccl.h")];
+    if cuda && headers.iter().all(Option::is_some) {
+        for dir in headers.into_iter().flatten() {
+            build.include(dir);
+        }
+        build.define("USE_C10D_NCCL", None).define("MAGPIE_NCCL", None);
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    } else if cuda {
+        println!("cargo:warning=magpie: NCCL process groups left out (no CUDA compiler/NCCL headers beside torch; scripts/build-device.sh installs them); Gloo only");
+    }
+    build.compile("magpie_c10d");
 }

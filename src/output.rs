@@ -25,7 +25,7 @@ pub const MANIFEST: &str = "magpie-manifest.json";
 pub const RUN_CLAIM: &str = "magpie-run.json";
 
 /// What marks a temporary name.
-const TMP_MARK: &str = ".magpie-tmp-";
+pub const TMP_MARK: &str = ".magpie-tmp-";
 
 /// The tool that wrote an output.
 pub fn tool() -> String {

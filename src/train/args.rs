@@ -4,6 +4,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
+use super::distributed::World;
 use super::optim::Schedule;
 
 /// Flags every training command takes. Names follow TRL's `TrainingArguments`.
@@ -100,6 +101,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub gradient_checkpointing: bool,
 
+    /// With several processes (torchrun, srun): seconds a collective or the rendezvous may wait
+    /// for the other ranks before failing, as TRL's `ddp_timeout`.
+    #[arg(long, default_value_t = 1800)]
+    #[serde(skip)]
+    pub ddp_timeout: u64,
+
     /// Continue from the latest checkpoint in --output.
     #[arg(long)]
     #[serde(skip)]
@@ -123,6 +130,11 @@ fn at_least_one(text: &str) -> Result<usize, String> {
 impl TrainArgs {
     pub fn device(&self) -> Result<Device> {
         crate::model::parse_device(&self.device)
+    }
+
+    /// The ranks training together (from torchrun's or Slurm's environment) and this rank's device.
+    pub fn world(&self) -> Result<(World, Device)> {
+        World::from_env(&self.device, std::time::Duration::from_secs(self.ddp_timeout))
     }
 
     pub fn kind(&self) -> Kind {

@@ -6,18 +6,22 @@
 //! newest checkpoint; `--overwrite` starts over in place of a run of ours; anything else in the
 //! way is an error, and nothing magpie did not write is ever removed.
 //!
-//! A checkpoint is a loadable HF model plus `optimizer.safetensors` (moments, and the fp32 master
+//! A checkpoint is a loadable HF model plus the optimizer state (`optimizer.safetensors`, or one
+//! `optimizer-rank{R}-of-{N}.safetensors` per rank when sharded: moments, and the fp32 master
 //! weights under mixed precision) and `trainer_state.json` (step, seed, settings), with a manifest
 //! of its own. Resuming refuses other settings, naming them.
+//!
+//! With several ranks the folder must be on a filesystem they share. Each other rank writes its
+//! shard into a staging folder beside the checkpoint; once all have (a barrier), rank 0 moves the
+//! shards into its temporary checkpoint and commits it, so a checkpoint is whole or absent.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use tch::Tensor;
 
 use super::args::TrainArgs;
-use super::optim::AdamW;
+use super::distributed::World;
+use super::optim::Optimizer;
 use crate::model::{hf, Loaded};
 use crate::output::{self, Existing, Manifest, Provenance, Resumable, Rules, RUN_CLAIM};
 
@@ -88,16 +92,41 @@ pub fn checkpoint_dirs(output: &Path) -> Vec<(usize, PathBuf)> {
     dirs
 }
 
-/// Writes `checkpoint-{step}` atomically, then drops the oldest past `save_total_limit`.
-pub fn save(loaded: &Loaded, opt: &AdamW, step: usize, args: &TrainArgs, provenance: &Provenance) -> Result<()> {
+/// Where rank `rank` stages its optimizer shard for `checkpoint-{step}`: a temporary by name,
+/// which rank 0 empties, and a later successful run sweeps if a crash left it.
+fn shard_staging(output: &Path, step: usize, rank: usize) -> PathBuf {
+    output.join(format!(".checkpoint-{step}.rank{rank}{}staged", output::TMP_MARK))
+}
+
+/// Writes `checkpoint-{step}` atomically (every rank's optimizer shard in it), then drops the
+/// oldest past `save_total_limit`. Every rank calls it.
+pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs, provenance: &Provenance, world: &World) -> Result<()> {
+    if !world.is_main() {
+        let staging = shard_staging(&args.output, step, world.rank);
+        output::remove_temporary(&staging);
+        std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
+        opt.save(&staging)?;
+        world.barrier()?; // shards written
+        return world.barrier(); // checkpoint committed
+    }
+    world.barrier()?;
     let dir = args.output.join(format!("checkpoint-{step}"));
     output::write_dir(&dir, "checkpoint", provenance, |tmp| {
         hf::write_model_files(&loaded.vs, &loaded.dir, tmp)?;
-        hf::write_safetensors(&opt.state(), &tmp.join("optimizer.safetensors"))?;
-        let state = json!({"global_step": step, "optimizer_steps": opt.steps, "seed": args.seed, "settings": provenance.settings});
+        opt.save(tmp)?;
+        for rank in 1..world.size {
+            let staging = shard_staging(&args.output, step, rank);
+            for entry in std::fs::read_dir(&staging).with_context(|| format!("{}: rank {rank}'s optimizer shard is missing", staging.display()))? {
+                let entry = entry?;
+                std::fs::rename(entry.path(), tmp.join(entry.file_name())).with_context(|| format!("{}: cannot move into the checkpoint", entry.path().display()))?;
+            }
+            output::remove_temporary(&staging);
+        }
+        let state = json!({"global_step": step, "optimizer_steps": opt.steps(), "world_size": world.size, "seed": args.seed, "settings": provenance.settings});
         let path = tmp.join("trainer_state.json");
         std::fs::write(&path, serde_json::to_string_pretty(&state)?).with_context(|| format!("{}: cannot write", path.display()))
     })?;
+    world.barrier()?;
     if let Some(limit) = args.save_total_limit {
         let dirs = checkpoint_dirs(&args.output);
         for (_, old) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {
@@ -108,7 +137,7 @@ pub fn save(loaded: &Loaded, opt: &AdamW, step: usize, args: &TrainArgs, provena
 }
 
 /// Loads the newest checkpoint into the model and optimizer; returns its step.
-pub fn resume(loaded: &Loaded, opt: &mut AdamW, args: &TrainArgs, want: &Value) -> Result<usize> {
+pub fn resume(loaded: &Loaded, opt: &mut dyn Optimizer, args: &TrainArgs, want: &Value) -> Result<usize> {
     let Some((step, dir)) = checkpoint_dirs(&args.output).pop() else {
         bail!("{}: --resume, but there is no checkpoint-* here", args.output.display());
     };
@@ -122,10 +151,6 @@ pub fn resume(loaded: &Loaded, opt: &mut AdamW, args: &TrainArgs, want: &Value) 
         bail!("{}: was made with other settings ({}); resume with the same ones or use a new --output", dir.display(), names.join(", "));
     }
     hf::ModelDir::open(&dir)?.load_into(&loaded.vs)?;
-    let optimizer: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("optimizer.safetensors"))
-        .with_context(|| format!("{}: unreadable optimizer state", dir.display()))?
-        .into_iter()
-        .collect();
-    opt.load_state(&optimizer, state["optimizer_steps"].as_i64().unwrap_or(step as i64))?;
+    opt.load(&dir, state["optimizer_steps"].as_i64().unwrap_or(step as i64))?;
     Ok(step)
 }

@@ -26,6 +26,7 @@ use crate::model::tokenize::ChatTokenizer;
 use super::args::TrainArgs;
 use super::batch::{Batch, Document};
 use super::checkpoint;
+use super::distributed::World;
 use super::objective::{Metrics, Objective, Split};
 use super::trainer;
 
@@ -278,18 +279,25 @@ impl Objective for DpoObjective {
     }
 }
 
-/// Runs `reference` over every pair of both splits, under no grad.
-fn compute_reference(objective: &DpoObjective, reference: &Llama, batch_size: usize, device: Device) -> Result<[Vec<[f64; 2]>; 2]> {
+/// Runs `reference` over every pair of both splits, under no grad. The ranks take the batches
+/// in turn and sum their results (each pair's values come from one rank, zeros from the others).
+fn compute_reference(objective: &DpoObjective, reference: &Llama, batch_size: usize, device: Device, world: &World) -> Result<[Vec<[f64; 2]>; 2]> {
     let mut out = [vec![], vec![]];
     for split in [Split::Train, Split::Eval] {
         let indices: Vec<usize> = (0..objective.len(split)).collect();
-        for chunk in indices.chunks(batch_size.max(1)) {
+        let values = Tensor::zeros([indices.len() as i64, 2], (Kind::Double, device));
+        for (i, chunk) in indices.chunks(batch_size.max(1)).enumerate().skip(world.rank).step_by(world.size) {
             let batch = objective.collate(split, chunk, device)?;
             let logps = tch::no_grad(|| sequence_stats(&reference.forward(&batch.inputs()), &batch.targets).logps);
-            let values: Vec<f32> = logps.to_device(Device::Cpu).try_into()?;
-            let n = chunk.len();
-            out[split.index()].extend((0..n).map(|i| [values[i] as f64, values[n + i] as f64]));
+            // logps holds the chosen completions, then the rejected ones.
+            let pairs = logps.to_kind(Kind::Double).view([2, -1]).transpose(0, 1);
+            values.narrow(0, (i * batch_size.max(1)) as i64, chunk.len() as i64).copy_(&pairs);
         }
+        if let Some(group) = world.group() {
+            group.all_reduce_sum(&values)?;
+        }
+        let host: Vec<f64> = values.to_device(Device::Cpu).view([-1]).try_into()?;
+        out[split.index()] = host.chunks(2).map(|p| [p[0], p[1]]).collect();
     }
     Ok(out)
 }
@@ -355,20 +363,25 @@ fn read_cache(path: &Path) -> Result<[Vec<[f64; 2]>; 2]> {
 }
 
 /// Reference log-probs from the cache beside the data, or computed now and cached.
-fn precomputed_reference(objective: &DpoObjective, args: &DpoArgs, reference_dir: &Path, device: Device) -> Result<[Vec<[f64; 2]>; 2]> {
+/// With several ranks the cache is used only when every rank finds it, and rank 0 writes it.
+fn precomputed_reference(objective: &DpoObjective, args: &DpoArgs, reference_dir: &Path, device: Device, world: &World) -> Result<[Vec<[f64; 2]>; 2]> {
     let dir = crate::model::ModelDir::open(reference_dir)?;
     let path = cache_path(&cache_key(&objective.pairs, &dir)?)?;
-    if path.is_file() {
-        let cached = read_cache(&path)?;
-        if cached[0].len() == objective.pairs[0].len() && cached[1].len() == objective.pairs[1].len() {
-            eprintln!("magpie dpo: reference log-probs from {}", path.display());
-            return Ok(cached);
-        }
+    let cached = match path.is_file() {
+        true => Some(read_cache(&path)?).filter(|c| c[0].len() == objective.pairs[0].len() && c[1].len() == objective.pairs[1].len()),
+        false => None,
+    };
+    let found = world.sum_scalars(&[Tensor::from(cached.is_some() as i64 as f64).to_device(device)])?[0].double_value(&[]);
+    if let Some(cached) = cached.filter(|_| found as usize == world.size) {
+        eprintln!("magpie dpo: reference log-probs from {}", path.display());
+        return Ok(cached);
     }
     let reference = load_causal_lm(reference_dir, device, args.train.kind())?;
-    let values = compute_reference(objective, &reference.model, args.train.per_device_train_batch_size, device)?;
-    write_cache(&path, &values)?;
-    eprintln!("magpie dpo: reference log-probs computed and cached in {}", path.display());
+    let values = compute_reference(objective, &reference.model, args.train.per_device_train_batch_size, device, world)?;
+    if world.is_main() {
+        write_cache(&path, &values)?;
+        eprintln!("magpie dpo: reference log-probs computed and cached in {}", path.display());
+    }
     Ok(values)
 }
 
@@ -377,7 +390,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     if args.label_smoothing < 0.0 || args.label_smoothing >= 0.5 {
         bail!("--label-smoothing {}: expected 0 <= ε < 0.5", args.label_smoothing);
     }
-    let device = train_args.device()?;
+    let (world, device) = train_args.world()?;
     tch::manual_seed(train_args.seed as i64);
     crate::model::ModelDir::open(&train_args.model)?; // a missing model is named before anything else
     let tokenizer = ChatTokenizer::load(&train_args.model)?;
@@ -385,7 +398,9 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     let reference_dir = args.ref_model.clone().unwrap_or_else(|| train_args.model.clone());
     let mut inputs = rows.files.clone();
     inputs.extend([train_args.model.clone(), reference_dir.clone()]);
-    checkpoint::check_output(train_args, &inputs)?;
+    if world.is_main() {
+        checkpoint::check_output(train_args, &inputs)?;
+    }
     let [train, eval] = rows.splits;
     let (train_pairs, train_dropped) = tokenize_pairs(&tokenizer, &train, args.max_length, args.max_prompt_length)?;
     let (eval_pairs, eval_dropped) = tokenize_pairs(&tokenizer, &eval, args.max_length, args.max_prompt_length)?;
@@ -400,7 +415,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
     objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
         (LossType::Simpo, _) => Reference::None,
-        (_, true) => Reference::Precomputed(precomputed_reference(&objective, args, &reference_dir, device)?),
+        (_, true) => Reference::Precomputed(precomputed_reference(&objective, args, &reference_dir, device, &world)?),
         (_, false) => {
             let mut reference = load_causal_lm(&reference_dir, device, train_args.kind())?;
             reference.vs.freeze();
@@ -411,7 +426,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     let settings = json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
                           "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
                           "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs});
-    let summary = trainer::train(&objective, &policy, train_args, "dpo", &settings, &inputs)?;
+    let summary = trainer::train(&objective, &policy, train_args, &world, "dpo", &settings, &inputs)?;
     let show = |m: &std::collections::BTreeMap<String, f64>, prefix: &str| {
         ["loss", "rewards/accuracies", "rewards/margins"]
             .iter()
@@ -509,7 +524,7 @@ mod tests {
     fn precomputed_reference_log_probs_give_the_live_reference_results_and_are_cached() {
         let (live, _) = fixture_objective(LossType::Sigmoid, 0.0, live_reference());
         let Reference::Live(reference) = &live.reference else { unreachable!() };
-        let values = compute_reference(&live, &reference.model, 1, Device::Cpu).unwrap();
+        let values = compute_reference(&live, &reference.model, 1, Device::Cpu, &World::single()).unwrap();
         let (precomputed, _) = fixture_objective(LossType::Sigmoid, 0.0, Reference::Precomputed(values.clone()));
         let (a, b) = (metrics_of(&live), metrics_of(&precomputed));
         for (key, value) in &a {

@@ -4,6 +4,7 @@
 //! - `trainer`: the loop SFT and DPO share, over `args` (the flags), `objective`, `batch`,
 //!   `optim` (AdamW with fp32 master weights, schedules), `checkpoint` (the run's folder,
 //!   checkpoints, resume) and `metrics` + `plot` (metrics.jsonl and PNG plots).
+//! - `distributed`: data parallelism over processes (torchrun/Slurm, c10d, ZeRO-1 AdamW).
 //! - `examples`: training rows from the dataset format.
 //! - `sft`: the SFT objective and data (masking, packing).
 //! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
@@ -11,6 +12,7 @@
 pub mod args;
 pub mod batch;
 pub mod checkpoint;
+pub mod distributed;
 pub mod dpo;
 pub mod examples;
 pub mod metrics;

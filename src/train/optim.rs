@@ -11,18 +11,65 @@
 //! Written here rather than taken from `tch::nn::Optimizer` so that its state (moments and
 //! master weights) can be saved in a checkpoint and resumed exactly.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::path::Path;
 use tch::{nn, Kind, Tensor};
 
-pub struct AdamW {
+/// What a training loop needs of its optimizer, one process's part of it.
+pub trait Optimizer {
+    fn zero_grad(&mut self);
+    /// Makes the gradients final (summed over the ranks when data-parallel) and clips them to a
+    /// global L2 norm of `max_norm` (0: no clipping). Returns the norm before clipping, a 0-dim
+    /// f32 tensor on the device, so nothing waits for it.
+    fn finish_gradients(&mut self, max_norm: f64) -> Result<Tensor>;
+    fn step(&mut self, lr: f64) -> Result<()>;
+    /// Completed optimizer steps (the bias corrections' t).
+    fn steps(&self) -> i64;
+    /// Writes this process's state (moments, master weights) into a checkpoint folder.
+    fn save(&self, dir: &Path) -> Result<()>;
+    /// Reads what [`Optimizer::save`] wrote, after `steps` steps.
+    fn load(&mut self, dir: &Path, steps: i64) -> Result<()>;
+}
+
+/// AdamW's hyper-parameters, torch.optim.AdamW's defaults but for weight decay.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
-    /// Completed optimizer steps (the bias corrections' t).
+}
+
+impl AdamConfig {
+    pub fn new(weight_decay: f64) -> AdamConfig {
+        AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+    }
+
+    /// One AdamW update of `value` in place, as `torch.optim.AdamW` computes it, at step `t`
+    /// (1-based); `grad` in the moments' dtype. `decay` is false for norms and biases.
+    pub fn update(&self, value: &mut Tensor, grad: &Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, decay: bool, lr: f64, t: i64) {
+        let (bc1, bc2) = (1.0 - self.beta1.powi(t as i32), 1.0 - self.beta2.powi(t as i32));
+        let _ = exp_avg.lerp_(grad, 1.0 - self.beta1);
+        *exp_avg_sq *= self.beta2;
+        *exp_avg_sq += grad.square() * (1.0 - self.beta2);
+        if decay && self.weight_decay != 0.0 {
+            *value *= 1.0 - lr * self.weight_decay;
+        }
+        let denom = exp_avg_sq.sqrt() / bc2.sqrt() + self.eps;
+        *value -= (&*exp_avg / denom) * (lr / bc1);
+    }
+}
+
+/// The single-process optimizer: every parameter's state in this process.
+pub struct AdamW {
+    pub config: AdamConfig,
     pub steps: i64,
     params: Vec<Param>,
 }
+
+/// The file a single process's optimizer state goes to in a checkpoint.
+pub const STATE_FILE: &str = "optimizer.safetensors";
 
 struct Param {
     name: String,
@@ -39,9 +86,7 @@ impl AdamW {
     /// Over every trainable variable of `vs`. With `fp32_state`, moments in f32 and, for weights
     /// that are not f32, an f32 master copy; without, everything in the weights' dtype.
     pub fn new(vs: &nn::VarStore, weight_decay: f64, fp32_state: bool) -> Self {
-        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
-        named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = named
+        let params = trainable(vs)
             .into_iter()
             .map(|(name, value)| {
                 let kind = if fp32_state { Kind::Float } else { value.kind() };
@@ -50,69 +95,36 @@ impl AdamW {
                 Param { decay: value.dim() >= 2, exp_avg: zeros(), exp_avg_sq: zeros(), master, name, value }
             })
             .collect();
-        AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay, steps: 0, params }
+        AdamW { config: AdamConfig::new(weight_decay), steps: 0, params }
     }
+}
 
-    pub fn zero_grad(&mut self) {
-        for p in &mut self.params {
-            let mut grad = p.value.grad();
-            if grad.defined() {
-                let _ = grad.zero_();
-            }
+/// The trainable variables of `vs`, sorted by name: the order optimizer state is kept in.
+pub fn trainable(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Zeroes the gradients of `values` that have one.
+pub fn zero_grads<'a>(values: impl Iterator<Item = &'a Tensor>) {
+    for value in values {
+        let mut grad = value.grad();
+        if grad.defined() {
+            let _ = grad.zero_();
         }
     }
+}
 
-    /// Scales gradients so their global L2 norm is at most `max_norm`, as `clip_grad_norm_`
-    /// does: the coefficient stays on the device, so nothing waits for it. Returns the norm before
-    /// clipping, a 0-dim f32 tensor on the device.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> Tensor {
-        tch::no_grad(|| {
-            let grads: Vec<Tensor> = self.params.iter().map(|p| p.value.grad()).filter(|g| g.defined()).collect();
-            let Some(first) = grads.first() else { return Tensor::zeros([], (Kind::Float, tch::Device::Cpu)) };
-            let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
-            let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().to_device(first.device());
-            if max_norm > 0.0 {
-                // max_norm / (norm + 1e-6), at most 1, computed on the device.
-                let coef = (&norm + 1e-6).reciprocal().g_mul_scalar(max_norm).clamp_max(1.0);
-                for mut grad in grads {
-                    let _ = grad.g_mul_(&coef.to_kind(grad.kind()));
-                }
-            }
-            norm
-        })
-    }
+/// `max_norm / (norm + 1e-6)`, at most 1, computed on the device as `clip_grad_norm_` does.
+pub fn clip_coefficient(norm: &Tensor, max_norm: f64) -> Tensor {
+    (norm + 1e-6).reciprocal().g_mul_scalar(max_norm).clamp_max(1.0)
+}
 
-    pub fn step(&mut self, lr: f64) {
-        self.steps += 1;
-        let t = self.steps as i32;
-        let (bc1, bc2) = (1.0 - self.beta1.powi(t), 1.0 - self.beta2.powi(t));
-        tch::no_grad(|| {
-            for p in &mut self.params {
-                let grad = p.value.grad();
-                if !grad.defined() {
-                    continue;
-                }
-                let kind = p.exp_avg.kind();
-                let grad = grad.to_kind(kind);
-                // The master copy when there is one (updated in place), else the weight itself.
-                let mut value = match &p.master {
-                    Some(master) => master.shallow_clone(),
-                    None => p.value.to_kind(kind),
-                };
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - self.beta1);
-                p.exp_avg_sq *= self.beta2;
-                p.exp_avg_sq += grad.square() * (1.0 - self.beta2);
-                if p.decay && self.weight_decay != 0.0 {
-                    value *= 1.0 - lr * self.weight_decay;
-                }
-                let denom = p.exp_avg_sq.sqrt() / bc2.sqrt() + self.eps;
-                value -= (&p.exp_avg / denom) * (lr / bc1);
-                if value.kind() == p.value.kind() && value.data_ptr() == p.value.data_ptr() {
-                    continue;
-                }
-                p.value.copy_(&value);
-            }
-        });
+impl AdamW {
+    /// The fp32 master copy of weight `name`, when there is one.
+    pub fn master(&self, name: &str) -> Option<&Tensor> {
+        self.params.iter().find(|p| p.name == name)?.master.as_ref()
     }
 
     /// The moments and master weights by name, for a checkpoint.
@@ -127,8 +139,65 @@ impl AdamW {
         }
         state
     }
+}
 
-    pub fn load_state(&mut self, state: &std::collections::HashMap<String, Tensor>, steps: i64) -> Result<()> {
+impl Optimizer for AdamW {
+    fn zero_grad(&mut self) {
+        zero_grads(self.params.iter().map(|p| &p.value));
+    }
+
+    /// As `clip_grad_norm_`: the gradients are already final in a single process.
+    fn finish_gradients(&mut self, max_norm: f64) -> Result<Tensor> {
+        Ok(tch::no_grad(|| {
+            let grads: Vec<Tensor> = self.params.iter().map(|p| p.value.grad()).filter(|g| g.defined()).collect();
+            let Some(first) = grads.first() else { return Tensor::zeros([], (Kind::Float, tch::Device::Cpu)) };
+            let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+            let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().to_device(first.device());
+            if max_norm > 0.0 {
+                let coef = clip_coefficient(&norm, max_norm);
+                for mut grad in grads {
+                    let _ = grad.g_mul_(&coef.to_kind(grad.kind()));
+                }
+            }
+            norm
+        }))
+    }
+
+    fn step(&mut self, lr: f64) -> Result<()> {
+        self.steps += 1;
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let grad = p.value.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                let kind = p.exp_avg.kind();
+                let grad = grad.to_kind(kind);
+                // The master copy when there is one (updated in place), else the weight itself.
+                let mut value = match &p.master {
+                    Some(master) => master.shallow_clone(),
+                    None => p.value.to_kind(kind),
+                };
+                self.config.update(&mut value, &grad, &mut p.exp_avg, &mut p.exp_avg_sq, p.decay, lr, self.steps);
+                if value.kind() == p.value.kind() && value.data_ptr() == p.value.data_ptr() {
+                    continue;
+                }
+                p.value.copy_(&value);
+            }
+        });
+        Ok(())
+    }
+
+    fn steps(&self) -> i64 {
+        self.steps
+    }
+
+    fn save(&self, dir: &Path) -> Result<()> {
+        crate::model::hf::write_safetensors(&self.state(), &dir.join(STATE_FILE))
+    }
+
+    fn load(&mut self, dir: &Path, steps: i64) -> Result<()> {
+        let state = read_state(dir, STATE_FILE)?;
         for p in &mut self.params {
             let slots = [("exp_avg", Some(&mut p.exp_avg)), ("exp_avg_sq", Some(&mut p.exp_avg_sq)), ("master", p.master.as_mut())];
             for (prefix, slot) in slots {
@@ -141,11 +210,28 @@ impl AdamW {
         self.steps = steps;
         Ok(())
     }
+}
 
-    /// The fp32 master copy of weight `name`, when there is one.
-    pub fn master(&self, name: &str) -> Option<&Tensor> {
-        self.params.iter().find(|p| p.name == name)?.master.as_ref()
+/// The optimizer state file `name` of checkpoint `dir`, by tensor name. A missing file is an
+/// error naming the state files that are there (a run of another number of processes).
+pub fn read_state(dir: &Path, name: &str) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join(name);
+    if !path.is_file() {
+        let mut found: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.starts_with("optimizer") && n.ends_with(".safetensors"))
+            .collect();
+        found.sort();
+        bail!(
+            "{}: no {name}; it holds {} (optimizer state saved by another number of processes: resume with the same number)",
+            dir.display(),
+            if found.is_empty() { "no optimizer state".to_string() } else { found.join(", ") }
+        );
     }
+    Ok(Tensor::read_safetensors(&path).with_context(|| format!("{}: unreadable optimizer state", path.display()))?.into_iter().collect())
 }
 
 /// transformers' `lr_scheduler_type` values, each with linear warmup.
@@ -199,7 +285,7 @@ mod tests {
         let loss = (&w * Tensor::from_slice(&[0.5f32, 0.25]).view([1, 2])).sum(Kind::Float);
         let mut opt = AdamW::new(&vs, 0.01, true);
         loss.backward();
-        opt.step(0.1);
+        opt.step(0.1).unwrap();
         let got: Vec<f32> = w.view([-1]).try_into().unwrap();
         let want = [1.0 * (1.0 - 0.001) - 0.1 * 0.5 / (0.5 + 1e-8), -2.0 * (1.0 - 0.001) - 0.1];
         for (g, w) in got.iter().zip(want) {
@@ -223,7 +309,7 @@ mod tests {
             for g in &grads {
                 opt.zero_grad();
                 (&w * g.to_kind(kind)).sum(Kind::Float).backward();
-                opt.step(1e-6);
+                opt.step(1e-6).unwrap();
             }
             let master = opt.master("w").map(|m| m.copy());
             (w.to_kind(Kind::Float), master)

@@ -128,12 +128,14 @@ impl Objective for SftObjective {
 
 pub fn run(args: &SftArgs) -> Result<()> {
     let train_args = &args.train;
-    let device = train_args.device()?;
+    let (world, device) = train_args.world()?;
     tch::manual_seed(train_args.seed as i64);
     let rows = read_rows(&train_args.input, &["messages"], train_args.eval_ratio, train_args.seed)?;
     let mut inputs = rows.files.clone();
     inputs.push(train_args.model.clone());
-    checkpoint::check_output(train_args, &inputs)?;
+    if world.is_main() {
+        checkpoint::check_output(train_args, &inputs)?;
+    }
     let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
     let tokenizer = ChatTokenizer::load(&train_args.model)?;
     let [train, eval] = rows.splits.map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
@@ -150,7 +152,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         if args.packing { " packed" } else { "" }
     );
     let settings = json!({"max_length": args.max_length, "packing": args.packing});
-    let summary = trainer::train(&objective, &loaded, train_args, "sft", &settings, &inputs)?;
+    let summary = trainer::train(&objective, &loaded, train_args, &world, "sft", &settings, &inputs)?;
     let final_loss = summary.last.get("loss").copied().unwrap_or(f64::NAN);
     let eval_loss = summary.eval.as_ref().and_then(|e| e.get("eval_loss").copied());
     eprintln!(

@@ -5,6 +5,12 @@
 //! SFT and DPO differ only in their [`Objective`]. The data order is a pure function of the seed
 //! and the epoch, so resuming from a checkpoint (`checkpoint`) is the same code path as starting
 //! and gives the same losses as an uninterrupted run.
+//!
+//! Data parallel over a [`World`] of N processes, as accelerate and TRL do it: every micro-batch
+//! of the step is N × `per_device_train_batch_size` examples, each rank takes its contiguous
+//! slice, the loss is normalised by the whole step's weight, and the optimizer
+//! ([`ShardedAdamW`]) sums the gradients over the ranks. With one process this is the
+//! single-process loop with [`AdamW`], exactly. Rank 0 writes the run's folder.
 
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -12,14 +18,16 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::args::TrainArgs;
 use super::batch::Batch;
 use super::checkpoint;
 use super::metrics::{write_plots, MetricsLog};
 use super::objective::{self, Metrics, Objective, Split};
-use super::optim::AdamW;
+use super::distributed::zero::{ShardedAdamW, BUCKET_ELEMENTS};
+use super::distributed::World;
+use super::optim::{AdamW, Optimizer};
 use crate::model::{hf, Llama, Loaded};
 use crate::output::Provenance;
 
@@ -38,11 +46,11 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(args: &TrainArgs, examples: usize) -> Result<Plan> {
+    fn new(args: &TrainArgs, examples: usize, world: usize) -> Result<Plan> {
         if examples == 0 {
             bail!("no training examples are left after tokenisation");
         }
-        let batch = args.per_device_train_batch_size.max(1);
+        let batch = args.per_device_train_batch_size.max(1) * world;
         let accum = args.gradient_accumulation_steps.max(1);
         let micro_per_epoch = examples.div_ceil(batch);
         let steps_per_epoch = micro_per_epoch.div_ceil(accum);
@@ -54,16 +62,27 @@ impl Plan {
         Ok(Plan { micro_per_epoch, steps_per_epoch, total_steps, warmup })
     }
 
-    /// The example indices of each micro-batch of optimizer step `step` (0-based).
-    fn step_batches(&self, step: usize, args: &TrainArgs, examples: usize) -> Vec<Vec<usize>> {
-        let (batch, accum) = (args.per_device_train_batch_size.max(1), args.gradient_accumulation_steps.max(1));
+    /// The example indices of each micro-batch of optimizer step `step` (0-based), over all
+    /// `world` ranks. With several ranks a short last micro-batch is filled up from the start of
+    /// the epoch's order (accelerate's `even_batches`), so that every rank has examples.
+    fn step_batches(&self, step: usize, args: &TrainArgs, examples: usize, world: usize) -> Vec<Vec<usize>> {
+        let (batch, accum) = (args.per_device_train_batch_size.max(1) * world, args.gradient_accumulation_steps.max(1));
         let epoch = step / self.steps_per_epoch;
         let order = epoch_order(examples, args.seed, epoch);
         let first = (step % self.steps_per_epoch) * accum;
         (first..(first + accum).min(self.micro_per_epoch))
-            .map(|m| order[m * batch..((m + 1) * batch).min(examples)].to_vec())
+            .map(|m| {
+                let end = if world > 1 { (m + 1) * batch } else { ((m + 1) * batch).min(examples) };
+                (m * batch..end).map(|i| order[i % examples]).collect()
+            })
             .collect()
     }
+}
+
+/// Rank `rank`'s slice of a micro-batch of `world` ranks' examples.
+fn rank_slice(examples: &[usize], rank: usize, world: usize) -> &[usize] {
+    let per_rank = examples.len().div_ceil(world);
+    &examples[(rank * per_rank).min(examples.len())..((rank + 1) * per_rank).min(examples.len())]
 }
 
 /// Forward and backward of one micro-batch; returns the summed metrics. With gradient
@@ -102,24 +121,37 @@ pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch,
     Ok(metrics)
 }
 
-/// Loss and metrics over the whole eval split, weighted means, under `eval_` names.
-pub fn evaluate(objective: &dyn Objective, model: &Llama, args: &TrainArgs) -> Result<Option<BTreeMap<String, f64>>> {
+/// Loss and metrics over the whole eval split, weighted means, under `eval_` names. The ranks
+/// take the batches in turn; a rank left without one evaluates the first with weight 0, so that
+/// every rank sums the same metrics.
+pub fn evaluate(objective: &dyn Objective, model: &Llama, args: &TrainArgs, world: &World) -> Result<Option<BTreeMap<String, f64>>> {
     let n = objective.len(Split::Eval);
     if n == 0 {
         return Ok(None);
     }
     let mut sums = Metrics::new();
-    let mut weight = 0.0;
     let indices: Vec<usize> = (0..n).collect();
-    for chunk in indices.chunks(args.per_device_train_batch_size.max(1)) {
+    let chunks: Vec<&[usize]> = indices.chunks(args.per_device_train_batch_size.max(1)).collect();
+    let mine: Vec<(&[usize], f64)> = match chunks.iter().skip(world.rank).step_by(world.size).map(|c| (*c, 1.0)).collect::<Vec<_>>() {
+        none if none.is_empty() => vec![(chunks[0], 0.0)],
+        some => some,
+    };
+    for (chunk, scale) in mine {
         let batch = objective.collate(Split::Eval, chunk, model.device())?;
         let (_, metrics) = tch::no_grad(|| -> Result<_> {
             objective.loss(model, &model.hidden_states(&batch.inputs()), &batch, Split::Eval)
         })?;
-        objective::accumulate(&mut sums, metrics);
-        weight += chunk.iter().map(|&i| objective.weight(Split::Eval, i)).sum::<f64>();
+        objective::accumulate(&mut sums, metrics.into_iter().map(|(k, v)| (k, v * scale)).collect());
     }
+    let weight: f64 = (0..n).map(|i| objective.weight(Split::Eval, i)).sum();
+    let sums = world_sums(world, sums)?;
     Ok(Some(objective::read(&sums, weight.max(1.0))?.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect()))
+}
+
+/// Metric sums over every rank (one all-reduce); a single process's as they are.
+fn world_sums(world: &World, sums: Metrics) -> Result<Metrics> {
+    let (keys, values): (Vec<&'static str>, Vec<Tensor>) = sums.into_iter().unzip();
+    Ok(keys.into_iter().zip(world.sum_scalars(&values)?).collect())
 }
 
 /// What a finished run reports.
@@ -134,10 +166,12 @@ pub struct Trainer<'a> {
     objective: &'a dyn Objective,
     loaded: &'a Loaded,
     args: &'a TrainArgs,
+    world: &'a World,
     provenance: Provenance,
     plan: Plan,
-    opt: AdamW,
-    log: MetricsLog,
+    opt: Box<dyn Optimizer + 'a>,
+    /// Rank 0's metrics.jsonl; other ranks log nothing.
+    log: Option<MetricsLog>,
     bar: ProgressBar,
     start: usize,
 }
@@ -145,14 +179,17 @@ pub struct Trainer<'a> {
 /// Trains `loaded` on `objective` (`stage`: `sft` or `dpo`) and saves the final model to
 /// `output/model`. `extra` holds the objective's own settings, which a resumed checkpoint must
 /// share; `inputs` are the files the run reads, which the output may not touch.
-pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Summary> {
-    Trainer::new(objective, loaded, args, stage, extra, inputs)?.run()
+pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, world: &World, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Summary> {
+    Trainer::new(objective, loaded, args, world, stage, extra, inputs)?.run()
 }
 
 impl<'a> Trainer<'a> {
-    pub fn new(objective: &'a dyn Objective, loaded: &'a Loaded, args: &'a TrainArgs, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Self> {
-        let plan = Plan::new(args, objective.len(Split::Train))?;
-        checkpoint::open_output(args, stage, extra, inputs)?;
+    pub fn new(objective: &'a dyn Objective, loaded: &'a Loaded, args: &'a TrainArgs, world: &'a World, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Self> {
+        let plan = Plan::new(args, objective.len(Split::Train), world.size)?;
+        if world.is_main() {
+            checkpoint::open_output(args, stage, extra, inputs)?;
+        }
+        world.barrier()?; // the other ranks read the folder only once rank 0 has set it up
         let provenance = Provenance::new(stage, checkpoint::settings(args, extra));
         let fp32_state = !args.no_fp32_optimizer_state;
         if args.bf16 && !fp32_state && args.learning_rate < 1e-4 {
@@ -161,13 +198,16 @@ impl<'a> Trainer<'a> {
                 args.learning_rate
             );
         }
-        let mut opt = AdamW::new(&loaded.vs, args.weight_decay, fp32_state);
-        let start = if args.resume { checkpoint::resume(loaded, &mut opt, args, &provenance.settings)? } else { 0 };
-        let log = MetricsLog::open(&args.output, start)?;
-        let bar = ProgressBar::new(plan.total_steps as u64).with_position(start as u64);
+        let mut opt: Box<dyn Optimizer + 'a> = match world.group() {
+            None => Box::new(AdamW::new(&loaded.vs, args.weight_decay, fp32_state)),
+            Some(group) => Box::new(ShardedAdamW::new(&loaded.vs, args.weight_decay, fp32_state, group, BUCKET_ELEMENTS)),
+        };
+        let start = if args.resume { checkpoint::resume(loaded, opt.as_mut(), args, &provenance.settings)? } else { 0 };
+        let log = if world.is_main() { Some(MetricsLog::open(&args.output, start)?) } else { None };
+        let bar = if world.is_main() { ProgressBar::new(plan.total_steps as u64) } else { ProgressBar::hidden() }.with_position(start as u64);
         bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
         bar.set_prefix("train");
-        Ok(Trainer { objective, loaded, args, provenance, plan, opt, log, bar, start })
+        Ok(Trainer { objective, loaded, args, world, provenance, plan, opt, log, bar, start })
     }
 
     /// The loop, one optimizer step per pass.
@@ -190,37 +230,43 @@ impl<'a> Trainer<'a> {
             // before the update, so a non-finite step is never applied there nor saved. On other
             // steps nothing waits for the device; a divergence shows at the next such step.
             if done % args.logging_steps.max(1) == 0 || evaluate || save {
-                sums.insert("grad_norm", grad_norm * weight); // read() divides every value by weight
+                sums.insert("tokens", Tensor::from(tokens as f64 * weight).to_device(self.loaded.model.device())); // read() divides by weight
+                let mut sums = world_sums(self.world, sums)?;
+                sums.insert("grad_norm", grad_norm * weight); // already global
                 let mut metrics = objective::read(&sums, weight)?;
                 let grad_norm = metrics.remove("grad_norm").unwrap_or(f64::NAN);
+                let tokens = metrics.remove("tokens").unwrap_or(0.0).round() as usize;
                 let loss = metrics.get("loss").copied().unwrap_or(f64::NAN);
                 if !loss.is_finite() || !grad_norm.is_finite() {
                     self.bar.abandon();
                     let kept = if last_saved > 0 { format!("checkpoint-{last_saved} is kept") } else { "no checkpoint was saved yet".into() };
                     bail!("step {done}: loss is {loss}, gradient norm {grad_norm}; stopping ({kept}). Lower --learning-rate or check the data.");
                 }
-                self.opt.step(lr);
+                self.opt.step(lr)?;
                 self.log_step(done, lr, grad_norm, tokens, started.elapsed().as_secs_f64(), &metrics)?;
                 last = metrics;
             } else {
-                self.opt.step(lr);
+                self.opt.step(lr)?;
                 self.bar.inc(1);
             }
             if evaluate {
                 eval = self.evaluate_and_log(done)?.or(eval);
             }
             if save {
-                checkpoint::save(self.loaded, &self.opt, done, args, &self.provenance)?;
+                checkpoint::save(self.loaded, self.opt.as_ref(), done, args, &self.provenance, self.world)?;
                 last_saved = done;
             }
         }
         self.bar.finish();
-        hf::save(&self.loaded.vs, &self.loaded.dir, &args.output.join("model"), &self.provenance)?;
-        // The model is saved; a plot that fails should not turn that into a failed run.
-        if let Err(e) = write_plots(&self.log, self.objective, &args.output) {
-            eprintln!("warning: no plots: {e:#}");
+        if let Some(log) = &self.log {
+            hf::save(&self.loaded.vs, &self.loaded.dir, &args.output.join("model"), &self.provenance)?;
+            // The model is saved; a plot that fails should not turn that into a failed run.
+            if let Err(e) = write_plots(log, self.objective, &args.output) {
+                eprintln!("warning: no plots: {e:#}");
+            }
+            checkpoint::finish_output(args, &self.provenance)?;
         }
-        checkpoint::finish_output(args, &self.provenance)?;
+        self.world.barrier()?; // every rank ends when the run is finished
         Ok(Summary { steps: total, last, eval })
     }
 
@@ -228,18 +274,18 @@ impl<'a> Trainer<'a> {
     /// summed metrics and the step's weight (on the host they become weighted means), the tokens
     /// seen and the gradient norm before clipping; the tensors stay on the device.
     fn forward_backward_step(&mut self, step: usize) -> Result<(Metrics, f64, usize, tch::Tensor)> {
-        let (objective, device) = (self.objective, self.loaded.model.device());
-        let micro = self.plan.step_batches(step, self.args, objective.len(Split::Train));
+        let (objective, device, world) = (self.objective, self.loaded.model.device(), self.world);
+        let micro = self.plan.step_batches(step, self.args, objective.len(Split::Train), world.size);
         let weight: f64 = micro.iter().flatten().map(|&i| objective.weight(Split::Train, i)).sum::<f64>().max(1.0);
         self.opt.zero_grad();
         let mut sums = Metrics::new();
         let mut tokens = 0;
         for examples in &micro {
-            let batch = objective.collate(Split::Train, examples, device)?;
+            let batch = objective.collate(Split::Train, rank_slice(examples, world.rank, world.size), device)?;
             tokens += batch.tokens;
             objective::accumulate(&mut sums, forward_backward(objective, &self.loaded.model, &batch, 1.0 / weight, self.args.gradient_checkpointing)?);
         }
-        let grad_norm = self.opt.clip_grad_norm(self.args.max_grad_norm);
+        let grad_norm = self.opt.finish_gradients(self.args.max_grad_norm)?;
         Ok((sums, weight, tokens, grad_norm))
     }
 
@@ -249,8 +295,8 @@ impl<'a> Trainer<'a> {
         for (k, v) in metrics {
             row[k] = json!(v);
         }
-        if done % self.args.logging_steps.max(1) == 0 || done == self.plan.total_steps {
-            self.log.push(row)?;
+        if let Some(log) = self.log.as_mut().filter(|_| done % self.args.logging_steps.max(1) == 0 || done == self.plan.total_steps) {
+            log.push(row)?;
         }
         let rewards: String = [("rewards/accuracies", "acc"), ("rewards/margins", "margin")]
             .iter()
@@ -264,13 +310,15 @@ impl<'a> Trainer<'a> {
 
     /// Evaluates, prints and logs the eval metrics at step `done`; `None` without an eval split.
     fn evaluate_and_log(&mut self, done: usize) -> Result<Option<BTreeMap<String, f64>>> {
-        let Some(metrics) = evaluate(self.objective, &self.loaded.model, self.args)? else { return Ok(None) };
+        let Some(metrics) = evaluate(self.objective, &self.loaded.model, self.args, self.world)? else { return Ok(None) };
         let mut row = json!({"step": done});
         for (k, v) in &metrics {
             row[k] = json!(v);
         }
-        self.bar.println(format!("step {done}: {}", metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join("  ")));
-        self.log.push(row)?;
+        if let Some(log) = &mut self.log {
+            self.bar.println(format!("step {done}: {}", metrics.iter().map(|(k, v)| format!("{k} {v:.4}")).collect::<Vec<_>>().join("  ")));
+            log.push(row)?;
+        }
         Ok(Some(metrics))
     }
 }
@@ -285,7 +333,7 @@ mod tests {
     use clap::Parser;
     use std::collections::HashMap;
     use std::path::Path;
-    use tch::{Device, Tensor};
+    use tch::Device;
 
     #[derive(clap::Parser)]
     struct Cli {
@@ -317,7 +365,7 @@ mod tests {
 
     fn run(output: &Path, extra: &[&str]) -> Result<Summary> {
         let a = args(output, extra);
-        train(&objective(), &tiny("tiny-llama"), &a, "sft", &json!({}), &[])
+        train(&objective(), &tiny("tiny-llama"), &a, &World::single(), "sft", &json!({}), &[])
     }
 
     const SETTINGS: &[&str] = &["--max-steps", "6", "--save-steps", "2", "--per-device-train-batch-size", "2",
@@ -399,7 +447,7 @@ mod tests {
         let a = args(out.path(), &["--max-steps", "2", "--save-steps", "1", "--learning-rate", "1e-3", "--bf16"]);
         let mut loaded = tiny("tiny-llama");
         loaded.vs.set_kind(a.kind());
-        let summary = train(&objective(), &loaded, &a, "sft", &json!({}), &[]).unwrap();
+        let summary = train(&objective(), &loaded, &a, &World::single(), "sft", &json!({}), &[]).unwrap();
         assert!(summary.last["loss"].is_finite());
         let saved: HashMap<String, Tensor> = Tensor::read_safetensors(out.path().join("model/model.safetensors")).unwrap().into_iter().collect();
         assert_eq!(saved["model.norm.weight"].kind(), Kind::BFloat16);
