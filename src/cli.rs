@@ -1,7 +1,7 @@
 //! The command line: one subcommand per stage, each args struct owned by its stage's module so
 //! the library can be driven without the CLI. `--recipe FILE.yaml` is spliced in by `recipe`.
 
-use crate::{data::inspect::InspectArgs, doctor::DoctorArgs, filter::FilterArgs, model::convert::ConvertArgs, synth::SynthArgs, train::{DpoArgs, SftArgs}};
+use crate::{data::inspect::InspectArgs, doctor::DoctorArgs, eval::EvalArgs, filter::FilterArgs, model::convert::ConvertArgs, synth::SynthArgs, train::{DpoArgs, SftArgs}};
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::ffi::OsString;
@@ -31,6 +31,10 @@ pub enum Command {
     /// Direct preference optimisation on chosen/rejected pairs, as TRL computes it.
     #[command(args_override_self = true)]
     Dpo(DpoArgs),
+    /// Judge a trained model's answers against a baseline's (both orders) or grade them 1-10,
+    /// with a local judge model.
+    #[command(args_override_self = true)]
+    Eval(EvalArgs),
     /// Show a dataset: rows, schema, null counts, length statistics and sample conversations.
     #[command(args_override_self = true)]
     Inspect(InspectArgs),

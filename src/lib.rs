@@ -4,6 +4,7 @@
 //! - `synth`: instruction and response synthesis from a pre-query template.
 //! - `filter`: tags, dedup, scores and selection.
 //! - `train`: SFT and DPO of Llama-family models on libtorch.
+//! - `eval`: answers of a trained model judged against a baseline, or graded, by a local judge.
 //!
 //! They share one floor:
 //! - `data`: the one parquet dataset format all stages share, and safe outputs (`data::output`).
@@ -11,7 +12,7 @@
 //!   tokenizer, chat and pre-query templates, GGUF reading and conversion).
 //! - `engine`: the generation engines (llama.cpp, mistralrs) and model lookup.
 //! - `home` (model and cache folders), `seed` (deterministic randomness), `cpu` (what this CPU
-//!   can run), `doctor`.
+//!   can run), `plot` (PNG charts with an embedded font), `doctor`.
 //! - `cli` and `recipe`: the command line and YAML recipes.
 
 pub mod cli;
@@ -19,10 +20,12 @@ pub mod cpu;
 pub mod data;
 pub mod doctor;
 pub mod engine;
+pub mod eval;
 pub mod filter;
 pub mod home;
 pub mod model;
 pub mod output;
+pub mod plot;
 pub mod recipe;
 pub mod seed;
 pub mod synth;
@@ -35,7 +38,7 @@ pub(crate) mod test_support;
 /// and the shared floor uses no stage.
 #[cfg(test)]
 mod layers {
-    const STAGES: &[&str] = &["synth", "filter", "train"];
+    const STAGES: &[&str] = &["synth", "filter", "train", "eval"];
 
     /// `(file, stage)` for every `crate::<stage>` path in the files under `src/<folder>`.
     fn stage_paths(folder: &str) -> Vec<(String, String)> {
@@ -67,7 +70,7 @@ mod layers {
 
     #[test]
     fn the_shared_floor_imports_no_stage() {
-        for folder in ["data", "model", "engine", "output.rs", "home.rs", "seed.rs", "cpu.rs", "doctor.rs"] {
+        for folder in ["data", "model", "engine", "output.rs", "plot.rs", "home.rs", "seed.rs", "cpu.rs", "doctor.rs"] {
             let used = stage_paths(folder);
             assert!(used.is_empty(), "{folder} uses a stage: {used:?}");
         }

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
             Command::Filter(args) => magpie::filter::run(args),
             Command::Sft(args) => magpie::train::sft(args),
             Command::Dpo(args) => magpie::train::dpo(args),
+            Command::Eval(args) => magpie::eval::run(args),
             Command::Inspect(args) => magpie::data::inspect::run(args),
             Command::Convert(args) => magpie::model::convert::run(args),
             Command::Doctor(args) => magpie::doctor::run(args),

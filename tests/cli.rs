@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{converted_smollm2, fixture, magpie, stderr};
+use common::{converted_smollm2, embedded_model, fixture, magpie, stderr};
 
 #[test]
 fn inspect_shows_rows_schema_stats_and_samples() {
@@ -88,6 +88,22 @@ fn sft_and_dpo_refuse_bad_input_naming_file_and_column_and_write_nothing() {
     let output = magpie(&["dpo", "--recipe", recipe.to_str().unwrap()]);
     assert_ne!(output.status.code(), Some(0));
     assert!(stderr(&output).contains("dpo.yaml: unknown key `learning_rat` for `magpie dpo`"), "{}", stderr(&output));
+}
+
+#[test]
+fn dry_run_prints_the_memory_plan_from_the_config_alone_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    for stage in ["sft", "dpo"] {
+        let output = magpie(&[stage, "--model", fixture("tiny-llama").to_str().unwrap(), "-i", "not-read", "-o", out.to_str().unwrap(), "--bf16", "--dry-run", "8"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let plan = String::from_utf8_lossy(&output.stdout);
+        for part in ["8 ranks (optimizer state sharded)", "fp32 master weights", "Adam moments", "activations", "total"] {
+            assert!(plan.contains(part), "{stage}: {part} in {plan}");
+        }
+        assert_eq!(plan.contains("reference model"), stage == "dpo", "{plan}");
+    }
+    assert!(!out.exists());
 }
 
 #[test]
@@ -190,6 +206,74 @@ fn synth_multi_turn_with_preference_responses_writes_the_catalogue_columns() {
     assert!(report.contains("responses") && report.contains("items min 2 mean 2.0 max 2"), "{report}");
 }
 
+/// Column `name` of every row of a dataset, as strings (structs and lists as their debug form).
+fn column(dir: &Path, name: &str) -> Vec<String> {
+    let dataset = Dataset::open(&[dir.display().to_string()]).unwrap();
+    let mut values = vec![];
+    for batch in dataset.batches() {
+        let batch = batch.unwrap();
+        let array = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        values.extend((0..array.len()).map(|i| arrow::util::display::array_value_to_string(array, i).unwrap()));
+    }
+    values
+}
+
+#[test]
+fn synth_input_answers_another_models_instructions_keeps_their_columns_and_resumes_after_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    // Instructions harvested from the GGUF by llama.cpp...
+    let harvest = dir.path().join("harvest");
+    run_synth(&harvest, &["--num", "4", "--chunk-rows", "2"]);
+    // ...answered by another model and engine: the converted Hugging Face folder on mistralrs.
+    let answerer = converted_smollm2(dir.path());
+    let args = |out: &Path| -> Vec<String> {
+        ["synth", "--input", harvest.to_str().unwrap(), "--model", answerer.to_str().unwrap(), "--chunk-rows", "1",
+         "--response-max-tokens", "24", "--threads", "2", "-o", out.to_str().unwrap()].iter().map(|s| s.to_string()).collect()
+    };
+    let whole = dir.path().join("answered");
+    let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&whole)).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(column(&whole, "uuid"), column(&harvest, "uuid"));
+    assert_eq!(column(&whole, "instruction"), column(&harvest, "instruction"), "the first model's instructions");
+    assert_eq!(column(&whole, "gen_input_configs"), column(&harvest, "gen_input_configs"), "the harvest's settings are kept");
+    for config in column(&whole, "gen_response_configs") {
+        assert!(config.contains("engine: mistralrs") && config.contains("response_generator: smollm2"), "{config}");
+    }
+    for config in column(&harvest, "gen_response_configs") {
+        assert!(config.contains("engine: llamacpp"), "{config}");
+    }
+    let answered = rows(&whole);
+    assert!(answered.iter().all(|(_, m)| m.len() == 2 && m[1].role == "assistant" && !m[1].content.is_empty()), "{answered:#?}");
+
+    // Killed (SIGKILL) after its first part, then rerun: the same rows, none lost or doubled.
+    let killed = dir.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = Instant::now();
+    while !killed.join("part-00000.parquet").exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "no part written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!killed.join("magpie-manifest.json").exists(), "the run finished before the kill");
+    let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(rows(&killed), answered);
+
+    // Magpie's released file: its conversations answered anew, its own columns kept, with
+    // preference responses.
+    let released = dir.path().join("released");
+    let output = magpie(&["synth", "--input", fixture("magpie-released.parquet").to_str().unwrap(), "--responses", "2", "--response-max-tokens", "16",
+                          "--max-tokens", "16", "--threads", "2", "-o", released.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(column(&released, "source_notes"), column(&fixture("magpie-released.parquet"), "source_notes"));
+    for batch in Dataset::open(&[released.display().to_string()]).unwrap().batches() {
+        let batch = batch.unwrap();
+        let responses = arrow::array::AsArray::as_list::<i32>(batch.column_by_name("responses").unwrap().as_ref());
+        assert!((0..batch.num_rows()).all(|i| responses.value_length(i) == 2), "two responses a row");
+    }
+}
+
 #[test]
 fn synth_resumes_after_kill_without_losing_or_duplicating_rows() {
     let dir = tempfile::tempdir().unwrap();
@@ -288,7 +372,7 @@ fn filter_demo_recipe_dedups_tags_selects_and_reports_on_magpie_released_data() 
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("filtered.parquet.report.json")).unwrap()).unwrap();
     assert_eq!(report["rows_in"], 5);
     assert_eq!(report["steps"].as_array().unwrap().len(), 6);
-    assert!(report["distributions"]["language"]["EN"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["distributions"]["language"]["en"].as_u64().unwrap() > 0, "{report}");
     let text = String::from_utf8(magpie(&["inspect", out.to_str().unwrap()]).stdout).unwrap();
     for column in ["source_notes", "gen_input_configs", "exact_duplicate_of", "minhash_cluster", "min_neighbor_distance", "repeat_count", "min_similar_uuid", "refusal", "instruct_reward", "reward_model", "split"] {
         assert!(text.contains(column), "{column}: {text}");
@@ -337,4 +421,52 @@ fn judge_and_safety_tags_run_the_embedded_model_and_count_what_they_could_not_pa
     for column in ["input_quality", "quality_explanation", "difficulty", "intent", "knowledge", "task_category", "other_task_category", "llama_guard_2", "source_notes"] {
         assert!(text.contains(column), "{column}: {text}");
     }
+}
+
+// ---- eval on the embedded SmolLM2 ----
+
+#[test]
+fn eval_judges_against_a_baseline_in_both_orders_grades_and_reuses_its_answers_as_a_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = embedded_model();
+    let first = dir.path().join("eval");
+    let small = ["--limit", "4", "--max-tokens", "24", "--judge-max-tokens", "40", "--bootstrap", "200"];
+    let output = magpie(&[&["eval", "--model", model.to_str().unwrap(), "--baseline", model.to_str().unwrap(), "--mode", "both", "-o", first.to_str().unwrap()], &small[..]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("magpie eval:") && stderr(&output).contains("win rate"), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(first.join("summary.json")).unwrap()).unwrap();
+    let pairwise = &summary["pairwise"];
+    let counted: u64 = ["wins", "ties", "losses", "unparsable"].iter().map(|k| pairwise[k].as_u64().unwrap()).sum();
+    assert_eq!(counted, 4, "{summary}");
+    assert_eq!(summary["grade"]["graded"].as_u64().unwrap() + summary["grade"]["unparsable"].as_u64().unwrap(), 4);
+    assert_eq!(summary["prompts"], 4);
+    for file in ["answers.parquet", "baseline_answers.parquet", "judgements.parquet", "pairwise.png", "grades.png", "magpie-manifest.json"] {
+        assert!(first.join(file).is_file(), "{file}");
+    }
+    for column in ["prompt", "answer", "baseline_answer", "verdict_model_first", "verdict_baseline_first", "judge_model_first", "outcome", "grade", "judge_grade"] {
+        assert_eq!(column_of(&first.join("judgements.parquet"), column).len(), 4, "{column}");
+    }
+    // The first run's answers, as a baseline file matched by uuid; pairwise is the default then.
+    let second = dir.path().join("again");
+    let answers = first.join("answers.parquet");
+    let output = magpie(&[&["eval", "--model", model.to_str().unwrap(), "--baseline-answers", answers.to_str().unwrap(), "-o", second.to_str().unwrap()], &small[..]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(column_of(&second.join("judgements.parquet"), "baseline_answer"), column_of(&first.join("judgements.parquet"), "answer"));
+    // Pairwise judging without a baseline is refused before anything runs.
+    let output = magpie(&["eval", "--model", model.to_str().unwrap(), "--mode", "pairwise", "-o", dir.path().join("none").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("needs --baseline"), "{}", stderr(&output));
+}
+
+/// A plain parquet file's string column (no dataset normalisation).
+fn column_of(path: &Path, name: &str) -> Vec<String> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let mut values = vec![];
+    for batch in reader {
+        let batch = batch.unwrap();
+        let array = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        values.extend((0..array.len()).map(|i| arrow::util::display::array_value_to_string(array, i).unwrap()));
+    }
+    values
 }

@@ -9,6 +9,7 @@
 //!   completions, or as whole conversations (with or without `prompt`). The result is always
 //!   `prompt` = the shared prefix and `chosen` / `rejected` = what each adds after it, as TRL does.
 //! - A missing `uuid` is derived from the file name and row number, so it is stable across reads.
+//! - `language` is lower-case ISO 639-1 (Magpie's released files write `EN`).
 //!
 //! Every other column passes through unchanged.
 
@@ -73,6 +74,11 @@ pub fn normalize(batch: &RecordBatch, origin: Origin) -> Result<RecordBatch> {
             )
         })?;
         columns.set(column.name, coerced);
+    }
+
+    if let Some(language) = columns.get("language").and_then(|c| c.as_any().downcast_ref::<StringArray>()) {
+        let lower: StringArray = language.iter().map(|code| code.map(str::to_lowercase)).collect();
+        columns.set("language", Arc::new(lower));
     }
 
     if columns.get("messages").is_none() {
@@ -299,6 +305,8 @@ mod tests {
         // Carried through unchanged.
         let notes = batch.column_by_name("source_notes").unwrap().as_string::<i32>();
         assert_eq!(notes.value(4), "carried through unchanged");
+        let language = batch.column_by_name("language").unwrap().as_string::<i32>();
+        assert_eq!(language.value(0), "en", "the file's EN, as ISO 639-1 writes it");
         assert!(matches!(schema.field_with_name("gen_input_configs").unwrap().data_type(), DataType::Struct(_)));
     }
 

@@ -4,9 +4,10 @@
 
 use super::normalize::{normalize, Origin};
 use anyhow::{bail, Context, Result};
-use arrow::array::RecordBatch;
+use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -134,9 +135,11 @@ impl Dataset {
         Ok(())
     }
 
-    /// Streams the normalised batches of every file in order.
+    /// Streams the normalised batches of every file in order. A `uuid` that an earlier row
+    /// already had is an error naming both rows: resume, shards and `min_similar_uuid` rely on
+    /// uuids being unique (the check keeps every uuid read, about 100 bytes a row).
     pub fn batches(&self) -> Batches<'_> {
-        Batches { dataset: self, next_file: 0, current: None }
+        Batches { dataset: self, next_file: 0, current: None, seen: HashMap::new() }
     }
 }
 
@@ -176,6 +179,28 @@ pub struct Batches<'a> {
     dataset: &'a Dataset,
     next_file: usize,
     current: Option<(usize, ParquetRecordBatchReader, u64)>,
+    /// Every uuid read so far: the file index and row where it was.
+    seen: HashMap<String, (usize, u64)>,
+}
+
+impl Batches<'_> {
+    fn check_unique_uuids(&mut self, batch: &RecordBatch, file: usize, first_row: u64) -> Result<()> {
+        let Some(uuids) = batch.column_by_name("uuid").and_then(|c| c.as_any().downcast_ref::<StringArray>()) else { return Ok(()) };
+        for (i, uuid) in uuids.iter().enumerate() {
+            let Some(uuid) = uuid else { continue };
+            let row = first_row + i as u64;
+            if let Some(&(earlier_file, earlier_row)) = self.seen.get(uuid) {
+                let files = &self.dataset.files;
+                bail!(
+                    "{}: column `uuid`: row {row} repeats `{uuid}`, the uuid of row {earlier_row} of {} (uuids must be unique)",
+                    files[file].display(),
+                    files[earlier_file].display()
+                );
+            }
+            self.seen.insert(uuid.to_string(), (file, row));
+        }
+        Ok(())
+    }
 }
 
 impl Iterator for Batches<'_> {
@@ -187,14 +212,15 @@ impl Iterator for Batches<'_> {
                 let file = &self.dataset.files[*index];
                 match reader.next() {
                     Some(Ok(batch)) => {
-                        let origin = Origin { file, first_row: *first_row };
+                        let (index, start) = (*index, *first_row);
+                        let origin = Origin { file, first_row: start };
                         *first_row += batch.num_rows() as u64;
                         let result = normalize(&batch, origin).and_then(|b| {
                             Ok(b.project(
                                 &self.dataset.schema.fields().iter().map(|f| b.schema().index_of(f.name())).collect::<Result<Vec<_>, _>>()?,
                             )?)
                         });
-                        return Some(result);
+                        return Some(result.and_then(|b| self.check_unique_uuids(&b, index, start).map(|()| b)));
                     }
                     Some(Err(e)) => {
                         return Some(Err(anyhow::Error::new(e)
@@ -277,6 +303,22 @@ mod tests {
         );
         let error = error_of(&[&a, &b]);
         assert!(error.contains("b.parquet: column `extra`: found Int64, expected Utf8"), "{error}");
+    }
+
+    #[test]
+    fn a_repeated_uuid_is_an_error_naming_both_rows_in_one_file_or_across_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write(dir.path(), "a.parquet", &batch(vec![("uuid", text(&["u1", "u2", "u1"])), ("instruction", text(&["x", "y", "z"]))]));
+        let error = error_of(&[&a]);
+        assert!(error.contains("a.parquet: column `uuid`: row 2 repeats `u1`, the uuid of row 0 of") && error.contains("must be unique"), "{error}");
+        let b = write(dir.path(), "b.parquet", &batch(vec![("uuid", text(&["u3"])), ("instruction", text(&["w"]))]));
+        let c = write(dir.path(), "c.parquet", &batch(vec![("uuid", text(&["u4", "u3"])), ("instruction", text(&["v", "w"]))]));
+        let error = error_of(&[&b, &c]);
+        assert!(error.contains("c.parquet: column `uuid`: row 1 repeats `u3`, the uuid of row 0 of") && error.contains("b.parquet"), "{error}");
+        // The same file given twice repeats its derived uuids too.
+        let plain = write(dir.path(), "plain.parquet", &batch(vec![("instruction", text(&["p"]))]));
+        assert!(error_of(&[&plain, &plain]).contains("repeats"));
+        read_all(&[&b]).unwrap();
     }
 
     #[test]

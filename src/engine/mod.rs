@@ -2,6 +2,7 @@
 //! reason and token counts). Prompts are token ids that synth makes itself from the template, so
 //! the pre-query prompt is exactly the template's tokens: special tokens parsed, no BOS added.
 //!
+//! - `chat`: a chat model on an engine, answering conversations greedily (judges, eval).
 //! - `llamacpp`: llama.cpp through `llama-cpp-2`; continuous batching, per-request seeds. The
 //!   default for GGUF files on CPU.
 //! - `lookup`: which model (`--model` or the embedded default) and its chat template.
@@ -9,6 +10,7 @@
 //!   Its batched decoding is wrong on CPU (sequences come back with another prompt's answer), so
 //!   on CPU it runs one sequence at a time.
 
+pub mod chat;
 pub mod llamacpp;
 pub mod lookup;
 pub mod mistralrs;

@@ -62,7 +62,7 @@ fn text(t: &Option<String>) -> &str {
 }
 
 pub fn language(text: &str) -> Option<String> {
-    whatlang::detect(text).map(|info| iso_639_1(info.lang().code()).to_uppercase())
+    whatlang::detect(text).map(|info| iso_639_1(info.lang().code()).to_string())
 }
 
 /// `heuristics` in a recipe: no settings; the rules are fixed (docs/upstream.md §3's).
@@ -131,7 +131,7 @@ mod tests {
         assert!(!is_refusal("Sure! Here is a plan."));
         assert!(is_repetitive(&"the cat sat on the mat ".repeat(20)));
         assert!(!is_repetitive("A short and varied answer that says one thing once and then stops."));
-        assert_eq!(language("How do I reverse a list in Python without copying it?").as_deref(), Some("EN"));
-        assert_eq!(language("¿Cómo puedo invertir una lista en Python sin copiarla?").as_deref(), Some("ES"));
+        assert_eq!(language("How do I reverse a list in Python without copying it?").as_deref(), Some("en"));
+        assert_eq!(language("¿Cómo puedo invertir una lista en Python sin copiarla?").as_deref(), Some("es"));
     }
 }

@@ -11,12 +11,9 @@
 
 use super::step::Step;
 use super::text::instructions;
-use crate::model::chat_template::ChatTemplate;
 use crate::data::Message;
-use crate::engine::lookup as model;
-use crate::engine::{self, Engine, EngineChoice, EngineOptions, Request, Sampling};
-use crate::model::pre_query as template;
-use anyhow::{Context, Result};
+use crate::engine::chat::ChatModel as JudgeModel;
+use anyhow::Result;
 use arrow::array::{ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -94,40 +91,6 @@ pub fn parse_answer(text: &str, keys: &[&str]) -> Map<String, Value> {
 pub fn on_scale(value: &str, allowed: &[&str]) -> Option<String> {
     let cleaned = value.trim().trim_matches(|c| c == '[' || c == ']' || c == '<' || c == '>').trim();
     allowed.iter().find(|a| a.eq_ignore_ascii_case(cleaned)).map(|a| a.to_string())
-}
-
-/// A judge model loaded in a synth engine, with its chat template and greedy sampling. Shared by
-/// the judge tags and the safety tag.
-pub struct JudgeModel {
-    pub engine: Box<dyn Engine>,
-    pub chat: ChatTemplate,
-    pub sampling: Sampling,
-    pub name: String,
-}
-
-impl JudgeModel {
-    /// Loads `model` (default: the embedded SmolLM2) for greedy answers of at most `max_tokens`.
-    pub fn load(model: Option<PathBuf>, max_tokens: usize, batch_size: usize) -> Result<Self> {
-        let info = model::resolve(model.as_deref())?;
-        let chat = info.chat_template.with_context(|| format!("{}: the judge model has no chat template", info.path.display()))?;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let options = EngineOptions::new(EngineChoice::Auto, batch_size, threads, 65536);
-        let engine = engine::open(&info.path, &options)?;
-        let stops = template::derive(&chat, None)?.stops;
-        let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens, seed: 0, stop_strings: stops, stop_token_ids: vec![] };
-        Ok(JudgeModel { engine, chat, sampling, name: info.name })
-    }
-
-    /// Greedy answers to `conversations`, each rendered with a generation prompt and then
-    /// `prefill`; the answers exclude the prefill.
-    pub fn answer(&mut self, conversations: &[Vec<Message>], prefill: &str) -> Result<Vec<String>> {
-        let mut requests = vec![];
-        for messages in conversations {
-            let prompt = self.chat.render(messages, true)? + prefill;
-            requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.sampling.clone() });
-        }
-        Ok(self.engine.generate(&requests, &mut |_| {})?.into_iter().map(|c| c.text).collect())
-    }
 }
 
 /// `judge_tags` in a recipe.

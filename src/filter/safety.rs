@@ -4,7 +4,7 @@
 //! chat template; any other judge gets the Llama Guard 2 task written out as a user message.
 //! Answers that are neither are left null and counted.
 
-use super::judge::JudgeModel;
+use crate::engine::chat::ChatModel as JudgeModel;
 use super::step::Step;
 use super::text::{instructions, responses};
 use crate::data::Message;

@@ -1,8 +1,10 @@
 //! Semantic dedup as Magpie's gen_dis does it. Needs the whole dataset: every instruction is
 //! embedded (all-MiniLM-L6-v2, `embed`), then an exact kNN by blocked matrix products finds each
 //! row's k nearest others (k default 500, capped by the row count). Writes:
-//! - `min_neighbor_distance`: L2 distance to the nearest other row (normalised vectors);
-//! - `repeat_count`: neighbours closer than 0.05 (cosine >= 0.99875);
+//! - `min_neighbor_distance`: the squared L2 distance to the nearest other row (normalised
+//!   vectors), the scale of faiss's `IndexFlatL2` that Magpie searches with, so the values match
+//!   Magpie's released files;
+//! - `repeat_count`: neighbours closer than 0.05 on that scale (cosine above 0.975);
 //! - `min_similar_uuid`: the uuid of the earliest row among the row and those neighbours, or
 //!   null when it has none. A row is kept when it is its own `min_similar_uuid` or has none.
 //! Memory: the embeddings, 4 x 384 bytes per row.
@@ -19,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
-/// Magpie's near-duplicate distance.
+/// Magpie's near-duplicate distance, in squared L2 (`IndexFlatL2`'s scale).
 pub const REPEAT_DISTANCE: f64 = 0.05;
 
 /// Rows embedded per forward pass, and rows per block of the kNN product.
@@ -67,9 +69,9 @@ impl SemanticDedup {
     }
 }
 
-/// For each row of normalised `embeddings` (`[n, d]`): distance to the nearest other row, how
-/// many of its `k` nearest are closer than `REPEAT_DISTANCE`, and the earliest row among itself
-/// and those.
+/// For each row of normalised `embeddings` (`[n, d]`): the squared L2 distance to the nearest
+/// other row (2 - 2 cos for unit vectors), how many of its `k` nearest are closer than
+/// `REPEAT_DISTANCE`, and the earliest row among itself and those.
 pub fn neighbours(embeddings: &Tensor, k: usize) -> Vec<(Option<f64>, i64, Option<usize>)> {
     let n = embeddings.size()[0];
     let k = (k as i64).min(n - 1);
@@ -88,7 +90,7 @@ pub fn neighbours(embeddings: &Tensor, k: usize) -> Vec<(Option<f64>, i64, Optio
             let (top, index) = sims.topk(k, 1, true, true);
             let distances: Vec<f64> = {
                 let squared: Tensor = (top * -2.0) + 2.0;
-                Vec::try_from(squared.clamp_min(0.0).sqrt().to_kind(Kind::Double).flatten(0, -1)).unwrap()
+                Vec::try_from(squared.clamp_min(0.0).to_kind(Kind::Double).flatten(0, -1)).unwrap()
             };
             let index: Vec<i64> = Vec::try_from(index.flatten(0, -1)).unwrap();
             for r in 0..rows as usize {
@@ -172,8 +174,9 @@ mod tests {
 
     #[test]
     fn knn_follows_magpies_min_similar_uuid_rule() {
-        // Rows 0 and 2 are the same direction; 1 is orthogonal; 3 is close to 1 but not within 0.05.
-        let e = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0, 1.0, 0.0, 0.2, 0.98]).view([4, 2]);
+        // Rows 0 and 2 are the same direction; 1 is orthogonal; 3 is close to 1 (cosine 0.954,
+        // squared L2 0.093) but not within 0.05.
+        let e = Tensor::from_slice(&[1f32, 0.0, 0.0, 1.0, 1.0, 0.0, 0.3, 0.95]).view([4, 2]);
         let e = &e / e.norm_scalaropt_dim(2, [1i64].as_slice(), true);
         let result = neighbours(&e, 500);
         assert_eq!(result[0].1, 1);
@@ -182,6 +185,25 @@ mod tests {
         assert!(result[0].0.unwrap() < 1e-3);
         assert_eq!((result[1].1, result[1].2), (0, None));
         assert!(result[1].0.unwrap() > REPEAT_DISTANCE);
+    }
+
+    #[test]
+    fn distances_are_faiss_index_flat_l2_squared_distances_and_duplicates_are_under_0_05_on_them() {
+        // Unit vectors at cosine 0.98 (squared L2 0.04: a near-duplicate for Magpie, though its
+        // true L2 of 0.2 is not under 0.05) and 0.97 (0.06: not one) from row 0, and one far off.
+        let angles = [0.0f64, 0.98f64.acos(), -(0.97f64.acos()), std::f64::consts::FRAC_PI_2];
+        let values: Vec<f32> = angles.iter().flat_map(|a| [a.cos() as f32, a.sin() as f32]).collect();
+        let e = Tensor::from_slice(&values).view([4, 2]);
+        let result = neighbours(&e, 500);
+        // What IndexFlatL2.search returns: the sum of squared differences, nearest first.
+        let faiss = |i: usize| {
+            (0..4).filter(|&j| j != i).map(|j| (0..2).map(|d| (values[2 * i + d] - values[2 * j + d]).powi(2) as f64).sum::<f64>()).fold(f64::INFINITY, f64::min)
+        };
+        for (row, (distance, _, _)) in result.iter().enumerate() {
+            assert!((distance.unwrap() - faiss(row)).abs() < 1e-5, "row {row}: {distance:?} vs {}", faiss(row));
+        }
+        assert!((result[0].0.unwrap() - 0.04).abs() < 1e-5);
+        assert_eq!(result.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(), [(1, Some(0)), (1, Some(0)), (0, None), (0, None)]);
     }
 }
 

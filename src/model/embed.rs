@@ -11,6 +11,8 @@ use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
 
 #[derive(serde::Deserialize)]
 struct BertConfig {
+    #[serde(default)]
+    model_type: Option<String>,
     hidden_size: i64,
     num_attention_heads: i64,
     num_hidden_layers: usize,
@@ -39,6 +41,15 @@ impl SentenceEncoder {
         let config_text = std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("{}: cannot read", dir.join("config.json").display()))?;
         let config: BertConfig = serde_json::from_str(&config_text)
             .with_context(|| format!("{}: not a BERT config", dir.join("config.json").display()))?;
+        match config.model_type.as_deref() {
+            Some("bert") => {}
+            other => bail!(
+                "{}: model_type {}: the encoder runs BERT-architecture sentence-transformers models (all-MiniLM-L6-v2, all-MiniLM-L12-v2, \
+                 bge, e5); MPNet (all-mpnet-base-v2) and other architectures are not implemented",
+                dir.join("config.json").display(),
+                other.map_or("missing".to_string(), |t| format!("`{t}`"))
+            ),
+        }
         let weights = Tensor::read_safetensors(dir.join("model.safetensors"))
             .with_context(|| format!("{}: unreadable safetensors", dir.join("model.safetensors").display()))?
             .into_iter()
@@ -123,6 +134,17 @@ mod tests {
 
     fn model_dir() -> std::path::PathBuf {
         crate::test_support::magpie_home().join(crate::home::DEFAULT_EMBEDDING_MODEL_DIR)
+    }
+
+    #[test]
+    fn an_mpnet_encoder_is_refused_naming_what_is_supported() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = r#"{"model_type": "mpnet", "hidden_size": 768, "num_attention_heads": 12, "num_hidden_layers": 12}"#;
+        for (file, text) in [("config.json", config), ("tokenizer.json", "{}"), ("model.safetensors", "")] {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        let error = SentenceEncoder::load(dir.path(), tch::Device::Cpu).err().unwrap().to_string();
+        assert!(error.contains("model_type `mpnet`") && error.contains("BERT-architecture") && error.contains("all-mpnet-base-v2"), "{error}");
     }
 
     /// Vectors written once by scripts/make_embedding_fixture.py with sentence-transformers.

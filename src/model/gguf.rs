@@ -64,19 +64,49 @@ impl TensorInfo {
         self.dims.iter().product()
     }
 
+    /// Bytes of data, for the GGML types llama.cpp writes (ggml.c's `type_traits`).
+    fn bytes(&self) -> Option<u64> {
+        let (block, size) = match self.kind {
+            0 | 26 => (1, 4),              // F32, I32
+            1 | 30 | 25 => (1, 2),         // F16, BF16, I16
+            24 => (1, 1),                  // I8
+            27 | 28 => (1, 8),             // I64, F64
+            2 | 20 => (32, 18),            // Q4_0, IQ4_NL
+            3 => (32, 20),                 // Q4_1
+            6 => (32, 22),                 // Q5_0
+            7 => (32, 24),                 // Q5_1
+            8 => (32, 34),                 // Q8_0
+            9 => (32, 36),                 // Q8_1
+            10 => (256, 84),               // Q2_K
+            11 | 21 => (256, 110),         // Q3_K, IQ3_S
+            12 => (256, 144),              // Q4_K
+            13 => (256, 176),              // Q5_K
+            14 => (256, 210),              // Q6_K
+            15 => (256, 292),              // Q8_K
+            16 => (256, 66),               // IQ2_XXS
+            17 => (256, 74),               // IQ2_XS
+            18 => (256, 98),               // IQ3_XXS
+            19 => (256, 50),               // IQ1_S
+            22 => (256, 82),               // IQ2_S
+            23 => (256, 136),              // IQ4_XS
+            29 => (256, 56),               // IQ1_M
+            _ => return None,
+        };
+        Some(self.numel().div_ceil(block) * size)
+    }
+
     /// Bytes of data and the f32 values, for the types we can dequantise.
     fn layout(&self) -> Result<(u64, fn(&[u8], &mut Vec<f32>))> {
-        let n = self.numel();
-        let blocks = n / 32;
-        Ok(match self.kind {
-            0 => (n * 4, |b, out| out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())))),
-            1 => (n * 2, |b, out| out.extend(b.chunks_exact(2).map(|c| f16(c).to_f32()))),
-            30 => (n * 2, |b, out| out.extend(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))),
-            2 => (blocks * 18, dequantize_q4_0),
-            3 => (blocks * 20, dequantize_q4_1),
-            8 => (blocks * 34, dequantize_q8_0),
+        let dequantize: fn(&[u8], &mut Vec<f32>) = match self.kind {
+            0 => |b, out| out.extend(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()))),
+            1 => |b, out| out.extend(b.chunks_exact(2).map(|c| f16(c).to_f32())),
+            30 => |b, out| out.extend(b.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+            2 => dequantize_q4_0,
+            3 => dequantize_q4_1,
+            8 => dequantize_q8_0,
             other => bail!("tensor `{}` has GGUF type {other}, which convert cannot dequantise (F32, F16, BF16, Q8_0, Q4_0, Q4_1 are supported)", self.name),
-        })
+        };
+        Ok((self.bytes().expect("every dequantisable type has a size"), dequantize))
     }
 }
 
@@ -110,10 +140,22 @@ fn dequantize_q4_1(bytes: &[u8], out: &mut Vec<f32>) {
 }
 
 impl Metadata {
+    /// The header of `path`; a file shorter than its tensors need is an error saying so (llama.cpp
+    /// only says it could not load the model).
     pub fn read(path: &Path) -> Result<Metadata> {
         let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-        read_metadata(&mut Counting { inner: BufReader::new(file), read: 0 })
-            .with_context(|| format!("{}: not a readable GGUF file (truncated or corrupt)", path.display()))
+        let length = file.metadata().with_context(|| format!("{}: cannot stat", path.display()))?.len();
+        let metadata = read_metadata(&mut Counting { inner: BufReader::new(file), read: 0 })
+            .with_context(|| format!("{}: not a readable GGUF file (truncated or corrupt)", path.display()))?;
+        let needed = metadata.tensors.iter().map(|t| metadata.data_offset + t.offset + t.bytes().unwrap_or(0)).max().unwrap_or(0);
+        if length < needed {
+            bail!(
+                "{}: truncated: the file has {length} bytes but its {} tensors need {needed} (an interrupted download or copy?)",
+                path.display(),
+                metadata.tensors.len()
+            );
+        }
+        Ok(metadata)
     }
 
     pub fn text(&self, key: &str) -> Option<&str> {
@@ -336,5 +378,18 @@ mod tests {
         assert!(error.contains("cut.gguf: not a readable GGUF file"), "{error}");
         std::fs::write(&path, b"PK\x03\x04 a zip file").unwrap();
         assert!(format!("{:#}", Metadata::read(&path).unwrap_err()).contains("missing GGUF magic"));
+    }
+
+    #[test]
+    fn a_file_cut_inside_its_tensor_data_is_named_truncated() {
+        // The embedded model cut 1 MiB short: its header is whole, its last tensor is not.
+        let model = std::fs::read(crate::test_support::test_model()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.gguf");
+        std::fs::write(&path, &model[..model.len() - (1 << 20)]).unwrap();
+        let error = format!("{:#}", Metadata::read(&path).unwrap_err());
+        assert!(error.contains("cut.gguf: truncated: the file has") && error.contains("tensors need"), "{error}");
+        std::fs::write(&path, &model).unwrap();
+        Metadata::read(&path).unwrap();
     }
 }

@@ -6,7 +6,10 @@
 //! file, atomically. Rerunning the same command skips finished chunks, so a kill loses at most the
 //! chunk in flight and never duplicates a row. Row `g` always gets the same seed and uuid, and
 //! `--shard i/N` takes every N-th chunk, so Slurm array tasks write disjoint parts of one dataset.
+//!
+//! With `--input`, the rows of an existing dataset are answered instead (`answer`).
 
+pub mod answer;
 pub mod checkpoint;
 pub mod pipeline;
 pub mod rows;
@@ -38,6 +41,12 @@ pub struct SynthArgs {
     /// or a raw template string (`\n` escapes allowed).
     #[arg(long, default_value = "auto")]
     pub template: String,
+
+    /// Answer an existing dataset instead of harvesting: parquet files, folders or globs in our
+    /// format (Magpie's released files too). Each row's conversation up to its last user turn is
+    /// answered by --model; every other column is kept.
+    #[arg(long, short)]
+    pub input: Vec<String>,
 
     /// Output directory of part files (resumable; rerun the same command to continue).
     #[arg(long, short)]
@@ -91,7 +100,8 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 4096)]
     pub response_max_tokens: usize,
 
-    /// Generate instructions only (no responses), e.g. to answer them with another model later.
+    /// Generate instructions only (no responses), e.g. to answer them with another model later
+    /// (`magpie synth --input`).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub instructions_only: bool,
 
@@ -213,6 +223,9 @@ impl SynthArgs {
         }
         if self.system_prompt.is_some() && self.system_prompts.is_some() {
             bail!("give --system-prompt or --system-prompts, not both");
+        }
+        if !self.input.is_empty() && (self.instructions_only || self.system_prompt.is_some() || self.system_prompts.is_some() || self.sanitize) {
+            bail!("--input answers existing instructions: --instructions-only, --system-prompt(s) and --sanitize are for harvesting");
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! preference responses. Every stage sends all of the chunk's prompts to the engine at once, so
 //! the engine can batch them.
 
+use super::answer::InputRows;
 use super::checkpoint::{Checkpoint, Opened};
 use crate::engine::{self, Completion, Engine, EngineOptions, FinishReason, Request, Sampling};
 use crate::engine::lookup::{self as model, ModelInfo};
@@ -47,6 +48,8 @@ pub struct Stats {
     pub truncated_responses: u64,
     pub empty_responses: u64,
     pub short_conversations: u64,
+    /// `--input` rows with no user turn to answer.
+    pub no_user_turn: u64,
     pub prompt_tokens: u64,
     pub generated_tokens: u64,
 }
@@ -58,6 +61,14 @@ impl Stats {
             self.generated_tokens += c.completion_tokens as u64;
         }
     }
+}
+
+/// An existing conversation to answer (`synth --input`): its messages end with a user turn.
+pub struct Prompt {
+    /// The row's index in the input, which seeds its sampling.
+    pub row: u64,
+    pub uuid: String,
+    pub messages: Vec<Message>,
 }
 
 /// A conversation being built.
@@ -224,15 +235,7 @@ impl<'a> Synthesizer<'a> {
         }
         let mut drafts = kept;
         if !self.args.instructions_only {
-            self.respond(&mut drafts, 1, on_tokens)?;
-        }
-
-        for turn in 2..=self.args.turns {
-            self.follow_up(&mut drafts, turn, on_tokens)?;
-            self.respond(&mut drafts, turn, on_tokens)?;
-        }
-        if self.args.responses > 0 {
-            self.preference_responses(&mut drafts, on_tokens)?;
+            self.complete(&mut drafts, 1, on_tokens)?;
         }
         Ok(drafts
             .into_iter()
@@ -250,6 +253,51 @@ impl<'a> Synthesizer<'a> {
                 }
             })
             .collect())
+    }
+
+    /// Answers existing conversations (`synth --input`): each prompt's messages end with the
+    /// user turn to answer. Returns one row per prompt, under its own uuid; `finish_reasons` and
+    /// `responses` cover only what was generated here.
+    pub fn answer(&mut self, prompts: Vec<Prompt>, on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Row>> {
+        self.stats.attempted += prompts.len() as u64;
+        let mut drafts: Vec<Draft> = prompts
+            .iter()
+            .map(|p| Draft { row: p.row, seed: row_seed(self.args.seed, p.row), task: 0, messages: p.messages.clone(), finish_reasons: vec![],
+                             raw_instruction: None, responses: None, closed: false })
+            .collect();
+        // Each conversation is answered at its own turn number (which seeds its sampling).
+        drafts.sort_by_key(|d| (user_turns(&d.messages), d.row));
+        for group in drafts.chunk_by_mut(|a, b| user_turns(&a.messages) == user_turns(&b.messages)) {
+            let turn = user_turns(&group[0].messages);
+            self.respond(group, turn, on_tokens)?;
+        }
+        drafts.sort_by_key(|d| d.row);
+        self.more_turns_and_preferences(&mut drafts, 1, on_tokens)?;
+        Ok(drafts
+            .into_iter()
+            .zip(prompts)
+            .map(|(d, p)| Row { uuid: p.uuid, messages: d.messages, finish_reasons: d.finish_reasons, pre_query_template: String::new(), seed: d.seed,
+                                raw_instruction: None, system_prompt_key: None, responses: d.responses })
+            .collect())
+    }
+
+    /// Answers turn `turn` of the drafts, then asks and answers more turns up to `--turns`, then
+    /// samples the `--responses` preference answers.
+    fn complete(&mut self, drafts: &mut [Draft], turn: usize, on_tokens: &mut dyn FnMut(usize)) -> Result<()> {
+        self.respond(drafts, turn, on_tokens)?;
+        self.more_turns_and_preferences(drafts, turn, on_tokens)
+    }
+
+    /// Turns after `answered` up to `--turns`, each for the conversations that have fewer.
+    fn more_turns_and_preferences(&mut self, drafts: &mut [Draft], answered: usize, on_tokens: &mut dyn FnMut(usize)) -> Result<()> {
+        for turn in answered + 1..=self.args.turns {
+            self.follow_up(drafts, turn, on_tokens)?;
+            self.respond(drafts, turn, on_tokens)?;
+        }
+        if self.args.responses > 0 {
+            self.preference_responses(drafts, on_tokens)?;
+        }
+        Ok(())
     }
 
     /// Answers the last user turn of every open draft that has one unanswered (turn `turn`).
@@ -281,7 +329,7 @@ impl<'a> Synthesizer<'a> {
     /// Asks each open draft for its next user turn: the multi-turn system prompt and the history
     /// through the chat template, then the user-append template.
     fn follow_up(&mut self, drafts: &mut [Draft], turn: usize, on_tokens: &mut dyn FnMut(usize)) -> Result<()> {
-        let open: Vec<usize> = (0..drafts.len()).filter(|&i| !drafts[i].closed).collect();
+        let open: Vec<usize> = (0..drafts.len()).filter(|&i| !drafts[i].closed && user_turns(&drafts[i].messages) < turn).collect();
         let mut requests = vec![];
         for &i in &open {
             let mut history = vec![Message::new("system", MULTI_TURN_SYSTEM_PROMPT)];
@@ -328,6 +376,10 @@ impl<'a> Synthesizer<'a> {
     }
 }
 
+fn user_turns(messages: &[Message]) -> usize {
+    messages.iter().filter(|m| m.role == "user").count()
+}
+
 /// Ids of the stop strings that are one token each (special tokens such as `<|im_end|>`).
 fn single_token_ids(engine: &dyn Engine, stops: &[String]) -> Result<Vec<u32>> {
     let mut ids = vec![];
@@ -346,8 +398,12 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
     let options = EngineOptions::new(args.engine, args.batch_size, threads, args.kv_tokens);
     let engine = engine::open(&info.path, &options)?;
     let mut synth = Synthesizer::new(args, &info, engine)?;
-    let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args });
-    let checkpoint = match Checkpoint::open(output, std::slice::from_ref(&info.path), &settings, args.overwrite)? {
+    let source = if args.input.is_empty() { None } else { Some(InputRows::read(&args.input)?) };
+    let mut inputs = vec![info.path.clone()];
+    inputs.extend(source.iter().flat_map(|s| s.files.iter().cloned()));
+    let input_files = source.as_ref().map(InputRows::identity);
+    let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args, "input_files": input_files });
+    let checkpoint = match Checkpoint::open(output, &inputs, &settings, args.overwrite)? {
         Opened::Run(checkpoint) => checkpoint,
         Opened::AlreadyFinished => {
             println!("synth: {} is already finished with these settings; nothing to do", output.display());
@@ -356,7 +412,7 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
     };
 
     let chunk_rows = args.chunk_rows as u64;
-    let num = args.num as u64;
+    let num = source.as_ref().map_or(args.num, InputRows::rows) as u64;
     let all_chunks = num.div_ceil(chunk_rows) as usize;
     let chunks: Vec<usize> = (0..all_chunks).filter(|c| c % shard.count == shard.index).collect();
     let rows_of = |c: usize| (c as u64 * chunk_rows)..((c as u64 + 1) * chunk_rows).min(num);
@@ -380,9 +436,17 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
             tokens += n as u64;
             bar.set_message(format!("{:.0} tok/s", tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
         };
-        let rows = synth.chunk(range, &mut on_tokens)?;
-        checkpoint.write(chunk, &rows::to_batch(&rows, &run_info))?;
-        synth.stats.rows_written += rows.len() as u64;
+        let batch = match &source {
+            None => rows::to_batch(&synth.chunk(range, &mut on_tokens)?, &run_info),
+            Some(source) => {
+                let mut skipped = 0;
+                let batch = source.answer(&mut synth, range, &run_info, &mut on_tokens, &mut skipped)?;
+                synth.stats.no_user_turn += skipped;
+                batch
+            }
+        };
+        checkpoint.write(chunk, &batch)?;
+        synth.stats.rows_written += batch.num_rows() as u64;
         bar.inc(size);
     }
     bar.finish_and_clear();
@@ -396,6 +460,9 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
 fn print_summary(stats: &Stats, shard: Shard, seconds: f64, output: &Path) {
     println!("synth summary (shard {}/{}) -> {}", shard.index, shard.count, output.display());
     println!("  instructions attempted  {}", stats.attempted);
+    if stats.no_user_turn > 0 {
+        println!("  skipped (no user turn)  {}", stats.no_user_turn);
+    }
     println!("  rows written            {}", stats.rows_written);
     println!("  dropped (empty)         {}", stats.dropped_empty);
     println!("  truncated instructions  {}", stats.truncated_instructions);

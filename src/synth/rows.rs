@@ -87,6 +87,7 @@ pub fn to_batch(rows: &[Row], info: &RunInfo) -> RecordBatch {
         ("top_p", Arc::new(Float64Array::from(constant(info.response_top_p as f64, n)))),
         ("max_tokens", Arc::new(Int64Array::from(constant(info.response_max_tokens as i64, n)))),
         ("engine", Arc::new(StringArray::from(constant(info.engine.as_str(), n)))),
+        ("response_generator", Arc::new(StringArray::from(constant(info.model.as_str(), n)))),
     ];
     let to_struct = |fields: Vec<(&str, ArrayRef)>| -> ArrayRef {
         Arc::new(StructArray::from(fields.into_iter().map(|(name, a)| (Arc::new(field(name, &a)), a)).collect::<Vec<_>>()))

@@ -4,7 +4,8 @@ use anyhow::Result;
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
-use super::distributed::World;
+use super::distributed::{Launch, World};
+use super::memory::{self, Workload};
 use super::optim::Schedule;
 
 /// Flags every training command takes. Names follow TRL's `TrainingArguments`.
@@ -107,6 +108,12 @@ pub struct TrainArgs {
     #[serde(skip)]
     pub ddp_timeout: u64,
 
+    /// Print the memory each rank will need for PROCESSES ranks (default: the launcher's world
+    /// size, else 1) and exit without training. Needs only the model's config.json.
+    #[arg(long, value_name = "PROCESSES", num_args = 0..=1, default_missing_value = "0")]
+    #[serde(skip)]
+    pub dry_run: Option<usize>,
+
     /// Continue from the latest checkpoint in --output.
     #[arg(long)]
     #[serde(skip)]
@@ -130,6 +137,18 @@ fn at_least_one(text: &str) -> Result<usize, String> {
 impl TrainArgs {
     pub fn device(&self) -> Result<Device> {
         crate::model::parse_device(&self.device)
+    }
+
+    /// With --dry-run: the plan for the work of one micro-batch, printed.
+    pub fn print_memory_plan(&self, work: &Workload) -> Result<()> {
+        let Some(processes) = self.dry_run else { return Ok(()) };
+        let processes = match processes {
+            0 => Launch::from_env()?.map_or(1, |launch| launch.world),
+            n => n,
+        };
+        let config = crate::model::ModelDir::open(&self.model)?.config;
+        print!("{}", memory::render(&config, self, processes as i64, work));
+        Ok(())
     }
 
     /// The ranks training together (from torchrun's or Slurm's environment) and this rank's device.

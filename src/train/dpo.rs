@@ -26,6 +26,7 @@ use crate::model::tokenize::ChatTokenizer;
 use super::args::TrainArgs;
 use super::batch::{Batch, Document};
 use super::checkpoint;
+use super::memory::Workload;
 use super::distributed::World;
 use super::objective::{Metrics, Objective, Split};
 use super::trainer;
@@ -390,6 +391,11 @@ pub fn run(args: &DpoArgs) -> Result<()> {
     if args.label_smoothing < 0.0 || args.label_smoothing >= 0.5 {
         bail!("--label-smoothing {}: expected 0 <= ε < 0.5", args.label_smoothing);
     }
+    if train_args.dry_run.is_some() {
+        let tokens = (2 * train_args.per_device_train_batch_size * args.max_length) as i64;
+        let reference_model = args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs;
+        return train_args.print_memory_plan(&Workload { tokens, reference_model });
+    }
     let (world, device) = train_args.world()?;
     tch::manual_seed(train_args.seed as i64);
     crate::model::ModelDir::open(&train_args.model)?; // a missing model is named before anything else
@@ -427,6 +433,9 @@ pub fn run(args: &DpoArgs) -> Result<()> {
                           "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
                           "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs});
     let summary = trainer::train(&objective, &policy, train_args, &world, "dpo", &settings, &inputs)?;
+    if !world.is_main() {
+        return Ok(());
+    }
     let show = |m: &std::collections::BTreeMap<String, f64>, prefix: &str| {
         ["loss", "rewards/accuracies", "rewards/margins"]
             .iter()

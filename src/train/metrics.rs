@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::objective::Objective;
-use super::plot;
+use crate::plot;
 
 /// Appends JSON lines to `metrics.jsonl`, dropping lines past `keep_until` first (a resumed run
 /// rewrites what the interrupted one logged after its checkpoint).

@@ -3,8 +3,9 @@
 //!
 //! - `trainer`: the loop SFT and DPO share, over `args` (the flags), `objective`, `batch`,
 //!   `optim` (AdamW with fp32 master weights, schedules), `checkpoint` (the run's folder,
-//!   checkpoints, resume) and `metrics` + `plot` (metrics.jsonl and PNG plots).
+//!   checkpoints, resume) and `metrics` (metrics.jsonl and the PNG plots, drawn by `crate::plot`).
 //! - `distributed`: data parallelism over processes (torchrun/Slurm, c10d, ZeRO-1 AdamW).
+//! - `memory`: the per-rank memory plan `--dry-run` prints.
 //! - `examples`: training rows from the dataset format.
 //! - `sft`: the SFT objective and data (masking, packing).
 //! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
@@ -15,10 +16,10 @@ pub mod checkpoint;
 pub mod distributed;
 pub mod dpo;
 pub mod examples;
+pub mod memory;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
-pub mod plot;
 pub mod sft;
 pub mod trainer;
 

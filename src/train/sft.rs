@@ -16,6 +16,7 @@ use super::examples::read_rows;
 use super::args::TrainArgs;
 use super::batch::{summed_cross_entropy, Batch, Document};
 use super::checkpoint;
+use super::memory::Workload;
 use super::objective::{Metrics, Objective, Split};
 use super::trainer;
 use crate::data::Message;
@@ -128,6 +129,10 @@ impl Objective for SftObjective {
 
 pub fn run(args: &SftArgs) -> Result<()> {
     let train_args = &args.train;
+    if train_args.dry_run.is_some() {
+        let tokens = (train_args.per_device_train_batch_size * args.max_length) as i64;
+        return train_args.print_memory_plan(&Workload { tokens, reference_model: false });
+    }
     let (world, device) = train_args.world()?;
     tch::manual_seed(train_args.seed as i64);
     let rows = read_rows(&train_args.input, &["messages"], train_args.eval_ratio, train_args.seed)?;
@@ -153,6 +158,9 @@ pub fn run(args: &SftArgs) -> Result<()> {
     );
     let settings = json!({"max_length": args.max_length, "packing": args.packing});
     let summary = trainer::train(&objective, &loaded, train_args, &world, "sft", &settings, &inputs)?;
+    if !world.is_main() {
+        return Ok(());
+    }
     let final_loss = summary.last.get("loss").copied().unwrap_or(f64::NAN);
     let eval_loss = summary.eval.as_ref().and_then(|e| e.get("eval_loss").copied());
     eprintln!(

@@ -25,3 +25,9 @@ pub fn converted_smollm2(dir: &Path) -> PathBuf {
     assert!(output.status.success(), "{}", stderr(&output));
     out
 }
+
+/// The embedded SmolLM2 GGUF that scripts/setup.sh puts in $MAGPIE_HOME (default: models/).
+pub fn embedded_model() -> PathBuf {
+    let home = std::env::var_os("MAGPIE_HOME").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
+    home.join("smollm2-135m-instruct-q4_1.gguf")
+}

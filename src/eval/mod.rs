@@ -1,0 +1,169 @@
+//! `magpie eval`: did training make the model better? The model under test answers an eval set;
+//! a local judge model then compares its answers with a baseline's (AlpacaEval / Arena-Hard
+//! style, in both orders: a win only when both agree) and/or grades them 1–10 (MT-Bench style).
+//!
+//! - `prompts`: eval sets, the embedded default set, answers generated or read from a file.
+//! - `judge`: the judge's prompts and parsers.
+//! - `stats`: the position-swap rule, win rate with a bootstrap interval, length control.
+//! - `report`: `judgements.parquet`, `summary.json` and the charts.
+//!
+//! The output folder holds `answers.parquet` (and `baseline_answers.parquet`), the judgements,
+//! the summary and a chart, with a manifest. A small judge is a mechanism check, not a verdict.
+
+pub mod judge;
+pub mod prompts;
+pub mod report;
+pub mod stats;
+
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+use crate::engine::chat::ChatModel;
+use crate::output::{self, Provenance, Rules};
+use prompts::EvalPrompt;
+use report::{Grade, Pair};
+
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct EvalArgs {
+    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
+    #[arg(long, value_name = "FILE.yaml")]
+    #[serde(skip)]
+    pub recipe: Option<PathBuf>,
+
+    /// The model under test: a GGUF file or a Hugging Face folder (a `magpie sft`/`dpo` model).
+    #[arg(long)]
+    pub model: PathBuf,
+
+    /// A baseline model to compare against (its answers are generated too).
+    #[arg(long, conflicts_with = "baseline_answers")]
+    pub baseline: Option<PathBuf>,
+
+    /// Baseline answers instead of a baseline model: a dataset whose `messages` hold them,
+    /// matched by uuid (e.g. the `answers.parquet` of an earlier `magpie eval`).
+    #[arg(long)]
+    pub baseline_answers: Vec<String>,
+
+    /// The judge model (default: the embedded SmolLM2, a mechanism check only).
+    #[arg(long)]
+    pub judge: Option<PathBuf>,
+
+    /// Eval prompts: datasets with `messages`, `instruction` or MT-Bench's `turns` (default: the
+    /// embedded magpie-eval-80 set).
+    #[arg(long)]
+    pub prompts: Vec<String>,
+
+    /// Only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+
+    /// `pairwise` (needs a baseline), `grade`, or `both`. Default: pairwise with a baseline,
+    /// grade without.
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+
+    /// Most tokens per judgement.
+    #[arg(long, default_value_t = 512)]
+    pub judge_max_tokens: usize,
+
+    /// Bootstrap resamples for the win rate's 95% interval.
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// Sequences generated together.
+    #[arg(long, default_value_t = 16)]
+    #[serde(skip)]
+    pub batch_size: usize,
+
+    /// Output folder.
+    #[arg(long, short)]
+    pub output: PathBuf,
+
+    /// Replace a finished eval output at --output (only the files its manifest lists).
+    #[arg(long)]
+    #[serde(skip)]
+    pub overwrite: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Pairwise,
+    Grade,
+    Both,
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    let has_baseline = args.baseline.is_some() || !args.baseline_answers.is_empty();
+    let mode = args.mode.unwrap_or(if has_baseline { Mode::Pairwise } else { Mode::Grade });
+    if mode != Mode::Grade && !has_baseline {
+        bail!("--mode {mode:?}: pairwise judging needs --baseline MODEL or --baseline-answers FILE");
+    }
+    let prompt_files = if args.prompts.is_empty() { vec![prompts::default_set()?.display().to_string()] } else { args.prompts.clone() };
+    let (prompts, files) = prompts::read(&prompt_files, args.limit)?;
+    let mut inputs: Vec<PathBuf> = files;
+    inputs.extend([Some(args.model.clone()), args.baseline.clone(), args.judge.clone()].into_iter().flatten());
+    output::check(&args.output, &inputs, &Rules { overwrite: args.overwrite, resumable: None })?;
+
+    let (model_name, answers) = answer_with(&args.model, &prompts, args)?;
+    let baseline = match &args.baseline {
+        Some(path) => Some(answer_with(path, &prompts, args)?),
+        None if has_baseline => Some(("baseline answers".to_string(), prompts::read_answers(&args.baseline_answers, &prompts)?)),
+        None => None,
+    };
+    let mut judge = ChatModel::load(args.judge.clone(), args.judge_max_tokens, args.batch_size)?;
+    eprintln!("magpie eval: judging {} prompts with {}", prompts.len(), judge.name);
+    let pairs = match (&baseline, mode) {
+        (Some((_, baseline)), Mode::Pairwise | Mode::Both) => Some(judge_pairs(&mut judge, &prompts, &answers, baseline)?),
+        _ => None,
+    };
+    let grades = match mode {
+        Mode::Grade | Mode::Both => Some(judge_grades(&mut judge, &prompts, &answers)?),
+        Mode::Pairwise => None,
+    };
+
+    let names = report::Names { model: model_name, baseline: baseline.as_ref().map(|b| b.0.clone()), judge: judge.name.clone() };
+    let provenance = Provenance::new("eval", args);
+    let summary = report::summary(&names, &prompts, &answers, baseline.as_ref().map(|b| &b.1), pairs.as_deref(), grades.as_deref(), args)?;
+    output::write_dir(&args.output, "eval", &provenance, |tmp| {
+        report::write_parquet(&tmp.join("answers.parquet"), &prompts::answers_batch(&prompts, &answers, &names.model)?, &provenance)?;
+        if let Some((name, baseline)) = &baseline {
+            report::write_parquet(&tmp.join("baseline_answers.parquet"), &prompts::answers_batch(&prompts, baseline, name)?, &provenance)?;
+        }
+        let judgements = report::judgements(&prompts, &answers, baseline.as_ref().map(|b| &b.1), pairs.as_deref(), grades.as_deref())?;
+        report::write_parquet(&tmp.join("judgements.parquet"), &judgements, &provenance)?;
+        std::fs::write(tmp.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+        report::charts(tmp, &prompts, pairs.as_deref(), grades.as_deref())
+    })?;
+    eprintln!("{}", report::headline(&summary));
+    eprintln!("magpie eval: judgements, summary and charts in {}", args.output.display());
+    Ok(())
+}
+
+/// The name and answers of `model` for every prompt.
+fn answer_with(model: &std::path::Path, prompts: &[EvalPrompt], args: &EvalArgs) -> Result<(String, Vec<Vec<String>>)> {
+    let mut chat = ChatModel::load(Some(model.to_path_buf()), args.max_tokens, args.batch_size)?;
+    eprintln!("magpie eval: {} answers {} prompts", chat.name, prompts.len());
+    let answers = prompts::generate(&mut chat, prompts)?;
+    Ok((chat.name, answers))
+}
+
+/// Each prompt judged twice, the model's answers first and then the baseline's first.
+fn judge_pairs(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<String>], baseline: &[Vec<String>]) -> Result<Vec<Pair>> {
+    let model_first: Vec<_> = prompts.iter().zip(answers.iter().zip(baseline)).map(|(p, (a, b))| judge::pairwise(&p.questions, a, b)).collect();
+    let baseline_first: Vec<_> = prompts.iter().zip(answers.iter().zip(baseline)).map(|(p, (a, b))| judge::pairwise(&p.questions, b, a)).collect();
+    let texts = judge.answer(&[model_first, baseline_first].concat(), "")?;
+    let (first, second) = texts.split_at(prompts.len());
+    Ok(first.iter().zip(second).map(|(m, b)| Pair::new(m.clone(), b.clone())).collect())
+}
+
+fn judge_grades(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<String>]) -> Result<Vec<Grade>> {
+    let conversations: Vec<_> = prompts.iter().zip(answers).map(|(p, a)| judge::grading(&p.questions, a)).collect();
+    Ok(judge.answer(&conversations, "")?.into_iter().map(Grade::new).collect())
+}

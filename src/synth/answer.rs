@@ -1,0 +1,108 @@
+//! `magpie synth --input`: responses from `--model` for an existing dataset (Magpie's released
+//! files included), as Magpie-Reasoning and every "regenerate the responses with a stronger model"
+//! workflow do. Each row's conversation, cut after its last user turn, is answered; `--turns`
+//! continues it and `--responses` samples preference answers, as when harvesting. Every other
+//! column is kept; the new `messages`, `response`, `response_length`, `finish_reasons`,
+//! `gen_response_configs` (with the answering model as `response_generator`) and `responses`
+//! replace the old ones. Rows with no user turn are skipped and counted.
+//!
+//! Chunks, resume and shards are harvesting's: chunk c holds input rows [c·rows, (c+1)·rows).
+//! The input is read into memory once (its rows are sliced by chunk).
+
+use anyhow::{Context, Result};
+use arrow::array::{BooleanArray, RecordBatch};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::datatypes::{Field, Schema};
+use serde_json::{json, Value};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::pipeline::{Prompt, Synthesizer};
+use super::rows::{self, RunInfo};
+use crate::data::messages::read_turns;
+use crate::data::{Dataset, Message};
+
+/// The columns an answered chunk takes from the generation; the rest come from the input.
+const GENERATED: [&str; 6] = ["messages", "response", "response_length", "finish_reasons", "gen_response_configs", "responses"];
+/// Generated columns added only when the input lacks them.
+const IF_MISSING: [&str; 2] = ["instruction", "instruction_length"];
+
+/// The dataset being answered.
+pub struct InputRows {
+    table: RecordBatch,
+    conversations: Vec<Option<Vec<Message>>>,
+    uuids: Vec<String>,
+    pub files: Vec<PathBuf>,
+}
+
+impl InputRows {
+    pub fn read(inputs: &[String]) -> Result<InputRows> {
+        let dataset = Dataset::open(inputs)?;
+        dataset.require(&["messages"])?;
+        let batches = dataset.batches().collect::<Result<Vec<_>>>()?;
+        let table = concat_batches(&dataset.schema, &batches)?;
+        let conversations = read_turns(table.column_by_name("messages").expect("required").as_ref(), "role", "content");
+        let uuids = crate::data::messages::as_utf8(table.column_by_name("uuid").expect("every read batch has a uuid"))
+            .context("uuid is a string column")?
+            .iter()
+            .map(|u| u.unwrap_or_default().to_string())
+            .collect();
+        Ok(InputRows { table, conversations, uuids, files: dataset.files })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.table.num_rows()
+    }
+
+    /// The input files with their sizes, for the run's settings: another input is another run.
+    pub fn identity(&self) -> Value {
+        json!(self.files.iter().map(|f| json!({"file": f, "bytes": std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)})).collect::<Vec<_>>())
+    }
+
+    /// Answers rows `range` and returns their output batch; `skipped` counts rows without a user turn.
+    pub fn answer(&self, synth: &mut Synthesizer, range: Range<u64>, info: &RunInfo, on_tokens: &mut dyn FnMut(usize), skipped: &mut u64) -> Result<RecordBatch> {
+        let mut keep = vec![];
+        let mut prompts = vec![];
+        for row in range.clone() {
+            let messages = self.conversations[row as usize].as_deref().unwrap_or_default();
+            let Some(last_user) = messages.iter().rposition(|m| m.role == "user") else {
+                keep.push(false);
+                *skipped += 1;
+                continue;
+            };
+            keep.push(true);
+            prompts.push(Prompt { row, uuid: self.uuids[row as usize].clone(), messages: messages[..=last_user].to_vec() });
+        }
+        let answered = synth.answer(prompts, on_tokens)?;
+        let slice = self.table.slice(range.start as usize, (range.end - range.start) as usize);
+        let kept = filter_record_batch(&slice, &BooleanArray::from(keep))?;
+        merge(&kept, &rows::to_batch(&answered, info))
+    }
+}
+
+/// The input rows' columns with the generated ones put in.
+fn merge(input: &RecordBatch, generated: &RecordBatch) -> Result<RecordBatch> {
+    let mut fields: Vec<Field> = vec![];
+    let mut columns = vec![];
+    let mut take = |name: &str, from: &RecordBatch| {
+        if let Ok(index) = from.schema().index_of(name) {
+            fields.push(from.schema().field(index).clone());
+            columns.push(from.column(index).clone());
+        }
+    };
+    for field in input.schema().fields() {
+        let name = field.name();
+        if GENERATED.contains(&name.as_str()) && generated.column_by_name(name).is_some() {
+            take(name, generated);
+        } else {
+            take(name, input);
+        }
+    }
+    for name in GENERATED.iter().chain(&IF_MISSING) {
+        if input.column_by_name(name).is_none() {
+            take(name, generated);
+        }
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}

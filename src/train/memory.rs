@@ -1,0 +1,115 @@
+//! `--dry-run`: what a training run will hold on each GPU, from the model's `config.json` alone,
+//! before anything is loaded: weights, gradients, the optimizer's fp32 master weights and moments
+//! (sharded over the ranks, `distributed::zero`), communication buckets, activations and logits.
+//!
+//! Activations are counted per token and layer from the tensors autograd keeps in our Llama block
+//! (9 of hidden size, 4 of the key/value width, 4 of the MLP width, in the compute dtype); with
+//! gradient checkpointing each layer keeps only its input, and one layer is recomputed at a time.
+//! Attention is assumed to keep no T×T matrix (the fused kernels on CUDA). Logits are f32 over the
+//! vocabulary: the logits, their log-softmax and its gradient. The CUDA context and allocator
+//! slack (a GB or two) come on top.
+
+use crate::model::LlamaConfig;
+use super::args::TrainArgs;
+use super::distributed::zero::BUCKET_ELEMENTS;
+
+/// What one micro-batch of the run holds besides the policy.
+pub struct Workload {
+    /// Tokens in one micro-batch on one rank (DPO: chosen and rejected sequences).
+    pub tokens: i64,
+    /// A frozen reference model held beside the policy (DPO without precomputed log-probs).
+    pub reference_model: bool,
+}
+
+/// The trainable parameters of a Llama-family config.
+pub fn parameters(c: &LlamaConfig) -> i64 {
+    let (h, kv) = (c.hidden_size, c.kv_heads() * c.head_dim());
+    let q = c.num_attention_heads * c.head_dim();
+    let attention = h * q + 2 * h * kv + q * h + if c.attention_bias { q + 2 * kv } else { 0 };
+    let mlp = 3 * h * c.intermediate_size;
+    let layer = attention + mlp + 2 * h;
+    let embeddings = c.vocab_size * h * if c.tie_word_embeddings { 1 } else { 2 };
+    c.num_hidden_layers * layer + embeddings + h
+}
+
+/// Bytes on each rank, by part.
+pub fn plan(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) -> Vec<(&'static str, f64)> {
+    let n = parameters(c) as f64;
+    let element = if args.bf16 { 2.0 } else { 4.0 };
+    let fp32_state = !args.no_fp32_optimizer_state;
+    let state_element = if fp32_state { 4.0 } else { element };
+    let master = if args.bf16 && fp32_state || world > 1 { n * state_element } else { 0.0 };
+    let (h, kv, i) = (c.hidden_size as f64, (c.kv_heads() * c.head_dim()) as f64, c.intermediate_size as f64);
+    let per_layer_token = element * (9.0 * h + 4.0 * kv + 4.0 * i);
+    let tokens = work.tokens as f64;
+    let layers = c.num_hidden_layers as f64;
+    let activations = if args.gradient_checkpointing {
+        tokens * (layers * element * h + per_layer_token)
+    } else {
+        tokens * layers * per_layer_token
+    };
+    let mut rows = vec![
+        ("weights", n * element),
+        ("gradients", n * element),
+        ("fp32 master weights", master / world as f64),
+        ("Adam moments", 2.0 * n * state_element / world as f64),
+    ];
+    if world > 1 {
+        // One bucket's f32 gradients for the all-reduce and its gather in the weights' dtype.
+        rows.push(("communication buckets", BUCKET_ELEMENTS.min(n as i64) as f64 * (4.0 + element)));
+    }
+    if work.reference_model {
+        rows.push(("reference model", n * element));
+    }
+    rows.push(("activations", activations));
+    rows.push(("logits (f32)", 3.0 * 4.0 * tokens * c.vocab_size as f64));
+    rows
+}
+
+/// The plan as a table, with its total, in GiB.
+pub fn render(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) -> String {
+    let rows = plan(c, args, world, work);
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let mut text = format!(
+        "memory plan per rank: {:.2}B parameters, {}, {} tokens a micro-batch, {}{}\n",
+        parameters(c) as f64 / 1e9,
+        if world > 1 { format!("{world} ranks (optimizer state sharded)") } else { "1 process".to_string() },
+        work.tokens,
+        if args.bf16 { "bf16" } else { "f32" },
+        if args.gradient_checkpointing { ", gradient checkpointing" } else { "" }
+    );
+    for (part, bytes) in &rows {
+        text += &format!("  {part:<32} {:>8.2} GiB\n", gib(*bytes));
+    }
+    text += &format!("  {:<32} {:>8.2} GiB (plus the CUDA context and allocator slack)\n", "total", gib(rows.iter().map(|r| r.1).sum()));
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    fn llama_8b() -> LlamaConfig {
+        LlamaConfig::from_json(r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0}"#).unwrap()
+    }
+
+    #[test]
+    fn llama_3_1_8b_has_its_published_parameter_count_and_fits_eight_80gb_gpus_only_sharded() {
+        assert_eq!(parameters(&llama_8b()), 8_030_261_248);
+        let args = Cli::parse_from(["t", "--model", "m", "-i", "x", "-o", "y", "--bf16", "--gradient-checkpointing"]).train;
+        let work = Workload { tokens: 8192, reference_model: false };
+        let total = |world| plan(&llama_8b(), &args, world, &work).iter().map(|r| r.1).sum::<f64>() / 1e9;
+        let (one, eight) = (total(1), total(8));
+        // 16 GB weights + 16 GB gradients + 96 GB fp32 state on one GPU; 12 GB of state each on eight.
+        assert!(one > 140.0 && eight < 75.0, "one GPU {one:.1} GB, eight {eight:.1} GB");
+        assert!((one - eight - 84.0).abs() < 1.0, "sharding saves 7/8 of 96 GB: {one:.1} vs {eight:.1}");
+    }
+}
