@@ -1,11 +1,13 @@
 //! Build-time set-up for the binary:
 //! - an rpath to the venv's libtorch, so `magpie` runs without LD_LIBRARY_PATH, and libtorch_cuda
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
-//! - `src/train/distributed/c10d.cpp`, the C++ side of the process groups (libtorch's c10d), against
+//! - `src/train/fused_adamw.cpp` (libtorch's fused AdamW) and `src/train/distributed/c10d.cpp`,
+//!   the C++ side of the process groups (libtorch's c10d), against
 //!   the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
 //!   installed (the `nvidia-*` wheels scripts/setup.sh installs);
 //! - the instruction-set flags of the CPU it was built on (`MAGPIE_BUILD_CPU_FLAGS`): the build is
-//!   native to that CPU, and the binary checks them at start (src/cpu.rs).
+//!   native to that CPU, and the binary checks them at start (src/cpu.rs). A portable build sets
+//!   `MAGPIE_BUILD_CPU_FLAGS` to its target's flags instead.
 
 use std::path::{Path, PathBuf};
 
@@ -13,10 +15,14 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     // scripts/env.sh keys the target dir by this id; a change means another CPU's build.
     println!("cargo:rerun-if-env-changed=MAGPIE_CPU_ID");
-    let cpu_flags = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| info.lines().find(|l| l.starts_with("flags")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
-        .unwrap_or_default();
+    // A portable build (scripts/build-device.sh: target-cpu=x86-64-v3) names its target's flags.
+    println!("cargo:rerun-if-env-changed=MAGPIE_BUILD_CPU_FLAGS");
+    let cpu_flags = std::env::var("MAGPIE_BUILD_CPU_FLAGS").ok().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|info| info.lines().find(|l| l.starts_with("flags")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .unwrap_or_default()
+    });
     println!("cargo:rustc-env=MAGPIE_BUILD_CPU_FLAGS={cpu_flags}");
 
     // torch-sys (`links = "tch"`) exports the libtorch directory it linked against.
@@ -31,12 +37,15 @@ fn main() {
     compile_c10d(Path::new(&lib_dir), cuda);
 }
 
-/// Compiles the c10d shim. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
+/// Compiles the C++ that calls libtorch where tch has no wrapper: the c10d shim and the fused
+/// AdamW kernel's. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
 /// `nccl.h`; they are looked for in the wheels beside torch and in `$CUDA_HOME`.
 fn compile_c10d(lib_dir: &Path, cuda: bool) {
     const SHIM: &str = "src/train/distributed/c10d.cpp";
+    const FUSED_ADAMW: &str = "src/train/fused_adamw.cpp";
     const VENDOR: &str = "src/train/distributed/vendor";
     println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-changed={FUSED_ADAMW}");
     println!("cargo:rerun-if-changed={VENDOR}");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let torch = lib_dir.parent().expect("libtorch's lib folder has a parent");
@@ -46,6 +55,7 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
         .cpp(true)
         .std("c++20")
         .file(SHIM)
+        .file(FUSED_ADAMW)
         .include(VENDOR)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
@@ -75,5 +85,5 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
     } else if cuda {
         println!("cargo:warning=magpie: NCCL process groups left out: no CUDA headers beside torch (scripts/setup.sh installs nvidia-cuda-crt and nvidia-cuda-cccl); Gloo only");
     }
-    build.compile("magpie_c10d");
+    build.compile("magpie_torch");
 }

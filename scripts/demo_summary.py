@@ -1,4 +1,5 @@
-"""Prints the demo's summary table: rows per stage, and SFT/DPO metrics from metrics.jsonl.
+"""Prints the demo's summary table: rows per stage, SFT/DPO metrics from metrics.jsonl, and the
+eval win rates and grades from summary.json.
 
     python scripts/demo_summary.py out/demo SECONDS
 """
@@ -31,5 +32,12 @@ for key in ["eval_rewards/accuracies", "eval_rewards/margins", "eval_loss"]:
     if points:
         trail = "  ".join(f"{v:.3f}@{s}" for s, v in points)
         print(f"{'dpo ' + key:<28}{points[-1][1]:>10.4f}   over steps: {trail}")
+for name, label in [("eval-sft", "sft vs base"), ("eval-dpo", "dpo vs sft")]:
+    summary = json.loads((root / name / "summary.json").read_text())
+    p, g = summary["pairwise"], summary["grade"]
+    rate = "n/a" if p["win_rate"] is None else f"{p['win_rate']:.3f} (95% CI {p['win_rate_95ci'][0]:.3f}-{p['win_rate_95ci'][1]:.3f}, LC {p['length_controlled_win_rate']:.3f})"
+    print(f"{label + ' win rate':<28}{rate}  W/T/L {p['wins']}/{p['ties']}/{p['losses']}, {p['unparsable']} unparsable")
+    grade = "n/a" if g["mean"] is None else f"{g['mean']:.2f}"
+    print(f"{label + ' mean grade':<28}{grade:>10}  ({g['graded']} graded, {g['unparsable']} unparsable; judge: 135M, a mechanism check)")
 print(f"{'seconds after set-up':<28}{seconds:>10}")
-print("plots: out/demo/sft/loss.png, out/demo/dpo/loss.png, out/demo/dpo/rewards.png")
+print("plots: out/demo/sft/loss.png, out/demo/dpo/loss.png, out/demo/dpo/rewards.png, out/demo/eval-*/pairwise.png, grades.png")

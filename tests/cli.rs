@@ -5,10 +5,10 @@ use magpie::data::messages::read_turns;
 use magpie::data::{Dataset, Message};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
-use common::{converted_smollm2, embedded_model, fixture, magpie, stderr};
+use common::{converted_smollm2, embedded_model, fixture, kill_once_exists, magpie, stderr};
 
 #[test]
 fn inspect_shows_rows_schema_stats_and_samples() {
@@ -248,13 +248,7 @@ fn synth_input_answers_another_models_instructions_keeps_their_columns_and_resum
     // Killed (SIGKILL) after its first part, then rerun: the same rows, none lost or doubled.
     let killed = dir.path().join("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    let started = Instant::now();
-    while !killed.join("part-00000.parquet").exists() {
-        assert!(started.elapsed() < Duration::from_secs(300), "no part written");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    kill_once_exists(&mut child, &killed.join("part-00000.parquet"), Duration::from_secs(300));
     assert!(!killed.join("magpie-manifest.json").exists(), "the run finished before the kill");
     let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
@@ -289,13 +283,7 @@ fn synth_resumes_after_kill_without_losing_or_duplicating_rows() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while !resumed.join("part-00001.parquet").exists() {
-        assert!(started.elapsed() < Duration::from_secs(120), "no part written");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_once_exists(&mut child, &resumed.join("part-00001.parquet"), Duration::from_secs(120));
     let finished: Vec<_> = std::fs::read_dir(&resumed).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).collect();
     assert!(finished.len() < 4, "the run finished before the kill: {finished:?}");
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tch::Tensor;
 
 mod common;
-use common::{converted_smollm2, fixture, stderr};
+use common::{converted_smollm2, fixture, kill_once_exists, stderr};
 
 fn s(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -19,7 +19,7 @@ fn s(path: &Path) -> &str {
 
 /// A rendezvous port of its own for each launch of each test process.
 fn port(offset: u16) -> u16 {
-    20000 + (std::process::id() % 20000) as u16 / 4 * 4 + offset
+    20000 + (std::process::id() % 20000) as u16 / 8 * 8 + offset
 }
 
 fn command(args: &[&str], cache: &Path) -> Command {
@@ -107,6 +107,17 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     let data = fixture("magpie-released.parquet");
     let single = dir.path().join("single");
     one_process(&sft_args(&model, &data, &single, "4", &[]), &cache);
+    // torchrun's world of one: a Gloo group of one and the sharded optimizer over it, the same
+    // losses as no process group (what NCCL at world size 1 is checked against on a GPU).
+    let group_of_one = dir.path().join("group-of-one");
+    let one_port = port(3).to_string();
+    let output = command(&sft_args(&model, &data, &group_of_one, "4", &[]), &cache)
+        .envs([("WORLD_SIZE", "1"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", one_port.as_str())])
+        .output()
+        .unwrap();
+    assert!(output.status.success() && stderr(&output).contains("rank 0 of 1"), "{}", stderr(&output));
+    assert_same_losses(&group_of_one, &single);
+    assert_same_weights(&group_of_one, &single);
     let sharded = dir.path().join("two-ranks");
     two_ranks(&sft_args(&model, &data, &sharded, "2", &["--save-steps", "2"]), port(0), &cache);
     assert_same_losses(&sharded, &single);
@@ -121,13 +132,7 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     let killed = dir.path().join("killed");
     let args = sft_args(&model, &data, &killed, "2", &["--save-steps", "2"]);
     let mut ranks: Vec<Child> = (0..2).map(|rank| spawn_rank(&args, rank, port(1), &cache)).collect();
-    let started = Instant::now();
-    while !killed.join("checkpoint-2/magpie-manifest.json").exists() {
-        assert!(started.elapsed() < Duration::from_secs(600), "no checkpoint written");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    ranks[1].kill().unwrap();
-    ranks[1].wait().unwrap();
+    kill_once_exists(&mut ranks[1], &killed.join("checkpoint-2/magpie-manifest.json"), Duration::from_secs(600));
     let killed_at = Instant::now();
     let rank0 = ranks.remove(0).wait_with_output().unwrap();
     assert!(killed_at.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to stop", killed_at.elapsed());
@@ -170,7 +175,7 @@ fn dpo_over_two_gloo_ranks_with_split_reference_log_probs_matches_one_process() 
     one_process(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir.path().join("cache-single"));
     let sharded = dir.path().join("two-ranks");
     let args = run(&sharded, "2");
-    two_ranks(&args.iter().map(String::as_str).collect::<Vec<_>>(), port(3), &dir.path().join("cache-two"));
+    two_ranks(&args.iter().map(String::as_str).collect::<Vec<_>>(), port(4), &dir.path().join("cache-two"));
     assert_same_losses(&sharded, &single);
     assert_same_weights(&sharded, &single);
     let cached = |name: &str| std::fs::read_dir(dir.path().join(name).join("dpo-reference-logps")).unwrap().count();

@@ -69,6 +69,12 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 512)]
     pub judge_max_tokens: usize,
 
+    /// Start the judge's reply with the verdict's opening brackets (`[[` for pairs, `Rating: [[`
+    /// for grades), so that a small judge answers with a verdict instead of answering the
+    /// question itself; the stored judge text includes the prefill.
+    #[arg(long)]
+    pub verdict_first: bool,
+
     /// Bootstrap resamples for the win rate's 95% interval.
     #[arg(long, default_value_t = 1000)]
     pub bootstrap: usize,
@@ -120,11 +126,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut judge = ChatModel::load(args.judge.clone(), args.judge_max_tokens, args.batch_size)?;
     eprintln!("magpie eval: judging {} prompts with {}", prompts.len(), judge.name);
     let pairs = match (&baseline, mode) {
-        (Some((_, baseline)), Mode::Pairwise | Mode::Both) => Some(judge_pairs(&mut judge, &prompts, &answers, baseline)?),
+        (Some((_, baseline)), Mode::Pairwise | Mode::Both) => Some(judge_pairs(&mut judge, &prompts, &answers, baseline, args.verdict_first)?),
         _ => None,
     };
     let grades = match mode {
-        Mode::Grade | Mode::Both => Some(judge_grades(&mut judge, &prompts, &answers)?),
+        Mode::Grade | Mode::Both => Some(judge_grades(&mut judge, &prompts, &answers, args.verdict_first)?),
         Mode::Pairwise => None,
     };
 
@@ -146,24 +152,27 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The name and answers of `model` for every prompt.
+/// The name and answers of `model` for every prompt. The name is the path as given: a trained
+/// model's folder is called `model` inside its run.
 fn answer_with(model: &std::path::Path, prompts: &[EvalPrompt], args: &EvalArgs) -> Result<(String, Vec<Vec<String>>)> {
     let mut chat = ChatModel::load(Some(model.to_path_buf()), args.max_tokens, args.batch_size)?;
-    eprintln!("magpie eval: {} answers {} prompts", chat.name, prompts.len());
+    eprintln!("magpie eval: {} ({}) answers {} prompts", model.display(), chat.engine.name(), prompts.len());
     let answers = prompts::generate(&mut chat, prompts)?;
-    Ok((chat.name, answers))
+    Ok((model.display().to_string(), answers))
 }
 
 /// Each prompt judged twice, the model's answers first and then the baseline's first.
-fn judge_pairs(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<String>], baseline: &[Vec<String>]) -> Result<Vec<Pair>> {
+fn judge_pairs(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<String>], baseline: &[Vec<String>], verdict_first: bool) -> Result<Vec<Pair>> {
     let model_first: Vec<_> = prompts.iter().zip(answers.iter().zip(baseline)).map(|(p, (a, b))| judge::pairwise(&p.questions, a, b)).collect();
     let baseline_first: Vec<_> = prompts.iter().zip(answers.iter().zip(baseline)).map(|(p, (a, b))| judge::pairwise(&p.questions, b, a)).collect();
-    let texts = judge.answer(&[model_first, baseline_first].concat(), "")?;
+    let prefill = if verdict_first { judge::PAIR_PREFILL } else { "" };
+    let texts: Vec<String> = judge.answer(&[model_first, baseline_first].concat(), prefill)?.into_iter().map(|t| format!("{prefill}{t}")).collect();
     let (first, second) = texts.split_at(prompts.len());
     Ok(first.iter().zip(second).map(|(m, b)| Pair::new(m.clone(), b.clone())).collect())
 }
 
-fn judge_grades(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<String>]) -> Result<Vec<Grade>> {
+fn judge_grades(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<String>], verdict_first: bool) -> Result<Vec<Grade>> {
     let conversations: Vec<_> = prompts.iter().zip(answers).map(|(p, a)| judge::grading(&p.questions, a)).collect();
-    Ok(judge.answer(&conversations, "")?.into_iter().map(Grade::new).collect())
+    let prefill = if verdict_first { judge::GRADE_PREFILL } else { "" };
+    Ok(judge.answer(&conversations, prefill)?.into_iter().map(|t| Grade::new(format!("{prefill}{t}"))).collect())
 }

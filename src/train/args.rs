@@ -161,3 +161,14 @@ impl TrainArgs {
     }
 }
 
+
+/// Training flags parsed as the command line would parse them, for tests.
+#[cfg(test)]
+pub fn parse_for_test<'a>(argv: impl IntoIterator<Item = &'a str>) -> TrainArgs {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+    <Cli as clap::Parser>::parse_from(std::iter::once("magpie").chain(argv)).train
+}

@@ -88,13 +88,7 @@ pub fn render(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        train: TrainArgs,
-    }
+    use crate::train::args::parse_for_test;
 
     fn llama_8b() -> LlamaConfig {
         LlamaConfig::from_json(r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -104,7 +98,7 @@ mod tests {
     #[test]
     fn llama_3_1_8b_has_its_published_parameter_count_and_fits_eight_80gb_gpus_only_sharded() {
         assert_eq!(parameters(&llama_8b()), 8_030_261_248);
-        let args = Cli::parse_from(["t", "--model", "m", "-i", "x", "-o", "y", "--bf16", "--gradient-checkpointing"]).train;
+        let args = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16", "--gradient-checkpointing"]);
         let work = Workload { tokens: 8192, reference_model: false };
         let total = |world| plan(&llama_8b(), &args, world, &work).iter().map(|r| r.1).sum::<f64>() / 1e9;
         let (one, eight) = (total(1), total(8));

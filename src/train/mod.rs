@@ -6,6 +6,7 @@
 //!   checkpoints, resume) and `metrics` (metrics.jsonl and the PNG plots, drawn by `crate::plot`).
 //! - `distributed`: data parallelism over processes (torchrun/Slurm, c10d, ZeRO-1 AdamW).
 //! - `memory`: the per-rank memory plan `--dry-run` prints.
+//! - `fused`: libtorch's fused AdamW kernel (`fused_adamw.cpp`), which `optim` runs.
 //! - `examples`: training rows from the dataset format.
 //! - `sft`: the SFT objective and data (masking, packing).
 //! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
@@ -16,6 +17,7 @@ pub mod checkpoint;
 pub mod distributed;
 pub mod dpo;
 pub mod examples;
+pub mod fused;
 pub mod memory;
 pub mod metrics;
 pub mod objective;

@@ -8,9 +8,11 @@
 //! back into the bf16 weight. Without the master, an update smaller than bf16's spacing (about
 //! 1.2e-4 at 0.02, 8e-3 at 1.0) rounds away: at lr 1e-6 almost nothing would train.
 //!
-//! Written here rather than taken from `tch::nn::Optimizer` so that its state (moments and
+//! The update itself is libtorch's fused AdamW kernel (`fused`), as `torch.optim.AdamW(fused=True)`
+//! runs it; the state is kept here rather than in `tch::nn::Optimizer` so that it (moments and
 //! master weights) can be saved in a checkpoint and resumed exactly.
 
+use super::fused;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,18 +48,12 @@ impl AdamConfig {
         AdamConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
 
-    /// One AdamW update of `value` in place, as `torch.optim.AdamW` computes it, at step `t`
-    /// (1-based); `grad` in the moments' dtype. `decay` is false for norms and biases.
-    pub fn update(&self, value: &mut Tensor, grad: &Tensor, exp_avg: &mut Tensor, exp_avg_sq: &mut Tensor, decay: bool, lr: f64, t: i64) {
-        let (bc1, bc2) = (1.0 - self.beta1.powi(t as i32), 1.0 - self.beta2.powi(t as i32));
-        let _ = exp_avg.lerp_(grad, 1.0 - self.beta1);
-        *exp_avg_sq *= self.beta2;
-        *exp_avg_sq += grad.square() * (1.0 - self.beta2);
-        if decay && self.weight_decay != 0.0 {
-            *value *= 1.0 - lr * self.weight_decay;
-        }
-        let denom = exp_avg_sq.sqrt() / bc2.sqrt() + self.eps;
-        *value -= (&*exp_avg / denom) * (lr / bc1);
+    /// One AdamW update of every tensor of `group` in place at step `t` (1-based), by libtorch's
+    /// fused kernel, as `torch.optim.AdamW(fused=True)` computes it; grads in the moments' dtype.
+    /// `decay` is false for norms and biases.
+    pub fn update(&self, group: &fused::Group, decay: bool, lr: f64, t: i64) -> Result<()> {
+        let weight_decay = if decay { self.weight_decay } else { 0.0 };
+        fused::adamw(group, &fused::Hyper { lr, beta1: self.beta1, beta2: self.beta2, weight_decay, eps: self.eps, step: t })
     }
 }
 
@@ -166,26 +162,23 @@ impl Optimizer for AdamW {
     fn step(&mut self, lr: f64) -> Result<()> {
         self.steps += 1;
         tch::no_grad(|| {
-            for p in &mut self.params {
-                let grad = p.value.grad();
-                if !grad.defined() {
-                    continue;
+            for decay in [true, false] {
+                let mut group = fused::Group::default();
+                for p in self.params.iter().filter(|p| p.decay == decay && p.value.grad().defined()) {
+                    let kind = p.exp_avg.kind();
+                    // The master copy when there is one, else the weight itself (same dtype).
+                    let value = p.master.as_ref().map_or_else(|| p.value.shallow_clone(), Tensor::shallow_clone);
+                    group.push(value, p.value.grad().to_kind(kind), p.exp_avg.shallow_clone(), p.exp_avg_sq.shallow_clone());
                 }
-                let kind = p.exp_avg.kind();
-                let grad = grad.to_kind(kind);
-                // The master copy when there is one (updated in place), else the weight itself.
-                let mut value = match &p.master {
-                    Some(master) => master.shallow_clone(),
-                    None => p.value.to_kind(kind),
-                };
-                self.config.update(&mut value, &grad, &mut p.exp_avg, &mut p.exp_avg_sq, p.decay, lr, self.steps);
-                if value.kind() == p.value.kind() && value.data_ptr() == p.value.data_ptr() {
-                    continue;
-                }
-                p.value.copy_(&value);
+                self.config.update(&group, decay, lr, self.steps)?;
             }
-        });
-        Ok(())
+            for p in &mut self.params {
+                if let Some(master) = &p.master {
+                    p.value.copy_(master);
+                }
+            }
+            Ok(())
+        })
     }
 
     fn steps(&self) -> i64 {

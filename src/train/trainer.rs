@@ -330,21 +330,15 @@ mod tests {
     use crate::train::batch::Document;
     use crate::train::checkpoint::checkpoint_dirs;
     use crate::train::sft::SftObjective;
-    use clap::Parser;
+    use crate::train::args::parse_for_test;
     use std::collections::HashMap;
     use std::path::Path;
     use tch::Device;
 
-    #[derive(clap::Parser)]
-    struct Cli {
-        #[command(flatten)]
-        train: TrainArgs,
-    }
-
     fn args(output: &Path, extra: &[&str]) -> TrainArgs {
         let model = fixture("tiny-llama");
-        let base = ["t", "--model", model.to_str().unwrap(), "-i", "unused", "-o", output.to_str().unwrap(), "--device", "cpu"];
-        Cli::parse_from(base.iter().copied().chain(extra.iter().copied())).train
+        let base = ["--model", model.to_str().unwrap(), "-i", "unused", "-o", output.to_str().unwrap(), "--device", "cpu"];
+        parse_for_test(base.iter().copied().chain(extra.iter().copied()))
     }
 
     /// Twelve short documents over the tiny vocabulary, half of each a target.

@@ -4,7 +4,8 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 pub fn magpie(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_magpie")).args(args).output().expect("run magpie")
@@ -30,4 +31,16 @@ pub fn converted_smollm2(dir: &Path) -> PathBuf {
 pub fn embedded_model() -> PathBuf {
     let home = std::env::var_os("MAGPIE_HOME").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models"));
     home.join("smollm2-135m-instruct-q4_1.gguf")
+}
+
+/// Waits (at most `limit`) until `path` exists, then kills `child` with SIGKILL and reaps it: a
+/// run killed right after it finished a part or a checkpoint.
+pub fn kill_once_exists(child: &mut Child, path: &Path, limit: Duration) {
+    let started = Instant::now();
+    while !path.exists() {
+        assert!(started.elapsed() < limit, "{} not written within {limit:?}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

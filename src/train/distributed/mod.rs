@@ -32,8 +32,10 @@ const DEFAULT_PORT: u16 = 29500;
 impl Launch {
     /// From the environment: torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
     /// `MASTER_PORT`, else Slurm's `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` and the first
-    /// host of `SLURM_JOB_NODELIST` (`MASTER_ADDR`/`MASTER_PORT` win when set). `None` for a
-    /// single process.
+    /// host of `SLURM_JOB_NODELIST` (`MASTER_ADDR`/`MASTER_PORT` win when set). `None` without a
+    /// launcher. torchrun's world of one is a launch (a process group of one: how NCCL is checked
+    /// on a single GPU); a Slurm job's single task is not, so `magpie` in a one-task batch script
+    /// trains as it does anywhere else.
     pub fn from_env() -> Result<Option<Launch>> {
         Launch::from_vars(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
     }
@@ -45,15 +47,15 @@ impl Launch {
         let (rank, world, local_rank, host) = if let Some(world) = number("WORLD_SIZE")? {
             let rank = number("RANK")?.context("WORLD_SIZE is set but RANK is not (launch with torchrun)")?;
             (rank, world, number("LOCAL_RANK")?.unwrap_or(rank), var("MASTER_ADDR"))
-        } else if let Some(world) = number("SLURM_NTASKS")? {
+        } else if let Some(world) = number("SLURM_NTASKS")?.filter(|&n| n > 1) {
             let rank = number("SLURM_PROCID")?.context("SLURM_NTASKS is set but SLURM_PROCID is not (launch with srun)")?;
             let host = var("MASTER_ADDR").or_else(|| var("SLURM_JOB_NODELIST").map(|list| first_host(&list)));
             (rank, world, number("SLURM_LOCALID")?.unwrap_or(0), host)
         } else {
             return Ok(None);
         };
-        if world <= 1 {
-            return Ok(None);
+        if world == 0 {
+            bail!("WORLD_SIZE=0: expected at least 1");
         }
         if rank >= world {
             bail!("rank {rank} is not below the world size {world}");
@@ -147,7 +149,9 @@ mod tests {
     #[test]
     fn torchrun_and_slurm_environments_name_the_rank_and_the_rendezvous() {
         assert_eq!(launch(&[]).unwrap(), None);
-        assert_eq!(launch(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap(), None, "a world of one is no launch");
+        assert_eq!(launch(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")]).unwrap(), None, "a one-task Slurm job is no launch");
+        let one = launch(&[("WORLD_SIZE", "1"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]).unwrap();
+        assert_eq!(one.map(|l| l.world), Some(1), "torchrun's world of one is: a process group of one");
         let torchrun = launch(&[("WORLD_SIZE", "8"), ("RANK", "5"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "node3"), ("MASTER_PORT", "29400")]).unwrap();
         assert_eq!(torchrun, Some(Launch { rank: 5, world: 8, local_rank: 1, master_addr: "node3".into(), master_port: 29400 }));
         let slurm = launch(&[("SLURM_NTASKS", "16"), ("SLURM_PROCID", "9"), ("SLURM_LOCALID", "1"), ("SLURM_JOB_NODELIST", "gpu[07-08,12]")]).unwrap();

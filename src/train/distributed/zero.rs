@@ -9,8 +9,8 @@
 //!    rank keeps its contiguous chunk of the sum;
 //! 2. the global gradient norm is the all-reduced sum of the chunks' squares; clipping scales the
 //!    chunks;
-//! 3. the rank applies AdamW (`AdamConfig::update`, the same arithmetic as the single-process
-//!    optimizer, parameter segment by segment) to its master chunk;
+//! 3. the rank applies AdamW (`AdamConfig::update`, the fused kernel the single-process optimizer
+//!    uses, on each parameter's segment of the chunk) to its master chunk;
 //! 4. each bucket's updated chunks are all-gathered in the weights' dtype and copied into the
 //!    weights, so every rank holds the same model.
 //!
@@ -22,6 +22,7 @@ use std::path::Path;
 use tch::{nn, Kind, Tensor};
 
 use super::process_group::ProcessGroup;
+use crate::train::fused;
 use crate::train::optim::{clip_coefficient, read_state, trainable, zero_grads, AdamConfig, Optimizer};
 
 /// About 128 MB of f32 gradients per all-reduce.
@@ -171,10 +172,13 @@ impl Optimizer for ShardedAdamW<'_> {
         tch::no_grad(|| {
             for bucket in &mut self.buckets {
                 let kind = bucket.exp_avg.kind();
-                for s in &bucket.segments {
-                    let part = |t: &Tensor| t.narrow(0, s.at, s.len);
-                    let grad = part(&bucket.grad).to_kind(kind);
-                    self.config.update(&mut part(&bucket.master), &grad, &mut part(&bucket.exp_avg), &mut part(&bucket.exp_avg_sq), s.decay, lr, self.steps);
+                for decay in [true, false] {
+                    let mut group = fused::Group::default();
+                    for s in bucket.segments.iter().filter(|s| s.decay == decay) {
+                        let part = |t: &Tensor| t.narrow(0, s.at, s.len);
+                        group.push(part(&bucket.master), part(&bucket.grad).to_kind(kind), part(&bucket.exp_avg), part(&bucket.exp_avg_sq));
+                    }
+                    self.config.update(&group, decay, lr, self.steps)?;
                 }
                 bucket.gather(&self.params, self.group)?;
             }

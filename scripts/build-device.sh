@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Builds `magpie` on this (CPU) machine for the GPU machine the device tool lends: an H100 with
+# python3, torch 2.11 + CUDA 13.0 and no Rust, no network, and another CPU than this one.
+#   scripts/build-device.sh    # -> device-bin/magpie.xz (under 20 MB) and device-bin/tokenizer/
+# - against torch 2.11 (a second venv; tch 0.26 expects 2.13, so the version check is bypassed
+#   and torch-sys is patched: the 15 generated wrappers torch 2.11 lacks are removed);
+# - with the CUDA 13.0 headers for the NCCL process groups;
+# - for a portable CPU (x86-64-v3, no AMX, no native llama.cpp), in its own target dir;
+# - stripped and xz-compressed, because a device call carries at most 64 MiB.
+# scripts/gpu-check.sh runs it there (carry device-bin). Not a runtime path: users build with
+# scripts/setup.sh. It builds a copy of the working tree, so the patch leaves Cargo.lock alone.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+cd "$MAGPIE_ROOT"
+say() { printf '\033[1m[build-device]\033[0m %s\n' "$*"; }
+
+TORCH=2.11.0
+DEVICE="$MAGPIE_CACHE/device"
+VENV="$DEVICE/venv-torch$TORCH"
+mkdir -p "$DEVICE"
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH')" 2>/dev/null; then
+  say "venv with torch==$TORCH in $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --upgrade pip
+  "$VENV/bin/pip" install -q "torch==$TORCH"
+fi
+cuda=$("$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')")
+[ "$cuda" = 13.0 ] || { echo "torch $TORCH from PyPI has CUDA '$cuda', the device machine has 13.0" >&2; exit 1; }
+"$VENV/bin/pip" install -q "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
+
+# torch-sys 0.26 with the wrappers of operators torch 2.11 does not have removed.
+registry=$(ls -d "$HOME"/.cargo/registry/src/*/torch-sys-0.26.* | head -1)
+patched="$DEVICE/torch-sys-for-torch$TORCH"
+if [ ! -f "$patched/.patched" ]; then
+  say "patching $(basename "$registry") for torch $TORCH"
+  rm -rf "$patched" && cp -r "$registry" "$patched"
+  "$VENV/bin/python" - "$patched/libtch/torch_api_generated.cpp" <<'PY'
+import re, sys
+path = sys.argv[1]
+missing = ["_flash_attention_forward_no_dropout_inplace", "_scaled_dot_product_attention_math_for_mps", "_philox_", "_upsample_lanczos2d_aa"]
+lines, out, skipping, removed = open(path).read().split("\n"), [], False, 0
+for line in lines:
+    definition = re.match(r"^\S.*\batg_(\w+)\(", line)
+    if not skipping and definition and any(m in definition.group(1) for m in missing):
+        skipping, removed = True, removed + 1
+    if skipping:
+        skipping = line != "}"
+        continue
+    out.append(line)
+open(path, "w").write("\n".join(out))
+print(f"removed {removed} wrappers (15 expected)")
+PY
+  touch "$patched/.patched"
+fi
+
+export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
+export LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1
+export CARGO_TARGET_DIR="$DEVICE/target"
+export RUSTFLAGS="-C target-cpu=x86-64-v3"
+# What x86-64-v3 may use, for the binary's start-up check (src/cpu.rs), and a llama.cpp without
+# -march=native (no AVX-512, no AMX).
+export MAGPIE_BUILD_CPU_FLAGS="sse sse2 ssse3 sse4_1 sse4_2 popcnt avx avx2 fma f16c bmi1 bmi2 movbe abm xsave"
+export GGML_NATIVE=OFF GGML_AVX=ON GGML_AVX2=ON GGML_FMA=ON GGML_F16C=ON
+say "building a copy of the working tree (a cold build takes about 20 minutes on 2 cores)"
+rm -rf "$DEVICE/src" && mkdir -p "$DEVICE/src"
+tar -C "$MAGPIE_ROOT" --exclude=./.git --exclude=./models --exclude=./out --exclude=./.venv --exclude=./device-bin -cf - . | tar -C "$DEVICE/src" -xf -
+(cd "$DEVICE/src" && cargo build --release --config "patch.crates-io.torch-sys.path=\"$patched\"")
+mkdir -p "$MAGPIE_ROOT/device-bin"
+strip -o "$DEVICE/magpie" "$CARGO_TARGET_DIR/release/magpie"
+xz -T0 -9 -c "$DEVICE/magpie" > "$MAGPIE_ROOT/device-bin/magpie.xz"
+# SmolLM2's tokenizer and chat template for the random-weight models gpu-check.sh makes.
+rm -rf "$DEVICE/smollm2" "$MAGPIE_ROOT/device-bin/tokenizer" && mkdir -p "$MAGPIE_ROOT/device-bin/tokenizer"
+"$MAGPIE_BIN" convert -o "$DEVICE/smollm2"
+cp "$DEVICE"/smollm2/{tokenizer.json,tokenizer_config.json} "$MAGPIE_ROOT/device-bin/tokenizer/"
+cp "$DEVICE"/smollm2/{special_tokens_map.json,chat_template.jinja} "$MAGPIE_ROOT/device-bin/tokenizer/" 2>/dev/null || true
+say "$(du -h "$MAGPIE_ROOT/device-bin/magpie.xz" | cut -f1) device-bin/magpie.xz; run: scripts/gpu-check.sh device-bin"
