@@ -26,7 +26,7 @@ say() { printf '\n== %s\n' "$*"; }
 losses() { python3 scripts/gpu_check.py losses "$1"; }
 
 say "models and data (random weights, SmolLM2 tokenizer)"
-python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W"
+python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)"
 sft() { "$M" sft --model "$W/m135" -i "$W/sft.parquet" --max-length 512 --per-device-train-batch-size 4 --max-steps 4 --learning-rate 1e-4 \
   --lr-scheduler-type constant --save-steps 0 --logging-steps 1 "$@"; }
 

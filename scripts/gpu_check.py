@@ -1,20 +1,20 @@
 """Helpers of scripts/gpu-check.sh (the GPU machine has python3 with torch, transformers and
 pyarrow, and no network):
 
-    python3 scripts/gpu_check.py models TOKENIZER_DIR OUT     # random-weight models + data
+    python3 scripts/gpu_check.py models TOKENIZER_DIR OUT [small]  # random-weight models + data
     python3 scripts/gpu_check.py torch-sft MODEL DATA STEPS   # the PyTorch eager baseline
     python3 scripts/gpu_check.py changed A B                  # how many weights differ
     python3 scripts/gpu_check.py losses RUN                   # a run's logged losses
 
-`models` writes OUT/m135 (SmolLM2-135M's shape), OUT/m1b (Llama-3.2-1B's shape), both with random
-weights and the SmolLM2 tokenizer, OUT/sft.parquet (256 synthetic conversations) and
+`models` writes OUT/m135 (SmolLM2-135M's shape), OUT/m1b (Llama-3.2-1B's shape; not with `small`),
+both with random weights and the SmolLM2 tokenizer, OUT/sft.parquet (256 synthetic conversations) and
 OUT/dpo.parquet (64 synthetic preference pairs).
 """
 import json, random, shutil, sys, time
 from pathlib import Path
 
 
-def models(tokenizer_dir, out):
+def models(tokenizer_dir, out, size="full"):
     import torch
     import pyarrow as pa, pyarrow.parquet as pq
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,6 +26,8 @@ def models(tokenizer_dir, out):
                     num_key_value_heads=8, tie_word_embeddings=True, rope_theta=500000.0),
     }
     for name, shape in shapes.items():
+        if size == "small" and name == "m1b":
+            continue
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(max_position_embeddings=8192, **shape))
         model.save_pretrained(out / name)

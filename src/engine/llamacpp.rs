@@ -17,11 +17,16 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use std::num::NonZeroU32;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// llama.cpp's backend may be initialised once per process.
+/// Serialises what llama.cpp does not make thread-safe: initialising its backend (once per
+/// process) and the system-info call, which fills one static buffer.
+static LLAMA_GLOBALS: Mutex<()> = Mutex::new(());
+
 fn backend() -> Result<&'static LlamaBackend> {
     static BACKEND: OnceLock<LlamaBackend> = OnceLock::new();
+    let _guard = LLAMA_GLOBALS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(backend) = BACKEND.get() {
         return Ok(backend);
     }
@@ -34,7 +39,9 @@ fn backend() -> Result<&'static LlamaBackend> {
 /// (`SSE3 = 1 | AVX2 = 1 | ...`). AMX never appears: the build keeps ggml's AMX backend out.
 pub fn system_info() -> Result<String> {
     backend()?;
-    // SAFETY: returns a pointer to a static, NUL-terminated buffer owned by llama.cpp.
+    let _guard = LLAMA_GLOBALS.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: returns a pointer to a static, NUL-terminated buffer owned by llama.cpp, which the
+    // lock keeps other threads from rewriting while it is copied.
     let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
     Ok(info.to_string_lossy().trim().to_string())
 }
