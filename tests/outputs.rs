@@ -246,14 +246,19 @@ fn a_killed_sft_is_refused_downstream_and_resumes_and_dpo_caches_outside_the_dat
 fn rows_with_null_conversations_are_counted_as_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let model = converted(dir.path());
-    // The fixture plus one row whose `messages` is null, written with the library.
+    // The fixture plus one row whose `messages` is null (a copy of row 0 under its own uuid),
+    // written with the library.
     let with_null = dir.path().join("with-null.parquet");
     let source = magpie::data::Dataset::open(&[fixture("magpie-released.parquet").display().to_string()]).unwrap();
     let batch = source.batches().next().unwrap().unwrap();
     let null_row = arrow::array::new_null_array(batch.column_by_name("messages").unwrap().data_type(), 1);
     let mut columns = vec![];
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-        let extra = if field.name() == "messages" { null_row.clone() } else { column.slice(0, 1) };
+        let extra = match field.name().as_str() {
+            "messages" => null_row.clone(),
+            "uuid" => std::sync::Arc::new(arrow::array::StringArray::from(vec!["row-with-null-messages"])) as arrow::array::ArrayRef, // uuids are unique
+            _ => column.slice(0, 1),
+        };
         columns.push(arrow::compute::concat(&[column.as_ref(), extra.as_ref()]).unwrap());
     }
     let batch = arrow::array::RecordBatch::try_new(batch.schema(), columns).unwrap();
