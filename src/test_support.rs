@@ -17,9 +17,7 @@ pub fn batch(columns: Vec<(&str, ArrayRef)>) -> RecordBatch {
 /// Writes `batch` to `dir/name` with a plain parquet writer.
 pub fn write(dir: &Path, name: &str, batch: &RecordBatch) -> PathBuf {
     let path = dir.join(name);
-    let mut writer = crate::data::write::parquet_writer(&path, batch.schema(), None).unwrap();
-    writer.write(batch).unwrap();
-    writer.close().unwrap();
+    crate::data::write::write_batch(&path, batch, None).unwrap();
     path
 }
 

@@ -38,6 +38,15 @@ pub fn parquet_writer(path: &Path, schema: SchemaRef, provenance: Option<&Proven
     ArrowWriter::try_new(file, schema, Some(properties.build())).with_context(|| format!("{}: cannot write parquet", path.display()))
 }
 
+/// Writes `batch` as the one row group of a new parquet file at `path` (no temporary: callers
+/// write into a temporary of their own).
+pub fn write_batch(path: &Path, batch: &RecordBatch, provenance: Option<&Provenance>) -> Result<()> {
+    let mut writer = parquet_writer(path, batch.schema(), provenance)?;
+    writer.write(batch).with_context(|| format!("{}: cannot write", path.display()))?;
+    writer.close().with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(())
+}
+
 /// The tool and provenance magpie left in a parquet file's footer; `None` for other files.
 pub fn provenance_of(path: &Path) -> Option<serde_json::Value> {
     let file = File::open(path).ok()?;

@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context, Result};
 use arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field, Schema};
+use arrow::datatypes::{DataType, Field};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -149,12 +149,10 @@ pub fn answers_batch(prompts: &[EvalPrompt], answers: &[Vec<String>], model: &st
         messages
     }).collect();
     let text = |values: Vec<&str>| Arc::new(StringArray::from(values)) as Arc<dyn Array>;
-    let columns: Vec<(&str, Arc<dyn Array>)> = vec![
+    super::report::batch(vec![
         ("uuid", text(prompts.iter().map(|p| p.uuid.as_str()).collect())),
         ("messages", build_messages(conversations.iter().map(|c| Some(c.as_slice())))),
         ("task_category", text(prompts.iter().map(|p| p.category.as_str()).collect())),
         ("model", text(vec![model; prompts.len()])),
-    ];
-    let schema = Schema::new(columns.iter().map(|(name, a)| Field::new(*name, a.data_type().clone(), *name != "uuid")).collect::<Vec<_>>());
-    Ok(RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, a)| a).collect())?)
+    ])
 }

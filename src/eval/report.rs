@@ -3,7 +3,7 @@
 //! its bootstrap interval, the length-controlled win rate, grades, per category, and the count of
 //! unparsable judgements) and charts (win / tie / loss by category, or mean grade by category).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
 use arrow::datatypes::{Field, Schema};
 use serde_json::{json, Value};
@@ -85,15 +85,26 @@ pub fn judgements(prompts: &[EvalPrompt], answers: &[Vec<String>], baseline: Opt
         columns.push(("grade", Arc::new(grades.iter().map(|g| g.score).collect::<Float64Array>())));
         columns.push(("judge_grade", text(grades.iter().map(|g| Some(g.text.clone())).collect())));
     }
+    batch(columns)
+}
+
+/// A batch of named columns, every one nullable but `uuid`.
+pub fn batch(columns: Vec<(&str, ArrayRef)>) -> Result<RecordBatch> {
     let schema = Schema::new(columns.iter().map(|(name, a)| Field::new(*name, a.data_type().clone(), *name != "uuid")).collect::<Vec<_>>());
     Ok(RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, a)| a).collect())?)
 }
 
 pub fn write_parquet(path: &Path, batch: &RecordBatch, provenance: &Provenance) -> Result<()> {
-    let mut writer = crate::data::write::parquet_writer(path, batch.schema(), Some(provenance))?;
-    writer.write(batch).with_context(|| format!("{}: cannot write", path.display()))?;
-    writer.close().with_context(|| format!("{}: cannot write", path.display()))?;
-    Ok(())
+    crate::data::write::write_batch(path, batch, Some(provenance))
+}
+
+/// The parsed grades of each category.
+fn grades_by_category(prompts: &[EvalPrompt], grades: &[Grade]) -> BTreeMap<String, Vec<f64>> {
+    let mut by_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for (prompt, grade) in prompts.iter().zip(grades) {
+        by_category.entry(prompt.category.clone()).or_default().extend(grade.score);
+    }
+    by_category
 }
 
 /// Win / tie / loss counts by category, "all" first.
@@ -141,10 +152,7 @@ pub fn summary(names: &Names, prompts: &[EvalPrompt], answers: &[Vec<String>], b
         });
     }
     if let Some(grades) = grades {
-        let mut by_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for (prompt, grade) in prompts.iter().zip(grades) {
-            by_category.entry(prompt.category.clone()).or_default().extend(grade.score);
-        }
+        let by_category = grades_by_category(prompts, grades);
         let scores: Vec<f64> = grades.iter().filter_map(|g| g.score).collect();
         summary["grade"] = json!({
             "mean": mean(scores.iter().copied()), "graded": scores.len(), "unparsable": grades.len() - scores.len(),
@@ -199,10 +207,7 @@ pub fn charts(dir: &Path, prompts: &[EvalPrompt], pairs: Option<&[Pair]>, grades
         plot::stacked_bars(&dir.join("pairwise.png"), "model vs baseline, by category", "share of judged prompts", &categories, &series)?;
     }
     if let Some(grades) = grades {
-        let mut by_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-        for (prompt, grade) in prompts.iter().zip(grades) {
-            by_category.entry(prompt.category.clone()).or_default().extend(grade.score);
-        }
+        let by_category = grades_by_category(prompts, grades);
         let categories: Vec<String> = by_category.keys().cloned().collect();
         let values = by_category.values().map(|s| mean(s.iter().copied()).unwrap_or(0.0)).collect();
         plot::stacked_bars(&dir.join("grades.png"), "mean grade (1-10) by category", "grade", &categories, &[Bars { name: "mean grade".into(), values }])?;

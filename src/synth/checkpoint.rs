@@ -7,7 +7,7 @@
 //! settings is refused, naming what differs. A finished output is left as it is, unless
 //! `--overwrite` asks for a new run in its place.
 
-use crate::data::write::{parquet_writer, part_name};
+use crate::data::write::{part_name, write_batch};
 use crate::output::{self, Existing, Manifest, Provenance, Resumable, Rules, RUN_CLAIM};
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
@@ -87,12 +87,7 @@ impl Checkpoint {
     pub fn write(&self, chunk: usize, batch: &RecordBatch) -> Result<()> {
         let target = self.part_path(chunk);
         let tmp = output::temporary_sibling(&target)?;
-        let written = parquet_writer(&tmp, batch.schema(), None).and_then(|mut writer| {
-            writer.write(batch).with_context(|| format!("{}: cannot write", tmp.display()))?;
-            writer.close().with_context(|| format!("{}: cannot write", tmp.display()))?;
-            Ok(())
-        });
-        if let Err(e) = written {
+        if let Err(e) = write_batch(&tmp, batch, None) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
