@@ -262,9 +262,7 @@ fn rows_with_null_conversations_are_counted_as_dropped() {
         columns.push(arrow::compute::concat(&[column.as_ref(), extra.as_ref()]).unwrap());
     }
     let batch = arrow::array::RecordBatch::try_new(batch.schema(), columns).unwrap();
-    let mut writer = magpie::data::write::parquet_writer(&with_null, batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    magpie::data::write::write_batch(&with_null, &batch, None).unwrap();
     let output = magpie(&["sft", "--model", s(&model), "-i", s(&with_null), "-o", s(&dir.path().join("sft")), "--max-length", "64",
         "--max-steps", "1", "--save-steps", "0", "--device", "cpu"]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -288,9 +286,7 @@ fn inspect_escapes_control_characters_from_the_data() {
     let path = dir.path().join("evil.parquet");
     let messages = magpie::data::messages::build_messages([Some(&[magpie::data::Message::new("user", "hi\u{1b}[2J\u{7}there")][..])]);
     let batch = arrow::array::RecordBatch::try_from_iter([("messages", messages)]).unwrap();
-    let mut writer = magpie::data::write::parquet_writer(&path, batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    magpie::data::write::write_batch(&path, &batch, None).unwrap();
     let output = magpie(&["inspect", s(&path)]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8(output.stdout).unwrap();
