@@ -1,8 +1,9 @@
 //! Build-time set-up for the binary:
 //! - an rpath to the venv's libtorch, so `magpie` runs without LD_LIBRARY_PATH, and libtorch_cuda
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
-//! - `src/train/fused_adamw.cpp` (libtorch's fused AdamW) and `src/train/distributed/c10d.cpp`,
-//!   the C++ side of the process groups (libtorch's c10d), against
+//! - `src/train/fused_adamw.cpp` (libtorch's fused AdamW), `src/model/flash_attention.cpp`
+//!   (varlen flash attention) and `src/train/distributed/c10d.cpp`, the C++ side of the process
+//!   groups (libtorch's c10d), against
 //!   the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
 //!   installed (the `nvidia-*` wheels scripts/setup.sh installs);
 //! - the instruction-set flags of the CPU it was built on (`MAGPIE_BUILD_CPU_FLAGS`): the build is
@@ -37,15 +38,17 @@ fn main() {
     compile_c10d(Path::new(&lib_dir), cuda);
 }
 
-/// Compiles the C++ that calls libtorch where tch has no wrapper: the c10d shim and the fused
-/// AdamW kernel's. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
+/// Compiles the C++ that calls libtorch where tch has no wrapper: the c10d shim, the fused
+/// AdamW kernel's and varlen flash attention's. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
 /// `nccl.h`; they are looked for in the wheels beside torch and in `$CUDA_HOME`.
 fn compile_c10d(lib_dir: &Path, cuda: bool) {
     const SHIM: &str = "src/train/distributed/c10d.cpp";
     const FUSED_ADAMW: &str = "src/train/fused_adamw.cpp";
+    const FLASH_ATTENTION: &str = "src/model/flash_attention.cpp";
     const VENDOR: &str = "src/train/distributed/vendor";
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={FUSED_ADAMW}");
+    println!("cargo:rerun-if-changed={FLASH_ATTENTION}");
     println!("cargo:rerun-if-changed={VENDOR}");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let torch = lib_dir.parent().expect("libtorch's lib folder has a parent");
@@ -56,6 +59,7 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
         .std("c++20")
         .file(SHIM)
         .file(FUSED_ADAMW)
+        .file(FLASH_ATTENTION)
         .include(VENDOR)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

@@ -4,8 +4,9 @@
 #   scripts/build-device.sh    # -> device-bin/magpie.xz (under 20 MB) and device-bin/tokenizer/
 # - against torch 2.11 (a second venv; tch 0.26 expects 2.13, so the version check is bypassed
 #   and torch-sys is patched: the 15 generated wrappers torch 2.11 lacks are removed);
-# - with the CUDA 13.0 headers for the NCCL process groups;
-# - for a portable CPU (x86-64-v3, no AMX, no native llama.cpp), in its own target dir;
+# - with CUDA (scripts/build-cuda.sh: CUDA 13.0 from PyPI wheels, sm_90, x86-64-v3, no AMX), so
+#   one binary serves the training and the synthesis checks; it shares build-cuda.sh's target
+#   dir (only torch-sys, tch and magpie differ);
 # - stripped and xz-compressed, because a device call carries at most 64 MiB.
 # scripts/gpu-check.sh runs it there (carry device-bin). Not a runtime path: users build with
 # scripts/setup.sh. It builds a copy of the working tree, so the patch leaves Cargo.lock alone.
@@ -26,7 +27,6 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 cuda=$("$VENV/bin/python" -c "import torch; print(torch.version.cuda or '')")
 [ "$cuda" = 13.0 ] || { echo "torch $TORCH from PyPI has CUDA '$cuda', the device machine has 13.0" >&2; exit 1; }
-"$VENV/bin/pip" install -q "nvidia-cuda-crt==13.0.*" "nvidia-cuda-cccl==13.0.*"
 
 # torch-sys 0.26 with the wrappers of operators torch 2.11 does not have removed.
 registry=$(ls -d "$HOME"/.cargo/registry/src/*/torch-sys-0.26.* | head -1)
@@ -53,18 +53,12 @@ PY
   touch "$patched/.patched"
 fi
 
-export VIRTUAL_ENV="$VENV" PATH="$VENV/bin:$PATH"
-export LIBTORCH_USE_PYTORCH=1 LIBTORCH_BYPASS_VERSION_CHECK=1
-export CARGO_TARGET_DIR="$DEVICE/target"
-export RUSTFLAGS="-C target-cpu=x86-64-v3"
-# What x86-64-v3 may use, for the binary's start-up check (src/cpu.rs), and a llama.cpp without
-# -march=native (no AVX-512, no AMX).
-export MAGPIE_BUILD_CPU_FLAGS="sse sse2 ssse3 sse4_1 sse4_2 popcnt avx avx2 fma f16c bmi1 bmi2 movbe abm xsave"
-export GGML_NATIVE=OFF GGML_AVX=ON GGML_AVX2=ON GGML_FMA=ON GGML_F16C=ON
-say "building a copy of the working tree (a cold build takes about 20 minutes on 2 cores)"
+say "building a copy of the working tree with scripts/build-cuda.sh (torch $TORCH, patched torch-sys)"
 rm -rf "$DEVICE/src" && mkdir -p "$DEVICE/src"
 tar -C "$MAGPIE_ROOT" --exclude=./.git --exclude=./models --exclude=./out --exclude=./.venv --exclude=./device-bin -cf - . | tar -C "$DEVICE/src" -xf -
-(cd "$DEVICE/src" && cargo build --release --config "patch.crates-io.torch-sys.path=\"$patched\"")
+export LIBTORCH_BYPASS_VERSION_CHECK=1 MAGPIE_TORCH_VENV="$VENV" MAGPIE_CUDA_SRC="$DEVICE/src"
+"$MAGPIE_ROOT/scripts/build-cuda.sh" --config "patch.crates-io.torch-sys.path=\"$patched\""
+CARGO_TARGET_DIR=${MAGPIE_CUDA_TARGET:-$MAGPIE_CACHE/target-cuda13.0-sm${CUDA_COMPUTE_CAP:-90}}
 mkdir -p "$MAGPIE_ROOT/device-bin"
 strip -o "$DEVICE/magpie" "$CARGO_TARGET_DIR/release/magpie"
 xz -T0 -9 -c "$DEVICE/magpie" > "$MAGPIE_ROOT/device-bin/magpie.xz"

@@ -164,7 +164,7 @@ mod tests {
         let base = ModelDir::open(&rm).unwrap();
         tch::manual_seed(3);
         let vs = nn::VarStore::new(Device::Cpu);
-        Llama::sequence_classifier(&vs.root(), &base.config).unwrap();
+        Llama::sequence_classifier(&vs.root(), &base.config, crate::model::Weights::Random).unwrap();
         hf::write_model_files(&vs, &base, &rm).unwrap();
     }
 

@@ -4,13 +4,14 @@
 //! so loading and saving need no rename table. A `score` head turns it into
 //! `LlamaForSequenceClassification` for reward models.
 //!
-//! Attention is `scaled_dot_product_attention`: causal, or with an explicit per-document mask when
-//! several documents are packed into one row.
+//! Attention is `attention::Attend`'s: SDPA, or varlen flash attention for packed rows on a GPU.
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
-use tch::nn::{self, Module};
+use tch::nn;
 use tch::{Device, Kind, Tensor};
+
+use super::attention::{Attend, AttentionMask};
 
 /// The `config.json` fields the architecture needs. Older and newer spellings are both read:
 /// `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
@@ -130,26 +131,39 @@ impl LlamaConfig {
     }
 }
 
-/// How tokens may attend within a row.
-pub enum AttentionMask {
-    /// Plain causal attention (one document per row, padding only at the end).
-    Causal,
-    /// Packed rows: `[batch, seq]` document ids; a token sees earlier tokens of its own document.
-    Documents(Tensor),
+/// How a new model's parameters start out.
+#[derive(Clone, Copy, Debug)]
+pub enum Weights {
+    /// Random, as tch's layers initialise them (norms at 1): fresh heads and test models.
+    Random,
+    /// Uninitialised, already in this dtype on the store's device, for a checkpoint to fill
+    /// tensor by tensor: loading then holds the model once, never an f32 copy beside it.
+    Uninit(Kind),
 }
 
-impl AttentionMask {
-    /// The boolean `[batch, 1, seq, seq]` mask SDPA takes, `true` where attention is allowed.
-    pub fn sdpa_mask(&self) -> Option<Tensor> {
-        match self {
-            AttentionMask::Causal => None,
-            AttentionMask::Documents(docs) => {
-                let t = docs.size()[1];
-                let same = docs.unsqueeze(2).eq_tensor(&docs.unsqueeze(1));
-                let causal = Tensor::ones([t, t], (Kind::Bool, docs.device())).tril(0);
-                Some(same.logical_and(&causal).unsqueeze(1))
-            }
-        }
+/// A trainable parameter `name` of shape `dims` under `vs`.
+fn param(vs: &nn::Path, name: &str, dims: &[i64], weights: Weights, init: nn::Init) -> Tensor {
+    match weights {
+        Weights::Random => vs.var(name, dims, init),
+        Weights::Uninit(kind) => vs.add(name, Tensor::empty(dims, (kind, vs.device())), true),
+    }
+}
+
+/// `y = x Wᵀ + b`, with tch's `nn::linear` initialisation (bias drawn first, as there).
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(vs: nn::Path, inputs: i64, outputs: i64, bias: bool, weights: Weights) -> Self {
+        let bound = 1.0 / (inputs as f64).sqrt();
+        let bias = bias.then(|| param(&vs, "bias", &[outputs], weights, nn::Init::Uniform { lo: -bound, up: bound }));
+        Linear { weight: param(&vs, "weight", &[outputs, inputs], weights, nn::LinearConfig::default().ws_init), bias }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
     }
 }
 
@@ -159,8 +173,8 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn new(vs: nn::Path, size: i64, eps: f64) -> Self {
-        RmsNorm { weight: vs.ones("weight", &[size]), eps }
+    fn new(vs: nn::Path, size: i64, eps: f64, weights: Weights) -> Self {
+        RmsNorm { weight: param(&vs, "weight", &[size], weights, nn::Init::Const(1.0)), eps }
     }
 
     /// As transformers: normalise in f32, then scale in the weight's dtype.
@@ -173,15 +187,11 @@ impl RmsNorm {
     }
 }
 
-fn linear(vs: nn::Path, inputs: i64, outputs: i64, bias: bool) -> nn::Linear {
-    nn::linear(vs, inputs, outputs, nn::LinearConfig { bias, ..Default::default() })
-}
-
 struct Attention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    o_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
     heads: i64,
     kv_heads: i64,
     head_dim: i64,
@@ -192,49 +202,49 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[-x.narrow(3, half, half), x.narrow(3, 0, half)], 3)
 }
 
+/// Rotary position embedding of `[batch, seq, heads, head_dim]` with `[batch, seq, 1, head_dim]`
+/// cos and sin.
+fn apply_rope(x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> Tensor {
+    x * cos + rotate_half(x) * sin
+}
+
 impl Attention {
-    fn new(vs: nn::Path, c: &LlamaConfig) -> Self {
+    fn new(vs: nn::Path, c: &LlamaConfig, w: Weights) -> Self {
         let (h, d) = (c.hidden_size, c.head_dim());
         Attention {
-            q_proj: linear(&vs / "q_proj", h, c.num_attention_heads * d, c.qkv_bias()),
-            k_proj: linear(&vs / "k_proj", h, c.kv_heads() * d, c.qkv_bias()),
-            v_proj: linear(&vs / "v_proj", h, c.kv_heads() * d, c.qkv_bias()),
-            o_proj: linear(&vs / "o_proj", c.num_attention_heads * d, h, c.attention_bias),
+            q_proj: Linear::new(&vs / "q_proj", h, c.num_attention_heads * d, c.qkv_bias(), w),
+            k_proj: Linear::new(&vs / "k_proj", h, c.kv_heads() * d, c.qkv_bias(), w),
+            v_proj: Linear::new(&vs / "v_proj", h, c.kv_heads() * d, c.qkv_bias(), w),
+            o_proj: Linear::new(&vs / "o_proj", c.num_attention_heads * d, h, c.attention_bias, w),
             heads: c.num_attention_heads,
             kv_heads: c.kv_heads(),
             head_dim: d,
         }
     }
 
-    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>) -> Tensor {
+    fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), attend: &Attend) -> Tensor {
         let (b, t, _) = x.size3().unwrap();
-        let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]).transpose(1, 2);
-        let (cos, sin) = rope;
-        let q = split(self.q_proj.forward(x), self.heads);
-        let k = split(self.k_proj.forward(x), self.kv_heads);
+        let split = |y: Tensor, heads: i64| y.view([b, t, heads, self.head_dim]);
+        let q = apply_rope(&split(self.q_proj.forward(x), self.heads), rope);
+        let k = apply_rope(&split(self.k_proj.forward(x), self.kv_heads), rope);
         let v = split(self.v_proj.forward(x), self.kv_heads);
-        let q = &q * cos + rotate_half(&q) * sin;
-        let k = &k * cos + rotate_half(&k) * sin;
-        // Grouped-query attention inside SDPA (`enable_gqa`): no repeated copies of K and V.
-        let gqa = self.heads != self.kv_heads;
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa);
-        self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]))
+        self.o_proj.forward(&attend.attention(&q, &k, &v))
     }
 }
 
 struct Mlp {
-    gate_proj: nn::Linear,
-    up_proj: nn::Linear,
-    down_proj: nn::Linear,
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 impl Mlp {
-    fn new(vs: nn::Path, c: &LlamaConfig) -> Self {
+    fn new(vs: nn::Path, c: &LlamaConfig, w: Weights) -> Self {
         let (h, i) = (c.hidden_size, c.intermediate_size);
         Mlp {
-            gate_proj: linear(&vs / "gate_proj", h, i, c.mlp_bias),
-            up_proj: linear(&vs / "up_proj", h, i, c.mlp_bias),
-            down_proj: linear(&vs / "down_proj", i, h, c.mlp_bias),
+            gate_proj: Linear::new(&vs / "gate_proj", h, i, c.mlp_bias, w),
+            up_proj: Linear::new(&vs / "up_proj", h, i, c.mlp_bias, w),
+            down_proj: Linear::new(&vs / "down_proj", i, h, c.mlp_bias, w),
         }
     }
 
@@ -252,17 +262,17 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(vs: nn::Path, c: &LlamaConfig) -> Self {
+    fn new(vs: nn::Path, c: &LlamaConfig, w: Weights) -> Self {
         Block {
-            input_layernorm: RmsNorm::new(&vs / "input_layernorm", c.hidden_size, c.rms_norm_eps),
-            self_attn: Attention::new(&vs / "self_attn", c),
-            post_attention_layernorm: RmsNorm::new(&vs / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps),
-            mlp: Mlp::new(&vs / "mlp", c),
+            input_layernorm: RmsNorm::new(&vs / "input_layernorm", c.hidden_size, c.rms_norm_eps, w),
+            self_attn: Attention::new(&vs / "self_attn", c, w),
+            post_attention_layernorm: RmsNorm::new(&vs / "post_attention_layernorm", c.hidden_size, c.rms_norm_eps, w),
+            mlp: Mlp::new(&vs / "mlp", c, w),
         }
     }
 
-    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), mask: Option<&Tensor>) -> Tensor {
-        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, mask);
+    pub fn forward(&self, x: &Tensor, rope: &(Tensor, Tensor), attend: &Attend) -> Tensor {
+        let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, attend);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
 }
@@ -274,6 +284,9 @@ enum Head {
     /// `LlamaForSequenceClassification`'s `score` projection, read at the last non-pad token.
     Score(Tensor),
 }
+
+/// transformers' `initializer_range` for embeddings and heads.
+const NORMAL_002: nn::Init = nn::Init::Randn { mean: 0., stdev: 0.02 };
 
 /// The decoder with its head. Build it in a `VarStore`, then fill the store from a checkpoint
 /// (`hf::ModelDir::load_into`).
@@ -295,35 +308,31 @@ pub struct Inputs<'a> {
 
 impl Llama {
     /// A causal language model (`LlamaForCausalLM`).
-    pub fn causal_lm(vs: &nn::Path, config: &LlamaConfig) -> Result<Self> {
+    pub fn causal_lm(vs: &nn::Path, config: &LlamaConfig, weights: Weights) -> Result<Self> {
         let head = if config.tie_word_embeddings {
             None
         } else {
-            Some((vs / "lm_head").var("weight", &[config.vocab_size, config.hidden_size], nn::Init::Randn { mean: 0., stdev: 0.02 }))
+            Some(param(&(vs / "lm_head"), "weight", &[config.vocab_size, config.hidden_size], weights, NORMAL_002))
         };
-        Self::build(vs, config, Head::LanguageModel(head))
+        Self::build(vs, config, Head::LanguageModel(head), weights)
     }
 
     /// A reward model (`LlamaForSequenceClassification`, `num_labels` scores per sequence).
-    pub fn sequence_classifier(vs: &nn::Path, config: &LlamaConfig) -> Result<Self> {
+    pub fn sequence_classifier(vs: &nn::Path, config: &LlamaConfig, weights: Weights) -> Result<Self> {
         let labels = config.num_labels.unwrap_or(1);
-        let score = (vs / "score").var("weight", &[labels, config.hidden_size], nn::Init::Randn { mean: 0., stdev: 0.02 });
-        Self::build(vs, config, Head::Score(score))
+        let score = param(&(vs / "score"), "weight", &[labels, config.hidden_size], weights, NORMAL_002);
+        Self::build(vs, config, Head::Score(score), weights)
     }
 
-    fn build(vs: &nn::Path, config: &LlamaConfig, head: Head) -> Result<Self> {
+    fn build(vs: &nn::Path, config: &LlamaConfig, head: Head, weights: Weights) -> Result<Self> {
         let model = vs / "model";
-        let embed_tokens = (&model / "embed_tokens").var(
-            "weight",
-            &[config.vocab_size, config.hidden_size],
-            nn::Init::Randn { mean: 0., stdev: 0.02 },
-        );
-        let layers = (0..config.num_hidden_layers).map(|i| Block::new(&model / "layers" / i, config)).collect();
+        let embed_tokens = param(&(&model / "embed_tokens"), "weight", &[config.vocab_size, config.hidden_size], weights, NORMAL_002);
+        let layers = (0..config.num_hidden_layers).map(|i| Block::new(&model / "layers" / i, config, weights)).collect();
         Ok(Llama {
             config: config.clone(),
             embed_tokens,
             layers,
-            norm: RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps),
+            norm: RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps, weights),
             head,
             inv_freq: config.inv_freq()?.to_device(vs.device()),
         })
@@ -343,10 +352,10 @@ impl Llama {
         Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
     }
 
-    /// The rotary cos/sin for `positions`, `[batch, 1, seq, head_dim]` in `kind`.
+    /// The rotary cos/sin for `positions`, `[batch, seq, 1, head_dim]` in `kind`.
     pub fn rope(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
         let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
-        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(2);
         (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
     }
 
@@ -354,9 +363,9 @@ impl Llama {
     pub fn hidden_states(&self, inputs: &Inputs) -> Tensor {
         let mut x = self.embed(inputs.ids);
         let rope = self.rope(inputs.positions, x.kind());
-        let mask = inputs.mask.sdpa_mask();
+        let attend = inputs.mask.attend(x.device(), x.kind());
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, mask.as_ref());
+            x = layer.forward(&x, &rope, &attend);
         }
         self.final_norm(&x)
     }
@@ -367,9 +376,14 @@ impl Llama {
 
     /// Next-token logits from final hidden states, `[batch, seq, vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear::<Tensor>(self.head_weight(), None)
+    }
+
+    /// The language-model head's `[vocab, hidden]` weight (the embeddings when they are tied).
+    pub fn head_weight(&self) -> &Tensor {
         match &self.head {
-            Head::LanguageModel(Some(w)) => hidden.linear::<Tensor>(w, None),
-            Head::LanguageModel(None) => hidden.linear::<Tensor>(&self.embed_tokens, None),
+            Head::LanguageModel(Some(w)) => w,
+            Head::LanguageModel(None) => &self.embed_tokens,
             Head::Score(_) => panic!("a sequence classifier has no language-model head"),
         }
     }

@@ -1,5 +1,6 @@
 //! The models every stage shares, in tch and plain Rust:
-//! - `llama`: the Llama-family decoder (Llama, Qwen2, Mistral) with LM or score head; `hf`:
+//! - `llama`: the Llama-family decoder (Llama, Qwen2, Mistral) with LM or score head, its
+//!   `attention` kernels (SDPA; varlen flash attention, `flash_attention.cpp`); `hf`:
 //!   Hugging Face safetensors directories in and out; `reward`: a sequence-classification
 //!   reward model on top of them.
 //! - `embed`: the sentence encoder (all-MiniLM-L6-v2) for semantic dedup.
@@ -7,6 +8,7 @@
 //! - `chat_template` (Jinja) and `pre_query` (Magpie's pre-query templates derived from it).
 //! - `gguf` (metadata reader) and `convert` (GGUF to a Hugging Face directory, `magpie convert`).
 
+pub mod attention;
 pub mod chat_template;
 pub mod convert;
 pub mod embed;
@@ -22,7 +24,8 @@ use std::path::Path;
 use tch::{nn, Device, Kind};
 
 pub use hf::ModelDir;
-pub use llama::{AttentionMask, Inputs, Llama, LlamaConfig};
+pub use attention::AttentionMask;
+pub use llama::{Inputs, Llama, LlamaConfig, Weights};
 
 /// `cpu`, `cuda`, `cuda:N` or `auto` (the first CUDA device when libtorch sees one, else CPU).
 pub fn parse_device(text: &str) -> Result<Device> {
@@ -51,13 +54,14 @@ pub struct Loaded {
     pub dir: ModelDir,
 }
 
-/// Loads a causal language model from a Hugging Face directory onto `device` in `kind`.
+/// Loads a causal language model from a Hugging Face directory onto `device` in `kind`, tensor by
+/// tensor into uninitialised weights of that dtype: the peak is the model in `kind` plus one
+/// checkpoint tensor (an 8B bf16 model: 16 GB on the GPU, not the 48 GB of f32-then-cast).
 pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<Loaded> {
     let dir = ModelDir::open(dir)?;
-    let mut vs = nn::VarStore::new(device);
-    let model = Llama::causal_lm(&vs.root(), &dir.config)?;
+    let vs = nn::VarStore::new(device);
+    let model = Llama::causal_lm(&vs.root(), &dir.config, Weights::Uninit(kind))?;
     dir.load_into(&vs)?;
-    vs.set_kind(kind);
     Ok(Loaded { vs, model, dir })
 }
 
@@ -109,7 +113,7 @@ pub mod tests {
     pub fn tiny(name: &str) -> Loaded {
         let dir = ModelDir::open(&fixture(name)).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = Llama::causal_lm(&vs.root(), &dir.config).unwrap();
+        let model = Llama::causal_lm(&vs.root(), &dir.config, Weights::Random).unwrap();
         fill_deterministic(&vs);
         Loaded { vs, model, dir }
     }
@@ -139,7 +143,7 @@ pub mod tests {
     fn reward_scores_match_transformers_at_the_last_non_pad_token() {
         let dir = ModelDir::open(&fixture("tiny-llama-reward")).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = Llama::sequence_classifier(&vs.root(), &dir.config).unwrap();
+        let model = Llama::sequence_classifier(&vs.root(), &dir.config, Weights::Random).unwrap();
         fill_deterministic(&vs);
         let want = reference(&fixture("tiny-llama-reward").join("reference.json"));
         let ids = &want["input_ids"];
@@ -161,6 +165,15 @@ pub mod tests {
         let again = load_causal_lm(&saved, Device::Cpu, Kind::Float).unwrap();
         let ids = Tensor::from_slice(&[1i64, 5, 9, 200]).view([1, 4]);
         assert_eq!(max_abs_diff(&causal_logits(&loaded, &ids), &causal_logits(&again, &ids)), 0.0);
+        // Loaded in bf16: every weight is made in bf16 and filled from the file (no f32 copy
+        // first), each the checkpoint's value rounded to bf16.
+        let bf16 = load_causal_lm(&saved, Device::Cpu, Kind::BFloat16).unwrap();
+        let f32_weights = again.vs.variables();
+        for (name, weight) in bf16.vs.variables() {
+            assert_eq!(weight.kind(), Kind::BFloat16, "{name}");
+            assert!(weight.requires_grad(), "{name} is trainable");
+            assert_eq!(max_abs_diff(&weight.to_kind(Kind::Float), &f32_weights[&name].to_kind(Kind::BFloat16).to_kind(Kind::Float)), 0.0, "{name}");
+        }
     }
 
     #[test]

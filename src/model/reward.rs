@@ -2,7 +2,8 @@
 //! FsfairX-LLaMA3-RM) in tch: each conversation, rendered with the model's own chat template and
 //! truncated to `max_length` tokens (keeping the start), is scored at its last token.
 
-use super::llama::{self, AttentionMask, Inputs, Llama};
+use super::attention::AttentionMask;
+use super::llama::{self, Inputs, Llama};
 use super::tokenize::ChatTokenizer;
 use super::ModelDir;
 use crate::data::Message;
@@ -24,7 +25,7 @@ impl RewardModel {
     pub fn load(dir: &Path, max_length: usize, batch_size: usize, device: Device) -> Result<Self> {
         let model_dir = ModelDir::open(dir).with_context(|| "reward_scores: reward_model")?;
         let vs = nn::VarStore::new(device);
-        let model = Llama::sequence_classifier(&vs.root(), &model_dir.config)?;
+        let model = Llama::sequence_classifier(&vs.root(), &model_dir.config, crate::model::Weights::Uninit(tch::Kind::Float))?;
         model_dir.load_into(&vs).with_context(|| format!("{}: not a LlamaForSequenceClassification checkpoint (it needs `score.weight`)", dir.display()))?;
         let tokenizer = ChatTokenizer::load(dir)?;
         let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| dir.display().to_string());

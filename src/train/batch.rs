@@ -1,7 +1,7 @@
 //! What the model sees in one micro-batch: tokenised documents (`Document`), padded or packed
-//! into `[rows, seq]` tensors (`Batch`), and the summed next-token cross-entropy over them.
+//! into `[rows, seq]` tensors (`Batch`). The loss over them is `lm_head`'s.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::model::{AttentionMask, Inputs};
 
@@ -12,6 +12,9 @@ pub struct Batch {
     pub positions: Tensor,
     pub mask: AttentionMask,
     pub targets: Tensor,
+    /// Where the targets are, as indices into the flattened `[rows * seq]` batch (made on the
+    /// host, so that selecting them costs the device no sync).
+    pub target_positions: Tensor,
     pub examples: Vec<usize>,
     pub tokens: usize,
 }
@@ -48,6 +51,8 @@ impl Batch {
         let n = rows.len();
         let (mut ids, mut targets) = (vec![pad_id; n * width], vec![-100i64; n * width]);
         let (mut positions, mut docs) = (vec![0i64; n * width], vec![-1i64; n * width]);
+        // Segment bounds over the flattened rows: each document, and each row's padding tail.
+        let mut cu_seqlens = vec![0i32];
         let mut tokens = 0;
         for (r, row) in rows.iter().enumerate() {
             let mut at = r * width;
@@ -61,17 +66,53 @@ impl Batch {
                 }
                 at += len;
                 tokens += len;
+                cu_seqlens.push(at as i32);
+            }
+            if at < (r + 1) * width {
+                cu_seqlens.push(((r + 1) * width) as i32);
             }
         }
+        let target_positions: Vec<i64> = (0..targets.len() as i64).filter(|&i| targets[i as usize] != -100).collect();
         let tensor = |v: Vec<i64>| Tensor::from_slice(&v).view([n as i64, width as i64]).to_device(device);
-        let mask = if packed { AttentionMask::Documents(tensor(docs)) } else { AttentionMask::Causal };
-        Batch { ids: tensor(ids), positions: tensor(positions), mask, targets: tensor(targets), examples, tokens }
+        let max_len = cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as i64).max().unwrap_or(1);
+        let mask = if packed {
+            AttentionMask::Documents { ids: tensor(docs), cu_seqlens: Tensor::from_slice(&cu_seqlens).to_device(device), max_len }
+        } else {
+            AttentionMask::Causal
+        };
+        let target_positions = Tensor::from_slice(&target_positions).to_device(device);
+        Batch { ids: tensor(ids), positions: tensor(positions), mask, targets: tensor(targets), target_positions, examples, tokens }
     }
 }
 
-/// Summed next-token cross-entropy over targets that are not `-100`, computed in f32.
-pub fn summed_cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
-    let vocab = logits.size()[2];
-    logits.to_kind(Kind::Float).view([-1, vocab]).cross_entropy_loss::<Tensor>(&targets.view([-1]), None, tch::Reduction::Sum, -100, 0.0)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::attention::Attend;
+    use tch::Kind;
 
+    /// The `[batch, 1, seq, seq]` mask the segments of `cu_seqlens` give over `width`-token rows.
+    fn mask_of_segments(cu_seqlens: &[i32], rows: i64, width: i64) -> Tensor {
+        let mut segment = vec![0i64; (rows * width) as usize];
+        for (s, bounds) in cu_seqlens.windows(2).enumerate() {
+            segment[bounds[0] as usize..bounds[1] as usize].fill(s as i64);
+        }
+        let ids = Tensor::from_slice(&segment).view([rows, width]);
+        let causal = Tensor::ones([width, width], (Kind::Bool, Device::Cpu)).tril(0);
+        ids.unsqueeze(2).eq_tensor(&ids.unsqueeze(1)).logical_and(&causal).unsqueeze(1)
+    }
+
+    #[test]
+    fn varlen_segments_allow_exactly_what_the_document_mask_allows() {
+        let doc = |n: usize| Document::from_labels((1..=n as i64).collect(), |_| true);
+        let (a, b, c, d) = (doc(3), doc(2), doc(4), doc(1));
+        // Row 0: 3 + 2 tokens and 1 of padding; row 1: 4 + 1 + 1 (no padding); width 6.
+        let batch = Batch::from_rows(&[vec![&a, &b], vec![&c, &d, &d]], 0, true, vec![0, 1], Device::Cpu);
+        let AttentionMask::Documents { cu_seqlens, max_len, .. } = &batch.mask else { panic!("packed rows get documents") };
+        let bounds: Vec<i32> = cu_seqlens.try_into().unwrap();
+        assert_eq!(bounds, [0, 3, 5, 6, 10, 11, 12]);
+        assert_eq!(*max_len, 4);
+        let Attend::Mask(mask) = batch.mask.attend(Device::Cpu, Kind::BFloat16) else { panic!("CPU packed rows use a mask") };
+        assert!(mask.equal(&mask_of_segments(&bounds, 2, 6)));
+    }
+}

@@ -25,6 +25,7 @@ use crate::model::{load_causal_lm, Llama, Loaded};
 use crate::model::tokenize::ChatTokenizer;
 use super::args::TrainArgs;
 use super::batch::{Batch, Document};
+use super::lm_head::{loss_of_log_probs, target_log_probs, TargetLogProbs};
 use super::checkpoint;
 use super::memory::Workload;
 use super::distributed::World;
@@ -97,19 +98,24 @@ pub struct SequenceStats {
     pub logit_sums: Tensor,
 }
 
-/// Summed log-probs of each row's targets (`-100` masked), as TRL's `selective_log_softmax`.
-pub fn sequence_stats(logits: &Tensor, targets: &Tensor) -> SequenceStats {
-    let logits = logits.to_kind(Kind::Float);
-    let mask = targets.ne(-100);
-    let safe = targets.where_scalarother(&mask, 0);
-    let token_logps = logits.log_softmax(-1, Kind::Float).gather(-1, &safe.unsqueeze(-1), false).squeeze_dim(-1);
-    let maskf = mask.to_kind(Kind::Float);
-    let logit_sums = tch::no_grad(|| (logits.mean_dim(-1, false, Kind::Float) * &maskf).sum_dim_intlist(-1, false, Kind::Float));
-    SequenceStats {
-        logps: (token_logps * &maskf).sum_dim_intlist(-1, false, Kind::Float),
-        tokens: maskf.sum_dim_intlist(-1, false, Kind::Float),
-        logit_sums,
+impl SequenceStats {
+    /// Each row's sums of its targets' log-probs (TRL's `selective_log_softmax`, summed), of its
+    /// target count, and of its targets' mean logits.
+    fn of(values: &TargetLogProbs) -> Self {
+        SequenceStats {
+            logps: values.per_row(&values.logps),
+            tokens: values.per_row(&Tensor::ones_like(&values.logps)),
+            logit_sums: values.per_row(&values.mean_logits.detach()),
+        }
     }
+}
+
+/// Each row's summed completion log-prob under `model`, outside the graph (reference models).
+pub fn reference_logps(model: &Llama, batch: &Batch) -> Tensor {
+    tch::no_grad(|| {
+        let values = target_log_probs(model, &model.hidden_states(&batch.inputs()), batch);
+        values.per_row(&values.logps)
+    })
 }
 
 /// Per-pair losses and rewards, exactly docs/upstream.md §5's table. Inputs are `[pairs]` summed
@@ -217,8 +223,8 @@ impl DpoObjective {
         let device = batch.ids.device();
         match &self.reference {
             Reference::Live(reference) => {
-                let stats = tch::no_grad(|| sequence_stats(&reference.model.forward(&batch.inputs()), &batch.targets));
-                Ok((stats.logps.narrow(0, 0, n), stats.logps.narrow(0, n, n)))
+                let logps = reference_logps(&reference.model, batch);
+                Ok((logps.narrow(0, 0, n), logps.narrow(0, n, n)))
             }
             Reference::Precomputed(cached) => {
                 let rows: Vec<[f64; 2]> = batch.examples.iter().map(|&e| cached[split.index()][e]).collect();
@@ -251,12 +257,20 @@ impl Objective for DpoObjective {
 
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, split: Split) -> Result<(Tensor, Metrics)> {
         let n = batch.examples.len() as i64;
-        let stats = sequence_stats(&model.logits(hidden), &batch.targets);
         let (ref_c, ref_r) = self.reference_logps(batch, split)?;
         let half = |t: &Tensor, k: i64| t.narrow(0, k * n, n);
+        let mut pairs = None;
+        let (loss, values) = loss_of_log_probs(model, hidden, batch, |values| {
+            let stats = SequenceStats::of(values);
+            let (len_c, len_r) = (half(&stats.tokens, 0), half(&stats.tokens, 1));
+            let out = pair_losses(&self.loss, (&half(&stats.logps, 0), &half(&stats.logps, 1)), (&ref_c, &ref_r), (&len_c, &len_r));
+            let loss = out.losses.sum(Kind::Float);
+            pairs = Some(out);
+            loss
+        });
+        let out = pairs.expect("the loss was computed");
+        let stats = SequenceStats::of(&values);
         let (logp_c, logp_r) = (half(&stats.logps, 0), half(&stats.logps, 1));
-        let (len_c, len_r) = (half(&stats.tokens, 0), half(&stats.tokens, 1));
-        let out = pair_losses(&self.loss, (&logp_c, &logp_r), (&ref_c, &ref_r), (&len_c, &len_r));
         let sum = |t: &Tensor| t.detach().sum(Kind::Float);
         let nf = n as f64;
         // logits/* are TRL's batch means over all completion tokens (and vocab), per pair here.
@@ -272,7 +286,7 @@ impl Objective for DpoObjective {
             ("logits/chosen", mean_logits(0)),
             ("logits/rejected", mean_logits(1)),
         ]);
-        Ok((out.losses.sum(Kind::Float), metrics))
+        Ok((loss, metrics))
     }
 
     fn reward_plot(&self) -> Option<(&'static str, &'static [&'static str])> {
@@ -289,7 +303,7 @@ fn compute_reference(objective: &DpoObjective, reference: &Llama, batch_size: us
         let values = Tensor::zeros([indices.len() as i64, 2], (Kind::Double, device));
         for (i, chunk) in indices.chunks(batch_size.max(1)).enumerate().skip(world.rank).step_by(world.size) {
             let batch = objective.collate(split, chunk, device)?;
-            let logps = tch::no_grad(|| sequence_stats(&reference.forward(&batch.inputs()), &batch.targets).logps);
+            let logps = reference_logps(reference, &batch);
             // logps holds the chosen completions, then the rejected ones.
             let pairs = logps.to_kind(Kind::Double).view([2, -1]).transpose(0, 1);
             values.narrow(0, (i * batch_size.max(1)) as i64, chunk.len() as i64).copy_(&pairs);

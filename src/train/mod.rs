@@ -7,6 +7,7 @@
 //! - `distributed`: data parallelism over processes (torchrun/Slurm, c10d, ZeRO-1 AdamW).
 //! - `memory`: the per-rank memory plan `--dry-run` prints.
 //! - `fused`: libtorch's fused AdamW kernel (`fused_adamw.cpp`), which `optim` runs.
+//! - `lm_head`: target log-probs and loss gradients over the vocabulary in chunks.
 //! - `examples`: training rows from the dataset format.
 //! - `sft`: the SFT objective and data (masking, packing).
 //! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
@@ -18,6 +19,7 @@ pub mod distributed;
 pub mod dpo;
 pub mod examples;
 pub mod fused;
+pub mod lm_head;
 pub mod memory;
 pub mod metrics;
 pub mod objective;

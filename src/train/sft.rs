@@ -14,7 +14,8 @@ use crate::model::{load_causal_lm, Llama};
 use crate::model::tokenize::ChatTokenizer;
 use super::examples::read_rows;
 use super::args::TrainArgs;
-use super::batch::{summed_cross_entropy, Batch, Document};
+use super::batch::{Batch, Document};
+use super::lm_head::summed_cross_entropy;
 use super::checkpoint;
 use super::memory::Workload;
 use super::objective::{Metrics, Objective, Split};
@@ -121,7 +122,7 @@ impl Objective for SftObjective {
     }
 
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, _split: Split) -> Result<(Tensor, Metrics)> {
-        let loss = summed_cross_entropy(&model.logits(hidden), &batch.targets);
+        let loss = summed_cross_entropy(model, hidden, batch);
         let metrics = Metrics::from([("loss", loss.detach())]);
         Ok((loss, metrics))
     }

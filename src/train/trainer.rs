@@ -96,14 +96,14 @@ pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch,
         (loss * scale).backward();
         return Ok(metrics);
     }
-    let mask = inputs.mask.sdpa_mask();
+    let attend = inputs.mask.attend(model.device(), model.kind());
     let rope = model.rope(inputs.positions, model.kind());
     let mut block_inputs = vec![];
     let last = tch::no_grad(|| {
         let mut x = model.embed(inputs.ids);
         for layer in &model.layers {
             block_inputs.push(x.shallow_clone());
-            x = layer.forward(&x, &rope, mask.as_ref());
+            x = layer.forward(&x, &rope, &attend);
         }
         x
     });
@@ -113,7 +113,7 @@ pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch,
     let mut grad = top.grad();
     for (layer, x) in model.layers.iter().zip(block_inputs).rev() {
         let x = x.detach().set_requires_grad(true);
-        let y = layer.forward(&x, &rope, mask.as_ref());
+        let y = layer.forward(&x, &rope, &attend);
         (y * &grad).sum(Kind::Float).backward();
         grad = x.grad();
     }

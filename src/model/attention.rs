@@ -1,0 +1,125 @@
+//! How tokens attend within a row: plain causal, or several packed documents, each attending
+//! only to itself. Packed rows run libtorch's variable-length flash attention on a CUDA GPU in
+//! bf16/fp16 (`flash_attention.cpp`: cumulative sequence lengths and no mask, as TRL's
+//! padding-free packing does), and SDPA with a `[batch, 1, seq, seq]` document mask elsewhere
+//! (CPU, f32). Grouped-query attention is native in both: SDPA's `enable_gqa`, and the flash
+//! kernel's own, so K and V are never repeated.
+
+use anyhow::{bail, Result};
+use std::ffi::c_char;
+use std::sync::Mutex;
+use tch::{Device, Kind, Tensor};
+use torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn magpie_flash_attention_varlen(query: *const C_tensor, key: *const C_tensor, value: *const C_tensor, cu_seqlens: *const C_tensor,
+                                     max_len: i64, scale: f64, out: *mut *mut C_tensor, err: *mut c_char, len: usize) -> i32;
+}
+
+/// How tokens may attend within a row.
+pub enum AttentionMask {
+    /// Plain causal attention (one document per row, padding only at the end).
+    Causal,
+    /// Packed rows. `ids` `[batch, seq]`: each token's document; a token sees earlier tokens of
+    /// its own document. `cu_seqlens` (int32) bounds the same documents over the flattened
+    /// `[batch * seq]` tokens, each row's padding tail a segment of its own, and `max_len` is the
+    /// longest segment: the varlen kernel's inputs, made on the host with the batch.
+    Documents { ids: Tensor, cu_seqlens: Tensor, max_len: i64 },
+}
+
+/// What every layer's attention runs, chosen once a forward pass.
+pub enum Attend {
+    Causal,
+    /// SDPA with this boolean `[batch, 1, seq, seq]` mask, `true` where attention is allowed.
+    Mask(Tensor),
+    /// Varlen flash attention over these segments.
+    Varlen { cu_seqlens: Tensor, max_len: i64 },
+}
+
+impl AttentionMask {
+    /// The kernel for a model on `device` computing in `kind`: varlen flash attention for packed
+    /// rows where it runs (CUDA, bf16/fp16, a GPU it supports: checked once a process), else SDPA.
+    pub fn attend(&self, device: Device, kind: Kind) -> Attend {
+        match self {
+            AttentionMask::Causal => Attend::Causal,
+            AttentionMask::Documents { cu_seqlens, max_len, .. } if matches!(kind, Kind::BFloat16 | Kind::Half) && flash_runs_on(device, kind) => {
+                Attend::Varlen { cu_seqlens: cu_seqlens.shallow_clone(), max_len: *max_len }
+            }
+            AttentionMask::Documents { ids, .. } => {
+                let t = ids.size()[1];
+                let same = ids.unsqueeze(2).eq_tensor(&ids.unsqueeze(1));
+                let causal = Tensor::ones([t, t], (Kind::Bool, ids.device())).tril(0);
+                Attend::Mask(same.logical_and(&causal).unsqueeze(1))
+            }
+        }
+    }
+}
+
+impl Attend {
+    /// Attention of `query` `[batch, seq, heads, head_dim]` over `key` and `value`
+    /// `[batch, seq, kv_heads, head_dim]`, as `[batch, seq, heads * head_dim]`.
+    pub fn attention(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> Tensor {
+        let (b, t, heads, dim) = query.size4().expect("query is [batch, seq, heads, head_dim]");
+        match self {
+            Attend::Varlen { cu_seqlens, max_len } => {
+                let flat = |x: &Tensor| x.reshape([b * t, x.size()[2], dim]);
+                let y = flash_varlen(&flat(query), &flat(key), &flat(value), cu_seqlens, *max_len)
+                    .unwrap_or_else(|e| panic!("{e:#}"));
+                y.reshape([b, t, heads * dim])
+            }
+            Attend::Causal | Attend::Mask(_) => {
+                let mask = match self {
+                    Attend::Mask(mask) => Some(mask),
+                    _ => None,
+                };
+                let gqa = heads != key.size()[2];
+                let (q, k, v) = (query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2));
+                let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa);
+                y.transpose(1, 2).reshape([b, t, heads * dim])
+            }
+        }
+    }
+}
+
+/// Causal varlen flash attention: `[tokens, heads, head_dim]` queries over
+/// `[tokens, kv_heads, head_dim]` keys and values, sequences bounded by `cu_seqlens`.
+fn flash_varlen(query: &Tensor, key: &Tensor, value: &Tensor, cu_seqlens: &Tensor, max_len: i64) -> Result<Tensor> {
+    let scale = 1.0 / (query.size()[2] as f64).sqrt();
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    let mut err = vec![0u8; 2048];
+    let rc = unsafe {
+        magpie_flash_attention_varlen(query.as_ptr(), key.as_ptr(), value.as_ptr(), cu_seqlens.as_ptr(), max_len, scale, &mut out,
+                                      err.as_mut_ptr() as *mut c_char, err.len())
+    };
+    if rc != 0 {
+        let text = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).into_owned();
+        bail!("varlen flash attention: {}", text.lines().next().unwrap_or(""));
+    }
+    Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Whether varlen flash attention runs on `device` in `kind`: tried once on a tiny input (the
+/// kernel needs an sm80+ GPU); where it does not, packed rows fall back to SDPA with a mask, and
+/// the first failure is printed.
+fn flash_runs_on(device: Device, kind: Kind) -> bool {
+    static CHECKED: Mutex<Vec<(Device, Kind, bool)>> = Mutex::new(vec![]);
+    if !device.is_cuda() {
+        return false;
+    }
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, _, runs)) = checked.iter().find(|(d, k, _)| *d == device && *k == kind) {
+        return runs;
+    }
+    let x = Tensor::ones([4, 2, 8], (kind, device));
+    let cu = Tensor::from_slice(&[0i32, 1, 4]).to_device(device);
+    let runs = match tch::no_grad(|| flash_varlen(&x, &x, &x, &cu, 3)) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("warning: {e:#}; packed rows use SDPA with a document mask instead");
+            false
+        }
+    };
+    checked.push((device, kind, runs));
+    runs
+}
+
