@@ -64,5 +64,6 @@ export MAGPIE_BUILD_CPU_FLAGS="sse sse2 ssse3 sse4_1 sse4_2 popcnt avx avx2 fma 
 export GGML_NATIVE=OFF GGML_AVX=ON GGML_AVX2=ON GGML_FMA=ON GGML_F16C=ON
 say "nvcc $(nvcc --version | grep -oE 'release [0-9.]+'), sm_$CUDA_COMPUTE_CAP, torch from $TORCH_VENV, target $CARGO_TARGET_DIR"
 say "building (cold: about an hour on 2 cores: the CUDA kernels of llama.cpp, candle and mistralrs)"
-(cd "$SRC" && cargo build --release --features cuda "$@")
-say "built $CARGO_TARGET_DIR/release/magpie"
+# MAGPIE_CARGO=test builds the test binaries instead (`cargo test --no-run`), as build-device.sh does.
+(cd "$SRC" && cargo "${MAGPIE_CARGO:-build}" --release --features cuda "$@")
+say "built in $CARGO_TARGET_DIR/release"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds `magpie` on this (CPU) machine for the GPU machine the device tool lends: an H100 with
 # python3, torch 2.11 + CUDA 13.0 and no Rust, no network, and another CPU than this one.
-#   scripts/build-device.sh    # -> device-bin/magpie.xz (under 20 MB) and device-bin/tokenizer/
+#   scripts/build-device.sh    # -> device-bin/{magpie.xz,magpie-tests.xz,tokenizer/}
 # - against torch 2.11 (a second venv; tch 0.26 expects 2.13, so the version check is bypassed
 #   and torch-sys is patched: the 15 generated wrappers torch 2.11 lacks are removed);
 # - with CUDA (scripts/build-cuda.sh: CUDA 13.0 from PyPI wheels, sm_90, x86-64-v3, no AMX), so
@@ -57,11 +57,17 @@ say "building a copy of the working tree with scripts/build-cuda.sh (torch $TORC
 rm -rf "$DEVICE/src" && mkdir -p "$DEVICE/src"
 tar -C "$MAGPIE_ROOT" --exclude=./.git --exclude=./models --exclude=./out --exclude=./.venv --exclude=./device-bin -cf - . | tar -C "$DEVICE/src" -xf -
 export LIBTORCH_BYPASS_VERSION_CHECK=1 MAGPIE_TORCH_VENV="$VENV" MAGPIE_CUDA_SRC="$DEVICE/src"
-"$MAGPIE_ROOT/scripts/build-cuda.sh" --config "patch.crates-io.torch-sys.path=\"$patched\""
+patch="patch.crates-io.torch-sys.path=\"$patched\""
+"$MAGPIE_ROOT/scripts/build-cuda.sh" --config "$patch"
+# The library's unit tests too: the CUDA ones (`on_cuda_*`) run on the GPU machine only.
+MAGPIE_CARGO=test "$MAGPIE_ROOT/scripts/build-cuda.sh" --config "$patch" --lib --no-run 2> "$DEVICE/test-build.log" || { cat "$DEVICE/test-build.log" >&2; exit 1; }
+tests=$(grep -oE 'Executable unittests src/lib.rs \(([^)]*)\)' "$DEVICE/test-build.log" | sed -E 's/.*\((.*)\)/\1/' | tail -1)
 CARGO_TARGET_DIR=${MAGPIE_CUDA_TARGET:-$MAGPIE_CACHE/target-cuda13.0-sm${CUDA_COMPUTE_CAP:-90}}
 mkdir -p "$MAGPIE_ROOT/device-bin"
 strip -o "$DEVICE/magpie" "$CARGO_TARGET_DIR/release/magpie"
 xz -T0 -9 -c "$DEVICE/magpie" > "$MAGPIE_ROOT/device-bin/magpie.xz"
+strip -o "$DEVICE/magpie-tests" "$DEVICE/src/$tests" 2>/dev/null || strip -o "$DEVICE/magpie-tests" "$tests"
+xz -T0 -9 -c "$DEVICE/magpie-tests" > "$MAGPIE_ROOT/device-bin/magpie-tests.xz"
 # SmolLM2's tokenizer and chat template for the random-weight models gpu-check.sh makes.
 rm -rf "$DEVICE/smollm2" "$MAGPIE_ROOT/device-bin/tokenizer" && mkdir -p "$MAGPIE_ROOT/device-bin/tokenizer"
 "$MAGPIE_BIN" convert -o "$DEVICE/smollm2"

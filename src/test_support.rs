@@ -31,7 +31,10 @@ pub fn read_all(inputs: &[&Path]) -> anyhow::Result<RecordBatch> {
 
 /// The repository's committed fixture `name` (data/fixtures).
 pub fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fixtures").join(name)
+    // At run time first: a test binary carried to another machine (scripts/gpu-check.sh) is
+    // pointed at that machine's checkout.
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    root.join("data/fixtures").join(name)
 }
 
 /// Where set-up put the models: `$MAGPIE_HOME` if set, else the checkout's `models/`.

@@ -3,11 +3,16 @@
 //! sampled output is reproducible per request. That takes, besides a sampler seeded per request:
 //! - its own KV stream per sequence (`kv_unified = false`);
 //! - flash attention off (the CPU kernel's summation order depends on the batch);
+//!
+//! On CUDA (the `cuda` feature with a GPU) every layer is offloaded, flash attention is left to
+//! llama.cpp, and the KV cache is sized from the GPU's free memory and `--gpu-memory-utilization`.
+//! Batched CUDA matmuls choose their kernels (and summation order) by batch size, so there
+//! greedy output alone and batched can differ; scripts/gpu-check.sh counts how often.
 //! - llama.cpp built with `GGML_LLAMAFILE=OFF` and `GGML_CPU_REPACK=OFF` (.cargo/config.toml),
 //!   whose batched matmuls sum in another order than single rows.
 
 use super::{Completion, Engine, EngineOptions, FinishReason, Request, Sampling, StopStrings};
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -46,13 +51,31 @@ pub fn system_info() -> Result<String> {
     Ok(info.to_string_lossy().trim().to_string())
 }
 
+/// Free and total bytes of the first GPU llama.cpp sees.
+fn gpu_memory() -> Result<(usize, usize)> {
+    backend()?;
+    // SAFETY: ggml's device registry is initialised by the backend; the device handle is static.
+    let device = unsafe { llama_cpp_sys_2::ggml_backend_dev_by_type(llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_GPU) };
+    if device.is_null() {
+        bail!("llama.cpp sees no GPU (built without CUDA, or no device visible)");
+    }
+    let (mut free, mut total) = (0usize, 0usize);
+    unsafe { llama_cpp_sys_2::ggml_backend_dev_memory(device, &mut free, &mut total) };
+    Ok((free, total))
+}
+
 pub struct LlamaCpp {
     model: LlamaModel,
     batch_size: usize,
     threads: i32,
     kv_tokens: usize,
+    /// `Some(share)` with every layer on the GPU: the KV budget comes from its memory.
+    gpu_memory_utilization: Option<f64>,
     widest_batch: usize,
 }
+
+/// Room left on the GPU for llama.cpp's compute buffers (activations, logits) beside the KV cache.
+const GPU_COMPUTE_RESERVE: usize = 1 << 30;
 
 /// A sequence being decoded in one slot of the batch.
 struct Active {
@@ -80,7 +103,7 @@ fn sampler(sampling: &Sampling) -> LlamaSampler {
 
 impl LlamaCpp {
     pub fn load(path: &Path, options: &EngineOptions) -> Result<Self> {
-        let params = LlamaModelParams::default();
+        let params = if options.cuda { LlamaModelParams::default().with_n_gpu_layers(u32::MAX) } else { LlamaModelParams::default() };
         let model = LlamaModel::load_from_file(backend()?, path, &params)
             .map_err(|e| anyhow!("{}: llama.cpp could not load this model: {e}", path.display()))?;
         Ok(LlamaCpp {
@@ -88,8 +111,22 @@ impl LlamaCpp {
             batch_size: options.batch_size.max(1),
             threads: options.threads.max(1) as i32,
             kv_tokens: options.kv_tokens.max(256),
+            gpu_memory_utilization: options.cuda.then_some(options.gpu_memory_utilization),
             widest_batch: 0,
         })
+    }
+
+    /// KV-cache tokens the budget holds: `--kv-tokens` on CPU; on a GPU, what is left of
+    /// `utilization × total` after what is in use (the weights) and a compute reserve, in f16
+    /// K and V for every layer.
+    fn kv_budget(&self) -> Result<usize> {
+        let Some(utilization) = self.gpu_memory_utilization else { return Ok(self.kv_tokens) };
+        let (free, total) = gpu_memory()?;
+        let budget = (total as f64 * utilization) as usize;
+        let left = budget.saturating_sub(total - free).saturating_sub(GPU_COMPUTE_RESERVE);
+        let head_dim = (self.model.n_embd() as usize) / (self.model.n_head() as usize).max(1);
+        let per_token = self.model.n_layer() as usize * 2 * self.model.n_head_kv() as usize * head_dim * 2;
+        Ok(left / per_token.max(1))
     }
 
     fn piece(&self, token: LlamaToken) -> Vec<u8> {
@@ -122,7 +159,14 @@ impl Engine for LlamaCpp {
         }
         let per_sequence = requests.iter().map(|r| r.prompt.len() + r.sampling.max_tokens + 1).max().unwrap().min(train_ctx);
         let per_sequence = per_sequence.next_multiple_of(256);
-        let slots = self.batch_size.min(requests.len()).min((self.kv_tokens / per_sequence).max(1));
+        let kv_budget = self.kv_budget()?;
+        if self.gpu_memory_utilization.is_some() && kv_budget < per_sequence {
+            bail!(
+                "the KV cache does not fit: one sequence needs {per_sequence} tokens, and --gpu-memory-utilization {} leaves room for {kv_budget} after the weights (raise it, or lower max_tokens)",
+                self.gpu_memory_utilization.unwrap_or_default()
+            );
+        }
+        let slots = self.batch_size.min(requests.len()).min((kv_budget / per_sequence).max(1));
         let batch_tokens = (longest_prompt + slots).max(512);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new((per_sequence * slots) as u32))
@@ -131,8 +175,9 @@ impl Engine for LlamaCpp {
             .with_n_seq_max(slots as u32)
             .with_kv_unified(false)
             // CPU flash attention sums in an order that depends on the batch; off, greedy output
-            // is the same alone or batched (src/engine/mod.rs tests it). 0 = DISABLED.
-            .with_flash_attention_policy(0)
+            // is the same alone or batched (src/engine/mod.rs tests it). 0 = disabled, -1 = auto
+            // (on a GPU, where batching changes the matmul kernels anyway).
+            .with_flash_attention_policy(if self.gpu_memory_utilization.is_some() { -1 } else { 0 })
             .with_n_threads(self.threads)
             .with_n_threads_batch(self.threads);
         let mut ctx = self.model.new_context(backend()?, params).map_err(|e| anyhow!("llama.cpp context: {e}"))?;

@@ -1,5 +1,6 @@
 //! mistralrs 0.8.1: loads a Hugging Face safetensors directory or a GGUF file, on CPU or (with the
-//! `cuda` cargo feature) on CUDA with PagedAttention. Requests are raw token ids
+//! `cuda` cargo feature) on CUDA with PagedAttention, its KV cache sized by
+//! `--gpu-memory-utilization` (mistralrs's default is a 4,096-token cache). Requests are raw token ids
 //! (`RequestMessage::CompletionTokens`).
 //!
 //! mistralrs 0.8.1 mixes up sequences when it batches on CPU (concurrent greedy requests with
@@ -48,7 +49,9 @@ impl MistralRs {
                     .with_token_source(TokenSource::None)
                     .with_max_num_seqs(options.batch_size.max(1));
                 if options.cuda {
-                    builder = builder.with_paged_attn(mistralrs::PagedAttentionMetaBuilder::default().build()?);
+                    // The KV cache takes what the weights leave of `gpu_memory_utilization` of the GPU.
+                    let memory = mistralrs::MemoryGpuConfig::Utilization(options.gpu_memory_utilization as f32);
+                    builder = builder.with_paged_attn(mistralrs::PagedAttentionMetaBuilder::default().with_gpu_memory(memory).build()?);
                 } else {
                     builder = builder.with_force_cpu();
                 }

@@ -92,22 +92,31 @@ pub enum EngineChoice {
     Llamacpp,
 }
 
+/// Sequences decoded together by default (`--max-num-seqs`): vLLM's 256 on a GPU; on CPU, where
+/// each sequence costs compute rather than memory bandwidth, 32.
+pub const DEFAULT_MAX_NUM_SEQS: usize = if cfg!(feature = "cuda") { 256 } else { 32 };
+
 /// Engine settings from the command line.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     pub choice: EngineChoice,
-    /// Sequences decoded together (llama.cpp; mistralrs on CUDA).
+    /// Sequences decoded together (`--max-num-seqs`; llama.cpp, and mistralrs on CUDA).
     pub batch_size: usize,
     pub threads: usize,
-    /// Upper bound on KV-cache tokens across all sequences of a batch.
+    /// Upper bound on KV-cache tokens across all sequences of a batch (CPU).
     pub kv_tokens: usize,
+    /// On a GPU: the share of its memory the engine may fill, weights and KV cache together
+    /// (vLLM's `--gpu-memory-utilization`); the KV cache gets what the weights leave.
+    pub gpu_memory_utilization: f64,
     pub cuda: bool,
 }
 
 impl EngineOptions {
-    /// Options for this build: CUDA when it was built with the `cuda` feature.
-    pub fn new(choice: EngineChoice, batch_size: usize, threads: usize, kv_tokens: usize) -> Self {
-        EngineOptions { choice, batch_size, threads, kv_tokens, cuda: cfg!(feature = "cuda") }
+    /// Options for this build: CUDA when it was built with the `cuda` feature and libtorch sees
+    /// a GPU.
+    pub fn new(choice: EngineChoice, batch_size: usize, threads: usize, kv_tokens: usize, gpu_memory_utilization: f64) -> Self {
+        let cuda = cfg!(feature = "cuda") && tch::Cuda::is_available();
+        EngineOptions { choice, batch_size, threads, kv_tokens, gpu_memory_utilization, cuda }
     }
 }
 
@@ -222,7 +231,7 @@ mod batch_invariance {
     /// Runs the requests as one batch and one at a time; returns both outputs and the widest
     /// batch each path decoded.
     fn batched_and_alone(choice: EngineChoice, cuda: bool) -> (Vec<Completion>, usize, Vec<Completion>, usize) {
-        let options = EngineOptions { choice, batch_size: 16, threads: 2, kv_tokens: 16384, cuda };
+        let options = EngineOptions { choice, batch_size: 16, threads: 2, kv_tokens: 16384, gpu_memory_utilization: 0.9, cuda };
         let mut engine = open(&test_model(), &options).unwrap();
         let requests = requests(engine.as_ref());
         let batched = engine.generate(&requests, &mut |_| {}).unwrap();

@@ -118,6 +118,16 @@ pub mod tests {
         Loaded { vs, model, dir }
     }
 
+    /// A tiny fixture saved and loaded back onto `device` in `kind` (through `load_causal_lm`, as
+    /// training loads models); the folder lives as long as the returned guard.
+    pub fn tiny_on(name: &str, device: Device, kind: Kind) -> (tempfile::TempDir, Loaded) {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = tiny(name);
+        hf::save(&tiny.vs, &tiny.dir, &dir.path().join("m"), &crate::output::Provenance::new("test", ())).unwrap();
+        let loaded = load_causal_lm(&dir.path().join("m"), device, kind).unwrap();
+        (dir, loaded)
+    }
+
     pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
         (a - b).abs().max().double_value(&[])
     }

@@ -136,8 +136,8 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 128)]
     pub chunk_rows: usize,
 
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = 32)]
+    /// Sequences decoded together (vLLM's `--max-num-seqs`): 256 in a CUDA build, 32 on CPU.
+    #[arg(long, visible_alias = "max-num-seqs", default_value_t = crate::engine::DEFAULT_MAX_NUM_SEQS)]
     #[serde(skip)]
     pub batch_size: usize,
 
@@ -146,10 +146,24 @@ pub struct SynthArgs {
     #[serde(skip)]
     pub threads: Option<usize>,
 
-    /// KV-cache budget in tokens across the sequences of a batch.
+    /// KV-cache budget in tokens across the sequences of a batch, on CPU.
     #[arg(long, default_value_t = 65536)]
     #[serde(skip)]
     pub kv_tokens: usize,
+
+    /// On a GPU: the share of its memory the engine may fill, weights and KV cache together
+    /// (as vLLM's flag); the KV cache gets the rest after the weights. A KV cache that cannot hold
+    /// one sequence is an error naming the sizes.
+    #[arg(long, default_value_t = 0.9, value_parser = parse_utilization)]
+    #[serde(skip)]
+    pub gpu_memory_utilization: f64,
+}
+
+fn parse_utilization(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
+        _ => Err(format!("expected a share of the GPU's memory in (0, 1], got `{text}`")),
+    }
 }
 
 /// `i/N`: this process generates every N-th chunk, starting at chunk i.

@@ -395,7 +395,7 @@ fn single_token_ids(engine: &dyn Engine, stops: &[String]) -> Result<Vec<u32>> {
 pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
     let info = model::resolve(args.model.as_deref())?;
     let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = EngineOptions::new(args.engine, args.batch_size, threads, args.kv_tokens);
+    let options = EngineOptions::new(args.engine, args.batch_size, threads, args.kv_tokens, args.gpu_memory_utilization);
     let engine = engine::open(&info.path, &options)?;
     let mut synth = Synthesizer::new(args, &info, engine)?;
     let source = if args.input.is_empty() { None } else { Some(InputRows::read(&args.input)?) };
