@@ -49,6 +49,7 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={FUSED_ADAMW}");
     println!("cargo:rerun-if-changed={FLASH_ATTENTION}");
+    println!("cargo:rerun-if-changed=src/torch_ffi.h");
     println!("cargo:rerun-if-changed={VENDOR}");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let torch = lib_dir.parent().expect("libtorch's lib folder has a parent");

@@ -52,9 +52,12 @@ if [ ! -f "$ROOT/lib/stubs/libcuda.so" ]; then
 fi
 torch_cuda_lib=$("$TORCH_VENV/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))")
 
-export CUDA_HOME="$ROOT" CUDA_PATH="$ROOT" CUDA_ROOT="$ROOT" CUDAToolkit_ROOT="$ROOT" CUDACXX="$ROOT/bin/nvcc"
+export CUDA_HOME="$ROOT" CUDA_PATH="$ROOT/" CUDA_ROOT="$ROOT" CUDAToolkit_ROOT="$ROOT" CUDACXX="$ROOT/bin/nvcc"
 export PATH="$ROOT/bin:$TORCH_VENV/bin:$PATH" VIRTUAL_ENV="$TORCH_VENV"
 export LIBRARY_PATH="$ROOT/lib:$ROOT/lib/stubs:${LIBRARY_PATH:-}"
+# llama-cpp-sys-2 finds cudart_static through find_cuda_helper, which looks in $CUDA_LIBRARY_PATH/lib64.
+[ -e "$ROOT/lib64" ] || ln -s lib "$ROOT/lib64"
+export CUDA_LIBRARY_PATH="$ROOT"
 export CMAKE_CUDA_ARCHITECTURES="$CUDA_COMPUTE_CAP-real"
 export CARGO_TARGET_DIR=${MAGPIE_CUDA_TARGET:-$MAGPIE_CACHE/target-cuda$CUDA-sm$CUDA_COMPUTE_CAP}
 export RUSTFLAGS="-C target-cpu=x86-64-v3 -C link-arg=-Wl,-rpath,$torch_cuda_lib"

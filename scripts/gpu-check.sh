@@ -73,7 +73,10 @@ echo "$group"
 throughput="not run on $DEVICE"
 if [ "$DEVICE" = cuda ]; then
   say "3. throughput: 1B shape, bf16, packed 4 x 2048"
+  # Peak memory of both processes as nvidia-smi sees it (context and allocator cache included).
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$W/smi-torch.txt" & smi=$!
   python3 scripts/gpu_check.py torch-sft "$W/m1b" "$W/sft.parquet" 12 > "$W/torch.json"
+  kill $smi
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$W/smi.txt" & smi=$!
   "$M" sft --model "$W/m1b" -i "$W/sft.parquet" --bf16 --packing --max-length 2048 --per-device-train-batch-size 4 --max-steps 12 \
     --learning-rate 1e-5 --lr-scheduler-type constant --save-steps 0 --logging-steps 12 --device cuda -o "$W/sft-1b" 2> "$W/sft-1b.log"
@@ -85,9 +88,10 @@ t = json.load(open(f"{w}/torch.json"))
 rows = [json.loads(l) for l in open(f"{w}/sft-1b/metrics.jsonl") if '"grad_norm"' in l]
 ours = rows[-1]["tokens_per_second"]
 n = t["parameters"]
-peak = max(int(x) for x in open(f"{w}/smi.txt").read().split()) / 1024
+peak = lambda name: max(int(x) for x in open(f"{w}/{name}").read().split()) / 1024
 print(f"magpie {ours:,.0f} tok/s (MFU {6 * n * ours / 989e12:.1%}), PyTorch eager {t['tok_per_s']:,.0f} tok/s (MFU {6 * n * t['tok_per_s'] / 989e12:.1%}): "
-      f"{ours / t['tok_per_s']:.2f}x; peak GPU memory magpie {peak:.1f} GiB (nvidia-smi), PyTorch {t['peak_gib']:.1f} GiB allocated; N = {n / 1e9:.2f}B")
+      f"{ours / t['tok_per_s']:.2f}x; peak GPU memory (nvidia-smi) magpie {peak('smi.txt'):.1f} GiB, PyTorch {peak('smi-torch.txt'):.1f} GiB "
+      f"({t['peak_gib']:.1f} GiB allocated); N = {n / 1e9:.2f}B")
 PY
 )
   echo "$throughput"

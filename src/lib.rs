@@ -12,7 +12,8 @@
 //!   tokenizer, chat and pre-query templates, GGUF reading and conversion).
 //! - `engine`: the generation engines (llama.cpp, mistralrs) and model lookup.
 //! - `home` (model and cache folders), `seed` (deterministic randomness), `cpu` (what this CPU
-//!   can run), `plot` (PNG charts with an embedded font), `doctor`.
+//!   can run), `plot` (PNG charts with an embedded font), `doctor`, `torch_ffi` (the C++ shims'
+//!   error convention).
 //! - `cli` and `recipe`: the command line and YAML recipes.
 
 pub mod cli;
@@ -29,6 +30,7 @@ pub mod plot;
 pub mod recipe;
 pub mod seed;
 pub mod synth;
+pub mod torch_ffi;
 pub mod train;
 
 #[cfg(test)]

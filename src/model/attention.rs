@@ -5,15 +5,17 @@
 //! (CPU, f32). Grouped-query attention is native in both: SDPA's `enable_gqa`, and the flash
 //! kernel's own, so K and V are never repeated.
 
-use anyhow::{bail, Result};
-use std::ffi::c_char;
+use anyhow::Result;
+use std::ffi::{c_char, c_int};
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
+use crate::torch_ffi::checked;
+
 unsafe extern "C" {
     fn magpie_flash_attention_varlen(query: *const C_tensor, key: *const C_tensor, value: *const C_tensor, cu_seqlens: *const C_tensor,
-                                     max_len: i64, scale: f64, out: *mut *mut C_tensor, err: *mut c_char, len: usize) -> i32;
+                                     max_len: i64, scale: f64, out: *mut *mut C_tensor, err: *mut c_char, len: usize) -> c_int;
 }
 
 /// How tokens may attend within a row.
@@ -86,15 +88,10 @@ impl Attend {
 fn flash_varlen(query: &Tensor, key: &Tensor, value: &Tensor, cu_seqlens: &Tensor, max_len: i64) -> Result<Tensor> {
     let scale = 1.0 / (query.size()[2] as f64).sqrt();
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    let mut err = vec![0u8; 2048];
-    let rc = unsafe {
-        magpie_flash_attention_varlen(query.as_ptr(), key.as_ptr(), value.as_ptr(), cu_seqlens.as_ptr(), max_len, scale, &mut out,
-                                      err.as_mut_ptr() as *mut c_char, err.len())
-    };
-    if rc != 0 {
-        let text = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).into_owned();
-        bail!("varlen flash attention: {}", text.lines().next().unwrap_or(""));
-    }
+    checked("varlen flash attention", |err, len| unsafe {
+        magpie_flash_attention_varlen(query.as_ptr(), key.as_ptr(), value.as_ptr(), cu_seqlens.as_ptr(), max_len, scale, &mut out, err, len)
+    })?;
+    // SAFETY: on success the shim stored a tensor it allocated with `new`, which tch now owns.
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 

@@ -2,10 +2,12 @@
 //! group updated by one multi-tensor kernel (CUDA and CPU), instead of a dozen small ops a
 //! parameter. tch 0.26 does not wrap it, so `fused_adamw.cpp` (compiled by build.rs) does.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::ffi::{c_char, c_int};
 use tch::Tensor;
 use torch_sys::C_tensor;
+
+use crate::torch_ffi::checked;
 
 unsafe extern "C" {
     fn magpie_fused_adamw(params: *const *const C_tensor, grads: *const *const C_tensor, exp_avgs: *const *const C_tensor,
@@ -46,14 +48,8 @@ pub struct Hyper {
 pub fn adamw(group: &Group, h: &Hyper) -> Result<()> {
     let ptrs = |tensors: &[Tensor]| tensors.iter().map(|t| t.as_ptr()).collect::<Vec<_>>();
     let (values, grads, exp_avgs, exp_avg_sqs) = (ptrs(&group.values), ptrs(&group.grads), ptrs(&group.exp_avgs), ptrs(&group.exp_avg_sqs));
-    let mut err = vec![0u8; 2048];
-    let rc = unsafe {
+    checked("fused AdamW", |err, len| unsafe {
         magpie_fused_adamw(values.as_ptr(), grads.as_ptr(), exp_avgs.as_ptr(), exp_avg_sqs.as_ptr(), values.len() as c_int, h.step as f64, h.lr,
-                           h.beta1, h.beta2, h.weight_decay, h.eps, err.as_mut_ptr() as *mut c_char, err.len())
-    };
-    if rc != 0 {
-        let text = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).into_owned();
-        bail!("fused AdamW: {}", text.lines().next().unwrap_or(""));
-    }
-    Ok(())
+                           h.beta1, h.beta2, h.weight_decay, h.eps, err, len)
+    })
 }

@@ -1,12 +1,13 @@
 // libtorch's fused AdamW kernel (`torch.optim.AdamW(fused=True)`: one multi-tensor kernel on CUDA
 // and CPU) behind a C interface for Rust (src/train/fused.rs); tch 0.26 does not wrap it.
 // Compiled by build.rs against the same libtorch as tch; tensors cross as `torch::Tensor*`.
-// Returns 0 on success, or writes the exception's message into `err` and returns 1.
+// Errors as torch_ffi.h says.
 
 #include <ATen/ATen.h>
 #include <ATen/ops/_fused_adamw.h>
 
-#include <cstring>
+#include "../torch_ffi.h"
+
 #include <optional>
 #include <vector>
 
@@ -24,8 +25,8 @@ std::vector<at::Tensor> list(at::Tensor** tensors, int n) {
 extern "C" int magpie_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs, int n,
                                   double step, double lr, double beta1, double beta2, double weight_decay, double eps, char* err,
                                   size_t len) {
-  try {
-    if (n == 0) return 0;
+  return magpie::guarded(err, len, [&] {
+    if (n == 0) return;
     auto values = list(params, n);
     // The step count the bias corrections use, one 0-dim f32 tensor per parameter as torch.optim
     // keeps them (the kernel reads them; torch.optim increments them before the call).
@@ -35,12 +36,5 @@ extern "C" int magpie_fused_adamw(at::Tensor** params, at::Tensor** grads, at::T
     for (int i = 0; i < n; i++) steps.push_back(step_tensor);
     at::_fused_adamw_(values, list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {}, steps, lr, beta1, beta2, weight_decay, eps,
                       /*amsgrad=*/false, /*maximize=*/false, std::nullopt, std::nullopt);
-    return 0;
-  } catch (const std::exception& e) {
-    if (len > 0) {
-      std::strncpy(err, e.what(), len - 1);
-      err[len - 1] = '\0';
-    }
-    return 1;
-  }
+  });
 }

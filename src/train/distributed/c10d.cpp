@@ -12,6 +12,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "../../torch_ffi.h"
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -26,24 +28,8 @@ struct Group {
   std::chrono::milliseconds timeout;
 };
 
-void set_error(char* err, size_t len, const char* what) {
-  if (len == 0) return;
-  std::strncpy(err, what, len - 1);
-  err[len - 1] = '\0';
-}
-
-template <typename F>
-int guarded(char* err, size_t len, F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    set_error(err, len, e.what());
-  } catch (...) {
-    set_error(err, len, "unknown C++ exception in c10d");
-  }
-  return 1;
-}
+using magpie::guarded;
+using magpie::set_error;
 
 void wait(Group* group, const c10::intrusive_ptr<c10d::Work>& work) {
   work->wait(group->timeout);

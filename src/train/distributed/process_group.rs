@@ -7,22 +7,14 @@ use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
 
+use crate::torch_ffi::checked;
+
 unsafe extern "C" {
     fn magpie_c10d_new(backend: *const c_char, host: *const c_char, port: c_int, rank: c_int, world: c_int, device: c_int, timeout_ms: c_long,
                        out: *mut *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn magpie_c10d_free(group: *mut c_void);
     fn magpie_c10d_all_reduce_sum(group: *mut c_void, tensor: *const C_tensor, err: *mut c_char, len: usize) -> c_int;
     fn magpie_c10d_all_gather(group: *mut c_void, output: *const C_tensor, input: *const C_tensor, err: *mut c_char, len: usize) -> c_int;
-}
-
-/// Runs a shim call, turning its error text into an error.
-fn checked(what: &str, call: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
-    let mut err = vec![0u8; 4096];
-    if call(err.as_mut_ptr() as *mut c_char, err.len()) == 0 {
-        return Ok(());
-    }
-    let text = String::from_utf8_lossy(&err[..err.iter().position(|&b| b == 0).unwrap_or(err.len())]).into_owned();
-    bail!("{what}: {}", text.lines().next().unwrap_or("").trim())
 }
 
 /// This process's membership of the group; leaving it (drop) closes the connections.
