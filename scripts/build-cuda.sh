@@ -12,7 +12,7 @@
 #   the driver's real library replaces it at run time) and empty cublas_static/culibos archives:
 #   cuBLAS is then linked dynamically, the same libcublas.so.13 that candle's cudarc links.
 # - Portable CPU baseline (x86-64-v3: AVX2, no AVX-512, no AMX) as scripts/build-device.sh.
-# - The binary's rpath names the torch venv's nvidia/cu13/lib, where the torch wheel keeps
+# - The binary's rpath names the project venv's nvidia/cu13/lib, where the torch wheel keeps
 #   cuBLAS, cuRAND and NVRTC; the GPU machine's driver provides libcuda.so.1.
 # Overrides: CUDA_COMPUTE_CAP (90), MAGPIE_TORCH_VENV (the venv whose torch tch links against;
 # default the project's), MAGPIE_CUDA_SRC (the tree to build; default this checkout), extra
@@ -50,7 +50,10 @@ if [ ! -f "$ROOT/lib/stubs/libcuda.so" ]; then
   say "stub exports $(nm -D --defined-only "$ROOT/lib/stubs/libcuda.so" | grep -c ' T cu') driver entry points"
   for archive in cublas_static cublasLt_static culibos; do ar rcs "$ROOT/lib/lib$archive.a"; done
 fi
-torch_cuda_lib=$("$TORCH_VENV/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))")
+# The rpath names the project venv's copy (scripts/setup.sh's torch wheel), whichever torch tch
+# links: RUSTFLAGS are part of every crate's fingerprint, so one fixed value lets
+# scripts/build-device.sh reuse this build's CUDA kernels (it runs with LD_LIBRARY_PATH anyway).
+torch_cuda_lib=$("$MAGPIE_CACHE/venv/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))")
 
 export CUDA_HOME="$ROOT" CUDA_PATH="$ROOT/" CUDA_ROOT="$ROOT" CUDAToolkit_ROOT="$ROOT" CUDACXX="$ROOT/bin/nvcc"
 export PATH="$ROOT/bin:$TORCH_VENV/bin:$PATH" VIRTUAL_ENV="$TORCH_VENV"

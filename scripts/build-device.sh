@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds `magpie` on this (CPU) machine for the GPU machine the device tool lends: an H100 with
 # python3, torch 2.11 + CUDA 13.0 and no Rust, no network, and another CPU than this one.
-#   scripts/build-device.sh    # -> device-bin/{magpie.xz,magpie-tests.xz,tokenizer/}
+#   scripts/build-device.sh    # -> device-bin/{magpie.xz,tokenizer/}, device-tests/magpie-tests.xz
 # - against torch 2.11 (a second venv; tch 0.26 expects 2.13, so the version check is bypassed
 #   and torch-sys is patched: the 15 generated wrappers torch 2.11 lacks are removed);
 # - with CUDA (scripts/build-cuda.sh: CUDA 13.0 from PyPI wheels, sm_90, x86-64-v3, no AMX), so
@@ -66,8 +66,11 @@ CARGO_TARGET_DIR=${MAGPIE_CUDA_TARGET:-$MAGPIE_CACHE/target-cuda13.0-sm${CUDA_CO
 mkdir -p "$MAGPIE_ROOT/device-bin"
 strip -o "$DEVICE/magpie" "$CARGO_TARGET_DIR/release/magpie"
 xz -T0 -9 -c "$DEVICE/magpie" > "$MAGPIE_ROOT/device-bin/magpie.xz"
+# In a folder of its own: with the CUDA kernels each binary is about 42 MB xz'd, and a device call
+# carries at most 64 MiB, so the unit tests go in a second call (gpu-check.sh's `units` part).
+mkdir -p "$MAGPIE_ROOT/device-tests"
 strip -o "$DEVICE/magpie-tests" "$DEVICE/src/$tests" 2>/dev/null || strip -o "$DEVICE/magpie-tests" "$tests"
-xz -T0 -9 -c "$DEVICE/magpie-tests" > "$MAGPIE_ROOT/device-bin/magpie-tests.xz"
+xz -T0 -9 -c "$DEVICE/magpie-tests" > "$MAGPIE_ROOT/device-tests/magpie-tests.xz"
 # SmolLM2's tokenizer and chat template for the random-weight models gpu-check.sh makes.
 rm -rf "$DEVICE/smollm2" "$MAGPIE_ROOT/device-bin/tokenizer" && mkdir -p "$MAGPIE_ROOT/device-bin/tokenizer"
 "$MAGPIE_BIN" convert -o "$DEVICE/smollm2"

@@ -2,11 +2,12 @@
 # The GPU checks of the training and synthesis issues (#11, #12, #14), in one run on the GPU machine
 # the device tool lends (an H100, no network, no Rust, no fonts; python3 with torch 2.11,
 # transformers, pyarrow). Needs what scripts/build-device.sh puts in ./device-bin (git ignores it):
-#   device-bin/magpie.xz  device-bin/magpie-tests.xz  device-bin/tokenizer/{tokenizer.json,...}
+#   device-bin/magpie.xz  device-bin/tokenizer/{tokenizer.json,...}  device-tests/magpie-tests.xz
 # then on the device:  scripts/gpu-check.sh device-bin     # under 8 minutes; the table at the end
-# GPU_CHECK_PARTS="train synth" (the default) picks the halves, to split the run over two calls.
-# 0. the library's CUDA unit tests (`on_cuda_*`: varlen flash attention per document, the chunked
-#    vocabulary loss and its gradients);
+# GPU_CHECK_PARTS picks parts: "train synth" (the default; one call carrying device-bin) and
+# "units" (a second call carrying device-tests: each binary is ~42 MB, a call carries 64 MiB).
+# 0. units: the library's CUDA unit tests (`on_cuda_*`: varlen flash attention per document, the
+#    chunked vocabulary loss and its gradients), from device-tests/ (GPU_CHECK_TESTS);
 # 1. parity: SFT, SmolLM2-135M shape, random weights, f32, 4 steps: losses on CPU vs CUDA (1e-3);
 # 2. NCCL at world size 1 (torchrun's variables): the same losses as without a process group;
 # 3. throughput: SFT, Llama-3.2-1B shape, bf16, packing, 4 x 2048 tokens, against a PyTorch eager
@@ -29,7 +30,7 @@ part() { [[ " $PARTS " == *" $1 "* ]]; }
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
 export MAGPIE_CACHE="$W/cache"
-if [ -n "${MAGPIE:-}" ]; then M=$MAGPIE; else xz -dc "$BIN_DIR/magpie.xz" > "$W/magpie" && chmod +x "$W/magpie" && M="$W/magpie"; fi
+if [ -n "${MAGPIE:-}" ]; then M=$MAGPIE; elif [ -f "$BIN_DIR/magpie.xz" ]; then xz -dc "$BIN_DIR/magpie.xz" > "$W/magpie" && chmod +x "$W/magpie" && M="$W/magpie"; fi
 torch_lib=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 # cuBLAS, cuRAND and NVRTC for the CUDA engines: the torch wheel's nvidia/cu13/lib.
 cuda_lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
@@ -37,15 +38,17 @@ export LD_LIBRARY_PATH="$torch_lib:$cuda_lib:${LD_LIBRARY_PATH:-}"
 say() { printf '\n== %s\n' "$*"; }
 losses() { python3 scripts/gpu_check.py losses "$1"; }
 
-parity="not run"; group="not run"; throughput="not run"; dpo="not run"; master="not run"; units="not run"
-if part train; then
-if [ "$DEVICE" = cuda ] && [ -f "$BIN_DIR/magpie-tests.xz" ]; then
+units="not run"
+if part units; then
   say "0. CUDA unit tests"
-  xz -dc "$BIN_DIR/magpie-tests.xz" > "$W/magpie-tests" && chmod +x "$W/magpie-tests"
+  TESTS=${GPU_CHECK_TESTS:-device-tests}
+  xz -dc "$TESTS/magpie-tests.xz" > "$W/magpie-tests" && chmod +x "$W/magpie-tests"
   CARGO_MANIFEST_DIR="$PWD" "$W/magpie-tests" on_cuda --test-threads 1 2>&1 | tee "$W/units.log" | tail -8
   units=$(grep -E "^test result" "$W/units.log" | tail -1)
 fi
 
+parity="not run"; group="not run"; throughput="not run"; dpo="not run"; master="not run"
+if part train; then
 say "models and data (random weights, SmolLM2 tokenizer)"
 python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)"
 sft() { "$M" sft --model "$W/m135" -i "$W/sft.parquet" --max-length 512 --per-device-train-batch-size 4 --max-steps 4 --learning-rate 1e-4 \

@@ -231,7 +231,7 @@ mod tests {
         loss.backward();
         let mut grads: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().map(|(n, v)| (n, v.grad().copy())).collect();
         grads.sort_by(|a, b| a.0.cmp(&b.0));
-        for (_, mut v) in loaded.vs.variables() {
+        for (_, v) in loaded.vs.variables() {
             let _ = v.grad().zero_();
         }
         grads
