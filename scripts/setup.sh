@@ -76,7 +76,8 @@ for out in "$CARGO_TARGET_DIR"/release/build/torch-sys-*/output; do
 done
 
 for other in "$MAGPIE_CACHE"/target-*; do
-  [ -d "$other" ] && [ "$other" != "$CARGO_TARGET_DIR" ] && say "note: $other holds a build for another CPU ($(du -sh "$other" | cut -f1)); delete it if that machine is gone"
+  # target-cuda*: scripts/build-cuda.sh's portable CUDA build, not another CPU's.
+  [ -d "$other" ] && [ "$other" != "$CARGO_TARGET_DIR" ] && [[ "$other" != */target-cuda* ]] && say "note: $other holds a build for another CPU ($(du -sh "$other" | cut -f1)); delete it if that machine is gone"
 done
 say "building magpie (release, native CPU $MAGPIE_CPU_ID) into $CARGO_TARGET_DIR"
 cargo build --release --locked

@@ -255,3 +255,17 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     let shard = Shard::resolve(args.shard)?;
     pipeline::run(args, &output, shard)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_memory_utilization_is_a_share_of_the_gpu_in_zero_to_one() {
+        assert_eq!(parse_utilization("0.9"), Ok(0.9));
+        assert_eq!(parse_utilization("1"), Ok(1.0));
+        for bad in ["0", "1.5", "-0.1", "ninety"] {
+            assert!(parse_utilization(bad).unwrap_err().contains(bad), "{bad}");
+        }
+    }
+}
