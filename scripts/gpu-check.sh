@@ -70,7 +70,15 @@ echo "$parity"
 say "2. process group of one (NCCL on CUDA, Gloo on CPU)"
 WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29561 sft --device "$DEVICE" -o "$W/sft-pg" 2> "$W/sft-pg.log"
 grep -m1 "rank 0 of 1" "$W/sft-pg.log" || true
-if [ "$(losses "$W/sft-pg")" = "$(losses "$W/sft-dev")" ]; then group="same losses as without a process group: ok"; else group="losses differ: $(losses "$W/sft-pg") vs $(losses "$W/sft-dev")"; fi
+# The group's optimizer is the sharded one (bucketed gradients, the norm from bucket sums), so the
+# rounding differs from the plain path's: the tests' 1e-5, not equality.
+group=$(python3 - "$(losses "$W/sft-pg")" "$(losses "$W/sft-dev")" <<'PY'
+import sys
+a, b = [list(map(float, x.split())) for x in sys.argv[1:3]]
+worst = max(abs(x - y) for x, y in zip(a, b))
+print(f"max |difference| from no group {worst:.1e} over {len(a)} steps ({'ok' if worst <= 1e-5 and len(a) == len(b) else 'FAILED'})")
+PY
+)
 echo "$group"
 
 throughput="not run on $DEVICE"
