@@ -318,9 +318,14 @@ fn compute_reference(objective: &DpoObjective, reference: &Llama, batch_size: us
 }
 
 /// A key for the cache: the tokenised pairs of both splits and the reference weights' bytes.
+/// Bumped when the log-probs' computation changes in its rounding (2: the chunked vocabulary head),
+/// so that a cache from older code is not mixed with the policy's new values.
+const REFERENCE_CACHE_VERSION: u32 = 2;
+
 fn cache_key(pairs: &[Vec<Pair>; 2], reference_dir: &crate::model::ModelDir) -> Result<String> {
     use std::hash::Hash;
     let mut hasher = twox_hash::XxHash64::with_seed(0);
+    REFERENCE_CACHE_VERSION.hash(&mut hasher);
     pairs.hash(&mut hasher);
     for file in reference_dir.weight_files()? {
         let handle = std::fs::File::open(&file).with_context(|| format!("{}: cannot open", file.display()))?;
