@@ -3,13 +3,13 @@
 //! sampled output is reproducible per request. That takes, besides a sampler seeded per request:
 //! - its own KV stream per sequence (`kv_unified = false`);
 //! - flash attention off (the CPU kernel's summation order depends on the batch);
+//! - llama.cpp built with `GGML_LLAMAFILE=OFF` and `GGML_CPU_REPACK=OFF` (.cargo/config.toml),
+//!   whose batched matmuls sum in another order than single rows.
 //!
 //! On CUDA (the `cuda` feature with a GPU) every layer is offloaded, flash attention is left to
 //! llama.cpp, and the KV cache is sized from the GPU's free memory and `--gpu-memory-utilization`.
 //! Batched CUDA matmuls choose their kernels (and summation order) by batch size, so there
 //! greedy output alone and batched can differ; scripts/gpu-check.sh counts how often.
-//! - llama.cpp built with `GGML_LLAMAFILE=OFF` and `GGML_CPU_REPACK=OFF` (.cargo/config.toml),
-//!   whose batched matmuls sum in another order than single rows.
 
 use super::{Completion, Engine, EngineOptions, FinishReason, Request, Sampling, StopStrings};
 use anyhow::{anyhow, bail, Context, Result};
