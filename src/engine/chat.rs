@@ -25,7 +25,7 @@ impl ChatModel {
         let info = model::resolve(model.as_deref())?;
         let chat = info.chat_template.with_context(|| format!("{}: the model has no chat template", info.path.display()))?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let options = EngineOptions::new(EngineChoice::Auto, batch_size, threads, 65536, 0.9);
+        let options = EngineOptions::new(EngineChoice::Auto, batch_size, threads, 65536, super::DEFAULT_GPU_MEMORY_UTILIZATION);
         let engine = super::open(&info.path, &options)?;
         let stops = template::derive(&chat, None)?.stops;
         let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens, seed: 0, stop_strings: stops, stop_token_ids: vec![] };

@@ -118,15 +118,22 @@ impl LlamaCpp {
 
     /// KV-cache tokens the budget holds: `--kv-tokens` on CPU; on a GPU, what is left of
     /// `utilization × total` after what is in use (the weights) and a compute reserve, in f16
-    /// K and V for every layer.
-    fn kv_budget(&self) -> Result<usize> {
+    /// K and V for every layer. On a GPU, a budget below one sequence of `per_sequence` tokens is
+    /// an error naming both.
+    fn kv_budget(&self, per_sequence: usize) -> Result<usize> {
         let Some(utilization) = self.gpu_memory_utilization else { return Ok(self.kv_tokens) };
         let (free, total) = gpu_memory()?;
         let budget = (total as f64 * utilization) as usize;
         let left = budget.saturating_sub(total - free).saturating_sub(GPU_COMPUTE_RESERVE);
         let head_dim = (self.model.n_embd() as usize) / (self.model.n_head() as usize).max(1);
         let per_token = self.model.n_layer() as usize * 2 * self.model.n_head_kv() as usize * head_dim * 2;
-        Ok(left / per_token.max(1))
+        let tokens = left / per_token.max(1);
+        if tokens < per_sequence {
+            bail!(
+                "the KV cache does not fit: one sequence needs {per_sequence} tokens, and --gpu-memory-utilization {utilization} leaves room for {tokens} after the weights (raise it, or lower max_tokens)"
+            );
+        }
+        Ok(tokens)
     }
 
     fn piece(&self, token: LlamaToken) -> Vec<u8> {
@@ -159,14 +166,7 @@ impl Engine for LlamaCpp {
         }
         let per_sequence = requests.iter().map(|r| r.prompt.len() + r.sampling.max_tokens + 1).max().unwrap().min(train_ctx);
         let per_sequence = per_sequence.next_multiple_of(256);
-        let kv_budget = self.kv_budget()?;
-        if self.gpu_memory_utilization.is_some() && kv_budget < per_sequence {
-            bail!(
-                "the KV cache does not fit: one sequence needs {per_sequence} tokens, and --gpu-memory-utilization {} leaves room for {kv_budget} after the weights (raise it, or lower max_tokens)",
-                self.gpu_memory_utilization.unwrap_or_default()
-            );
-        }
-        let slots = self.batch_size.min(requests.len()).min((kv_budget / per_sequence).max(1));
+        let slots = self.batch_size.min(requests.len()).min((self.kv_budget(per_sequence)? / per_sequence).max(1));
         let batch_tokens = (longest_prompt + slots).max(512);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new((per_sequence * slots) as u32))

@@ -96,6 +96,9 @@ pub enum EngineChoice {
 /// each sequence costs compute rather than memory bandwidth, 32.
 pub const DEFAULT_MAX_NUM_SEQS: usize = if cfg!(feature = "cuda") { 256 } else { 32 };
 
+/// The share of a GPU's memory an engine fills by default (`--gpu-memory-utilization`, vLLM's 0.9).
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f64 = 0.9;
+
 /// Engine settings from the command line.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {

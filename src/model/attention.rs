@@ -61,26 +61,27 @@ impl Attend {
     /// Attention of `query` `[batch, seq, heads, head_dim]` over `key` and `value`
     /// `[batch, seq, kv_heads, head_dim]`, as `[batch, seq, heads * head_dim]`.
     pub fn attention(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> Tensor {
-        let (b, t, heads, dim) = query.size4().expect("query is [batch, seq, heads, head_dim]");
         match self {
             Attend::Varlen { cu_seqlens, max_len } => {
+                let (b, t, heads, dim) = query.size4().expect("query is [batch, seq, heads, head_dim]");
                 let flat = |x: &Tensor| x.reshape([b * t, x.size()[2], dim]);
                 let y = flash_varlen(&flat(query), &flat(key), &flat(value), cu_seqlens, *max_len)
                     .unwrap_or_else(|e| panic!("{e:#}"));
                 y.reshape([b, t, heads * dim])
             }
-            Attend::Causal | Attend::Mask(_) => {
-                let mask = match self {
-                    Attend::Mask(mask) => Some(mask),
-                    _ => None,
-                };
-                let gqa = heads != key.size()[2];
-                let (q, k, v) = (query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2));
-                let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa);
-                y.transpose(1, 2).reshape([b, t, heads * dim])
-            }
+            Attend::Causal => sdpa(query, key, value, None),
+            Attend::Mask(mask) => sdpa(query, key, value, Some(mask)),
         }
     }
+}
+
+/// SDPA over `[batch, seq, heads, head_dim]` tensors: causal, or with a boolean mask.
+fn sdpa(query: &Tensor, key: &Tensor, value: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    let (b, t, heads, dim) = query.size4().expect("query is [batch, seq, heads, head_dim]");
+    let gqa = heads != key.size()[2];
+    let (q, k, v) = (query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2));
+    let y = Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, mask.is_none(), None, gqa);
+    y.transpose(1, 2).reshape([b, t, heads * dim])
 }
 
 /// Causal varlen flash attention: `[tokens, heads, head_dim]` queries over

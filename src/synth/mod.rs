@@ -154,7 +154,7 @@ pub struct SynthArgs {
     /// On a GPU: the share of its memory the engine may fill, weights and KV cache together
     /// (as vLLM's flag); the KV cache gets the rest after the weights. A KV cache that cannot hold
     /// one sequence is an error naming the sizes.
-    #[arg(long, default_value_t = 0.9, value_parser = parse_utilization)]
+    #[arg(long, default_value_t = crate::engine::DEFAULT_GPU_MEMORY_UTILIZATION, value_parser = parse_utilization)]
     #[serde(skip)]
     pub gpu_memory_utilization: f64,
 }

@@ -259,17 +259,17 @@ impl Objective for DpoObjective {
         let n = batch.examples.len() as i64;
         let (ref_c, ref_r) = self.reference_logps(batch, split)?;
         let half = |t: &Tensor, k: i64| t.narrow(0, k * n, n);
-        let mut pairs = None;
-        let (loss, values) = loss_of_log_probs(model, hidden, batch, |values| {
+        // The loss's parts, kept for the metrics (which detach them).
+        let mut parts = None;
+        let loss = loss_of_log_probs(model, hidden, batch, |values| {
             let stats = SequenceStats::of(values);
             let (len_c, len_r) = (half(&stats.tokens, 0), half(&stats.tokens, 1));
             let out = pair_losses(&self.loss, (&half(&stats.logps, 0), &half(&stats.logps, 1)), (&ref_c, &ref_r), (&len_c, &len_r));
             let loss = out.losses.sum(Kind::Float);
-            pairs = Some(out);
+            parts = Some((out, stats));
             loss
         });
-        let out = pairs.expect("the loss was computed");
-        let stats = SequenceStats::of(&values);
+        let (out, stats) = parts.expect("the loss was computed");
         let (logp_c, logp_r) = (half(&stats.logps, 0), half(&stats.logps, 1));
         let sum = |t: &Tensor| t.detach().sum(Kind::Float);
         let nf = n as f64;

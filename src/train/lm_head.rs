@@ -139,65 +139,62 @@ pub fn summed_cross_entropy(model: &Llama, hidden: &Tensor, batch: &Batch) -> Te
 fn summed_cross_entropy_in_chunks(model: &Llama, hidden: &Tensor, batch: &Batch, chunk_logits: i64) -> Tensor {
     let head = Head::new(model, hidden, batch, chunk_logits);
     let mut loss = Tensor::zeros([], (Kind::Float, hidden.device()));
-    let grads = hidden.requires_grad().then(|| head.zero_gradients());
-    let (grad_hidden, mut grad_weight) = match grads {
-        Some((h, w)) => (Some(h), Some(w)),
-        None => (None, None),
-    };
+    let mut grads = hidden.requires_grad().then(|| head.zero_gradients());
     for span in head.spans() {
         let logits = head.logits(span);
         let (logps, lse) = head.log_probs(&logits, span);
         loss -= logps.sum(Kind::Float);
-        if let (Some(gh), Some(gw)) = (&grad_hidden, &mut grad_weight) {
-            head.backward(logits, &lse, &Tensor::ones_like(&logps), span, gh, gw);
+        if let Some((grad_hidden, grad_weight)) = &mut grads {
+            head.backward(logits, &lse, &Tensor::ones_like(&logps), span, grad_hidden, grad_weight);
         }
     }
-    match (grad_hidden, grad_weight) {
-        (Some(gh), Some(gw)) => head.with_gradients(loss, gh, gw),
-        _ => loss,
+    match grads {
+        Some((grad_hidden, grad_weight)) => head.with_gradients(loss, grad_hidden, grad_weight),
+        None => loss,
     }
 }
 
 /// The targets' log-probabilities, outside any graph (evaluation, reference models).
 pub fn target_log_probs(model: &Llama, hidden: &Tensor, batch: &Batch) -> TargetLogProbs {
-    first_pass(&Head::new(model, hidden, batch, CHUNK_LOGITS))
+    first_pass(&Head::new(model, hidden, batch, CHUNK_LOGITS)).0
 }
 
-fn first_pass(head: &Head) -> TargetLogProbs {
-    let (mut logps, mut means) = (vec![], vec![]);
+/// The log-probs, and each chunk's log Σ exp(logits) for a second pass to reuse.
+fn first_pass(head: &Head) -> (TargetLogProbs, Vec<Tensor>) {
+    let (mut logps, mut means, mut lses) = (vec![], vec![], vec![]);
     for span in head.spans() {
         let logits = head.logits(span);
         means.push(logits.mean_dim(1, false, Kind::Float));
-        logps.push(head.log_probs(&logits, span).0);
+        let (chunk_logps, lse) = head.log_probs(&logits, span);
+        logps.push(chunk_logps);
+        lses.push(lse);
     }
     let cat = |parts: Vec<Tensor>| if parts.is_empty() { Tensor::zeros([0], (Kind::Float, head.hidden.device())) } else { Tensor::cat(&parts, 0) };
-    head.target_log_probs(cat(logps), cat(means))
+    (head.target_log_probs(cat(logps), cat(means)), lses)
 }
 
 /// `loss_of(log-probs)`, with gradients into `hidden` and the head when `hidden` is part of a
 /// graph. `loss_of` sees log-probs that require grad (a leaf), and may return any function of
-/// them. Returns the loss and the (detached) log-probs.
-pub fn loss_of_log_probs(model: &Llama, hidden: &Tensor, batch: &Batch, loss_of: impl FnOnce(&TargetLogProbs) -> Tensor) -> (Tensor, TargetLogProbs) {
+/// them (and keep what it computed from them, detaching it).
+pub fn loss_of_log_probs(model: &Llama, hidden: &Tensor, batch: &Batch, loss_of: impl FnOnce(&TargetLogProbs) -> Tensor) -> Tensor {
     loss_of_log_probs_in_chunks(model, hidden, batch, CHUNK_LOGITS, loss_of)
 }
 
-fn loss_of_log_probs_in_chunks(model: &Llama, hidden: &Tensor, batch: &Batch, chunk_logits: i64, loss_of: impl FnOnce(&TargetLogProbs) -> Tensor) -> (Tensor, TargetLogProbs) {
+fn loss_of_log_probs_in_chunks(model: &Llama, hidden: &Tensor, batch: &Batch, chunk_logits: i64, loss_of: impl FnOnce(&TargetLogProbs) -> Tensor) -> Tensor {
     let head = Head::new(model, hidden, batch, chunk_logits);
-    let values = first_pass(&head);
+    let (values, lses) = first_pass(&head);
     if !hidden.requires_grad() {
-        return (loss_of(&values), values);
+        return loss_of(&values);
     }
     let leaf = head.target_log_probs(values.logps.detach().set_requires_grad(true), values.mean_logits.shallow_clone());
     let loss = loss_of(&leaf);
     let d_logps = Tensor::run_backward(&[&loss], &[&leaf.logps], false, false).remove(0);
     let c = -d_logps;
     let (grad_hidden, mut grad_weight) = head.zero_gradients();
-    for span in head.spans() {
-        let logits = head.logits(span);
-        let lse = logits.logsumexp([1i64].as_slice(), false);
-        head.backward(logits, &lse, &c.narrow(0, span.0, span.1), span, &grad_hidden, &mut grad_weight);
+    for (span, lse) in head.spans().into_iter().zip(&lses) {
+        head.backward(head.logits(span), lse, &c.narrow(0, span.0, span.1), span, &grad_hidden, &mut grad_weight);
     }
-    (head.with_gradients(loss.detach(), grad_hidden, grad_weight), values)
+    head.with_gradients(loss.detach(), grad_hidden, grad_weight)
 }
 
 #[cfg(test)]
@@ -285,12 +282,17 @@ mod tests {
         let want_loss = loss_of(rows.shallow_clone());
         let want_value = want_loss.double_value(&[]);
         let want = gradients(&loaded, want_loss);
-        let (loss, values) = loss_of_log_probs_in_chunks(&loaded.model, &hidden(), &batch, 4 * 256, |lp| loss_of(lp.per_row(&lp.logps)));
+        let mut seen = None;
+        let loss = loss_of_log_probs_in_chunks(&loaded.model, &hidden(), &batch, 4 * 256, |lp| {
+            seen = Some((lp.per_row(&lp.logps).detach(), lp.mean_logits.detach()));
+            loss_of(lp.per_row(&lp.logps))
+        });
+        let (per_row, mean_logits) = seen.expect("loss_of ran");
         assert!((loss.double_value(&[]) - want_value).abs() < 1e-5);
-        assert!(max_abs_diff(&values.per_row(&values.logps), &rows.detach()) < 1e-5);
+        assert!(max_abs_diff(&per_row, &rows.detach()) < 1e-5);
         assert_same_gradients(&gradients(&loaded, loss), &want);
         // The mean logits over the vocabulary, per target (TRL's logits/* metrics).
         let logits = tch::no_grad(|| loaded.model.logits(&hidden())).view([-1, 256]).index_select(0, &batch.target_positions);
-        assert!(max_abs_diff(&values.mean_logits, &logits.mean_dim(1, false, Kind::Float)) < 1e-5);
+        assert!(max_abs_diff(&mean_logits, &logits.mean_dim(1, false, Kind::Float)) < 1e-5);
     }
 }
