@@ -51,8 +51,15 @@ pub fn system_info() -> Result<String> {
     Ok(info.to_string_lossy().trim().to_string())
 }
 
-/// Free and total bytes of the first GPU llama.cpp sees.
-fn gpu_memory() -> Result<(usize, usize)> {
+/// Bytes of a GPU as ggml reports them.
+#[derive(Clone, Copy, Debug)]
+struct GpuMemory {
+    free: usize,
+    total: usize,
+}
+
+/// The first GPU llama.cpp sees.
+fn gpu_memory() -> Result<GpuMemory> {
     backend()?;
     // SAFETY: ggml's device registry is initialised by the backend; the device handle is static.
     let device = unsafe { llama_cpp_sys_2::ggml_backend_dev_by_type(llama_cpp_sys_2::GGML_BACKEND_DEVICE_TYPE_GPU) };
@@ -61,7 +68,30 @@ fn gpu_memory() -> Result<(usize, usize)> {
     }
     let (mut free, mut total) = (0usize, 0usize);
     unsafe { llama_cpp_sys_2::ggml_backend_dev_memory(device, &mut free, &mut total) };
-    Ok((free, total))
+    Ok(GpuMemory { free, total })
+}
+
+/// KV-cache tokens that fit on a GPU: what is left of `utilization × total` after what is in use
+/// (the weights, other processes) and [`GPU_COMPUTE_RESERVE`], at `bytes_per_token`. Room for
+/// fewer than one sequence of `per_sequence` tokens is an error naming both, not an
+/// out-of-memory crash inside llama.cpp.
+fn kv_tokens_on_gpu(memory: GpuMemory, utilization: f64, bytes_per_token: usize, per_sequence: usize) -> Result<usize> {
+    let budget = (memory.total as f64 * utilization) as usize;
+    let in_use = memory.total.saturating_sub(memory.free);
+    let left = budget.saturating_sub(in_use).saturating_sub(GPU_COMPUTE_RESERVE);
+    let tokens = left / bytes_per_token.max(1);
+    if tokens < per_sequence {
+        let gib = |bytes: usize| bytes as f64 / (1u64 << 30) as f64;
+        bail!(
+            "the KV cache does not fit: one sequence needs {per_sequence} tokens, and --gpu-memory-utilization {utilization} \
+             of {:.1} GiB, with {:.1} GiB in use and {:.1} GiB kept for compute, leaves room for {tokens} \
+             (raise --gpu-memory-utilization, or lower max_tokens)",
+            gib(memory.total),
+            gib(in_use),
+            gib(GPU_COMPUTE_RESERVE),
+        );
+    }
+    Ok(tokens)
 }
 
 pub struct LlamaCpp {
@@ -116,24 +146,14 @@ impl LlamaCpp {
         })
     }
 
-    /// KV-cache tokens the budget holds: `--kv-tokens` on CPU; on a GPU, what is left of
-    /// `utilization × total` after what is in use (the weights) and a compute reserve, in f16
-    /// K and V for every layer. On a GPU, a budget below one sequence of `per_sequence` tokens is
-    /// an error naming both.
+    /// KV-cache tokens the budget holds: `--kv-tokens` on CPU; on a GPU, what its memory leaves
+    /// (see [`kv_tokens_on_gpu`]).
     fn kv_budget(&self, per_sequence: usize) -> Result<usize> {
         let Some(utilization) = self.gpu_memory_utilization else { return Ok(self.kv_tokens) };
-        let (free, total) = gpu_memory()?;
-        let budget = (total as f64 * utilization) as usize;
-        let left = budget.saturating_sub(total - free).saturating_sub(GPU_COMPUTE_RESERVE);
         let head_dim = (self.model.n_embd() as usize) / (self.model.n_head() as usize).max(1);
-        let per_token = self.model.n_layer() as usize * 2 * self.model.n_head_kv() as usize * head_dim * 2;
-        let tokens = left / per_token.max(1);
-        if tokens < per_sequence {
-            bail!(
-                "the KV cache does not fit: one sequence needs {per_sequence} tokens, and --gpu-memory-utilization {utilization} leaves room for {tokens} after the weights (raise it, or lower max_tokens)"
-            );
-        }
-        Ok(tokens)
+        // f16 K and V for every layer.
+        let bytes_per_token = self.model.n_layer() as usize * 2 * self.model.n_head_kv() as usize * head_dim * 2;
+        kv_tokens_on_gpu(gpu_memory()?, utilization, bytes_per_token, per_sequence)
     }
 
     fn piece(&self, token: LlamaToken) -> Vec<u8> {
@@ -280,5 +300,41 @@ impl LlamaCpp {
         }
         ctx.decode(&mut batch).unwrap();
         (tokens.clone(), ctx.get_logits_ith(tokens.len() as i32 - 1).to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: usize = 1 << 30;
+    /// Llama-3.2-1B's KV: 16 layers × K and V × 8 heads × 64 dims × 2 bytes.
+    const LLAMA_1B_BYTES_PER_TOKEN: usize = 16 * 2 * 8 * 64 * 2;
+
+    #[test]
+    fn kv_cache_on_a_gpu_takes_the_share_left_after_the_weights_and_the_reserve() {
+        // An 80 GiB GPU with 3 GiB of weights loaded: 0.9 × 80 = 72, less 3 in use, less 1 reserve.
+        let memory = GpuMemory { free: 77 * GIB, total: 80 * GIB };
+        let tokens = kv_tokens_on_gpu(memory, 0.9, LLAMA_1B_BYTES_PER_TOKEN, 4096).unwrap();
+        assert_eq!(tokens, 68 * GIB / LLAMA_1B_BYTES_PER_TOKEN);
+    }
+
+    #[test]
+    fn kv_cache_that_cannot_hold_one_sequence_is_an_error_naming_both_sizes() {
+        // 0.05 × 80 GiB = 4 GiB: the 3 GiB in use and the 1 GiB reserve leave nothing.
+        let memory = GpuMemory { free: 77 * GIB, total: 80 * GIB };
+        let error = kv_tokens_on_gpu(memory, 0.05, LLAMA_1B_BYTES_PER_TOKEN, 4096).unwrap_err().to_string();
+        assert!(error.contains("does not fit"), "{error}");
+        assert!(error.contains("needs 4096 tokens"), "{error}");
+        assert!(error.contains("--gpu-memory-utilization 0.05"), "{error}");
+        assert!(error.contains("room for 0"), "{error}");
+        // Another process holding most of the GPU is the same error, not a crash.
+        let crowded = GpuMemory { free: 2 * GIB, total: 80 * GIB };
+        assert!(kv_tokens_on_gpu(crowded, 0.9, LLAMA_1B_BYTES_PER_TOKEN, 4096).is_err());
+        // Exactly one sequence fits.
+        let one = GpuMemory { free: 80 * GIB, total: 80 * GIB };
+        let need = GIB + 4096 * LLAMA_1B_BYTES_PER_TOKEN + LLAMA_1B_BYTES_PER_TOKEN / 2;
+        let utilization = need as f64 / (80 * GIB) as f64;
+        assert_eq!(kv_tokens_on_gpu(one, utilization, LLAMA_1B_BYTES_PER_TOKEN, 4096).unwrap(), 4096);
     }
 }

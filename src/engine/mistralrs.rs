@@ -18,6 +18,14 @@ use mistralrs::{
 use std::path::Path;
 use tokio::runtime::Runtime;
 
+/// PagedAttention on CUDA, its KV cache taking what the weights leave of `gpu_memory_utilization`
+/// of the GPU. mistralrs refuses to load when that is nothing ("Num GPU blocks is 0"), and drops a
+/// sequence longer than the whole cache (see `complete`).
+fn paged_attention(options: &EngineOptions) -> Result<mistralrs::PagedAttentionConfig> {
+    let memory = mistralrs::MemoryGpuConfig::Utilization(options.gpu_memory_utilization as f32);
+    mistralrs::PagedAttentionMetaBuilder::default().with_gpu_memory(memory).build()
+}
+
 pub struct MistralRs {
     runtime: Runtime,
     model: Model,
@@ -33,6 +41,7 @@ impl MistralRs {
             .enable_all()
             .build()?;
         let local = |p: &Path| p.to_str().map(str::to_string).with_context(|| format!("{}: path is not UTF-8", p.display()));
+        let paged_attention = options.cuda.then(|| paged_attention(options)).transpose()?;
         let model = runtime.block_on(async {
             if path.is_file() {
                 let dir = path.parent().context("GGUF file has no parent directory")?;
@@ -40,21 +49,19 @@ impl MistralRs {
                 let mut builder = GgufModelBuilder::new(local(dir)?, vec![file])
                     .with_token_source(TokenSource::None)
                     .with_max_num_seqs(options.batch_size.max(1));
-                if !options.cuda {
-                    builder = builder.with_force_cpu();
-                }
+                builder = match paged_attention {
+                    Some(config) => builder.with_paged_attn(config),
+                    None => builder.with_force_cpu(),
+                };
                 builder.build().await
             } else {
                 let mut builder = TextModelBuilder::new(local(path)?)
                     .with_token_source(TokenSource::None)
                     .with_max_num_seqs(options.batch_size.max(1));
-                if options.cuda {
-                    // The KV cache takes what the weights leave of `gpu_memory_utilization` of the GPU.
-                    let memory = mistralrs::MemoryGpuConfig::Utilization(options.gpu_memory_utilization as f32);
-                    builder = builder.with_paged_attn(mistralrs::PagedAttentionMetaBuilder::default().with_gpu_memory(memory).build()?);
-                } else {
-                    builder = builder.with_force_cpu();
-                }
+                builder = match paged_attention {
+                    Some(config) => builder.with_paged_attn(config),
+                    None => builder.with_force_cpu(),
+                };
                 builder.build().await
             }
         });
@@ -95,7 +102,12 @@ impl MistralRs {
             truncate_sequence: false,
         };
         runner.get_sender(None)?.send(MistralRequest::Normal(Box::new(normal))).await?;
-        let response = rx.recv().await.context("mistralrs closed the response channel")?;
+        // With PagedAttention, mistralrs drops a sequence that does not fit its whole KV cache
+        // (it logs a warning) and closes the channel without an answer.
+        let response = rx.recv().await.context(
+            "mistralrs closed the response channel without an answer (on CUDA: the sequence does not fit its KV cache; \
+             raise --gpu-memory-utilization, or lower max_tokens)",
+        )?;
         let done = match response {
             Response::CompletionDone(done) => done,
             Response::CompletionModelError(e, _) | Response::ModelError(e, _) => bail!("mistralrs: {e}"),
