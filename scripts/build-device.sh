@@ -69,7 +69,8 @@ xz -T0 -9 -c "$DEVICE/magpie" > "$MAGPIE_ROOT/device-bin/magpie.xz"
 # In a folder of its own: with the CUDA kernels each binary is about 42 MB xz'd, and a device call
 # carries at most 64 MiB, so the unit tests go in a second call (gpu-check.sh's `units` part).
 mkdir -p "$MAGPIE_ROOT/device-tests"
-strip -o "$DEVICE/magpie-tests" "$DEVICE/src/$tests" 2>/dev/null || strip -o "$DEVICE/magpie-tests" "$tests"
+# (cargo names it by its absolute path: the target dir is outside the copied tree)
+strip -o "$DEVICE/magpie-tests" "$tests"
 xz -T0 -9 -c "$DEVICE/magpie-tests" > "$MAGPIE_ROOT/device-tests/magpie-tests.xz"
 # SmolLM2's tokenizer and chat template for the random-weight models gpu-check.sh makes.
 rm -rf "$DEVICE/smollm2" "$MAGPIE_ROOT/device-bin/tokenizer" && mkdir -p "$MAGPIE_ROOT/device-bin/tokenizer"

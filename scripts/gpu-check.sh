@@ -22,15 +22,27 @@
 # 7. batch invariance on llama.cpp CUDA: greedy answers to 64 prompts alone and 64 at a time.
 # GPU_CHECK_DEVICE=cpu rehearses steps 1-2 and 4-7 on a CPU machine at a small scale (MAGPIE=path
 # picks a binary).
+#
+# The device time is short, so one failing step does not end the run: each step runs in a shell of
+# its own, and a failure becomes a FAILED line (with its log's last lines) in the summary. Every
+# command has a time limit (GPU_CHECK_LIMIT seconds, 240). The summary and the logs are written
+# as the steps finish into $OUT/gpu-check (the device tool brings $OUT back, also after a time-out),
+# or into the work folder without $OUT.
 set -euo pipefail
 BIN_DIR=${1:-device-bin}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 PARTS=${GPU_CHECK_PARTS:-train synth}
+LIMIT=${GPU_CHECK_LIMIT:-240}
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
+LOGS=${OUT:+$OUT/gpu-check}
+LOGS=${LOGS:-$W/logs}
+mkdir -p "$LOGS"
 export MAGPIE_CACHE="$W/cache"
-if [ -n "${MAGPIE:-}" ]; then M=$MAGPIE; elif [ -f "$BIN_DIR/magpie.xz" ]; then xz -dc "$BIN_DIR/magpie.xz" > "$W/magpie" && chmod +x "$W/magpie" && M="$W/magpie"; fi
+if [ -n "${MAGPIE:-}" ]; then BIN=$MAGPIE; elif [ -f "$BIN_DIR/magpie.xz" ]; then xz -dc "$BIN_DIR/magpie.xz" > "$W/magpie" && chmod +x "$W/magpie" && BIN="$W/magpie"; fi
+[ -n "${BIN:-}" ] || { echo "no binary: $BIN_DIR/magpie.xz is missing (scripts/build-device.sh makes it) and MAGPIE is unset" >&2; exit 1; }
+magpie() { timeout "$LIMIT" "$BIN" "$@"; }
 torch_lib=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 # cuBLAS, cuRAND and NVRTC for the CUDA engines: the torch wheel's nvidia/cu13/lib.
 cuda_lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
@@ -38,115 +50,164 @@ export LD_LIBRARY_PATH="$torch_lib:$cuda_lib:${LD_LIBRARY_PATH:-}"
 say() { printf '\n== %s\n' "$*"; }
 losses() { python3 scripts/gpu_check.py losses "$1"; }
 
-units="not run"
-if part units; then
-  say "0. CUDA unit tests"
-  TESTS=${GPU_CHECK_TESTS:-device-tests}
-  xz -dc "$TESTS/magpie-tests.xz" > "$W/magpie-tests" && chmod +x "$W/magpie-tests"
-  CARGO_MANIFEST_DIR="$PWD" "$W/magpie-tests" on_cuda --test-threads 1 2>&1 | tee "$W/units.log" | tail -8
-  units=$(grep -E "^test result" "$W/units.log" | tail -1)
-fi
+# result TEXT: the running step's line of the summary, kept as soon as the step has it.
+result() { printf '%-28s %s\n' "$STEP" "$1" | tee -a "$LOGS/summary.txt"; }
+# step NAME FUNCTION: runs one check (NAME: its summary line's label) with errexit in a shell of its own (its own stderr into
+# FUNCTION.stderr); a failure is a summary line naming the exit status and the end of that file,
+# or of the newest log the step wrote, and the next step runs.
+step() {
+  local status=0 log
+  STEP=$1
+  say "$STEP"
+  touch "$W/step-start"
+  ( set -euo pipefail; "$2" ) 2> "$LOGS/$2.stderr" &
+  wait $! || status=$?
+  cat "$LOGS/$2.stderr" >&2
+  if [ "$status" != 0 ]; then
+    log="$LOGS/$2.stderr"
+    [ -s "$log" ] || log=$(find "$LOGS" -name '*.log' -size +0 -newer "$W/step-start" -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
+    [ "$status" = 124 ] && status="124: over GPU_CHECK_LIMIT, $LIMIT s"
+    result "FAILED (exit $status${log:+; $(basename "$log"): $(tail -3 "$log" | tr '\n' ' ' | cut -c1-300)})"
+  fi
+}
 
-parity="not run"; group="not run"; throughput="not run"; dpo="not run"; master="not run"
-if part train; then
-say "models and data (random weights, SmolLM2 tokenizer)"
-python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)"
-sft() { "$M" sft --model "$W/m135" -i "$W/sft.parquet" --max-length 512 --per-device-train-batch-size 4 --max-steps 4 --learning-rate 1e-4 \
-  --lr-scheduler-type constant --save-steps 0 --logging-steps 1 "$@"; }
+say "magpie doctor"
+magpie doctor > "$LOGS/doctor.log" 2>&1 || true
+grep -iE "cuda|libtorch|gpu" "$LOGS/doctor.log" | head -8 || true
 
-say "1. parity: SFT f32 on CPU and on $DEVICE"
-sft --device cpu -o "$W/sft-cpu" 2> "$W/sft-cpu.log"
-sft --device "$DEVICE" -o "$W/sft-dev" 2> "$W/sft-dev.log"
-parity=$(python3 - "$W" <<'PY'
-import json, sys
-w = sys.argv[1]
-read = lambda d: [json.loads(l)["loss"] for l in open(f"{w}/{d}/metrics.jsonl") if '"grad_norm"' in l]
-a, b = read("sft-cpu"), read("sft-dev")
-print(f"max |difference| {max(abs(x - y) for x, y in zip(a, b)):.2e} over {len(a)} steps ({'ok' if max(abs(x - y) for x, y in zip(a, b)) <= 1e-3 else 'FAILED'})")
+units() {
+  xz -dc "${GPU_CHECK_TESTS:-device-tests}/magpie-tests.xz" > "$W/magpie-tests"
+  chmod +x "$W/magpie-tests"
+  CARGO_MANIFEST_DIR="$PWD" timeout "$LIMIT" "$W/magpie-tests" on_cuda --test-threads 1 > "$LOGS/units.log" 2>&1
+  tail -8 "$LOGS/units.log"
+  line=$(grep -E "^test result" "$LOGS/units.log" | tail -1)
+  result "$line"
+}
+part units && step "CUDA unit tests" units
+
+sft() {
+  magpie sft --model "$W/m135" -i "$W/sft.parquet" --max-length 512 --per-device-train-batch-size 4 --max-steps 4 --learning-rate 1e-4 \
+    --lr-scheduler-type constant --save-steps 0 --logging-steps 1 "$@"
+}
+
+parity() {
+  sft --device cpu -o "$W/sft-cpu" 2> "$LOGS/sft-cpu.log"
+  sft --device "$DEVICE" -o "$W/sft-dev" 2> "$LOGS/sft-dev.log"
+  line=$(python3 - "$(losses "$W/sft-cpu")" "$(losses "$W/sft-dev")" <<'PY'
+import sys
+a, b = [list(map(float, x.split())) for x in sys.argv[1:3]]
+worst = max(abs(x - y) for x, y in zip(a, b))
+print(f"max |difference| {worst:.2e} over {len(a)} steps ({'ok' if worst <= 1e-3 and len(a) == len(b) == 4 else 'FAILED'})")
 PY
 )
-echo "$parity"
+  result "$line"
+}
 
-say "2. process group of one (NCCL on CUDA, Gloo on CPU)"
-WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29561 sft --device "$DEVICE" -o "$W/sft-pg" 2> "$W/sft-pg.log"
-grep -m1 "rank 0 of 1" "$W/sft-pg.log" || true
-# The group's optimizer is the sharded one (bucketed gradients, the norm from bucket sums), so the
-# rounding differs from the plain path's: the tests' 1e-5, not equality.
-group=$(python3 - "$(losses "$W/sft-pg")" "$(losses "$W/sft-dev")" <<'PY'
+process_group() {
+  WORLD_SIZE=1 RANK=0 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=29561 sft --device "$DEVICE" -o "$W/sft-pg" 2> "$LOGS/sft-pg.log"
+  grep -m1 "rank 0 of 1" "$LOGS/sft-pg.log" || true
+  # The group's optimizer is the sharded one (bucketed gradients, the norm from bucket sums), so the
+  # rounding differs from the plain path's: the tests' 1e-5, not equality.
+  line=$(python3 - "$(losses "$W/sft-pg")" "$(losses "$W/sft-dev")" <<'PY'
 import sys
 a, b = [list(map(float, x.split())) for x in sys.argv[1:3]]
 worst = max(abs(x - y) for x, y in zip(a, b))
 print(f"max |difference| from no group {worst:.1e} over {len(a)} steps ({'ok' if worst <= 1e-5 and len(a) == len(b) else 'FAILED'})")
 PY
 )
-echo "$group"
+  result "$line"
+}
 
-throughput="not run on $DEVICE"
-if [ "$DEVICE" = cuda ]; then
-  say "3. throughput: 1B shape, bf16, packed 4 x 2048"
-  # Peak memory of both processes as nvidia-smi sees it (context and allocator cache included).
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$W/smi-torch.txt" & smi=$!
-  python3 scripts/gpu_check.py torch-sft "$W/m1b" "$W/sft.parquet" 12 > "$W/torch.json"
-  kill $smi
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$W/smi.txt" & smi=$!
-  "$M" sft --model "$W/m1b" -i "$W/sft.parquet" --bf16 --packing --max-length 2048 --per-device-train-batch-size 4 --max-steps 12 \
-    --learning-rate 1e-5 --lr-scheduler-type constant --save-steps 0 --logging-steps 12 --device cuda -o "$W/sft-1b" 2> "$W/sft-1b.log"
-  kill $smi
-  throughput=$(python3 - "$W" <<'PY'
+# Peak memory of a process as nvidia-smi sees it (context and allocator cache included), sampled
+# every 200 ms into FILE while COMMAND runs: with_smi FILE COMMAND...
+with_smi() {
+  local file=$1 smi status=0
+  shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$file" &
+  smi=$!
+  "$@" || status=$?
+  kill $smi 2>/dev/null || true
+  return $status
+}
+
+throughput() {
+  with_smi "$LOGS/smi-torch.txt" timeout "$LIMIT" python3 scripts/gpu_check.py torch-sft "$W/m1b" "$W/sft.parquet" 12 > "$LOGS/torch.json" 2> "$LOGS/torch-sft.log"
+  with_smi "$LOGS/smi.txt" magpie sft --model "$W/m1b" -i "$W/sft.parquet" --bf16 --packing --max-length 2048 --per-device-train-batch-size 4 \
+    --max-steps 12 --learning-rate 1e-5 --lr-scheduler-type constant --save-steps 0 --logging-steps 12 --device cuda -o "$W/sft-1b" 2> "$LOGS/sft-1b.log"
+  cp "$W/sft-1b/metrics.jsonl" "$LOGS/sft-1b-metrics.jsonl"
+  line=$(python3 - "$LOGS" <<'PY'
 import json, sys
-w = sys.argv[1]
-t = json.load(open(f"{w}/torch.json"))
-rows = [json.loads(l) for l in open(f"{w}/sft-1b/metrics.jsonl") if '"grad_norm"' in l]
+logs = sys.argv[1]
+t = json.load(open(f"{logs}/torch.json"))
+rows = [json.loads(l) for l in open(f"{logs}/sft-1b-metrics.jsonl") if '"grad_norm"' in l]
 ours = rows[-1]["tokens_per_second"]
 n = t["parameters"]
-peak = lambda name: max(int(x) for x in open(f"{w}/{name}").read().split()) / 1024
+peak = lambda name: max(int(x) for x in open(f"{logs}/{name}").read().split()) / 1024
 print(f"magpie {ours:,.0f} tok/s (MFU {6 * n * ours / 989e12:.1%}), PyTorch eager {t['tok_per_s']:,.0f} tok/s (MFU {6 * n * t['tok_per_s'] / 989e12:.1%}): "
       f"{ours / t['tok_per_s']:.2f}x; peak GPU memory (nvidia-smi) magpie {peak('smi.txt'):.1f} GiB, PyTorch {peak('smi-torch.txt'):.1f} GiB "
       f"({t['peak_gib']:.1f} GiB allocated); N = {n / 1e9:.2f}B")
 PY
 )
-  echo "$throughput"
-fi
+  result "$line"
+}
 
-say "4. DPO, 6 steps on $DEVICE, precomputed reference log-probs"
-"$M" dpo --model "$W/m135" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 4 --max-steps 6 \
-  --learning-rate 1e-6 --save-steps 0 --precompute-ref-log-probs --device "$DEVICE" -o "$W/dpo" 2> "$W/dpo.log"
-dpo="losses $(losses "$W/dpo")"
-echo "$dpo"
+dpo() {
+  magpie dpo --model "$W/m135" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 4 --max-steps 6 \
+    --learning-rate 1e-6 --save-steps 0 --precompute-ref-log-probs --device "$DEVICE" -o "$W/dpo" 2> "$LOGS/dpo.log"
+  line="losses $(losses "$W/dpo")"
+  result "$line"
+}
 
-say "5. bf16 DPO at lr 1e-6, 3 steps: do the saved weights move?"
-python3 - "$W" <<'PY'
+master_weights() {
+  python3 - "$W" <<'PY'
 import sys
 from transformers import AutoModelForCausalLM
 import torch
 w = sys.argv[1]
 AutoModelForCausalLM.from_pretrained(f"{w}/m135", dtype=torch.bfloat16).save_pretrained(f"{w}/m135-bf16")
 PY
-cp "$W"/m135/tokenizer* "$W"/m135/*.jinja "$W/m135-bf16/" 2>/dev/null || true
-"$M" dpo --model "$W/m135-bf16" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 4 --max-steps 3 \
-  --learning-rate 1e-6 --lr-scheduler-type constant --save-steps 0 --precompute-ref-log-probs --bf16 --device "$DEVICE" -o "$W/dpo-bf16" 2> "$W/dpo-bf16.log"
-master=$(python3 scripts/gpu_check.py changed "$W/m135-bf16" "$W/dpo-bf16/model")
-echo "$master"
+  cp "$W"/m135/tokenizer* "$W"/m135/*.jinja "$W/m135-bf16/" 2>/dev/null || true
+  magpie dpo --model "$W/m135-bf16" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 4 --max-steps 3 \
+    --learning-rate 1e-6 --lr-scheduler-type constant --save-steps 0 --precompute-ref-log-probs --bf16 --device "$DEVICE" -o "$W/dpo-bf16" 2> "$LOGS/dpo-bf16.log"
+  line=$(python3 scripts/gpu_check.py changed "$W/m135-bf16" "$W/dpo-bf16/model")
+  result "$line"
+}
 
+if part train; then
+  say "models and data (random weights, SmolLM2 tokenizer)"
+  python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1 ||
+    { tail -5 "$LOGS/models.log"; STEP="training models" result "FAILED: see models.log"; exit 1; }
+  step "parity CPU vs $DEVICE" parity
+  step "process group of one" process_group
+  if [ "$DEVICE" = cuda ]; then step "throughput 1B bf16" throughput; fi
+  step "DPO 6 steps" dpo
+  step "bf16 DPO lr 1e-6" master_weights
 fi
 
-synth_ll="not run"; synth_mr="not run"; synth_hf="not run"; invariance="not run"
-if part synth; then
-  if [ "$DEVICE" = cuda ]; then size=full; num=2000; seqs=256; hf_prompts=1024; else size=small; num=16; seqs=8; hf_prompts=16; fi
-  say "6. synthesis: $num instructions + responses, random-weight model ($size), both engines"
-  python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" 2>/dev/null | tail -1
-  synth() { "$M" synth --num "$num" --max-tokens 64 --response-max-tokens 128 --max-num-seqs "$seqs" "$@"; }
-  rate() { grep -E "generated (tokens|tok/s)" "$1" | awk '{print $NF}' | paste -sd' ' | awk '{printf "%.0f tok/s (%d tokens)", $2, $1}'; }
-  synth --model "$W/s1b.gguf" --engine llamacpp -o "$W/synth-ll" > "$W/synth-ll.txt" 2> "$W/synth-ll.log" || tail -5 "$W/synth-ll.log"
-  synth_ll=$(rate "$W/synth-ll.txt"); echo "llama.cpp: $synth_ll"
-  synth --model "$W/s1b" --engine mistralrs -o "$W/synth-mr" > "$W/synth-mr.txt" 2> "$W/synth-mr.log" || tail -5 "$W/synth-mr.log"
-  synth_mr=$(rate "$W/synth-mr.txt"); echo "mistralrs: $synth_mr"
-  if [ "$hf_prompts" -gt 0 ]; then
-    # The same lengths and batch size (see gpu_check_synth.py).
-    synth_hf=$(python3 scripts/gpu_check_synth.py hf-generate "$W/s1b" "$hf_prompts" "$seqs" 2>/dev/null | tail -1)
-    echo "transformers generate: $synth_hf"
-  fi
-  say "7. llama.cpp greedy answers, alone and 64 at a time"
+if [ "$DEVICE" = cuda ]; then size=full num=2000 seqs=256 hf_prompts=1024; else size=small num=16 seqs=8 hf_prompts=16; fi
+synth() { magpie synth --num "$num" --max-tokens 64 --response-max-tokens 128 --max-num-seqs "$seqs" "$@"; }
+rate() { grep -E "generated (tokens|tok/s)" "$1" | awk '{print $NF}' | paste -sd' ' | awk '{printf "%.0f tok/s (%d tokens)", $2, $1}'; }
+
+synth_llamacpp() {
+  synth --model "$W/s1b.gguf" --engine llamacpp -o "$W/synth-ll" > "$LOGS/synth-ll.txt" 2> "$LOGS/synth-ll.log"
+  line=$(rate "$LOGS/synth-ll.txt")
+  result "$line"
+}
+
+synth_mistralrs() {
+  synth --model "$W/s1b" --engine mistralrs -o "$W/synth-mr" > "$LOGS/synth-mr.txt" 2> "$LOGS/synth-mr.log"
+  line=$(rate "$LOGS/synth-mr.txt")
+  result "$line"
+}
+
+# The same lengths and batch size (see gpu_check_synth.py).
+synth_transformers() {
+  timeout "$LIMIT" python3 scripts/gpu_check_synth.py hf-generate "$W/s1b" "$hf_prompts" "$seqs" > "$LOGS/hf-generate.txt" 2> "$LOGS/hf-generate.log"
+  line=$(tail -1 "$LOGS/hf-generate.txt")
+  result "$line"
+}
+
+batch_invariance() {
   python3 - "$W" <<'PY'
 import glob, sys, pyarrow as pa, pyarrow.parquet as pq
 w = sys.argv[1]
@@ -154,10 +215,10 @@ rows = pa.concat_tables([pq.read_table(f, columns=["uuid", "messages"]) for f in
 pq.write_table(rows.slice(0, 64), f"{w}/prompts.parquet")
 PY
   for n in 1 64; do
-    "$M" synth --input "$W/prompts.parquet" --model "$W/s1b.gguf" --engine llamacpp --response-temperature 0 --response-max-tokens 64 \
-      --max-num-seqs $n -o "$W/greedy-$n" > /dev/null 2> "$W/greedy-$n.log" || tail -5 "$W/greedy-$n.log"
+    magpie synth --input "$W/prompts.parquet" --model "$W/s1b.gguf" --engine llamacpp --response-temperature 0 --response-max-tokens 64 \
+      --max-num-seqs $n -o "$W/greedy-$n" > /dev/null 2> "$LOGS/greedy-$n.log"
   done
-  invariance=$(python3 - "$W" <<'PY'
+  line=$(python3 - "$W" <<'PY'
 import glob, sys, pyarrow as pa, pyarrow.parquet as pq
 w = sys.argv[1]
 read = lambda d: {r["uuid"]: r["response"] for r in pa.concat_tables([pq.read_table(f, columns=["uuid", "response"]) for f in glob.glob(f"{w}/{d}/**/*.parquet", recursive=True)]).to_pylist()}
@@ -165,10 +226,19 @@ alone, batched = read("greedy-1"), read("greedy-64")
 print(f"{sum(alone[k] != batched.get(k) for k in alone)} of {len(alone)} greedy answers differ between alone and 64 at a time")
 PY
 )
-  echo "$invariance"
+  result "$line"
+}
+
+if part synth; then
+  say "synthesis model: random weights ($size), safetensors and F16 GGUF"
+  python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1 ||
+    { tail -5 "$LOGS/synth-models.log"; STEP="synthesis models" result "FAILED: see synth-models.log"; exit 1; }
+  tail -1 "$LOGS/synth-models.log"
+  step "synth llama.cpp" synth_llamacpp
+  step "synth mistralrs" synth_mistralrs
+  step "transformers generate" synth_transformers
+  step "llama.cpp batch invariance" batch_invariance
 fi
 
 say "summary ($DEVICE; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo no nvidia-smi))"
-printf '%-26s %s\n' "CUDA unit tests" "$units" "parity CPU vs $DEVICE" "$parity" "process group of one" "$group" \
-  "throughput 1B bf16" "$throughput" "DPO 6 steps" "$dpo" "bf16 DPO lr 1e-6" "$master" "synth llama.cpp" "$synth_ll" \
-  "synth mistralrs" "$synth_mr" "transformers generate" "$synth_hf" "llama.cpp batch invariance" "$invariance"
+cat "$LOGS/summary.txt"
