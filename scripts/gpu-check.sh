@@ -19,7 +19,9 @@
 #    shape, SmolLM2's vocabulary) on mistralrs (safetensors, PagedAttention) and llama.cpp (the same
 #    weights as F16 GGUF, written by gpu_check_synth.py), tok/s against transformers' batched
 #    `generate` (SDPA, bf16) at the same lengths;
-# 7. batch invariance on llama.cpp CUDA: greedy answers to 64 prompts alone and 64 at a time.
+# 7. batch invariance on CUDA: greedy answers to 64 prompts alone and 64 at a time, on llama.cpp
+#    and on mistralrs (whose CPU batching mixes up sequences, see src/engine/mistralrs.rs): how
+#    many differ, and how many batched answers are another prompt's.
 # GPU_CHECK_DEVICE=cpu rehearses steps 1-2 and 4-7 on a CPU machine at a small scale (MAGPIE=path
 # picks a binary).
 #
@@ -52,7 +54,7 @@ losses() { python3 scripts/gpu_check.py losses "$1"; }
 
 # result TEXT: the running step's line of the summary, kept as soon as the step has it.
 result() { printf '%-28s %s\n' "$STEP" "$1" | tee -a "$LOGS/summary.txt"; }
-# step NAME FUNCTION: runs one check (NAME: its summary line's label) with errexit in a shell of its own (its own stderr into
+# step NAME FUNCTION [ARGS]: runs one check (NAME: its summary line's label) with errexit in a shell of its own (its own stderr into
 # FUNCTION.stderr); a failure is a summary line naming the exit status and the end of that file,
 # or of the newest log the step wrote, and the next step runs.
 step() {
@@ -60,7 +62,7 @@ step() {
   STEP=$1
   say "$STEP"
   touch "$W/step-start"
-  ( set -euo pipefail; "$2" ) 2> "$LOGS/$2.stderr" &
+  ( set -euo pipefail; "${@:2}" ) 2> "$LOGS/$2.stderr" &
   wait $! || status=$?
   cat "$LOGS/$2.stderr" >&2
   if [ "$status" != 0 ]; then
@@ -93,13 +95,7 @@ sft() {
 parity() {
   sft --device cpu -o "$W/sft-cpu" 2> "$LOGS/sft-cpu.log"
   sft --device "$DEVICE" -o "$W/sft-dev" 2> "$LOGS/sft-dev.log"
-  line=$(python3 - "$(losses "$W/sft-cpu")" "$(losses "$W/sft-dev")" <<'PY'
-import sys
-a, b = [list(map(float, x.split())) for x in sys.argv[1:3]]
-worst = max(abs(x - y) for x, y in zip(a, b))
-print(f"max |difference| {worst:.2e} over {len(a)} steps ({'ok' if worst <= 1e-3 and len(a) == len(b) == 4 else 'FAILED'})")
-PY
-)
+  line=$(python3 scripts/gpu_check.py compare "$W/sft-cpu" "$W/sft-dev" 1e-3)
   result "$line"
 }
 
@@ -108,13 +104,7 @@ process_group() {
   grep -m1 "rank 0 of 1" "$LOGS/sft-pg.log" || true
   # The group's optimizer is the sharded one (bucketed gradients, the norm from bucket sums), so the
   # rounding differs from the plain path's: the tests' 1e-5, not equality.
-  line=$(python3 - "$(losses "$W/sft-pg")" "$(losses "$W/sft-dev")" <<'PY'
-import sys
-a, b = [list(map(float, x.split())) for x in sys.argv[1:3]]
-worst = max(abs(x - y) for x, y in zip(a, b))
-print(f"max |difference| from no group {worst:.1e} over {len(a)} steps ({'ok' if worst <= 1e-5 and len(a) == len(b) else 'FAILED'})")
-PY
-)
+  line=$(python3 scripts/gpu_check.py compare "$W/sft-pg" "$W/sft-dev" 1e-5)
   result "$line"
 }
 
@@ -207,25 +197,14 @@ synth_transformers() {
   result "$line"
 }
 
+# batch_invariance ENGINE MODEL: greedy answers to 64 synthesised instructions, alone and 64 at a time.
 batch_invariance() {
-  python3 - "$W" <<'PY'
-import glob, sys, pyarrow as pa, pyarrow.parquet as pq
-w = sys.argv[1]
-rows = pa.concat_tables([pq.read_table(f, columns=["uuid", "messages"]) for f in sorted(glob.glob(f"{w}/synth-ll/**/*.parquet", recursive=True))])
-pq.write_table(rows.slice(0, 64), f"{w}/prompts.parquet")
-PY
+  [ -f "$W/prompts.parquet" ] || python3 scripts/gpu_check_synth.py prompts "$W/prompts.parquet" 64 "$W/synth-ll" "$W/synth-mr"
   for n in 1 64; do
-    magpie synth --input "$W/prompts.parquet" --model "$W/s1b.gguf" --engine llamacpp --response-temperature 0 --response-max-tokens 64 \
-      --max-num-seqs $n -o "$W/greedy-$n" > /dev/null 2> "$LOGS/greedy-$n.log"
+    magpie synth --input "$W/prompts.parquet" --model "$2" --engine "$1" --response-temperature 0 --response-max-tokens 64 \
+      --max-num-seqs $n -o "$W/greedy-$1-$n" > /dev/null 2> "$LOGS/greedy-$1-$n.log"
   done
-  line=$(python3 - "$W" <<'PY'
-import glob, sys, pyarrow as pa, pyarrow.parquet as pq
-w = sys.argv[1]
-read = lambda d: {r["uuid"]: r["response"] for r in pa.concat_tables([pq.read_table(f, columns=["uuid", "response"]) for f in glob.glob(f"{w}/{d}/**/*.parquet", recursive=True)]).to_pylist()}
-alone, batched = read("greedy-1"), read("greedy-64")
-print(f"{sum(alone[k] != batched.get(k) for k in alone)} of {len(alone)} greedy answers differ between alone and 64 at a time")
-PY
-)
+  line=$(python3 scripts/gpu_check_synth.py invariance "$W/greedy-$1-1" "$W/greedy-$1-64")
   result "$line"
 }
 
@@ -237,7 +216,8 @@ if part synth; then
   step "synth llama.cpp" synth_llamacpp
   step "synth mistralrs" synth_mistralrs
   step "transformers generate" synth_transformers
-  step "llama.cpp batch invariance" batch_invariance
+  step "llama.cpp batch invariance" batch_invariance llamacpp "$W/s1b.gguf"
+  step "mistralrs batch invariance" batch_invariance mistralrs "$W/s1b"
 fi
 
 say "summary ($DEVICE; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null || echo no nvidia-smi))"

@@ -5,6 +5,7 @@ pyarrow, and no network):
     python3 scripts/gpu_check.py torch-sft MODEL DATA STEPS   # the PyTorch eager baseline
     python3 scripts/gpu_check.py changed A B                  # how many weights differ
     python3 scripts/gpu_check.py losses RUN                   # a run's logged losses
+    python3 scripts/gpu_check.py compare RUN_A RUN_B TOL      # two runs' losses step by step
 
 `models` writes OUT/m135 (SmolLM2-135M's shape), OUT/m1b (Llama-3.2-1B's shape; not with `small`),
 both with random weights and the SmolLM2 tokenizer, OUT/sft.parquet (256 synthetic conversations) and
@@ -90,12 +91,23 @@ def changed(a, b):
     print(json.dumps({"weights": total, "changed": moved, "share": moved / total}))
 
 
-def losses(run):
+def run_losses(run):
     rows = [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
-    print(" ".join(f"{r['loss']:.6f}" for r in rows if "grad_norm" in r))
+    return [r["loss"] for r in rows if "grad_norm" in r]
+
+
+def losses(run):
+    print(" ".join(f"{loss:.6f}" for loss in run_losses(run)))
+
+
+def compare(run_a, run_b, tolerance):
+    a, b = run_losses(run_a), run_losses(run_b)
+    worst = max(abs(x - y) for x, y in zip(a, b))
+    ok = worst <= float(tolerance) and len(a) == len(b) > 0
+    print(f"max |difference| {worst:.1e} over {len(a)} steps, within {tolerance}: {'ok' if ok else 'FAILED'}")
 
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"models": lambda: models(*args), "torch-sft": lambda: torch_sft(args[0], args[1], int(args[2])), "changed": lambda: changed(*args),
-     "losses": lambda: losses(*args)}[command]()
+     "losses": lambda: losses(*args), "compare": lambda: compare(*args)}[command]()

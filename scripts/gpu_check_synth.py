@@ -3,6 +3,8 @@ transformers and safetensors; no network, no llama.cpp tools):
 
     python3 scripts/gpu_check_synth.py models TOKENIZER_DIR OUT [small]   # OUT/s1b and OUT/s1b.gguf
     python3 scripts/gpu_check_synth.py hf-generate MODEL PROMPTS BATCH
+    python3 scripts/gpu_check_synth.py prompts OUT.parquet N SYNTH_DIR...   # N rows of synth output
+    python3 scripts/gpu_check_synth.py invariance ALONE_DIR BATCHED_DIR     # greedy answers compared
 
 `models` makes one random-weight model twice: OUT/s1b, a Hugging Face directory (bf16, for mistralrs
 and transformers), and OUT/s1b.gguf, the same weights in F16 GGUF (for llama.cpp), written here
@@ -162,11 +164,43 @@ def hf_generate(model_dir, prompts, batch):
     print(f"{made / seconds:.0f} tok/s ({made} tokens, {prompts} prompts a stage, batches of {batch})")
 
 
+def synth_rows(directory, columns):
+    import glob
+    import pyarrow as pa, pyarrow.parquet as pq
+    files = sorted(glob.glob(f"{directory}/**/*.parquet", recursive=True))
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]) if files else None
+
+
+def prompts(out, n, *synth_dirs):
+    """The first N rows of the first synth output that has any, as `synth --input` takes them."""
+    import pyarrow.parquet as pq
+    for directory in synth_dirs:
+        rows = synth_rows(directory, ["uuid", "messages"])
+        if rows is not None and rows.num_rows:
+            pq.write_table(rows.slice(0, int(n)), out)
+            return
+    sys.exit(f"no synth output in {synth_dirs} to take prompts from")
+
+
+def invariance(alone_dir, batched_dir):
+    """How many greedy answers differ between alone and batched, and how many batched answers are
+    another prompt's alone answer (a batch that mixes up its sequences)."""
+    answers = lambda d: {r["uuid"]: r["response"] for r in synth_rows(d, ["uuid", "response"]).to_pylist()}
+    alone, batched = answers(alone_dir), answers(batched_dir)
+    differ = sum(alone[k] != batched.get(k) for k in alone)
+    others = sum(batched.get(k) == alone[j] != alone[k] for k in alone for j in alone if j != k)
+    print(f"{differ} of {len(alone)} greedy answers differ between alone and batched; {others} batched answers are another prompt's")
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     if command == "models":
         models(*args)
     elif command == "hf-generate":
         hf_generate(args[0], int(args[1]), int(args[2]))
+    elif command == "prompts":
+        prompts(*args)
+    elif command == "invariance":
+        invariance(*args)
     else:
         sys.exit(f"unknown command {command}")
