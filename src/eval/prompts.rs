@@ -156,3 +156,47 @@ pub fn answers_batch(prompts: &[EvalPrompt], answers: &[Vec<String>], model: &st
         ("model", text(vec![model; prompts.len()])),
     ])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{batch, text, write};
+
+    fn path(p: PathBuf) -> String {
+        p.display().to_string()
+    }
+
+    /// Two prompts, `a` and `b`, in Magpie's flat shape.
+    fn two_prompts(dir: &std::path::Path) -> Vec<EvalPrompt> {
+        let set = write(dir, "set.parquet", &batch(vec![("uuid", text(&["a", "b"])), ("instruction", text(&["Name a prime.", "Say hi."]))]));
+        read(&[path(set)], None).unwrap().0
+    }
+
+    /// An answers file: for each (uuid, answer), the conversation user → assistant.
+    fn answers_file(dir: &std::path::Path, rows: &[(&str, &str)]) -> String {
+        let conversations: Vec<Vec<Message>> = rows.iter().map(|&(_, a)| vec![Message::new("user", "q"), Message::new("assistant", a)]).collect();
+        let uuids: Vec<&str> = rows.iter().map(|(u, _)| *u).collect();
+        let messages = build_messages(conversations.iter().map(|c| Some(c.as_slice())));
+        path(write(dir, "answers.parquet", &batch(vec![("uuid", text(&uuids)), ("messages", messages)])))
+    }
+
+    #[test]
+    fn an_eval_set_without_messages_instruction_or_turns_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let notes = write(dir.path(), "notes.parquet", &batch(vec![("uuid", text(&["a"])), ("text", text(&["Name a prime."]))]));
+        let error = read(&[path(notes)], None).unwrap_err().to_string();
+        assert!(error.contains("notes.parquet") && error.contains("needs a `messages`, `instruction` or `turns` column"), "{error}");
+    }
+
+    #[test]
+    fn answers_are_matched_by_uuid_and_a_prompt_without_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let prompts = two_prompts(dir.path());
+        // Another order than the prompts', and a row no prompt has.
+        let answers = read_answers(&[answers_file(dir.path(), &[("z", "?"), ("b", "Hi."), ("a", "7")])], &prompts).unwrap();
+        assert_eq!(answers, vec![vec!["7".to_string()], vec!["Hi.".to_string()]]);
+
+        let error = read_answers(&[answers_file(dir.path(), &[("a", "7")])], &prompts).unwrap_err().to_string();
+        assert!(error.contains("answers.parquet") && error.contains("no answer for prompt `b`"), "{error}");
+    }
+}
