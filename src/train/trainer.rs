@@ -219,10 +219,15 @@ impl<'a> Trainer<'a> {
             eval = self.evaluate_and_log(0)?; // the baseline later evaluations are read against
         }
         let mut last_saved = self.start;
+        // Since the last step whose metrics were read: when its successor started, and the tokens
+        // seen. Throughput is measured over that interval, which starts after a host sync, so
+        // on CUDA it counts exactly the work queued within it.
+        let (mut interval_start, mut interval_tokens) = (None, 0);
         for step in self.start..total {
-            let started = Instant::now();
+            let started = *interval_start.get_or_insert_with(Instant::now);
             let lr = args.lr_scheduler_type.lr(args.learning_rate, step, self.plan.warmup, total);
-            let (mut sums, weight, tokens, grad_norm) = self.forward_backward_step(step)?;
+            let (mut sums, weight, step_tokens, grad_norm) = self.forward_backward_step(step)?;
+            interval_tokens += step_tokens;
             let done = step + 1;
             let evaluate = (args.eval_steps > 0 && done % args.eval_steps == 0) || done == total;
             let save = args.save_steps > 0 && done % args.save_steps == 0 && done < total;
@@ -230,7 +235,7 @@ impl<'a> Trainer<'a> {
             // before the update, so a non-finite step is never applied there nor saved. On other
             // steps nothing waits for the device; a divergence shows at the next such step.
             if done % args.logging_steps.max(1) == 0 || evaluate || save {
-                sums.insert("tokens", Tensor::from(tokens as f64 * weight).to_device(self.loaded.model.device())); // read() divides by weight
+                sums.insert("tokens", Tensor::from(interval_tokens as f64 * weight).to_device(self.loaded.model.device())); // read() divides by weight
                 let mut sums = world_sums(self.world, sums)?;
                 sums.insert("grad_norm", grad_norm * weight); // already global
                 let mut metrics = objective::read(&sums, weight)?;
@@ -244,6 +249,7 @@ impl<'a> Trainer<'a> {
                 }
                 self.opt.step(lr)?;
                 self.log_step(done, lr, grad_norm, tokens, started.elapsed().as_secs_f64(), &metrics)?;
+                (interval_start, interval_tokens) = (None, 0);
                 last = metrics;
             } else {
                 self.opt.step(lr)?;
@@ -272,7 +278,7 @@ impl<'a> Trainer<'a> {
 
     /// Forward and backward over the step's micro-batches, then gradient clipping. Returns the
     /// summed metrics and the step's weight (on the host they become weighted means), the tokens
-    /// seen and the gradient norm before clipping; the tensors stay on the device.
+    /// this rank saw and the gradient norm before clipping; the tensors stay on the device.
     fn forward_backward_step(&mut self, step: usize) -> Result<(Metrics, f64, usize, tch::Tensor)> {
         let (objective, device, world) = (self.objective, self.loaded.model.device(), self.world);
         let micro = self.plan.step_batches(step, self.args, objective.len(Split::Train), world.size);
@@ -386,6 +392,17 @@ mod tests {
         assert_eq!(metrics(killed.path()), want);
         assert!(killed.path().join("model/model.safetensors").is_file());
         assert!(killed.path().join("loss.png").is_file());
+    }
+
+    #[test]
+    fn a_logged_line_counts_the_tokens_of_every_step_since_the_last_one() {
+        let each_step = tempfile::tempdir().unwrap();
+        run(each_step.path(), &["--max-steps", "6", "--save-steps", "0", "--logging-steps", "1"]).unwrap();
+        let every_third = tempfile::tempdir().unwrap();
+        run(every_third.path(), &["--max-steps", "6", "--save-steps", "0", "--logging-steps", "3"]).unwrap();
+        let per_step: Vec<u64> = metrics(each_step.path()).iter().map(|m| m["tokens"].as_u64().unwrap()).collect();
+        let logged: Vec<(u64, u64)> = metrics(every_third.path()).iter().map(|m| (m["step"].as_u64().unwrap(), m["tokens"].as_u64().unwrap())).collect();
+        assert_eq!(logged, vec![(3, per_step[..3].iter().sum()), (6, per_step[3..].iter().sum())]);
     }
 
     #[test]
