@@ -141,6 +141,12 @@ impl Dataset {
     pub fn batches(&self) -> Batches<'_> {
         Batches { dataset: self, next_file: 0, current: None, seen: HashMap::new() }
     }
+
+    /// Reads the rows of increasing, non-overlapping ranges (a run's chunks, a shard's share of
+    /// them), holding one range and one read batch at a time instead of the whole input.
+    pub fn row_ranges(&self) -> RowRanges<'_> {
+        RowRanges { batches: self.batches(), pending: None, next_row: 0 }
+    }
 }
 
 fn check_same_schema(first: &SchemaRef, other: &SchemaRef, first_file: &Path, file: &Path) -> Result<()> {
@@ -241,6 +247,39 @@ impl Iterator for Batches<'_> {
     }
 }
 
+/// A dataset's rows by increasing ranges: see [`Dataset::row_ranges`].
+pub struct RowRanges<'a> {
+    batches: Batches<'a>,
+    /// Rows read but not yet reached by a range; they start at input row `next_row`.
+    pending: Option<RecordBatch>,
+    next_row: u64,
+}
+
+impl RowRanges<'_> {
+    /// Rows `range` of the input as one batch. Rows before it are read and passed over; a range
+    /// that starts before the end of the previous one is a bug in the caller.
+    pub fn read(&mut self, range: std::ops::Range<u64>) -> Result<RecordBatch> {
+        assert!(range.start >= self.next_row, "row ranges must increase: {range:?} after row {}", self.next_row);
+        let mut parts = vec![];
+        while self.next_row < range.end {
+            let batch = match self.pending.take() {
+                Some(batch) => batch,
+                None => self.batches.next().with_context(|| format!("{}: ended before row {}", self.batches.dataset.name, range.end))??,
+            };
+            let (start, end) = (self.next_row, self.next_row + batch.num_rows() as u64);
+            let (from, to) = (range.start.max(start), range.end.min(end));
+            if from < to {
+                parts.push(batch.slice((from - start) as usize, (to - from) as usize));
+            }
+            if end > range.end {
+                self.pending = Some(batch.slice((range.end - start) as usize, (end - range.end) as usize));
+            }
+            self.next_row = end.min(range.end);
+        }
+        Ok(arrow::compute::concat_batches(&self.batches.dataset.schema, &parts)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::test_support::{batch, read_all, text, write};
@@ -250,6 +289,29 @@ mod tests {
 
     fn error_of(inputs: &[&Path]) -> String {
         format!("{:#}", read_all(inputs).unwrap_err())
+    }
+
+    #[test]
+    fn row_ranges_cross_batch_and_file_bounds_and_pass_over_skipped_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..15).map(|i| format!("row {i}")).collect();
+        for file in 0..3 {
+            let rows: Vec<&str> = names[file * 5..file * 5 + 5].iter().map(String::as_str).collect();
+            write(dir.path(), &format!("part-{file}.parquet"), &batch(vec![("instruction", text(&rows))]));
+        }
+        let dataset = Dataset::open(&[dir.path().display().to_string()]).unwrap();
+        let mut ranges = dataset.row_ranges();
+        let mut read = |range: std::ops::Range<u64>| -> Vec<String> {
+            let rows = ranges.read(range).unwrap();
+            let instructions = rows.column_by_name("instruction").unwrap().as_any().downcast_ref::<StringArray>().unwrap().clone();
+            instructions.iter().map(|v| v.unwrap().to_string()).collect()
+        };
+        // Four-row chunks 0, 1 and 3 (chunk 2 read and passed over, as another shard's).
+        assert_eq!(read(0..4), names[0..4]);
+        assert_eq!(read(4..8), names[4..8]);
+        assert_eq!(read(12..15), names[12..15]);
+        let past_the_end = dataset.row_ranges().read(10..16).unwrap_err().to_string();
+        assert!(past_the_end.contains("ended before row 16"), "{past_the_end}");
     }
 
     #[test]

@@ -7,11 +7,12 @@
 //! replace the old ones. Rows with no user turn are skipped and counted.
 //!
 //! Chunks, resume and shards are harvesting's: chunk c holds input rows [c·rows, (c+1)·rows).
-//! The input is read into memory once (its rows are sliced by chunk).
+//! The input is validated whole before anything is written (a bad row or a repeated uuid late
+//! in it fails the run up front), then read chunk by chunk: memory holds one chunk, not the input.
 
 use anyhow::{Context, Result};
 use arrow::array::{BooleanArray, RecordBatch};
-use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::{Field, Schema};
 use serde_json::{json, Value};
 use std::ops::Range;
@@ -21,7 +22,8 @@ use std::sync::Arc;
 use super::pipeline::{Prompt, Synthesizer};
 use super::rows::{self, RunInfo};
 use crate::data::messages::read_turns;
-use crate::data::{Dataset, Message};
+use crate::data::read::RowRanges;
+use crate::data::Dataset;
 
 /// The columns an answered chunk takes from the generation; the rest come from the input.
 const GENERATED: [&str; 6] = ["messages", "response", "response_length", "finish_reasons", "gen_response_configs", "responses"];
@@ -30,55 +32,68 @@ const IF_MISSING: [&str; 2] = ["instruction", "instruction_length"];
 
 /// The dataset being answered.
 pub struct InputRows {
-    table: RecordBatch,
-    conversations: Vec<Option<Vec<Message>>>,
-    uuids: Vec<String>,
-    pub files: Vec<PathBuf>,
+    dataset: Dataset,
 }
 
 impl InputRows {
+    /// Opens and validates the input: its schema has `messages`, and every row reads (one pass,
+    /// keeping only the uuids, which must be unique).
     pub fn read(inputs: &[String]) -> Result<InputRows> {
         let dataset = Dataset::open(inputs)?;
         dataset.require(&["messages"])?;
-        let batches = dataset.batches().collect::<Result<Vec<_>>>()?;
-        let table = concat_batches(&dataset.schema, &batches)?;
-        let conversations = read_turns(table.column_by_name("messages").expect("required").as_ref(), "role", "content");
-        let uuids = crate::data::messages::as_utf8(table.column_by_name("uuid").expect("every read batch has a uuid"))
-            .context("uuid is a string column")?
-            .iter()
-            .map(|u| u.unwrap_or_default().to_string())
-            .collect();
-        Ok(InputRows { table, conversations, uuids, files: dataset.files })
+        for batch in dataset.batches() {
+            batch?;
+        }
+        Ok(InputRows { dataset })
     }
 
     pub fn rows(&self) -> usize {
-        self.table.num_rows()
+        self.dataset.num_rows as usize
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.dataset.files
     }
 
     /// The input files with their sizes, for the run's settings: another input is another run.
     pub fn identity(&self) -> Value {
-        json!(self.files.iter().map(|f| json!({"file": f, "bytes": std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)})).collect::<Vec<_>>())
+        json!(self.files().iter().map(|f| json!({"file": f, "bytes": std::fs::metadata(f).map(|m| m.len()).unwrap_or(0)})).collect::<Vec<_>>())
     }
 
-    /// Answers rows `range` and returns their output batch; `skipped` counts rows without a user turn.
-    pub fn answer(&self, synth: &mut Synthesizer, range: Range<u64>, info: &RunInfo, on_tokens: &mut dyn FnMut(usize), skipped: &mut u64) -> Result<RecordBatch> {
-        let mut keep = vec![];
-        let mut prompts = vec![];
-        for row in range.clone() {
-            let messages = self.conversations[row as usize].as_deref().unwrap_or_default();
-            let Some(last_user) = messages.iter().rposition(|m| m.role == "user") else {
-                keep.push(false);
-                *skipped += 1;
-                continue;
-            };
-            keep.push(true);
-            prompts.push(Prompt { row, uuid: self.uuids[row as usize].clone(), messages: messages[..=last_user].to_vec() });
-        }
-        let answered = synth.answer(prompts, on_tokens)?;
-        let slice = self.table.slice(range.start as usize, (range.end - range.start) as usize);
-        let kept = filter_record_batch(&slice, &BooleanArray::from(keep))?;
-        merge(&kept, &rows::to_batch(&answered, info))
+    /// A reader of the input's chunks, in increasing order.
+    pub fn chunks(&self) -> RowRanges<'_> {
+        self.dataset.row_ranges()
     }
+}
+
+/// Answers input rows `range`, read from `chunks`, and returns their output batch; `skipped`
+/// counts rows without a user turn.
+pub fn answer(
+    chunks: &mut RowRanges,
+    synth: &mut Synthesizer,
+    range: Range<u64>,
+    info: &RunInfo,
+    on_tokens: &mut dyn FnMut(usize),
+    skipped: &mut u64,
+) -> Result<RecordBatch> {
+    let input = chunks.read(range.clone())?;
+    let conversations = read_turns(input.column_by_name("messages").expect("required").as_ref(), "role", "content");
+    let uuids = crate::data::messages::as_utf8(input.column_by_name("uuid").expect("every read batch has a uuid")).context("uuid is a string column")?;
+    let mut keep = vec![];
+    let mut prompts = vec![];
+    for (i, (row, messages)) in range.zip(conversations).enumerate() {
+        let messages = messages.unwrap_or_default();
+        let Some(last_user) = messages.iter().rposition(|m| m.role == "user") else {
+            keep.push(false);
+            *skipped += 1;
+            continue;
+        };
+        keep.push(true);
+        prompts.push(Prompt { row, uuid: uuids.value(i).to_string(), messages: messages[..=last_user].to_vec() });
+    }
+    let answered = synth.answer(prompts, on_tokens)?;
+    let kept = filter_record_batch(&input, &BooleanArray::from(keep))?;
+    merge(&kept, &rows::to_batch(&answered, info))
 }
 
 /// The input rows' columns with the generated ones put in.
@@ -105,4 +120,21 @@ fn merge(input: &RecordBatch, generated: &RecordBatch) -> Result<RecordBatch> {
         }
     }
     Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{batch, text, write};
+
+    #[test]
+    fn the_input_is_validated_whole_before_any_chunk_is_answered() {
+        // A repeated uuid in the last file: found when the input is opened, before a first chunk
+        // could be written, though chunks are read one at a time.
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "part-0.parquet", &batch(vec![("uuid", text(&["a", "b"])), ("instruction", text(&["Hi.", "Name a prime."]))]));
+        write(dir.path(), "part-1.parquet", &batch(vec![("uuid", text(&["c", "a"])), ("instruction", text(&["Say hi.", "Count to 3."]))]));
+        let error = InputRows::read(&[dir.path().display().to_string()]).err().unwrap().to_string();
+        assert!(error.contains("part-1.parquet") && error.contains("repeats `a`"), "{error}");
+    }
 }

@@ -3,7 +3,7 @@
 //! preference responses. Every stage sends all of the chunk's prompts to the engine at once, so
 //! the engine can batch them.
 
-use super::answer::InputRows;
+use super::answer::{self, InputRows};
 use super::checkpoint::{Checkpoint, Opened};
 use crate::engine::{self, Completion, Engine, EngineOptions, FinishReason, Request, Sampling};
 use crate::engine::lookup::{self as model, ModelInfo};
@@ -400,7 +400,7 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
     let mut synth = Synthesizer::new(args, &info, engine)?;
     let source = if args.input.is_empty() { None } else { Some(InputRows::read(&args.input)?) };
     let mut inputs = vec![info.path.clone()];
-    inputs.extend(source.iter().flat_map(|s| s.files.iter().cloned()));
+    inputs.extend(source.iter().flat_map(|s| s.files().iter().cloned()));
     let input_files = source.as_ref().map(InputRows::identity);
     let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args, "input_files": input_files });
     let checkpoint = match Checkpoint::open(output, &inputs, &settings, args.overwrite)? {
@@ -429,6 +429,7 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
     let run_info = synth.run_info();
     let started = Instant::now();
     let mut tokens = 0u64;
+    let mut input_chunks = source.as_ref().map(InputRows::chunks);
     for chunk in todo {
         let range = rows_of(chunk);
         let size = range.end - range.start;
@@ -436,11 +437,11 @@ pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
             tokens += n as u64;
             bar.set_message(format!("{:.0} tok/s", tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
         };
-        let batch = match &source {
+        let batch = match &mut input_chunks {
             None => rows::to_batch(&synth.chunk(range, &mut on_tokens)?, &run_info),
-            Some(source) => {
+            Some(input_chunks) => {
                 let mut skipped = 0;
-                let batch = source.answer(&mut synth, range, &run_info, &mut on_tokens, &mut skipped)?;
+                let batch = answer::answer(input_chunks, &mut synth, range, &run_info, &mut on_tokens, &mut skipped)?;
                 synth.stats.no_user_turn += skipped;
                 batch
             }
