@@ -54,21 +54,22 @@ losses() { python3 scripts/gpu_check.py losses "$1"; }
 
 # result TEXT: the running step's line of the summary, kept as soon as the step has it.
 result() { printf '%-28s %s\n' "$STEP" "$1" | tee -a "$LOGS/summary.txt"; }
-# step NAME FUNCTION [ARGS]: runs one check (NAME: its summary line's label) with errexit in a shell of its own (its own stderr into
-# FUNCTION.stderr); a failure is a summary line naming the exit status and the end of that file,
-# or of the newest log the step wrote, and the next step runs.
+# step NAME FUNCTION [ARGS]: runs one check, NAME being its summary line's label, with errexit in a
+# shell of its own, its stderr kept in NAME.stderr. A failure is a summary line naming the exit
+# status and the end of that file, or of the newest log the step wrote; the next step runs.
 step() {
-  local status=0 log
+  local status=0 log errors
   STEP=$1
+  errors="$LOGS/${STEP//[^A-Za-z0-9.]/-}.stderr"
   say "$STEP"
   touch "$W/step-start"
-  ( set -euo pipefail; "${@:2}" ) 2> "$LOGS/$2.stderr" &
+  ( set -euo pipefail; "${@:2}" ) 2> "$errors" &
   wait $! || status=$?
-  cat "$LOGS/$2.stderr" >&2
+  cat "$errors" >&2
   if [ "$status" != 0 ]; then
-    log="$LOGS/$2.stderr"
+    log=$errors
     [ -s "$log" ] || log=$(find "$LOGS" -name '*.log' -size +0 -newer "$W/step-start" -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
-    [ "$status" = 124 ] && status="124: over GPU_CHECK_LIMIT, $LIMIT s"
+    if [ "$status" = 124 ]; then status="124: over GPU_CHECK_LIMIT, $LIMIT s"; fi
     result "FAILED (exit $status${log:+; $(basename "$log"): $(tail -3 "$log" | tr '\n' ' ' | cut -c1-300)})"
   fi
 }
@@ -85,7 +86,7 @@ units() {
   line=$(grep -E "^test result" "$LOGS/units.log" | tail -1)
   result "$line"
 }
-part units && step "CUDA unit tests" units
+if part units; then step "CUDA unit tests" units; fi
 
 sft() {
   magpie sft --model "$W/m135" -i "$W/sft.parquet" --max-length 512 --per-device-train-batch-size 4 --max-steps 4 --learning-rate 1e-4 \
