@@ -71,6 +71,25 @@ fn gpu_memory() -> Result<GpuMemory> {
     Ok(GpuMemory { free, total })
 }
 
+/// What sizes a model's KV cache.
+struct KvShape {
+    layers: usize,
+    kv_heads: usize,
+    hidden: usize,
+    heads: usize,
+}
+
+impl KvShape {
+    /// Bytes of f16 K and V one token takes over every layer. The head sizes are the GGUF's
+    /// `{arch}.attention.key_length` and `value_length` where it has them (Gemma's and Qwen3's
+    /// heads are not hidden / heads wide), else hidden / heads, as llama.cpp assumes.
+    fn f16_bytes_per_token(&self, metadata: impl Fn(&str) -> Option<String>) -> usize {
+        let arch = metadata("general.architecture").unwrap_or_default();
+        let head = |length: &str| metadata(&format!("{arch}.attention.{length}")).and_then(|v| v.parse().ok()).unwrap_or(self.hidden / self.heads.max(1));
+        self.layers * self.kv_heads * (head("key_length") + head("value_length")) * 2
+    }
+}
+
 /// KV-cache tokens that fit on a GPU: what is left of `utilization × total` after what is in use
 /// (the weights, other processes) and [`GPU_COMPUTE_RESERVE`], at `bytes_per_token`. Room for
 /// fewer than one sequence of `per_sequence` tokens is an error naming both, not an
@@ -150,9 +169,9 @@ impl LlamaCpp {
     /// (see [`kv_tokens_on_gpu`]).
     fn kv_budget(&self, per_sequence: usize) -> Result<usize> {
         let Some(utilization) = self.gpu_memory_utilization else { return Ok(self.kv_tokens) };
-        let head_dim = (self.model.n_embd() as usize) / (self.model.n_head() as usize).max(1);
-        // f16 K and V for every layer.
-        let bytes_per_token = self.model.n_layer() as usize * 2 * self.model.n_head_kv() as usize * head_dim * 2;
+        let m = &self.model;
+        let shape = KvShape { layers: m.n_layer() as usize, kv_heads: m.n_head_kv() as usize, hidden: m.n_embd() as usize, heads: m.n_head() as usize };
+        let bytes_per_token = shape.f16_bytes_per_token(|key| m.meta_val_str(key).ok());
         kv_tokens_on_gpu(gpu_memory()?, utilization, bytes_per_token, per_sequence)
     }
 
@@ -310,6 +329,20 @@ mod tests {
     const GIB: usize = 1 << 30;
     /// Llama-3.2-1B's KV: 16 layers × K and V × 8 heads × 64 dims × 2 bytes.
     const LLAMA_1B_BYTES_PER_TOKEN: usize = 16 * 2 * 8 * 64 * 2;
+
+    #[test]
+    fn kv_bytes_per_token_take_the_head_size_from_the_gguf_where_it_differs_from_hidden_over_heads() {
+        let llama_1b = KvShape { layers: 16, kv_heads: 8, hidden: 2048, heads: 32 };
+        assert_eq!(llama_1b.f16_bytes_per_token(|_| None), LLAMA_1B_BYTES_PER_TOKEN);
+        // Gemma-2-9B: 256-wide heads, not 3584 / 16 = 224.
+        let gemma_2_9b = KvShape { layers: 42, kv_heads: 8, hidden: 3584, heads: 16 };
+        let metadata = |key: &str| match key {
+            "general.architecture" => Some("gemma2".to_string()),
+            "gemma2.attention.key_length" | "gemma2.attention.value_length" => Some("256".to_string()),
+            _ => None,
+        };
+        assert_eq!(gemma_2_9b.f16_bytes_per_token(metadata), 42 * 8 * (256 + 256) * 2);
+    }
 
     #[test]
     fn kv_cache_on_a_gpu_takes_the_share_left_after_the_weights_and_the_reserve() {
