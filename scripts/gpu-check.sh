@@ -181,15 +181,10 @@ if [ "$DEVICE" = cuda ]; then size=full num=2000 seqs=256 hf_prompts=1024; else 
 synth() { magpie synth --num "$num" --max-tokens 64 --response-max-tokens 128 --max-num-seqs "$seqs" "$@"; }
 rate() { grep -E "generated (tokens|tok/s)" "$1" | awk '{print $NF}' | paste -sd' ' | awk '{printf "%.0f tok/s (%d tokens)", $2, $1}'; }
 
-synth_llamacpp() {
-  synth --model "$W/s1b.gguf" --engine llamacpp -o "$W/synth-ll" > "$LOGS/synth-ll.txt" 2> "$LOGS/synth-ll.log"
-  line=$(rate "$LOGS/synth-ll.txt")
-  result "$line"
-}
-
-synth_mistralrs() {
-  synth --model "$W/s1b" --engine mistralrs -o "$W/synth-mr" > "$LOGS/synth-mr.txt" 2> "$LOGS/synth-mr.log"
-  line=$(rate "$LOGS/synth-mr.txt")
+# synth_rate ENGINE MODEL: $num instructions + responses on ENGINE; its generated tok/s.
+synth_rate() {
+  synth --model "$2" --engine "$1" -o "$W/synth-$1" > "$LOGS/synth-$1.txt" 2> "$LOGS/synth-$1.log"
+  line=$(rate "$LOGS/synth-$1.txt")
   result "$line"
 }
 
@@ -202,7 +197,7 @@ synth_transformers() {
 
 # batch_invariance ENGINE MODEL: greedy answers to 64 synthesised instructions, alone and 64 at a time.
 batch_invariance() {
-  [ -f "$W/prompts.parquet" ] || python3 scripts/gpu_check_synth.py prompts "$W/prompts.parquet" 64 "$W/synth-ll" "$W/synth-mr"
+  [ -f "$W/prompts.parquet" ] || python3 scripts/gpu_check_synth.py prompts "$W/prompts.parquet" 64 "$W/synth-llamacpp" "$W/synth-mistralrs"
   for n in 1 64; do
     magpie synth --input "$W/prompts.parquet" --model "$2" --engine "$1" --response-temperature 0 --response-max-tokens 64 \
       --max-num-seqs $n -o "$W/greedy-$1-$n" > /dev/null 2> "$LOGS/greedy-$1-$n.log"
@@ -216,8 +211,8 @@ if part synth; then
   python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1 ||
     { tail -5 "$LOGS/synth-models.log"; STEP="synthesis models" result "FAILED: see synth-models.log"; exit 1; }
   tail -1 "$LOGS/synth-models.log"
-  step "synth llama.cpp" synth_llamacpp
-  step "synth mistralrs" synth_mistralrs
+  step "synth llama.cpp" synth_rate llamacpp "$W/s1b.gguf"
+  step "synth mistralrs" synth_rate mistralrs "$W/s1b"
   step "transformers generate" synth_transformers
   step "llama.cpp batch invariance" batch_invariance llamacpp "$W/s1b.gguf"
   step "mistralrs batch invariance" batch_invariance mistralrs "$W/s1b"
