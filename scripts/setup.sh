@@ -12,7 +12,11 @@
 #      target dir keyed by this CPU's instruction sets (scripts/env.sh), so a cache built on
 #      another CPU is never reused here.
 #   5. `magpie doctor`: fails the set-up when something the demo needs is missing.
+# With --test (scripts/test.sh), also the test-only Python packages of scripts/test-requirements.txt
+# (parity with TRL, the parquet readers users open our folders with); never runtime dependencies.
 set -euo pipefail
+with_test_packages=0
+[ "${1:-}" = --test ] && with_test_packages=1
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MAGPIE_ROOT"
 
@@ -36,6 +40,17 @@ if ! "$VIRTUAL_ENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__
   "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
   "$VIRTUAL_ENV/bin/pip" install -q "torch==$TORCH_VERSION"
 fi
+if ((with_test_packages)); then
+  stamp="$VIRTUAL_ENV/.magpie-test-requirements.sha256"
+  want=$(sha256sum scripts/test-requirements.txt | cut -c1-64)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing the test-only Python packages (scripts/test-requirements.txt)"
+    "$VIRTUAL_ENV/bin/pip" install -q -r scripts/test-requirements.txt -c <(echo "torch==$TORCH_VERSION")
+    echo "$want" > "$stamp"
+  fi
+fi
+# torch imports numpy when it is there and warns ("Failed to initialize NumPy") when it is not.
+"$VIRTUAL_ENV/bin/python" -c "import numpy" 2>/dev/null || "$VIRTUAL_ENV/bin/pip" install -q numpy
 [ -L .venv ] || { [ -e .venv ] && rm -rf .venv; ln -s "$VIRTUAL_ENV" .venv; }
 # The CUDA headers libtorch's NCCL process group needs (the wheel ships NCCL's own): with them
 # build.rs compiles the NCCL side of src/train/distributed/c10d.cpp; no GPU is needed for that.

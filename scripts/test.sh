@@ -4,5 +4,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MAGPIE_ROOT"
-scripts/setup.sh
+scripts/setup.sh --test
 cargo test --release --locked

@@ -61,4 +61,18 @@ mod tests {
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    /// `--help` is the manual: every argument of every command says what it does.
+    #[test]
+    fn every_argument_of_every_command_is_documented() {
+        let mut bare = vec![];
+        for command in Cli::command().get_subcommands() {
+            for arg in command.get_arguments().filter(|a| !matches!(a.get_id().as_str(), "help" | "version")) {
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    bare.push(format!("magpie {} {}", command.get_name(), arg.get_long().map_or(arg.get_id().to_string(), |l| format!("--{l}"))));
+                }
+            }
+        }
+        assert!(bare.is_empty(), "arguments without a doc comment: {bare:?}");
+    }
 }

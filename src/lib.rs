@@ -7,7 +7,9 @@
 //! - `eval`: answers of a trained model judged against a baseline, or graded, by a local judge.
 //!
 //! They share one floor:
-//! - `data`: the one parquet dataset format all stages share, and safe outputs (`data::output`).
+//! - `run`: every stage's output life cycle (guards, run claim, temporaries, manifest, planned
+//!   removal).
+//! - `data`: the one parquet dataset format all stages share.
 //! - `model`: the models (Llama-family decoder, HF load/save, reward model, sentence encoder,
 //!   tokenizer, chat and pre-query templates, GGUF reading and conversion).
 //! - `engine`: the generation engines (llama.cpp, mistralrs) and model lookup.
@@ -23,9 +25,10 @@ pub mod doctor;
 pub mod engine;
 pub mod eval;
 pub mod filter;
+pub mod flags;
 pub mod home;
 pub mod model;
-pub mod output;
+pub mod run;
 pub mod plot;
 pub mod recipe;
 pub mod seed;
@@ -42,24 +45,34 @@ pub(crate) mod test_support;
 mod layers {
     const STAGES: &[&str] = &["synth", "filter", "train", "eval"];
 
-    /// `(file, stage)` for every `crate::<stage>` path in the files under `src/<folder>`.
-    fn stage_paths(folder: &str) -> Vec<(String, String)> {
+    /// The floor, lowest first: a floor module may use only the ones before it (tests aside).
+    const FLOOR: &[&str] = &["seed", "cpu", "home", "torch_ffi", "flags", "run", "plot", "data", "model", "engine", "doctor"];
+
+    /// `(file, module)` for every `crate::<module>` path to one of `modules` in the non-test code
+    /// of the files under `src/<folder>` (or `src/<folder>.rs`).
+    fn uses_of(folder: &str, modules: &[&str]) -> Vec<(String, String)> {
         let mut found = vec![];
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src").join(folder);
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let root = if src.join(folder).is_dir() { src.join(folder) } else { src.join(format!("{folder}.rs")) };
         let mut pending = vec![root];
         while let Some(path) = pending.pop() {
             if path.is_dir() {
                 pending.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
             } else if path.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&path).unwrap();
-                for stage in STAGES {
-                    if text.contains(&format!("crate::{stage}::")) || text.contains(&format!("crate::{stage};")) || text.contains(&format!("crate::{{{stage}")) {
-                        found.push((path.display().to_string(), stage.to_string()));
+                let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
+                for module in modules {
+                    if code.contains(&format!("crate::{module}::")) || code.contains(&format!("crate::{module};")) || code.contains(&format!("crate::{{{module}")) {
+                        found.push((path.display().to_string(), module.to_string()));
                     }
                 }
             }
         }
         found
+    }
+
+    fn stage_paths(folder: &str) -> Vec<(String, String)> {
+        uses_of(folder, STAGES)
     }
 
     #[test]
@@ -72,9 +85,19 @@ mod layers {
 
     #[test]
     fn the_shared_floor_imports_no_stage() {
-        for folder in ["data", "model", "engine", "output.rs", "plot.rs", "home.rs", "seed.rs", "cpu.rs", "doctor.rs"] {
+        for folder in FLOOR {
             let used = stage_paths(folder);
             assert!(used.is_empty(), "{folder} uses a stage: {used:?}");
+        }
+    }
+
+    /// No circles in the floor: `run` never calls back up into `data`, `model` never into
+    /// `engine`, and so on.
+    #[test]
+    fn a_floor_module_uses_only_the_floor_below_it() {
+        for (level, folder) in FLOOR.iter().enumerate() {
+            let above = uses_of(folder, &FLOOR[level + 1..]);
+            assert!(above.is_empty(), "{folder} uses a floor module above it: {above:?}");
         }
     }
 }

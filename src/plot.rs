@@ -119,7 +119,7 @@ type Root<'a> = DrawingArea<BitMapBackend<'a>, plotters::coord::Shift>;
 fn draw(path: &Path, size: (u32, u32), body: impl FnOnce(&Root, &dyn Fn(&dyn std::fmt::Display) -> anyhow::Error) -> Result<()>) -> Result<()> {
     register_embedded_font()?;
     // The temporary keeps a .png ending: the bitmap encoder picks the format by extension.
-    let tmp = std::path::PathBuf::from(format!("{}.png", crate::output::temporary_sibling(path)?.display()));
+    let tmp = std::path::PathBuf::from(format!("{}.png", crate::run::temporary_sibling(path)?.display()));
     {
         let root = BitMapBackend::new(&tmp, size).into_drawing_area();
         let fail = |e: &dyn std::fmt::Display| anyhow!("{}: plot: {e}", path.display());

@@ -249,7 +249,7 @@ fn synth_input_answers_another_models_instructions_keeps_their_columns_and_resum
     let killed = dir.path().join("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     kill_once_exists(&mut child, &killed.join("part-00000.parquet"), Duration::from_secs(300));
-    assert!(!killed.join("magpie-manifest.json").exists(), "the run finished before the kill");
+    assert!(!killed.join(".magpie-manifest.json").exists(), "the run finished before the kill");
     let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(rows(&killed), answered);
@@ -428,7 +428,7 @@ fn eval_judges_against_a_baseline_in_both_orders_grades_and_reuses_its_answers_a
     assert_eq!(counted, 4, "{summary}");
     assert_eq!(summary["grade"]["graded"].as_u64().unwrap() + summary["grade"]["unparsable"].as_u64().unwrap(), 4);
     assert_eq!(summary["prompts"], 4);
-    for file in ["answers.parquet", "baseline_answers.parquet", "judgements.parquet", "pairwise.png", "grades.png", "magpie-manifest.json"] {
+    for file in ["answers.parquet", "baseline_answers.parquet", "judgements.parquet", "pairwise.png", "grades.png", ".magpie-manifest.json"] {
         assert!(first.join(file).is_file(), "{file}");
     }
     for column in ["prompt", "answer", "baseline_answer", "verdict_model_first", "verdict_baseline_first", "judge_model_first", "outcome", "grade", "judge_grade"] {

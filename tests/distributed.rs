@@ -132,7 +132,7 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     let killed = dir.path().join("killed");
     let args = sft_args(&model, &data, &killed, "2", &["--save-steps", "2"]);
     let mut ranks: Vec<Child> = (0..2).map(|rank| spawn_rank(&args, rank, port(1), &cache)).collect();
-    kill_once_exists(&mut ranks[1], &killed.join("checkpoint-2/magpie-manifest.json"), Duration::from_secs(600));
+    kill_once_exists(&mut ranks[1], &killed.join("checkpoint-2/.magpie-manifest.json"), Duration::from_secs(600));
     let killed_at = Instant::now();
     let rank0 = ranks.remove(0).wait_with_output().unwrap();
     assert!(killed_at.elapsed() < Duration::from_secs(60), "rank 0 took {:?} to stop", killed_at.elapsed());
@@ -142,7 +142,7 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     for entry in std::fs::read_dir(&killed).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().to_string();
         if name.starts_with("checkpoint-") {
-            assert!(killed.join(&name).join("magpie-manifest.json").is_file(), "{name} is half-written");
+            assert!(killed.join(&name).join(".magpie-manifest.json").is_file(), "{name} is half-written");
         }
     }
     // Resuming with another number of processes is refused, naming the saved shards.

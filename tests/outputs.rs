@@ -3,45 +3,15 @@
 //! their runs. Each test lays out the exact folder, runs the command, and checks the exit code,
 //! the message, and that every file that was there before is still there byte for byte.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{converted_smollm2 as converted, fixture, kill_once_exists, magpie, stderr};
+use common::{converted_smollm2 as converted, fixture, kill_once_exists, magpie, refused, s, snapshot, stderr};
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_magpie")).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
-}
-
-fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// Every file under `dir` with its size, modification time and (up to 1 MiB) its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u64, std::time::SystemTime, Vec<u8>)> {
-    let mut files = BTreeMap::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(path) = pending.pop() {
-        if path.is_dir() {
-            pending.extend(std::fs::read_dir(&path).unwrap().flatten().map(|e| e.path()));
-        } else {
-            let meta = std::fs::metadata(&path).unwrap();
-            let bytes = if meta.len() <= 1 << 20 { std::fs::read(&path).unwrap() } else { vec![] };
-            files.insert(path.clone(), (meta.len(), meta.modified().unwrap(), bytes));
-        }
-    }
-    files
-}
-
-/// Runs `args`, expects exit 1 with `message` in stderr and `dir` unchanged byte for byte.
-fn refused(dir: &Path, args: &[&str], message: &str) {
-    let before = snapshot(dir);
-    let output = magpie(args);
-    assert_eq!(output.status.code(), Some(1), "{args:?}: {}", stderr(&output));
-    assert!(stderr(&output).contains(message), "{args:?}: expected `{message}` in: {}", stderr(&output));
-    assert_eq!(snapshot(dir), before, "{args:?} changed files");
 }
 
 /// Names under `dir` (recursively) that are magpie temporaries.
@@ -145,7 +115,7 @@ fn a_killed_filter_leaves_nothing_finished_and_a_rerun_sweeps_its_temporaries() 
     child.kill().unwrap();
     child.wait().unwrap();
     if out.exists() {
-        assert!(out.join("magpie-manifest.json").is_file(), "a killed filter left an unfinished output");
+        assert!(out.join(".magpie-manifest.json").is_file(), "a killed filter left an unfinished output");
     } else {
         assert_eq!(magpie(&["inspect", s(&out)]).status.code(), Some(1), "the next stage refuses what is not there");
     }
@@ -171,7 +141,7 @@ fn a_killed_synth_is_refused_by_filter_and_accepted_once_resumed() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = spawn(&args);
     kill_once_exists(&mut child, &out.join("part-00000.parquet"), Duration::from_secs(120));
-    assert!(!out.join("magpie-manifest.json").exists(), "the run finished before the kill");
+    assert!(!out.join(".magpie-manifest.json").exists(), "the run finished before the kill");
     let filtered = dir.path().join("filtered");
     let output = magpie(&["filter", "-i", s(&out), "-o", s(&filtered), "--steps", EXACT]);
     assert_eq!(output.status.code(), Some(1));
@@ -182,7 +152,7 @@ fn a_killed_synth_is_refused_by_filter_and_accepted_once_resumed() {
     std::fs::write(out.join(".part-00001.parquet.magpie-tmp-999999999"), b"half").unwrap();
     let output = magpie(&args);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(out.join("magpie-manifest.json").is_file());
+    assert!(out.join(".magpie-manifest.json").is_file());
     assert!(temporaries(&out).is_empty(), "{:?}", temporaries(&out));
     let output = magpie(&["filter", "-i", s(&out), "-o", s(&filtered), "--steps", EXACT]);
     assert!(output.status.success(), "{}", stderr(&output));
@@ -214,13 +184,13 @@ fn a_killed_sft_is_refused_downstream_and_resumes_and_dpo_caches_outside_the_dat
         "--max-steps", "3", "--save-steps", "1", "--save-total-limit", "1", "--device", "cpu"];
     let mut child = spawn(&args);
     kill_once_exists(&mut child, &sft.join("checkpoint-1"), Duration::from_secs(300));
-    assert!(!sft.join("model").exists() && !sft.join("magpie-manifest.json").exists(), "the run finished before the kill");
+    assert!(!sft.join("model").exists() && !sft.join(".magpie-manifest.json").exists(), "the run finished before the kill");
     // The next stage finds no model; a plain rerun is told to --resume; --resume finishes.
     refused(dir.path(), &["dpo", "--model", s(&sft.join("model")), "-i", s(&fixture("ultrafeedback-armorm.parquet")), "-o", s(&dir.path().join("dpo"))], "model directory not found");
     refused(dir.path(), &args, "pass --resume to continue it or --overwrite to start over");
     let output = magpie(&[&args[..], &["--resume"]].concat());
     assert!(output.status.success(), "{}", stderr(&output));
-    assert!(sft.join("model/magpie-manifest.json").is_file() && sft.join("magpie-manifest.json").is_file());
+    assert!(sft.join("model/.magpie-manifest.json").is_file() && sft.join(".magpie-manifest.json").is_file());
     assert!(temporaries(&sft).is_empty(), "{:?}", temporaries(&sft));
 
     // DPO with precomputed reference log-probs: the cache goes to $MAGPIE_CACHE, the data

@@ -22,6 +22,12 @@ pub struct InspectArgs {
     /// How many sample rows to print per input.
     #[arg(long, default_value_t = 2)]
     pub samples: usize,
+
+    /// Also hash every file of a magpie output folder (datasets, models, checkpoints, training
+    /// runs) and compare with its manifest; a folder that is not a dataset is only verified.
+    /// Without it, only sizes and parquet row counts are checked.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// Running min / mean / max of one column's measure.
@@ -86,6 +92,17 @@ fn measure(array: &dyn Array, summary: &mut Summary) {
 
 pub fn run(args: &InspectArgs) -> Result<()> {
     for input in &args.inputs {
+        if args.verify {
+            let dir = std::path::Path::new(input);
+            let Some(manifest) = crate::run::Manifest::read(dir)? else {
+                anyhow::bail!("{input}: --verify needs a magpie output folder (one with {})", crate::run::MANIFEST);
+            };
+            manifest.verify(dir)?;
+            println!("verified: {} files of {} match {}", manifest.files.len(), printable(input), crate::run::MANIFEST);
+            if manifest.kind != "dataset" {
+                continue;
+            }
+        }
         print!("{}", report(input, args.samples)?);
     }
     Ok(())
@@ -162,11 +179,11 @@ fn write_sample(out: &mut String, batch: &RecordBatch, row: usize) -> Result<()>
 fn provenance(input: &str) -> Result<Option<String>> {
     let path = std::path::Path::new(input);
     let (tool, stage, command, kind) = if path.is_dir() {
-        let Some(m) = crate::output::Manifest::read(path)? else { return Ok(None) };
+        let Some(m) = crate::run::Manifest::read(path)? else { return Ok(None) };
         (m.tool, m.provenance.stage, m.provenance.command, format!("{}, {} files", m.kind, m.files.len()))
     } else {
-        let Some(footer) = super::write::provenance_of(path) else { return Ok(None) };
-        let Ok(p) = serde_json::from_value::<crate::output::Provenance>(footer["provenance"].clone()) else { return Ok(None) };
+        let Some(footer) = crate::run::provenance_of(path) else { return Ok(None) };
+        let Ok(p) = serde_json::from_value::<crate::run::Provenance>(footer["provenance"].clone()) else { return Ok(None) };
         (footer["tool"].as_str().unwrap_or("magpie").to_string(), p.stage, p.command, "dataset, 1 file".to_string())
     };
     Ok(Some(printable(&format!("{tool} {stage} ({kind}): {}", command.join(" ")))))

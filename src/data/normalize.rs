@@ -241,17 +241,25 @@ fn normalize_preference(columns: &mut Columns, num_rows: usize, origin: Origin) 
         }
         // No prompt: it is the shared prefix of the two conversations (TRL's implicit prompt).
         None => {
-            let extracted = chosen
-                .iter_mut()
-                .zip(rejected.iter_mut())
-                .map(|(c, r)| {
-                    let (c, r) = (c.as_mut()?, r.as_mut()?);
-                    let shared = c.iter().zip(r.iter()).take_while(|(a, b)| a == b).count();
-                    let prompt: Vec<Message> = c.drain(..shared).collect();
-                    r.drain(..shared);
-                    Some(prompt)
-                })
-                .collect();
+            let mut extracted = Vec::with_capacity(num_rows);
+            for (row, (c, r)) in chosen.iter_mut().zip(rejected.iter_mut()).enumerate() {
+                let (Some(c), Some(r)) = (c.as_mut(), r.as_mut()) else {
+                    extracted.push(None);
+                    continue;
+                };
+                let shared = c.iter().zip(r.iter()).take_while(|(a, b)| a == b).count();
+                if shared == 0 {
+                    bail!(
+                        "{}: row {}: there is no `prompt` column, and `chosen` and `rejected` share no leading turns to take the prompt from; \
+                         add a `prompt` column, or give both as whole conversations",
+                        origin.file.display(),
+                        origin.first_row + row as u64
+                    );
+                }
+                let prompt: Vec<Message> = c.drain(..shared).collect();
+                r.drain(..shared);
+                extracted.push(Some(prompt));
+            }
             prompts = Some(extracted);
         }
     }
@@ -355,6 +363,15 @@ mod tests {
         assert_eq!(turns(&out, "prompt")[0], conversation(&[("user", "q"), ("assistant", "a"), ("user", "q2")]));
         assert_eq!(turns(&out, "chosen")[0], conversation(&[("assistant", "good")]));
         assert_eq!(turns(&out, "rejected")[0], conversation(&[("assistant", "bad")]));
+    }
+
+    #[test]
+    fn preference_without_prompt_or_a_shared_prefix_names_the_missing_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = batch(vec![("chosen", text(&["good"])), ("rejected", text(&["bad"]))]);
+        let path = write(dir.path(), "no-prompt.parquet", &input);
+        let error = format!("{:#}", read_all(&[&path]).unwrap_err());
+        assert!(error.contains("no-prompt.parquet: row 0: there is no `prompt` column"), "{error}");
     }
 
     #[test]

@@ -34,12 +34,12 @@ pub fn resolve(spec: &str) -> Result<Vec<PathBuf>> {
     folders.dedup();
     for folder in &folders {
         let folder = if folder.as_os_str().is_empty() { Path::new(".") } else { folder.as_path() };
-        if let Some(manifest) = crate::output::require_finished(folder)? {
+        if let Some(manifest) = crate::run::require_finished(folder)? {
             let listed: std::collections::HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
             for file in files.iter().filter(|f| f.parent() == Some(folder)) {
                 let name = file.file_name().unwrap_or_default().to_string_lossy();
                 if !listed.contains(name.as_ref()) {
-                    bail!("{}: not listed in {}; the output was changed after magpie wrote it", file.display(), folder.join(crate::output::MANIFEST).display());
+                    bail!("{}: not listed in {}; the output was changed after magpie wrote it", file.display(), folder.join(crate::run::MANIFEST).display());
                 }
             }
         }
@@ -57,6 +57,8 @@ fn resolve_files(spec: &str) -> Result<Vec<PathBuf>> {
             .collect();
         files.sort();
         if files.is_empty() {
+            // An unfinished run of ours says so, rather than that the folder is empty.
+            crate::run::require_finished(path)?;
             bail!("{spec}: directory holds no .parquet files");
         }
         return Ok(files);

@@ -1,10 +1,10 @@
 //! Writing datasets atomically: a single `.parquet` file, or a folder of `part-NNNNN.parquet`
-//! parts with a manifest (`crate::output`). Everything goes to a hidden temporary beside the
+//! parts with a manifest (`crate::run`). Everything goes to a hidden temporary beside the
 //! target; [`DatasetWriter::finish`] closes it and [`Staged::commit`] puts it in place. An error,
 //! a drop before the commit or a kill leaves nothing that looks finished (readers skip hidden
 //! names, and a folder without its manifest is not a finished output).
 
-use crate::output::{self, Manifest, Provenance};
+use crate::run::{self, Manifest, Provenance};
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -18,9 +18,6 @@ use std::path::{Path, PathBuf};
 /// Rows per part file when writing a directory.
 pub const PART_ROWS: usize = 100_000;
 
-/// The parquet footer key that holds the provenance of a file magpie wrote.
-const PROVENANCE_KEY: &str = "magpie";
-
 /// The name of part `index` in a directory output.
 pub fn part_name(index: usize) -> String {
     format!("part-{index:05}.parquet")
@@ -32,8 +29,7 @@ pub fn parquet_writer(path: &Path, schema: SchemaRef, provenance: Option<&Proven
     let file = File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
     let mut properties = WriterProperties::builder().set_compression(Compression::SNAPPY);
     if let Some(provenance) = provenance {
-        let value = serde_json::json!({ "tool": output::tool(), "provenance": provenance }).to_string();
-        properties = properties.set_key_value_metadata(Some(vec![KeyValue::new(PROVENANCE_KEY.to_string(), value)]));
+        properties = properties.set_key_value_metadata(Some(vec![KeyValue::new(run::FOOTER_KEY.to_string(), provenance.footer_value())]));
     }
     ArrowWriter::try_new(file, schema, Some(properties.build())).with_context(|| format!("{}: cannot write parquet", path.display()))
 }
@@ -45,15 +41,6 @@ pub fn write_batch(path: &Path, batch: &RecordBatch, provenance: Option<&Provena
     writer.write(batch).with_context(|| format!("{}: cannot write", path.display()))?;
     writer.close().with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
-}
-
-/// The tool and provenance magpie left in a parquet file's footer; `None` for other files.
-pub fn provenance_of(path: &Path) -> Option<serde_json::Value> {
-    let file = File::open(path).ok()?;
-    let reader = parquet::file::reader::SerializedFileReader::new(file).ok()?;
-    let metadata = parquet::file::reader::FileReader::metadata(&reader).file_metadata().key_value_metadata()?.clone();
-    let value = metadata.iter().find(|kv| kv.key == PROVENANCE_KEY)?.value.clone()?;
-    serde_json::from_str(&value).ok()
 }
 
 /// Streams record batches into `target`; nothing is visible there until the commit.
@@ -75,7 +62,7 @@ impl DatasetWriter {
     /// A target ending in `.parquet` is one file; anything else is a directory of parts.
     pub fn create(target: &Path, schema: SchemaRef, provenance: &Provenance) -> Result<Self> {
         let single = target.extension().is_some_and(|e| e == "parquet");
-        let tmp = output::temporary_sibling(target)?;
+        let tmp = run::temporary_sibling(target)?;
         if !single {
             std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         }
@@ -163,7 +150,7 @@ impl Drop for DatasetWriter {
     fn drop(&mut self) {
         if !self.finished {
             drop(self.current.take());
-            output::remove_temporary(&self.tmp);
+            run::remove_temporary(&self.tmp);
         }
     }
 }
@@ -184,7 +171,7 @@ impl Staged {
 
     /// Puts the output in place, replacing a finished output of ours there; returns the rows.
     pub fn commit(mut self) -> Result<u64> {
-        output::commit(&self.tmp, &self.target)?;
+        run::commit(&self.tmp, &self.target)?;
         self.committed = true;
         Ok(self.rows)
     }
@@ -193,7 +180,7 @@ impl Staged {
 impl Drop for Staged {
     fn drop(&mut self) {
         if !self.committed {
-            output::remove_temporary(&self.tmp);
+            run::remove_temporary(&self.tmp);
         }
     }
 }
@@ -268,7 +255,7 @@ mod tests {
             assert!(schema::field(schema::lookup("uuid").unwrap()) == *back.schema().field(0));
         }
         assert_eq!(std::fs::read_dir(dir.path().join("all-parts")).unwrap().count(), 3, "two parts and the manifest");
-        assert!(provenance_of(&dir.path().join("all.parquet")).is_some());
+        assert!(run::provenance_of(&dir.path().join("all.parquet")).is_some());
     }
 
     #[test]

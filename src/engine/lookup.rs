@@ -47,7 +47,8 @@ fn read_gguf(path: PathBuf) -> Result<ModelInfo> {
                 metadata.token_text("tokenizer.ggml.bos_token_id").unwrap_or_default(),
                 metadata.token_text("tokenizer.ggml.eos_token_id").unwrap_or_default(),
             )
-            .with_context(|| format!("{}: tokenizer.chat_template", path.display()))?,
+            .with_context(|| format!("{}: tokenizer.chat_template", path.display()))?
+            .from_model(&path),
         ),
         None => None,
     };
@@ -75,7 +76,10 @@ fn read_hf_dir(path: PathBuf) -> Result<ModelInfo> {
         config["chat_template"].as_str().map(str::to_string)
     };
     let chat_template = source
-        .map(|s| ChatTemplate::new(&s, &special_token(&config, "bos_token").unwrap_or_default(), &special_token(&config, "eos_token").unwrap_or_default()))
+        .map(|s| {
+            ChatTemplate::new(&s, &special_token(&config, "bos_token").unwrap_or_default(), &special_token(&config, "eos_token").unwrap_or_default())
+                .map(|t| t.from_model(&path))
+        })
         .transpose()
         .with_context(|| format!("{}: chat template", path.display()))?;
     Ok(ModelInfo { name: stem(&path), path, chat_template })

@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use std::path::PathBuf;
 
 use crate::engine::chat::ChatModel;
-use crate::output::{self, Provenance, Rules};
+use crate::run::{self, Provenance, Rules};
 use prompts::EvalPrompt;
 use report::{Grade, Pair};
 
@@ -62,11 +62,11 @@ pub struct EvalArgs {
     pub mode: Option<Mode>,
 
     /// Most tokens per answer.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::flags::at_least_one)]
     pub max_tokens: usize,
 
     /// Most tokens per judgement.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::flags::at_least_one)]
     pub judge_max_tokens: usize,
 
     /// Start the judge's reply with the verdict's opening brackets (`[[` for pairs, `Rating: [[`
@@ -79,6 +79,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 1000)]
     pub bootstrap: usize,
 
+    /// Seed of the bootstrap resamples (judging and answers are greedy).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 
@@ -115,7 +116,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (prompts, files) = prompts::read(&prompt_files, args.limit)?;
     let mut inputs: Vec<PathBuf> = files;
     inputs.extend([Some(args.model.clone()), args.baseline.clone(), args.judge.clone()].into_iter().flatten());
-    output::check(&args.output, &inputs, &Rules { overwrite: args.overwrite, resumable: None })?;
+    run::check(&args.output, &inputs, &Rules { overwrite: args.overwrite, resumable: None })?;
 
     let (model_name, answers) = answer_with(&args.model, &prompts, args)?;
     let baseline = match &args.baseline {
@@ -137,7 +138,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let names = report::Names { model: model_name, baseline: baseline.as_ref().map(|b| b.0.clone()), judge: judge.name.clone() };
     let provenance = Provenance::new("eval", args);
     let summary = report::summary(&names, &prompts, &answers, baseline.as_ref().map(|b| &b.1), pairs.as_deref(), grades.as_deref(), args)?;
-    output::write_dir(&args.output, "eval", &provenance, |tmp| {
+    run::write_dir(&args.output, "eval", &provenance, |tmp| {
         report::write_parquet(&tmp.join("answers.parquet"), &prompts::answers_batch(&prompts, &answers, &names.model)?, &provenance)?;
         if let Some((name, baseline)) = &baseline {
             report::write_parquet(&tmp.join("baseline_answers.parquet"), &prompts::answers_batch(&prompts, baseline, name)?, &provenance)?;

@@ -8,8 +8,8 @@
 //! the assistant turns), matched by uuid.
 
 use anyhow::{bail, Context, Result};
-use arrow::array::{Array, AsArray, RecordBatch, StringArray};
-use arrow::datatypes::{DataType, Field};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch, StringArray};
+use arrow::datatypes::{DataType, Field, Schema};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ pub fn default_set() -> Result<PathBuf> {
     let path = crate::home::cache_dir().join("eval").join(DEFAULT_SET_NAME);
     if std::fs::read(&path).ok().as_deref() != Some(DEFAULT_SET) {
         std::fs::create_dir_all(path.parent().expect("has a parent")).with_context(|| format!("{}: cannot create", path.display()))?;
-        crate::output::write_atomically(&path, DEFAULT_SET)?;
+        crate::run::write_atomically(&path, DEFAULT_SET)?;
     }
     Ok(path)
 }
@@ -149,12 +149,18 @@ pub fn answers_batch(prompts: &[EvalPrompt], answers: &[Vec<String>], model: &st
         messages
     }).collect();
     let text = |values: Vec<&str>| Arc::new(StringArray::from(values)) as Arc<dyn Array>;
-    super::report::batch(vec![
+    batch(vec![
         ("uuid", text(prompts.iter().map(|p| p.uuid.as_str()).collect())),
         ("messages", build_messages(conversations.iter().map(|c| Some(c.as_slice())))),
         ("task_category", text(prompts.iter().map(|p| p.category.as_str()).collect())),
         ("model", text(vec![model; prompts.len()])),
     ])
+}
+
+/// A batch of named columns, every one nullable but `uuid`.
+pub fn batch(columns: Vec<(&str, ArrayRef)>) -> Result<RecordBatch> {
+    let schema = Schema::new(columns.iter().map(|(name, a)| Field::new(*name, a.data_type().clone(), *name != "uuid")).collect::<Vec<_>>());
+    Ok(RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, a)| a).collect())?)
 }
 
 #[cfg(test)]

@@ -5,17 +5,16 @@
 
 use anyhow::Result;
 use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
-use arrow::datatypes::{Field, Schema};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use super::judge::{parse_grade, parse_verdict};
-use super::prompts::EvalPrompt;
+use super::prompts::{batch, EvalPrompt};
 use super::stats::{self, Outcome, Verdict};
 use super::EvalArgs;
-use crate::output::Provenance;
+use crate::run::Provenance;
 use crate::plot::{self, Bars};
 
 /// One prompt judged in both orders.
@@ -88,11 +87,6 @@ pub fn judgements(prompts: &[EvalPrompt], answers: &[Vec<String>], baseline: Opt
     batch(columns)
 }
 
-/// A batch of named columns, every one nullable but `uuid`.
-pub fn batch(columns: Vec<(&str, ArrayRef)>) -> Result<RecordBatch> {
-    let schema = Schema::new(columns.iter().map(|(name, a)| Field::new(*name, a.data_type().clone(), *name != "uuid")).collect::<Vec<_>>());
-    Ok(RecordBatch::try_new(Arc::new(schema), columns.into_iter().map(|(_, a)| a).collect())?)
-}
 
 pub fn write_parquet(path: &Path, batch: &RecordBatch, provenance: &Provenance) -> Result<()> {
     crate::data::write::write_batch(path, batch, Some(provenance))

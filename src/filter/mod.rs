@@ -28,7 +28,7 @@ pub mod step;
 pub mod text;
 
 use crate::data::Dataset;
-use crate::output::{self, Provenance, Rules};
+use crate::run::{self, Provenance, Rules};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -139,18 +139,18 @@ pub fn run(args: &FilterArgs) -> Result<()> {
     });
     let mut inputs = input.files.clone();
     inputs.extend(args.input.iter().map(PathBuf::from).filter(|p| p.is_dir()));
-    output::check(&args.output, &inputs, &Rules { overwrite: args.overwrite, resumable: None })?;
+    run::check(&args.output, &inputs, &Rules { overwrite: args.overwrite, resumable: None })?;
     check_report_path(&report_path, &inputs, args.overwrite)?;
     let provenance = Provenance::new("filter", json!({ "input": args.input, "steps": args.steps }));
     let (staged, step_reports) = step::run(input, steps, &args.output, &provenance)?;
     let rows_out = step_reports.last().and_then(|r| r["rows_out"].as_u64()).unwrap_or(rows_in);
     let report = json!({
-        "tool": output::tool(), "input": args.input, "output": args.output, "rows_in": rows_in, "rows_out": rows_out,
+        "tool": run::tool(), "input": args.input, "output": args.output, "rows_in": rows_in, "rows_out": rows_out,
         "steps": step_reports, "distributions": distributions(staged.path())?,
     });
     // The report first, then the dataset: a failure at either leaves no finished-looking output.
     let text = serde_json::to_string_pretty(&report)?;
-    output::write_atomically(&report_path, text.as_bytes()).with_context(|| format!("{}: cannot write the report", report_path.display()))?;
+    run::write_atomically(&report_path, text.as_bytes()).with_context(|| format!("{}: cannot write the report", report_path.display()))?;
     if let Err(e) = staged.commit() {
         let _ = std::fs::remove_file(&report_path);
         return Err(e);
@@ -165,7 +165,7 @@ pub fn run(args: &FilterArgs) -> Result<()> {
 
 /// The report may replace only an earlier report of ours, and only with --overwrite.
 fn check_report_path(path: &Path, inputs: &[PathBuf], overwrite: bool) -> Result<()> {
-    output::check_not_an_input(path, inputs)?;
+    run::check_not_an_input(path, inputs)?;
     if !path.exists() {
         return Ok(());
     }
@@ -262,6 +262,30 @@ mod tests {
         let dropped = &report[0]["dropped"];
         assert_eq!(dropped["near duplicate (semantic)"], 1);
         assert_eq!(dropped.as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn top_k_puts_nan_and_null_last_in_both_orders_and_refuses_a_text_key() {
+        let input = batch(vec![
+            ("uuid", text(&["a", "b", "c", "d"])),
+            ("instruction", text(&["q1", "q2", "q3", "q4"])),
+            ("score", Arc::new(Float64Array::from(vec![Some(f64::NAN), None, Some(1.0), Some(2.0)])) as ArrayRef),
+        ]);
+        // The top 2 of either order are the two real scores (kept rows stay in the data's order);
+        // NaN ranked first descending and null first ascending before.
+        for (descending, want) in [(true, ["c", "d"]), (false, ["c", "d"])] {
+            let recipe = format!(r#"[{{"step": "select", "sort_by": "score", "limit": 2, "descending": {descending}}}]"#);
+            let (out, _) = run_on(input.clone(), &recipe);
+            assert_eq!(column(&out, "uuid"), want.map(|s| Some(s.to_string())), "descending {descending}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "in.parquet", &input);
+        let recipe = r#"[{"step": "select", "sort_by": "instruction", "limit": 2}]"#;
+        let error = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(recipe), &dir.path().join("out.parquet"), &Provenance::new("test", ()))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("sort_by column `instruction` is text with no order"), "{error}");
     }
 
     #[test]

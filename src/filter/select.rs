@@ -203,7 +203,8 @@ pub struct Select {
     config: SelectConfig,
     /// Ordinals kept by top-k, after the scan.
     top: Option<HashSet<u64>>,
-    keys: Vec<(f64, u64)>,
+    /// Sort key (`None`: null or NaN) and ordinal of every row that passed the rules.
+    keys: Vec<(Option<f64>, u64)>,
     scanned: u64,
     applied: u64,
     held: Vec<RecordBatch>,
@@ -255,8 +256,11 @@ impl Select {
         let Some(array) = batch.column_by_name(column) else {
             bail!("select: sort_by column `{column}` is missing");
         };
+        if crate::data::messages::as_utf8(array).is_some() && !matches!(column, "input_quality" | "difficulty") {
+            bail!("select: sort_by column `{column}` is text with no order (only input_quality and difficulty have scales); sort by a numeric column");
+        }
         let rule = Rule { column: column.into(), op: Op::Gt, value: Value::Null };
-        Ok(cells(array, column)?.iter().map(|c| rule.order_key(c)).collect())
+        Ok(cells(array, column)?.iter().map(|c| rule.order_key(c).filter(|k| !k.is_nan())).collect())
     }
 }
 
@@ -273,8 +277,7 @@ impl Step for Select {
         let verdicts = self.verdicts(batch)?;
         for (verdict, key) in verdicts.iter().zip(self.sort_keys(batch)?) {
             if verdict.is_none() {
-                // Rows without a sort key go last.
-                self.keys.push((key.unwrap_or(f64::NEG_INFINITY), self.scanned));
+                self.keys.push((key, self.scanned));
             }
             self.scanned += 1;
         }
@@ -284,9 +287,16 @@ impl Step for Select {
     fn finish_scan(&mut self) -> Result<()> {
         let descending = self.config.descending.unwrap_or(true);
         let mut keys = std::mem::take(&mut self.keys);
+        // Rows without a key (null or NaN) go last in either order; ties keep the data's order.
         keys.sort_by(|a, b| {
-            let order = a.0.total_cmp(&b.0);
-            (if descending { order.reverse() } else { order }).then(a.1.cmp(&b.1))
+            let order = match (a.0, b.0) {
+                (Some(x), Some(y)) if descending => y.total_cmp(&x),
+                (Some(x), Some(y)) => x.total_cmp(&y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            };
+            order.then(a.1.cmp(&b.1))
         });
         keys.truncate(self.config.limit.expect("top-k configured"));
         self.top = Some(keys.into_iter().map(|(_, ordinal)| ordinal).collect());

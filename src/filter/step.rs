@@ -9,7 +9,7 @@
 
 use crate::data::write::Staged;
 use crate::data::{Dataset, DatasetWriter};
-use crate::output::Provenance;
+use crate::run::Provenance;
 use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::datatypes::{Field, Schema};
@@ -113,7 +113,7 @@ fn timed<T>(seconds: &mut f64, f: impl FnOnce() -> T) -> T {
 /// Runs `steps` over `input` into `output`; returns the finished output, not yet in place (see
 /// [`Staged`]), and the per-step report.
 pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, provenance: &Provenance) -> Result<(Staged, Vec<Value>)> {
-    let scratch = crate::output::temporary_sibling(&output.with_extension("filter-scratch"))?;
+    let scratch = crate::run::temporary_sibling(&output.with_extension("filter-scratch"))?;
     std::fs::create_dir_all(&scratch).with_context(|| format!("{}: cannot create", scratch.display()))?;
     let _cleanup = RemoveOnDrop(scratch.clone());
     let mut counts = vec![Counts::default(); steps.len()];

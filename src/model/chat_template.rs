@@ -7,12 +7,19 @@ use crate::data::Message;
 use anyhow::{Context, Result};
 use minijinja::{context, Environment, Error, ErrorKind};
 
+/// How many steps one render may take (minijinja's fuel). A chat template renders a long
+/// conversation in thousands; a template that loops for ever (nested `range(10000)` loops) stops
+/// here with an error instead of hanging synth or training.
+const RENDER_FUEL: u64 = 5_000_000;
+
 /// A compiled chat template and the special tokens it may refer to.
 pub struct ChatTemplate {
     env: Environment<'static>,
     pub source: String,
     pub bos_token: String,
     pub eos_token: String,
+    /// Where the template came from (the model file or folder), for errors.
+    origin: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -36,11 +43,18 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned("chat", source.to_string()).context("chat template does not compile")?;
-        Ok(ChatTemplate { env, source: source.to_string(), bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
+        Ok(ChatTemplate { env, source: source.to_string(), bos_token: bos_token.to_string(), eos_token: eos_token.to_string(), origin: "the model".into() })
+    }
+
+    /// Names the model file or folder the template came from in render errors.
+    pub fn from_model(mut self, origin: &std::path::Path) -> Self {
+        self.origin = origin.display().to_string();
+        self
     }
 
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's reply
@@ -54,7 +68,13 @@ impl ChatTemplate {
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .context("chat template failed to render")
+            .map_err(|e| match e.kind() {
+                ErrorKind::OutOfFuel => anyhow::anyhow!(
+                    "{}: the chat template took more than {RENDER_FUEL} steps to render one conversation (it loops too long); fix or replace the template",
+                    self.origin
+                ),
+                _ => anyhow::Error::new(e).context(format!("{}: chat template failed to render", self.origin)),
+            })
     }
 }
 
@@ -90,5 +110,13 @@ mod tests {
         assert_eq!(template.render(&[Message::new("user", "  x ")], false).unwrap(), "X");
         let error = format!("{:#}", template.render(&[Message::new("system", "s")], false).unwrap_err());
         assert!(error.contains("no system"), "{error}");
+    }
+
+    #[test]
+    fn a_template_that_loops_too_long_stops_with_an_error_naming_the_model() {
+        let source = "{% for i in range(10000) %}{% for j in range(10000) %}{{ i }}{% endfor %}{% endfor %}";
+        let template = ChatTemplate::new(source, "", "").unwrap().from_model(std::path::Path::new("/models/evil.gguf"));
+        let error = format!("{:#}", template.render(&[Message::new("user", "x")], false).unwrap_err());
+        assert!(error.contains("/models/evil.gguf: the chat template took more than"), "{error}");
     }
 }

@@ -49,7 +49,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         Some(path) => path.clone(),
         None => crate::home::default_model(),
     };
-    crate::output::check(&args.output, std::slice::from_ref(&gguf), &crate::output::Rules { overwrite: args.overwrite, resumable: None })?;
+    crate::run::check(&args.output, std::slice::from_ref(&gguf), &crate::run::Rules { overwrite: args.overwrite, resumable: None })?;
     convert(&gguf, &args.output, args.judge_reward_head)?;
     eprintln!("magpie convert: {} -> {}", gguf.display(), args.output.display());
     Ok(())
@@ -134,8 +134,8 @@ pub fn convert(gguf_path: &Path, out: &Path, judge_reward_head: bool) -> Result<
     };
     let tied = meta.tensor("output.weight").is_none();
 
-    let provenance = crate::output::Provenance::new("convert", json!({ "gguf": gguf_path, "judge_reward_head": judge_reward_head }));
-    crate::output::write_dir(out, "model", &provenance, |tmp| {
+    let provenance = crate::run::Provenance::new("convert", json!({ "gguf": gguf_path, "judge_reward_head": judge_reward_head }));
+    crate::run::write_dir(out, "model", &provenance, |tmp| {
         write_hf_dir(&file, &shape, tied, tmp)?;
         if judge_reward_head { add_judge_reward_head(tmp) } else { Ok(()) }
     })

@@ -325,7 +325,11 @@ fn read_metadata<R: Read>(r: &mut Counting<R>) -> Result<Metadata> {
         let offset = read_u64(r)?;
         tensors.push(TensorInfo { name, dims, kind, offset });
     }
-    let alignment = values.get("general.alignment").and_then(Value::as_int).unwrap_or(32) as u64;
+    let alignment = values.get("general.alignment").and_then(Value::as_int).unwrap_or(32);
+    if alignment <= 0 || alignment % 8 != 0 {
+        bail!("`general.alignment` is {alignment}; GGUF needs a positive multiple of 8");
+    }
+    let alignment = alignment as u64;
     let data_offset = r.read.div_ceil(alignment) * alignment;
     Ok(Metadata { version, tensor_count, values, tensors, data_offset })
 }
@@ -366,6 +370,20 @@ mod tests {
         let metadata = Metadata::read(&path).unwrap();
         assert_eq!(metadata.text("tokenizer.chat_template"), Some("{{ messages }}"));
         assert_eq!(metadata.token_text("tokenizer.ggml.bos_token_id"), Some("<s>"));
+    }
+
+    #[test]
+    fn an_alignment_of_zero_is_an_error_not_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut bytes = tiny_gguf();
+        bytes[16..24].copy_from_slice(&4u64.to_le_bytes());
+        bytes.extend(string("general.alignment"));
+        bytes.extend(4u32.to_le_bytes());
+        bytes.extend(0u32.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let error = format!("{:#}", Metadata::read(&path).unwrap_err());
+        assert!(error.contains("m.gguf") && error.contains("`general.alignment` is 0"), "{error}");
     }
 
     #[test]

@@ -182,7 +182,7 @@ impl View for &TensorView {
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     let views: Vec<(String, TensorView)> = tensors.iter().map(|(name, t)| Ok((name.clone(), TensorView::new(t)?))).collect::<Result<_>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = crate::output::temporary_sibling(path)?;
+    let tmp = crate::run::temporary_sibling(path)?;
     if let Err(e) = safetensors::tensor::serialize_to_file(views.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp) {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("{}: cannot write", path.display()));
@@ -231,6 +231,6 @@ pub fn write_model_files(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Resu
 }
 
 /// Saves the variables of `vs` as a Hugging Face directory `dir`, atomically, with a manifest.
-pub fn save(vs: &nn::VarStore, base: &ModelDir, dir: &Path, provenance: &crate::output::Provenance) -> Result<()> {
-    crate::output::write_dir(dir, "model", provenance, |tmp| write_model_files(vs, base, tmp))
+pub fn save(vs: &nn::VarStore, base: &ModelDir, dir: &Path, provenance: &crate::run::Provenance) -> Result<()> {
+    crate::run::write_dir(dir, "model", provenance, |tmp| write_model_files(vs, base, tmp))
 }

@@ -70,8 +70,33 @@ fn default_rms_norm_eps() -> f64 {
 }
 
 impl LlamaConfig {
-    pub fn from_json(text: &str) -> serde_json::Result<Self> {
-        serde_json::from_str(text)
+    /// Parses a `config.json` and checks the sizes the model is built from, so a bad config is
+    /// an error naming the key instead of a division by zero.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let config: LlamaConfig = serde_json::from_str(text)?;
+        let sizes = [
+            ("vocab_size", config.vocab_size),
+            ("hidden_size", config.hidden_size),
+            ("intermediate_size", config.intermediate_size),
+            ("num_hidden_layers", config.num_hidden_layers),
+            ("num_attention_heads", config.num_attention_heads),
+            ("num_key_value_heads", config.kv_heads()),
+        ];
+        if let Some((key, value)) = sizes.iter().find(|(_, v)| *v <= 0) {
+            bail!("`{key}` is {value}; it must be at least 1");
+        }
+        if config.num_attention_heads % config.kv_heads() != 0 {
+            bail!("`num_attention_heads` ({}) is not a multiple of `num_key_value_heads` ({})", config.num_attention_heads, config.kv_heads());
+        }
+        if config.head_dim() <= 0 || config.head_dim() % 2 != 0 {
+            bail!("the head size ({}; `head_dim`, or `hidden_size` / `num_attention_heads`) must be a positive even number", config.head_dim());
+        }
+        if let Some(pad) = config.pad_token_id
+            && !(0..config.vocab_size).contains(&pad)
+        {
+            bail!("`pad_token_id` {pad} is outside the vocabulary (0..{})", config.vocab_size);
+        }
+        Ok(config)
     }
 
     pub fn kv_heads(&self) -> i64 {
@@ -285,6 +310,14 @@ enum Head {
     Score(Tensor),
 }
 
+/// What the recomputing backward of gradient checkpointing keeps from the forward pass.
+pub struct Recompute {
+    top: Tensor,
+    block_inputs: Vec<Tensor>,
+    rope: (Tensor, Tensor),
+    attend: Attend,
+}
+
 /// transformers' `initializer_range` for embeddings and heads.
 const NORMAL_002: nn::Init = nn::Init::Randn { mean: 0., stdev: 0.02 };
 
@@ -347,9 +380,11 @@ impl Llama {
         self.embed_tokens.kind()
     }
 
-    /// Token embeddings, `[batch, seq, hidden]`.
+    /// Token embeddings, `[batch, seq, hidden]`. As transformers builds `embed_tokens` with
+    /// `padding_idx = pad_token_id`, the lookup gives the pad token's row no gradient (for
+    /// SmolLM2 that row is `<|im_end|>`'s; tied embeddings still train it through the head).
     pub fn embed(&self, ids: &Tensor) -> Tensor {
-        Tensor::embedding(&self.embed_tokens, ids, -1, false, false)
+        Tensor::embedding(&self.embed_tokens, ids, self.config.pad_token_id.unwrap_or(-1), false, false)
     }
 
     /// The rotary cos/sin for `positions`, `[batch, seq, 1, head_dim]` in `kind`.
@@ -361,13 +396,42 @@ impl Llama {
 
     /// The final-norm hidden states, `[batch, seq, hidden]`.
     pub fn hidden_states(&self, inputs: &Inputs) -> Tensor {
-        let mut x = self.embed(inputs.ids);
-        let rope = self.rope(inputs.positions, x.kind());
-        let attend = inputs.mask.attend(x.device(), x.kind());
-        for layer in &self.layers {
-            x = layer.forward(&x, &rope, &attend);
-        }
+        let (rope, attend) = (self.rope(inputs.positions, self.kind()), inputs.mask.attend(self.device(), self.kind()));
+        let x = self.blocks(self.embed(inputs.ids), &rope, &attend, |_| {});
         self.final_norm(&x)
+    }
+
+    /// The decoder blocks over `x`, handing each block's input to `keep` first.
+    fn blocks(&self, mut x: Tensor, rope: &(Tensor, Tensor), attend: &Attend, mut keep: impl FnMut(&Tensor)) -> Tensor {
+        for layer in &self.layers {
+            keep(&x);
+            x = layer.forward(&x, rope, attend);
+        }
+        x
+    }
+
+    /// Gradient checkpointing, first half: the blocks run without graphs and only their inputs
+    /// are kept. Returns the final hidden states (a leaf that takes a gradient: compute the loss
+    /// on it) and what [`Llama::backward_by_recompute`] needs.
+    pub fn forward_for_recompute(&self, inputs: &Inputs) -> (Tensor, Recompute) {
+        let (rope, attend) = (self.rope(inputs.positions, self.kind()), inputs.mask.attend(self.device(), self.kind()));
+        let mut block_inputs = vec![];
+        let last = tch::no_grad(|| self.blocks(self.embed(inputs.ids), &rope, &attend, |x| block_inputs.push(x.shallow_clone())));
+        let top = last.detach().set_requires_grad(true);
+        (self.final_norm(&top), Recompute { top, block_inputs, rope, attend })
+    }
+
+    /// Gradient checkpointing, second half, after the loss's backward: each block is recomputed
+    /// with its graph during its own backward pass, last block first, down to the embeddings.
+    pub fn backward_by_recompute(&self, inputs: &Inputs, saved: Recompute) {
+        let mut grad = saved.top.grad();
+        for (layer, x) in self.layers.iter().zip(saved.block_inputs).rev() {
+            let x = x.detach().set_requires_grad(true);
+            let y = layer.forward(&x, &saved.rope, &saved.attend);
+            (y * &grad).sum(Kind::Float).backward();
+            grad = x.grad();
+        }
+        (self.embed(inputs.ids) * grad).sum(Kind::Float).backward();
     }
 
     pub fn final_norm(&self, x: &Tensor) -> Tensor {

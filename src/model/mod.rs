@@ -123,7 +123,7 @@ pub mod tests {
     pub fn tiny_on(name: &str, device: Device, kind: Kind) -> (tempfile::TempDir, Loaded) {
         let dir = tempfile::tempdir().unwrap();
         let tiny = tiny(name);
-        hf::save(&tiny.vs, &tiny.dir, &dir.path().join("m"), &crate::output::Provenance::new("test", ())).unwrap();
+        hf::save(&tiny.vs, &tiny.dir, &dir.path().join("m"), &crate::run::Provenance::new("test", ())).unwrap();
         let loaded = load_causal_lm(&dir.path().join("m"), device, kind).unwrap();
         (dir, loaded)
     }
@@ -150,6 +150,23 @@ pub mod tests {
     }
 
     #[test]
+    fn the_pad_row_of_the_embeddings_gets_no_gradient_from_the_lookup_when_the_config_names_a_pad_token() {
+        let ids = Tensor::from_slice(&[5i64, 2, 2, 7]).view([1, 4]);
+        for (pad, pad_row_trains) in [(Some(2), false), (None, true)] {
+            let dir = ModelDir::open(&fixture("tiny-llama")).unwrap();
+            let mut config = dir.config.clone();
+            config.pad_token_id = pad;
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = Llama::causal_lm(&vs.root(), &config, Weights::Random).unwrap();
+            model.embed(&ids).square().sum(Kind::Float).backward();
+            let grad = vs.variables()["model.embed_tokens.weight"].grad();
+            let row_norm = |row: i64| grad.get(row).abs().sum(Kind::Float).double_value(&[]);
+            assert_eq!(row_norm(2) > 0.0, pad_row_trains, "pad {pad:?}");
+            assert!(row_norm(5) > 0.0 && row_norm(7) > 0.0);
+        }
+    }
+
+    #[test]
     fn reward_scores_match_transformers_at_the_last_non_pad_token() {
         let dir = ModelDir::open(&fixture("tiny-llama-reward")).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
@@ -167,7 +184,7 @@ pub mod tests {
         let loaded = tiny("tiny-llama");
         let out = tempfile::tempdir().unwrap();
         let saved = out.path().join("saved");
-        hf::save(&loaded.vs, &loaded.dir, &saved, &crate::output::Provenance::new("test", ())).unwrap();
+        hf::save(&loaded.vs, &loaded.dir, &saved, &crate::run::Provenance::new("test", ())).unwrap();
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(saved.join("config.json")).unwrap()).unwrap();
         assert_eq!(config["rope_theta"], 500000.0);
         assert_eq!(config["rope_scaling"]["rope_type"], "llama3");
@@ -225,7 +242,7 @@ pub mod tests {
     fn other_architectures_and_stray_tensors_are_refused() {
         let out = tempfile::tempdir().unwrap();
         let loaded = tiny("tiny-llama");
-        hf::save(&loaded.vs, &loaded.dir, out.path(), &crate::output::Provenance::new("test", ())).unwrap();
+        hf::save(&loaded.vs, &loaded.dir, out.path(), &crate::run::Provenance::new("test", ())).unwrap();
         let config_path = out.path().join("config.json");
         let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
         let with = |key: &str, value: serde_json::Value| {

@@ -20,8 +20,6 @@ pub struct ChatTokenizer {
     pub template: ChatTemplate,
     /// Id used to pad batches (never a training target).
     pub pad_id: i64,
-    /// The tokenizer's `eos_token`, which TRL appends to every preference completion.
-    pub eos_id: Option<i64>,
 }
 
 /// One tokenised conversation: ids and which of them are assistant tokens.
@@ -51,9 +49,8 @@ impl ChatTokenizer {
         let eos = special_token(&config, "eos_token").unwrap_or_default();
         let pad = special_token(&config, "pad_token").unwrap_or_else(|| eos.clone());
         let pad_id = tokenizer.token_to_id(&pad).or_else(|| tokenizer.token_to_id(&eos)).unwrap_or(0) as i64;
-        let eos_id = tokenizer.token_to_id(&eos).map(i64::from);
-        let template = ChatTemplate::new(&source, &bos, &eos).with_context(|| format!("{}: chat template", dir.display()))?;
-        Ok(ChatTokenizer { tokenizer, template, pad_id, eos_id })
+        let template = ChatTemplate::new(&source, &bos, &eos).with_context(|| format!("{}: chat template", dir.display()))?.from_model(dir);
+        Ok(ChatTokenizer { tokenizer, template, pad_id })
     }
 
     fn encode(&self, text: &str) -> Result<tokenizers::Encoding> {
@@ -81,9 +78,11 @@ impl ChatTokenizer {
     }
 
     /// A preference example's prompt (rendered with a generation prompt) and its completion,
-    /// token for token as TRL's DPOTrainer makes them: the text the full conversation adds after
-    /// the prompt, trailing newline included (`<|im_end|>\n`), tokenised without special tokens,
-    /// then the tokenizer's EOS id appended.
+    /// token for token as TRL 1.16's DPOTrainer makes them for conversational data: the text
+    /// the full conversation adds after the prompt, trailing newline included (`<|im_end|>\n`),
+    /// tokenised without special tokens. No EOS is appended: the template's end-of-turn token
+    /// ends the completion (TRL appends EOS only to plain-text completions, which magpie never
+    /// builds: every preference column is a conversation).
     pub fn prompt_and_completion(&self, prompt: &[Message], completion: &[Message]) -> Result<(Vec<i64>, Vec<i64>)> {
         let prompt_text = self.template.render(prompt, true)?;
         let full: Vec<Message> = prompt.iter().chain(completion).cloned().collect();
@@ -92,9 +91,7 @@ impl ChatTokenizer {
             bail!("the chat template does not render the prompt as a prefix of the full conversation");
         };
         let ids = |text: &str| -> Result<Vec<i64>> { Ok(self.encode(text)?.get_ids().iter().map(|&i| i as i64).collect()) };
-        let mut completion = ids(rest)?;
-        completion.extend(self.eos_id);
-        Ok((ids(&prompt_text)?, completion))
+        Ok((ids(&prompt_text)?, ids(rest)?))
     }
 }
 
@@ -139,9 +136,8 @@ mod tests {
         let (_dir, tok) = smollm2_tokenizer();
         let prompt = [Message::new("user", "Capital of France?")];
         let (p, c) = tok.prompt_and_completion(&prompt, &[Message::new("assistant", "Paris.")]).unwrap();
-        // TRL's tokens: the rendered completion with its newline, then EOS (<|im_end|> for SmolLM2).
-        assert_eq!(tok.tokenizer.decode(&c.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap(), "Paris.<|im_end|>\n<|im_end|>");
-        assert_eq!(c.last().copied(), tok.eos_id);
+        // TRL 1.16's tokens: the rendered completion with its newline and no second EOS.
+        assert_eq!(tok.tokenizer.decode(&c.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap(), "Paris.<|im_end|>\n");
         assert!(tok.tokenizer.decode(&p.iter().map(|&i| i as u32).collect::<Vec<_>>(), false).unwrap().ends_with("<|im_start|>assistant\n"));
     }
 }

@@ -1,14 +1,14 @@
 //! Synth's resumable output: a folder of `part-NNNNN.parquet` files, one per finished chunk
-//! (NNNNN is the chunk index, global across shards), plus the run claim (`magpie-run.json`, the
-//! settings that determine the rows) and, once every chunk of every shard is there, the manifest
-//! that marks the dataset finished (`crate::output`).
+//! (NNNNN is the chunk index, global across shards), plus the run claim (`.magpie-run.json`, the
+//! settings that determine the rows; hidden, as the manifest is) and, once every chunk of every shard is there, the manifest
+//! that marks the dataset finished (`crate::run`).
 //!
 //! A rerun with the same settings skips the chunks whose part exists; a rerun with different
 //! settings is refused, naming what differs. A finished output is left as it is, unless
 //! `--overwrite` asks for a new run in its place.
 
 use crate::data::write::{part_name, write_batch};
-use crate::output::{self, Existing, Manifest, Provenance, Resumable, Rules, RUN_CLAIM};
+use crate::run::{self, Existing, Manifest, Provenance, Rules, RUN_CLAIM};
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
 use serde_json::{json, Value};
@@ -19,11 +19,9 @@ pub struct Checkpoint {
     provenance: Provenance,
 }
 
-/// The names a synth run writes into its folder.
+/// The names a synth run writes into its folder besides the markers.
 fn owns(name: &str) -> bool {
-    name == RUN_CLAIM
-        || name == output::MANIFEST
-        || name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")).is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
+    name.strip_prefix("part-").and_then(|n| n.strip_suffix(".parquet")).is_some_and(|n| n.len() == 5 && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// What opening the output found.
@@ -38,23 +36,22 @@ impl Checkpoint {
     /// Opens (or creates) `dir` for a run whose row-determining settings are `settings`, after
     /// checking it against the inputs (`model`) and what is already there.
     pub fn open(dir: &Path, inputs: &[PathBuf], settings: &Value, overwrite: bool) -> Result<Opened> {
-        let rules = Rules { overwrite, resumable: Some(Resumable { claim: RUN_CLAIM, owns }) };
-        let existing = output::check(dir, inputs, &rules)?;
+        let rules = Rules { overwrite, resumable: Some(owns) };
+        let existing = run::check(dir, inputs, &rules)?;
         let provenance = Provenance::new("synth", settings);
-        let claim = dir.join(RUN_CLAIM);
-        if existing == Existing::Finished && !claim.is_file() {
+        if existing == Existing::Finished && run::claim_path(dir).is_none() {
             // A finished output of another stage (no synth claim): only --overwrite replaces it.
             if !overwrite {
                 bail!("{}: holds a finished magpie output that is not a synth run; pass --overwrite to replace it, or use another --output", dir.display());
             }
-            output::clear_finished(dir)?;
+            run::clear_finished(dir)?;
         } else if existing != Existing::Nothing {
-            let earlier = read_claim(&claim)?;
+            let earlier = run::read_claim(dir)?.with_context(|| format!("{}: holds no run claim", dir.display()))?;
             let mut differing = vec![];
-            output::differing_keys("", &earlier["settings"], settings, &mut differing);
+            run::differing_keys("", &earlier["settings"], settings, &mut differing);
             match (existing, differing.is_empty(), overwrite) {
                 (Existing::Finished, true, false) => return Ok(Opened::AlreadyFinished),
-                (Existing::Finished, _, true) => output::clear_finished(dir)?,
+                (Existing::Finished, _, true) => run::clear_finished(dir)?,
                 (Existing::Finished, false, false) => bail!(
                     "{}: holds a finished synth run with other settings ({}); pass --overwrite to replace it, or use another --output",
                     dir.display(),
@@ -69,8 +66,8 @@ impl Checkpoint {
             }
         }
         std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create output directory", dir.display()))?;
-        if !claim.exists() {
-            output::write_atomically(&claim, serde_json::to_string_pretty(&json!({ "stage": "synth", "settings": settings }))?.as_bytes())?;
+        if run::claim_path(dir).is_none() {
+            run::write_atomically(&dir.join(RUN_CLAIM), serde_json::to_string_pretty(&json!({ "stage": "synth", "settings": settings }))?.as_bytes())?;
         }
         Ok(Opened::Run(Checkpoint { dir: dir.to_path_buf(), provenance }))
     }
@@ -86,7 +83,7 @@ impl Checkpoint {
     /// Writes a finished chunk: to a hidden temporary file, then renamed into place.
     pub fn write(&self, chunk: usize, batch: &RecordBatch) -> Result<()> {
         let target = self.part_path(chunk);
-        let tmp = output::temporary_sibling(&target)?;
+        let tmp = run::temporary_sibling(&target)?;
         if let Err(e) = write_batch(&tmp, batch, None) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -100,20 +97,10 @@ impl Checkpoint {
         if !(0..chunks).all(|c| self.is_done(c)) {
             return Ok(false);
         }
-        output::sweep_temporaries(&self.dir, ".part-");
-        let rows = (0..chunks).map(|c| parquet_rows(&self.part_path(c))).sum::<Result<u64>>()?;
+        run::sweep_temporaries(&self.dir, ".part-");
+        let rows = (0..chunks).map(|c| run::parquet_rows(&self.part_path(c))).sum::<Result<u64>>()?;
         Manifest::write(&self.dir, "dataset", Some(rows), &self.provenance)?;
         Ok(true)
     }
 }
 
-fn read_claim(claim: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(claim).with_context(|| format!("{}: cannot read", claim.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", claim.display()))
-}
-
-fn parquet_rows(path: &Path) -> Result<u64> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader = parquet::file::reader::SerializedFileReader::new(file).with_context(|| format!("{}: not a readable parquet file", path.display()))?;
-    Ok(parquet::file::reader::FileReader::metadata(&reader).file_metadata().num_rows() as u64)
-}

@@ -11,6 +11,7 @@
 
 pub mod answer;
 pub mod checkpoint;
+pub mod driver;
 pub mod pipeline;
 pub mod rows;
 pub mod sanitize;
@@ -64,15 +65,15 @@ pub struct SynthArgs {
     pub num: usize,
 
     /// Instruction sampling temperature.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::temperature)]
     pub temperature: f32,
 
     /// Instruction nucleus sampling.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::top_p)]
     pub top_p: f32,
 
     /// Most tokens per instruction.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 2048, value_parser = crate::flags::at_least_one)]
     pub max_tokens: usize,
 
     /// Base seed; row g's seed is derived from it and g.
@@ -90,15 +91,15 @@ pub struct SynthArgs {
     pub sanitize: bool,
 
     /// Response temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::flags::temperature)]
     pub response_temperature: f32,
 
     /// Response nucleus sampling.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::top_p)]
     pub response_top_p: f32,
 
     /// Most tokens per response.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 4096, value_parser = crate::flags::at_least_one)]
     pub response_max_tokens: usize,
 
     /// Generate instructions only (no responses), e.g. to answer them with another model later
@@ -107,7 +108,7 @@ pub struct SynthArgs {
     pub instructions_only: bool,
 
     /// Conversation turns (user + assistant pairs) per row.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::at_least_one)]
     pub turns: usize,
 
     /// A system prompt put ahead of the user header to steer the topic (task control).
@@ -124,7 +125,7 @@ pub struct SynthArgs {
     pub responses: usize,
 
     /// Temperature of the preference responses.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::flags::temperature)]
     pub preference_temperature: f32,
 
     /// This process's shard, `i/N`; defaults to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.
@@ -133,11 +134,11 @@ pub struct SynthArgs {
     pub shard: Option<Shard>,
 
     /// Rows per checkpointed part file.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = crate::flags::at_least_one)]
     pub chunk_rows: usize,
 
     /// Sequences decoded together (vLLM's `--max-num-seqs`): 256 in a CUDA build, 32 on CPU.
-    #[arg(long, visible_alias = "max-num-seqs", default_value_t = crate::engine::DEFAULT_MAX_NUM_SEQS)]
+    #[arg(long, visible_alias = "max-num-seqs", default_value_t = crate::engine::DEFAULT_MAX_NUM_SEQS, value_parser = crate::flags::at_least_one)]
     #[serde(skip)]
     pub batch_size: usize,
 
@@ -154,16 +155,9 @@ pub struct SynthArgs {
     /// On a GPU: the share of its memory the engine may fill, weights and KV cache together
     /// (as vLLM's flag); the KV cache gets the rest after the weights. A KV cache that cannot hold
     /// one sequence is an error naming the sizes.
-    #[arg(long, default_value_t = crate::engine::DEFAULT_GPU_MEMORY_UTILIZATION, value_parser = parse_utilization)]
+    #[arg(long, default_value_t = crate::engine::DEFAULT_GPU_MEMORY_UTILIZATION, value_parser = crate::flags::share)]
     #[serde(skip)]
     pub gpu_memory_utilization: f64,
-}
-
-fn parse_utilization(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(v) if v > 0.0 && v <= 1.0 => Ok(v),
-        _ => Err(format!("expected a share of the GPU's memory in (0, 1], got `{text}`")),
-    }
 }
 
 /// `i/N`: this process generates every N-th chunk, starting at chunk i.
@@ -253,19 +247,5 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         bail!("{}: synth writes a directory of part files (so it can resume); give a directory", output.display());
     }
     let shard = Shard::resolve(args.shard)?;
-    pipeline::run(args, &output, shard)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gpu_memory_utilization_is_a_share_of_the_gpu_in_zero_to_one() {
-        assert_eq!(parse_utilization("0.9"), Ok(0.9));
-        assert_eq!(parse_utilization("1"), Ok(1.0));
-        for bad in ["0", "1.5", "-0.1", "ninety"] {
-            assert!(parse_utilization(bad).unwrap_err().contains(bad), "{bad}");
-        }
-    }
+    driver::run(args, &output, shard)
 }

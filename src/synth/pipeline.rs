@@ -3,21 +3,16 @@
 //! preference responses. Every stage sends all of the chunk's prompts to the engine at once, so
 //! the engine can batch them.
 
-use super::answer::{self, InputRows};
-use super::checkpoint::{Checkpoint, Opened};
-use crate::engine::{self, Completion, Engine, EngineOptions, FinishReason, Request, Sampling};
-use crate::engine::lookup::{self as model, ModelInfo};
-use super::rows::{self, Row, RunInfo};
+use crate::engine::{Completion, Engine, FinishReason, Request, Sampling};
+use crate::engine::lookup::ModelInfo;
+use super::rows::{Row, RunInfo};
 use super::sanitize::sanitize;
 use crate::model::pre_query::{self as template, PreQuery};
-use super::{Shard, SynthArgs};
+use super::SynthArgs;
 use crate::model::chat_template::ChatTemplate;
 use crate::data::Message;
 use crate::seed::{mix, unit};
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
-use std::path::Path;
-use std::time::Instant;
 
 /// Magpie's system prompt for asking follow-up questions (turn 2 and later).
 pub const MULTI_TURN_SYSTEM_PROMPT: &str = "You are a helpful AI assistant. The user will engage in a multi-round conversation with you, asking initial questions and following up with additional related questions. Your goal is to provide thorough, relevant and insightful responses to help the user with their queries.";
@@ -132,7 +127,7 @@ impl<'a> Synthesizer<'a> {
         })
     }
 
-    fn run_info(&self) -> RunInfo {
+    pub fn run_info(&self) -> RunInfo {
         let a = self.args;
         RunInfo {
             model: self.model_name.clone(),
@@ -391,87 +386,3 @@ fn single_token_ids(engine: &dyn Engine, stops: &[String]) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-/// The whole `magpie synth` run for this shard.
-pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
-    let info = model::resolve(args.model.as_deref())?;
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = EngineOptions::new(args.engine, args.batch_size, threads, args.kv_tokens, args.gpu_memory_utilization);
-    let engine = engine::open(&info.path, &options)?;
-    let mut synth = Synthesizer::new(args, &info, engine)?;
-    let source = if args.input.is_empty() { None } else { Some(InputRows::read(&args.input)?) };
-    let mut inputs = vec![info.path.clone()];
-    inputs.extend(source.iter().flat_map(|s| s.files().iter().cloned()));
-    let input_files = source.as_ref().map(InputRows::identity);
-    let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args, "input_files": input_files });
-    let checkpoint = match Checkpoint::open(output, &inputs, &settings, args.overwrite)? {
-        Opened::Run(checkpoint) => checkpoint,
-        Opened::AlreadyFinished => {
-            println!("synth: {} is already finished with these settings; nothing to do", output.display());
-            return Ok(());
-        }
-    };
-
-    let chunk_rows = args.chunk_rows as u64;
-    let num = source.as_ref().map_or(args.num, InputRows::rows) as u64;
-    let all_chunks = num.div_ceil(chunk_rows) as usize;
-    let chunks: Vec<usize> = (0..all_chunks).filter(|c| c % shard.count == shard.index).collect();
-    let rows_of = |c: usize| (c as u64 * chunk_rows)..((c as u64 + 1) * chunk_rows).min(num);
-    let todo: Vec<usize> = chunks.iter().copied().filter(|&c| !checkpoint.is_done(c)).collect();
-    let shard_rows: u64 = chunks.iter().map(|&c| rows_of(c).end - rows_of(c).start).sum();
-    let done_rows: u64 = chunks.iter().filter(|c| !todo.contains(c)).map(|&c| rows_of(c).end - rows_of(c).start).sum();
-
-    let bar = ProgressBar::new(shard_rows);
-    bar.set_style(ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} rows  {msg}  ETA {eta}")?.progress_chars("=> "));
-    bar.set_position(done_rows);
-    if done_rows > 0 {
-        bar.println(format!("resuming: {} of {} chunks already in {}", chunks.len() - todo.len(), chunks.len(), output.display()));
-    }
-    let run_info = synth.run_info();
-    let started = Instant::now();
-    let mut tokens = 0u64;
-    let mut input_chunks = source.as_ref().map(InputRows::chunks);
-    for chunk in todo {
-        let range = rows_of(chunk);
-        let size = range.end - range.start;
-        let mut on_tokens = |n: usize| {
-            tokens += n as u64;
-            bar.set_message(format!("{:.0} tok/s", tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
-        };
-        let batch = match &mut input_chunks {
-            None => rows::to_batch(&synth.chunk(range, &mut on_tokens)?, &run_info),
-            Some(input_chunks) => {
-                let mut skipped = 0;
-                let batch = answer::answer(input_chunks, &mut synth, range, &run_info, &mut on_tokens, &mut skipped)?;
-                synth.stats.no_user_turn += skipped;
-                batch
-            }
-        };
-        checkpoint.write(chunk, &batch)?;
-        synth.stats.rows_written += batch.num_rows() as u64;
-        bar.inc(size);
-    }
-    bar.finish_and_clear();
-    print_summary(&synth.stats, shard, started.elapsed().as_secs_f64(), output);
-    if !checkpoint.finish_if_complete(all_chunks)? {
-        println!("  other shards' chunks are still missing; the dataset is finished when the last shard is done");
-    }
-    Ok(())
-}
-
-fn print_summary(stats: &Stats, shard: Shard, seconds: f64, output: &Path) {
-    println!("synth summary (shard {}/{}) -> {}", shard.index, shard.count, output.display());
-    println!("  instructions attempted  {}", stats.attempted);
-    if stats.no_user_turn > 0 {
-        println!("  skipped (no user turn)  {}", stats.no_user_turn);
-    }
-    println!("  rows written            {}", stats.rows_written);
-    println!("  dropped (empty)         {}", stats.dropped_empty);
-    println!("  truncated instructions  {}", stats.truncated_instructions);
-    println!("  truncated responses     {}", stats.truncated_responses);
-    println!("  empty responses         {}", stats.empty_responses);
-    println!("  conversations cut short {}", stats.short_conversations);
-    println!("  prompt tokens           {}", stats.prompt_tokens);
-    println!("  generated tokens        {}", stats.generated_tokens);
-    println!("  seconds                 {seconds:.1}");
-    println!("  generated tok/s         {:.1}", stats.generated_tokens as f64 / seconds.max(1e-9));
-}

@@ -4,8 +4,7 @@ use anyhow::Result;
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
-use super::distributed::{Launch, World};
-use super::memory::{self, Workload};
+use super::distributed::World;
 use super::optim::Schedule;
 
 /// Flags every training command takes. Names follow TRL's `TrainingArguments`.
@@ -30,10 +29,11 @@ pub struct TrainArgs {
 
     /// Held-out fraction when the data has no `split` column (rows whose split is test, eval or
     /// validation are the eval set when it does).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::flags::fraction_below_one)]
     pub eval_ratio: f64,
 
-    #[arg(long, default_value_t = 2e-5)]
+    /// Peak learning rate (AdamW), reached after warmup.
+    #[arg(long, default_value_t = 2e-5, value_parser = crate::flags::non_negative)]
     pub learning_rate: f64,
 
     /// Learning-rate schedule after warmup.
@@ -41,31 +41,39 @@ pub struct TrainArgs {
     pub lr_scheduler_type: Schedule,
 
     /// Linear warmup as a fraction of all steps (ignored when --warmup-steps is set).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::flags::fraction)]
     pub warmup_ratio: f64,
 
+    /// Linear warmup in optimizer steps (overrides --warmup-ratio).
     #[arg(long)]
     pub warmup_steps: Option<usize>,
 
-    #[arg(long, default_value_t = 0.0)]
+    /// AdamW's decoupled weight decay on every matrix (not on norms or biases), as TRL's
+    /// Trainer applies it.
+    #[arg(long, default_value_t = 0.0, value_parser = crate::flags::non_negative)]
     pub weight_decay: f64,
 
-    #[arg(long, default_value_t = 1.0)]
+    /// Clip the global gradient norm to this (0: no clipping).
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::non_negative)]
     pub max_grad_norm: f64,
 
-    #[arg(long, default_value_t = 1.0)]
+    /// Passes over the training data (fractions allowed); --max-steps overrides it.
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::positive)]
     pub num_train_epochs: f64,
 
     /// Stop after this many optimizer steps (overrides --num-train-epochs).
-    #[arg(long, value_parser = at_least_one)]
+    #[arg(long, value_parser = crate::flags::at_least_one)]
     pub max_steps: Option<usize>,
 
-    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    /// Examples per micro-batch on each device (process).
+    #[arg(long, default_value_t = 8, value_parser = crate::flags::at_least_one)]
     pub per_device_train_batch_size: usize,
 
-    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    /// Micro-batches summed into one optimizer step.
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::at_least_one)]
     pub gradient_accumulation_steps: usize,
 
+    /// Seed of the data order, splits and new weights; a rerun with the same seed reproduces.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
 
@@ -81,7 +89,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub eval_steps: usize,
 
-    #[arg(long, default_value_t = 1)]
+    /// Log metrics (metrics.jsonl, the progress bar) every N optimizer steps.
+    #[arg(long, default_value_t = 1, value_parser = crate::flags::at_least_one)]
     pub logging_steps: usize,
 
     /// cpu, cuda, cuda:N, or auto (the first CUDA device when libtorch sees one).
@@ -126,29 +135,9 @@ pub struct TrainArgs {
     pub overwrite: bool,
 }
 
-fn at_least_one(text: &str) -> Result<usize, String> {
-    match text.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
 impl TrainArgs {
     pub fn device(&self) -> Result<Device> {
         crate::model::parse_device(&self.device)
-    }
-
-    /// With --dry-run: the plan for the work of one micro-batch, printed.
-    pub fn print_memory_plan(&self, work: &Workload) -> Result<()> {
-        let Some(processes) = self.dry_run else { return Ok(()) };
-        let processes = match processes {
-            0 => Launch::from_env()?.map_or(1, |launch| launch.world),
-            n => n,
-        };
-        let config = crate::model::ModelDir::open(&self.model)?.config;
-        print!("{}", memory::render(&config, self, processes as i64, work));
-        Ok(())
     }
 
     /// The ranks training together (from torchrun's or Slurm's environment) and this rank's device.

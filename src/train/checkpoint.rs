@@ -1,8 +1,8 @@
 //! A training run's folder and its checkpoints.
 //!
-//! The folder (`--output`) holds the run claim (`magpie-run.json`, written first), `checkpoint-N/`
+//! The folder (`--output`) holds the run claim (`.magpie-run.json`, written first), `checkpoint-N/`
 //! folders, `metrics.jsonl`, the plots, the final `model/` and, written last, the manifest that
-//! marks the run finished (`crate::output`). `--resume` continues an unfinished run from its
+//! marks the run finished (`crate::run`). `--resume` continues an unfinished run from its
 //! newest checkpoint; `--overwrite` starts over in place of a run of ours; anything else in the
 //! way is an error, and nothing magpie did not write is ever removed.
 //!
@@ -23,22 +23,22 @@ use super::args::TrainArgs;
 use super::distributed::World;
 use super::optim::Optimizer;
 use crate::model::{hf, Loaded};
-use crate::output::{self, Existing, Manifest, Provenance, Resumable, Rules, RUN_CLAIM};
+use crate::run::{self, Existing, Manifest, Provenance, Rules, RUN_CLAIM};
 
-/// The names a training run writes into its folder.
+/// The names a training run writes into its folder besides the markers.
 fn owns(name: &str) -> bool {
-    [RUN_CLAIM, output::MANIFEST, "metrics.jsonl", "loss.png", "rewards.png", "model"].contains(&name)
+    ["metrics.jsonl", "loss.png", "rewards.png", "model"].contains(&name)
         || name.strip_prefix("checkpoint-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn rules(args: &TrainArgs) -> Rules {
-    Rules { overwrite: args.overwrite, resumable: Some(Resumable { claim: RUN_CLAIM, owns }) }
+    Rules { overwrite: args.overwrite, resumable: Some(owns) }
 }
 
 /// Before anything is loaded or written: the output against the inputs, `--resume` and
 /// `--overwrite`, and what is already there.
 pub fn check_output(args: &TrainArgs, inputs: &[PathBuf]) -> Result<Existing> {
-    let existing = output::check(&args.output, inputs, &rules(args))?;
+    let existing = run::check(&args.output, inputs, &rules(args))?;
     let dir = args.output.display();
     match (&existing, args.resume, args.overwrite) {
         (_, true, true) => bail!("--resume and --overwrite contradict each other"),
@@ -57,21 +57,22 @@ pub fn settings(args: &TrainArgs, extra: &Value) -> Value {
     json!({"train": args, "objective": extra})
 }
 
-/// At the start of training: clears what `--overwrite` replaces and writes the run claim.
-pub fn open_output(args: &TrainArgs, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<()> {
-    match check_output(args, inputs)? {
-        Existing::Finished if args.overwrite => output::clear_finished(&args.output)?,
-        Existing::Unfinished if args.overwrite => output::clear_unfinished(&args.output, owns)?,
+/// At the start of training, with what [`check_output`] found: clears what `--overwrite`
+/// replaces and writes the run claim.
+pub fn open_output(args: &TrainArgs, stage: &str, extra: &Value, existing: Existing) -> Result<()> {
+    match existing {
+        Existing::Finished if args.overwrite => run::clear_finished(&args.output)?,
+        Existing::Unfinished if args.overwrite => run::clear_unfinished(&args.output, owns)?,
         _ => {}
     }
     std::fs::create_dir_all(&args.output).with_context(|| format!("{}: cannot create", args.output.display()))?;
     let claim = json!({ "stage": stage, "settings": settings(args, extra) });
-    output::write_atomically(&args.output.join(RUN_CLAIM), serde_json::to_string_pretty(&claim)?.as_bytes())
+    run::write_atomically(&args.output.join(RUN_CLAIM), serde_json::to_string_pretty(&claim)?.as_bytes())
 }
 
 /// After the final model and plots: removes what interrupted runs left and writes the manifest.
 pub fn finish_output(args: &TrainArgs, provenance: &Provenance) -> Result<()> {
-    output::sweep_temporaries(&args.output, ".");
+    run::sweep_temporaries(&args.output, ".");
     Manifest::write(&args.output, "training run", None, provenance)?;
     Ok(())
 }
@@ -95,7 +96,7 @@ pub fn checkpoint_dirs(output: &Path) -> Vec<(usize, PathBuf)> {
 /// Where rank `rank` stages its optimizer shard for `checkpoint-{step}`: a temporary by name,
 /// which rank 0 empties, and a later successful run sweeps if a crash left it.
 fn shard_staging(output: &Path, step: usize, rank: usize) -> PathBuf {
-    output.join(format!(".checkpoint-{step}.rank{rank}{}staged", output::TMP_MARK))
+    output.join(format!(".checkpoint-{step}.rank{rank}{}staged", run::TMP_MARK))
 }
 
 /// Writes `checkpoint-{step}` atomically (every rank's optimizer shard in it), then drops the
@@ -103,7 +104,7 @@ fn shard_staging(output: &Path, step: usize, rank: usize) -> PathBuf {
 pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs, provenance: &Provenance, world: &World) -> Result<()> {
     if !world.is_main() {
         let staging = shard_staging(&args.output, step, world.rank);
-        output::remove_temporary(&staging);
+        run::remove_temporary(&staging);
         std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
         opt.save(&staging)?;
         world.barrier()?; // shards written
@@ -111,7 +112,7 @@ pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs,
     }
     world.barrier()?;
     let dir = args.output.join(format!("checkpoint-{step}"));
-    output::write_dir(&dir, "checkpoint", provenance, |tmp| {
+    run::write_dir(&dir, "checkpoint", provenance, |tmp| {
         hf::write_model_files(&loaded.vs, &loaded.dir, tmp)?;
         opt.save(tmp)?;
         for rank in 1..world.size {
@@ -120,7 +121,7 @@ pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs,
                 let entry = entry?;
                 std::fs::rename(entry.path(), tmp.join(entry.file_name())).with_context(|| format!("{}: cannot move into the checkpoint", entry.path().display()))?;
             }
-            output::remove_temporary(&staging);
+            run::remove_temporary(&staging);
         }
         let state = json!({"global_step": step, "optimizer_steps": opt.steps(), "world_size": world.size, "seed": args.seed, "settings": provenance.settings});
         let path = tmp.join("trainer_state.json");
@@ -130,7 +131,7 @@ pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs,
     if let Some(limit) = args.save_total_limit {
         let dirs = checkpoint_dirs(&args.output);
         for (_, old) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {
-            output::remove_finished_dir(old)?;
+            run::remove_finished_dir(old)?;
         }
     }
     Ok(())
@@ -141,11 +142,16 @@ pub fn resume(loaded: &Loaded, opt: &mut dyn Optimizer, args: &TrainArgs, want: 
     let Some((step, dir)) = checkpoint_dirs(&args.output).pop() else {
         bail!("{}: --resume, but there is no checkpoint-* here", args.output.display());
     };
+    // The checkpoint is what its manifest says, hash for hash: small against the run it resumes.
+    match Manifest::read(&dir)? {
+        Some(manifest) => manifest.verify(&dir)?,
+        None => bail!("{}: has no {}, so it is not a whole checkpoint; remove it to resume from the one before", dir.display(), run::MANIFEST),
+    }
     let state_file = dir.join("trainer_state.json");
     let state: Value = serde_json::from_str(&std::fs::read_to_string(&state_file).with_context(|| format!("{}: cannot read", state_file.display()))?)
         .with_context(|| format!("{}: not JSON", state_file.display()))?;
     let mut differing = vec![];
-    output::differing_keys("", &state["settings"], want, &mut differing);
+    run::differing_keys("", &state["settings"], want, &mut differing);
     if !differing.is_empty() {
         let names: Vec<&str> = differing.iter().map(|k| k.rsplit('.').next().unwrap_or(k)).collect();
         bail!("{}: was made with other settings ({}); resume with the same ones or use a new --output", dir.display(), names.join(", "));

@@ -11,26 +11,20 @@
 //! beside the data (keyed by the tokenised pairs and the reference weights), so that no reference
 //! model is held while training.
 
-use anyhow::{bail, Context, Result};
-use arrow::array::{Float64Array, Int64Array, RecordBatch};
-use arrow::datatypes::{DataType, Field, Schema};
+use anyhow::{Context, Result};
 use serde_json::json;
-use std::hash::Hasher;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::PathBuf;
 use tch::{Device, Kind, Tensor};
 
-use super::examples::read_rows;
 use crate::model::{load_causal_lm, Llama, Loaded};
 use crate::model::tokenize::ChatTokenizer;
 use super::args::TrainArgs;
 use super::batch::{Batch, Document};
-use super::lm_head::{loss_of_log_probs, target_log_probs, TargetLogProbs};
-use super::checkpoint;
+use super::lm_head::{loss_of_log_probs, TargetLogProbs};
+use super::driver;
 use super::memory::Workload;
-use super::distributed::World;
 use super::objective::{Metrics, Objective, Split};
-use super::trainer;
+use super::reference::{precomputed_reference, reference_logps};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,26 +43,28 @@ pub struct DpoArgs {
     pub train: TrainArgs,
 
     /// β: how far the policy may move from the reference.
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, value_parser = crate::flags::positive)]
     pub beta: f64,
 
+    /// The preference loss, as TRL's `loss_type`: sigmoid (DPO), ipo, hinge, robust, or simpo
+    /// (reference-free).
     #[arg(long, value_enum, default_value_t = LossType::Sigmoid)]
     pub loss_type: LossType,
 
     /// ε: the assumed share of flipped preference labels (sigmoid and robust losses).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = parse_label_smoothing)]
     pub label_smoothing: f64,
 
     /// SimPO's target reward margin γ (the logits subtract γ/β).
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, value_parser = crate::flags::non_negative)]
     pub simpo_gamma: f64,
 
     /// Bound on prompt + completion tokens.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = crate::flags::at_least_one)]
     pub max_length: usize,
 
     /// Prompts longer than this keep their last tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = crate::flags::at_least_one)]
     pub max_prompt_length: usize,
 
     /// Reference model directory (default: the --model being trained, before training).
@@ -110,14 +106,6 @@ impl SequenceStats {
     }
 }
 
-/// Each row's summed completion log-prob under `model`, outside the graph (reference models).
-pub fn reference_logps(model: &Llama, batch: &Batch) -> Tensor {
-    tch::no_grad(|| {
-        let values = target_log_probs(model, &model.hidden_states(&batch.inputs()), batch);
-        values.per_row(&values.logps)
-    })
-}
-
 /// Per-pair losses and rewards, exactly docs/upstream.md §5's table. Inputs are `[pairs]` summed
 /// log-probs (policy, reference) and completion lengths.
 pub struct PairLosses {
@@ -157,6 +145,14 @@ pub fn pair_losses(c: &LossConfig, policy: (&Tensor, &Tensor), reference: (&Tens
             };
             PairLosses { losses, chosen_rewards: (ratio_c * beta).detach(), rejected_rewards: (ratio_r * beta).detach() }
         }
+    }
+}
+
+/// ε in [0, 0.5): at 0.5 the robust loss divides by zero, and above it the labels flip.
+fn parse_label_smoothing(text: &str) -> Result<f64, String> {
+    match crate::flags::non_negative(text)? {
+        v if v < 0.5 => Ok(v),
+        _ => Err(format!("label smoothing is a share of flipped labels in [0, 0.5), got `{text}`")),
     }
 }
 
@@ -294,167 +290,49 @@ impl Objective for DpoObjective {
     }
 }
 
-/// Runs `reference` over every pair of both splits, under no grad. The ranks take the batches
-/// in turn and sum their results (each pair's values come from one rank, zeros from the others).
-fn compute_reference(objective: &DpoObjective, reference: &Llama, batch_size: usize, device: Device, world: &World) -> Result<[Vec<[f64; 2]>; 2]> {
-    let mut out = [vec![], vec![]];
-    for split in [Split::Train, Split::Eval] {
-        let indices: Vec<usize> = (0..objective.len(split)).collect();
-        let values = Tensor::zeros([indices.len() as i64, 2], (Kind::Double, device));
-        for (i, chunk) in indices.chunks(batch_size.max(1)).enumerate().skip(world.rank).step_by(world.size) {
-            let batch = objective.collate(split, chunk, device)?;
-            let logps = reference_logps(reference, &batch);
-            // logps holds the chosen completions, then the rejected ones.
-            let pairs = logps.to_kind(Kind::Double).view([2, -1]).transpose(0, 1);
-            values.narrow(0, (i * batch_size.max(1)) as i64, chunk.len() as i64).copy_(&pairs);
-        }
-        if let Some(group) = world.group() {
-            group.all_reduce_sum(&values)?;
-        }
-        let host: Vec<f64> = values.to_device(Device::Cpu).view([-1]).try_into()?;
-        out[split.index()] = host.chunks(2).map(|p| [p[0], p[1]]).collect();
-    }
-    Ok(out)
-}
-
-/// A key for the cache: the tokenised pairs of both splits and the reference weights' bytes.
-/// Bumped when the log-probs' computation changes in its rounding (2: the chunked vocabulary head),
-/// so that a cache from older code is not mixed with the policy's new values.
-const REFERENCE_CACHE_VERSION: u32 = 2;
-
-fn cache_key(pairs: &[Vec<Pair>; 2], reference_dir: &crate::model::ModelDir) -> Result<String> {
-    use std::hash::Hash;
-    let mut hasher = twox_hash::XxHash64::with_seed(0);
-    REFERENCE_CACHE_VERSION.hash(&mut hasher);
-    pairs.hash(&mut hasher);
-    for file in reference_dir.weight_files()? {
-        let handle = std::fs::File::open(&file).with_context(|| format!("{}: cannot open", file.display()))?;
-        // SAFETY: read-only mapping, hashed and dropped.
-        let bytes = unsafe { memmap2::Mmap::map(&handle) }?;
-        hasher.write(&bytes);
-    }
-    Ok(format!("{:016x}", hasher.finish()))
-}
-
-/// The cache file: `$MAGPIE_CACHE/dpo-reference-logps/<key>.parquet`, never beside the data.
-fn cache_path(key: &str) -> Result<PathBuf> {
-    let dir = crate::home::cache_dir().join("dpo-reference-logps");
-    std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the cache folder", dir.display()))?;
-    Ok(dir.join(format!("{key}.parquet")))
-}
-
-fn write_cache(path: &Path, values: &[Vec<[f64; 2]>; 2]) -> Result<()> {
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("split", DataType::Int64, false),
-        Field::new("ref_chosen_logps", DataType::Float64, false),
-        Field::new("ref_rejected_logps", DataType::Float64, false),
-    ]));
-    let rows: Vec<(i64, [f64; 2])> = values.iter().enumerate().flat_map(|(s, v)| v.iter().map(move |r| (s as i64, *r))).collect();
-    let logps = |k: usize| Arc::new(Float64Array::from(rows.iter().map(|r| r.1[k]).collect::<Vec<_>>())) as _;
-    let split = Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>())) as _;
-    let batch = RecordBatch::try_new(schema.clone(), vec![split, logps(0), logps(1)])?;
-    let mut writer = crate::data::DatasetWriter::create(path, schema, &crate::output::Provenance::new("dpo", "reference log-probs cache"))?;
-    writer.write(&batch)?;
-    writer.finish()?.commit()?;
-    Ok(())
-}
-
-fn read_cache(path: &Path) -> Result<[Vec<[f64; 2]>; 2]> {
-    // A private file of ours, read as plain parquet (not through the dataset normaliser).
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-        .with_context(|| format!("{}: not a readable parquet file", path.display()))?
-        .build()?;
-    let mut out = [vec![], vec![]];
-    for batch in reader {
-        let batch = batch?;
-        let column = |name: &str| batch.column_by_name(name).with_context(|| format!("{}: column `{name}` is missing", path.display()));
-        let split = column("split")?.as_any().downcast_ref::<Int64Array>().cloned();
-        let logps = |name: &str| -> Result<Float64Array> {
-            column(name)?.as_any().downcast_ref::<Float64Array>().cloned().with_context(|| format!("{}: column `{name}` is not float64", path.display()))
-        };
-        let Some(split) = split else { bail!("{}: column `split` is not int64", path.display()) };
-        let (c, r) = (logps("ref_chosen_logps")?, logps("ref_rejected_logps")?);
-        for i in 0..batch.num_rows() {
-            out[usize::from(split.value(i) != 0)].push([c.value(i), r.value(i)]);
-        }
-    }
-    Ok(out)
-}
-
-/// Reference log-probs from the cache beside the data, or computed now and cached.
-/// With several ranks the cache is used only when every rank finds it, and rank 0 writes it.
-fn precomputed_reference(objective: &DpoObjective, args: &DpoArgs, reference_dir: &Path, device: Device, world: &World) -> Result<[Vec<[f64; 2]>; 2]> {
-    let dir = crate::model::ModelDir::open(reference_dir)?;
-    let path = cache_path(&cache_key(&objective.pairs, &dir)?)?;
-    let cached = match path.is_file() {
-        true => Some(read_cache(&path)?).filter(|c| c[0].len() == objective.pairs[0].len() && c[1].len() == objective.pairs[1].len()),
-        false => None,
-    };
-    let found = world.sum_scalars(&[Tensor::from(cached.is_some() as i64 as f64).to_device(device)])?[0].double_value(&[]);
-    if let Some(cached) = cached.filter(|_| found as usize == world.size) {
-        eprintln!("magpie dpo: reference log-probs from {}", path.display());
-        return Ok(cached);
-    }
-    let reference = load_causal_lm(reference_dir, device, args.train.kind())?;
-    let values = compute_reference(objective, &reference.model, args.train.per_device_train_batch_size, device, world)?;
-    if world.is_main() {
-        write_cache(&path, &values)?;
-        eprintln!("magpie dpo: reference log-probs computed and cached in {}", path.display());
-    }
-    Ok(values)
-}
-
 pub fn run(args: &DpoArgs) -> Result<()> {
     let train_args = &args.train;
-    if args.label_smoothing < 0.0 || args.label_smoothing >= 0.5 {
-        bail!("--label-smoothing {}: expected 0 <= ε < 0.5", args.label_smoothing);
-    }
-    if train_args.dry_run.is_some() {
-        let tokens = (2 * train_args.per_device_train_batch_size * args.max_length) as i64;
-        let reference_model = args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs;
-        return train_args.print_memory_plan(&Workload { tokens, reference_model });
-    }
-    let (world, device) = train_args.world()?;
-    tch::manual_seed(train_args.seed as i64);
-    crate::model::ModelDir::open(&train_args.model)?; // a missing model is named before anything else
-    let tokenizer = ChatTokenizer::load(&train_args.model)?;
-    let rows = read_rows(&train_args.input, &["prompt", "chosen", "rejected"], train_args.eval_ratio, train_args.seed)?;
     let reference_dir = args.ref_model.clone().unwrap_or_else(|| train_args.model.clone());
-    let mut inputs = rows.files.clone();
-    inputs.extend([train_args.model.clone(), reference_dir.clone()]);
-    if world.is_main() {
-        checkpoint::check_output(train_args, &inputs)?;
-    }
-    let [train, eval] = rows.splits;
-    let (train_pairs, train_dropped) = tokenize_pairs(&tokenizer, &train, args.max_length, args.max_prompt_length)?;
-    let (eval_pairs, eval_dropped) = tokenize_pairs(&tokenizer, &eval, args.max_length, args.max_prompt_length)?;
-    eprintln!(
-        "magpie dpo: {} train / {} eval pairs ({} dropped: no completion token within max_length; {} dropped: null prompt, chosen or rejected)",
-        train_pairs.len(),
-        eval_pairs.len(),
-        train_dropped + eval_dropped,
-        rows.null_rows
-    );
-    let loss = LossConfig { loss_type: args.loss_type, beta: args.beta, label_smoothing: args.label_smoothing, simpo_gamma: args.simpo_gamma };
-    let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
-    objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
-        (LossType::Simpo, _) => Reference::None,
-        (_, true) => Reference::Precomputed(precomputed_reference(&objective, args, &reference_dir, device, &world)?),
-        (_, false) => {
-            let mut reference = load_causal_lm(&reference_dir, device, train_args.kind())?;
-            reference.vs.freeze();
-            Reference::Live(reference)
-        }
+    let command = driver::Command {
+        args: train_args,
+        stage: "dpo",
+        columns: &["prompt", "chosen", "rejected"],
+        workload: Workload {
+            tokens: (2 * train_args.per_device_train_batch_size * args.max_length) as i64,
+            reference_model: args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs,
+        },
+        also_reads: vec![reference_dir.clone()],
     };
-    let policy = load_causal_lm(&train_args.model, device, train_args.kind())?;
-    let settings = json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
-                          "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
-                          "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs});
-    let summary = trainer::train(&objective, &policy, train_args, &world, "dpo", &settings, &inputs)?;
-    if !world.is_main() {
-        return Ok(());
-    }
+    let summary = driver::run(command, |rows, world, device| {
+        let tokenizer = ChatTokenizer::load(&train_args.model)?;
+        let [train, eval] = rows.splits;
+        let (train_pairs, train_dropped) = tokenize_pairs(&tokenizer, &train, args.max_length, args.max_prompt_length)?;
+        let (eval_pairs, eval_dropped) = tokenize_pairs(&tokenizer, &eval, args.max_length, args.max_prompt_length)?;
+        eprintln!(
+            "magpie dpo: {} train / {} eval pairs ({} dropped: no completion token within max_length; {} dropped: null prompt, chosen or rejected)",
+            train_pairs.len(),
+            eval_pairs.len(),
+            train_dropped + eval_dropped,
+            rows.null_rows
+        );
+        let loss = LossConfig { loss_type: args.loss_type, beta: args.beta, label_smoothing: args.label_smoothing, simpo_gamma: args.simpo_gamma };
+        let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
+        objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
+            (LossType::Simpo, _) => Reference::None,
+            (_, true) => Reference::Precomputed(precomputed_reference(&objective, &objective.pairs, train_args, &reference_dir, device, world)?),
+            (_, false) => {
+                let mut reference = load_causal_lm(&reference_dir, device, train_args.kind())?;
+                reference.vs.freeze();
+                Reference::Live(reference)
+            }
+        };
+        let policy = load_causal_lm(&train_args.model, device, train_args.kind())?;
+        let settings = json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
+                              "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
+                              "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs});
+        Ok(driver::Built { objective, policy, settings })
+    })?;
+    let Some(summary) = summary else { return Ok(()) };
     let show = |m: &std::collections::BTreeMap<String, f64>, prefix: &str| {
         ["loss", "rewards/accuracies", "rewards/margins"]
             .iter()
@@ -473,6 +351,8 @@ pub fn run(args: &DpoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::reference::{cache_key, compute_reference, read_cache, write_cache};
+    use crate::train::distributed::World;
     use crate::data::Message;
     use crate::model::tests::{fixture, tiny};
 
@@ -564,12 +444,15 @@ mod tests {
         assert_eq!(read_cache(&path).unwrap(), values);
         let saved = |name: &str| {
             let loaded = tiny(name);
-            crate::model::hf::save(&loaded.vs, &loaded.dir, &dir.path().join(name), &crate::output::Provenance::new("test", ())).unwrap();
+            crate::model::hf::save(&loaded.vs, &loaded.dir, &dir.path().join(name), &crate::run::Provenance::new("test", ())).unwrap();
             crate::model::ModelDir::open(&dir.path().join(name)).unwrap()
         };
-        let key = cache_key(&live.pairs, &saved("tiny-qwen2")).unwrap();
-        let other = cache_key(&live.pairs, &saved("tiny-llama")).unwrap();
+        let key = cache_key(&live.pairs, &saved("tiny-qwen2"), Kind::Float, Device::Cpu).unwrap();
+        let other = cache_key(&live.pairs, &saved("tiny-llama"), Kind::Float, Device::Cpu).unwrap();
         assert_ne!(key, other, "the cache is keyed by the reference weights");
+        let bf16 = cache_key(&live.pairs, &saved("tiny-qwen2"), Kind::BFloat16, Device::Cpu).unwrap();
+        let cuda = cache_key(&live.pairs, &saved("tiny-qwen2"), Kind::Float, Device::Cuda(0)).unwrap();
+        assert!(key != bf16 && key != cuda && bf16 != cuda, "the cache is keyed by the compute dtype and device");
     }
 
     #[test]

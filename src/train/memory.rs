@@ -86,6 +86,19 @@ pub fn render(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) ->
     text
 }
 
+/// With --dry-run: the plan for the work of one micro-batch, printed, for the processes it names
+/// (0: the launcher's world size, else 1).
+pub fn print_plan(args: &TrainArgs, work: &Workload) -> anyhow::Result<()> {
+    let Some(processes) = args.dry_run else { return Ok(()) };
+    let processes = match processes {
+        0 => super::distributed::Launch::from_env()?.map_or(1, |launch| launch.world),
+        n => n,
+    };
+    let config = crate::model::ModelDir::open(&args.model)?.config;
+    print!("{}", render(&config, args, processes as i64, work));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

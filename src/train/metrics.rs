@@ -26,7 +26,7 @@ impl MetricsLog {
             .filter(|v| v["step"].as_u64().is_some_and(|s| (s as usize) <= keep_until))
             .collect();
         let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-        crate::output::write_atomically(&path, text.as_bytes())?;
+        crate::run::write_atomically(&path, text.as_bytes())?;
         Ok(MetricsLog { path, rows })
     }
 

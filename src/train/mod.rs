@@ -8,6 +8,8 @@
 //! - `memory`: the per-rank memory plan `--dry-run` prints.
 //! - `fused`: libtorch's fused AdamW kernel (`fused_adamw.cpp`), which `optim` runs.
 //! - `lm_head`: target log-probs and loss gradients over the vocabulary in chunks.
+//! - `driver`: what sft and dpo share around the loop (dry run, world, rows, the output check).
+//! - `reference`: DPO's reference log-probs computed once and cached.
 //! - `examples`: training rows from the dataset format.
 //! - `sft`: the SFT objective and data (masking, packing).
 //! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
@@ -17,6 +19,7 @@ pub mod batch;
 pub mod checkpoint;
 pub mod distributed;
 pub mod dpo;
+pub mod driver;
 pub mod examples;
 pub mod fused;
 pub mod lm_head;
@@ -24,6 +27,7 @@ pub mod memory;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod reference;
 pub mod sft;
 pub mod trainer;
 

@@ -12,14 +12,12 @@ use tch::{Device, Tensor};
 
 use crate::model::{load_causal_lm, Llama};
 use crate::model::tokenize::ChatTokenizer;
-use super::examples::read_rows;
 use super::args::TrainArgs;
 use super::batch::{Batch, Document};
 use super::lm_head::summed_cross_entropy;
-use super::checkpoint;
+use super::driver;
 use super::memory::Workload;
 use super::objective::{Metrics, Objective, Split};
-use super::trainer;
 use crate::data::Message;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -130,38 +128,32 @@ impl Objective for SftObjective {
 
 pub fn run(args: &SftArgs) -> Result<()> {
     let train_args = &args.train;
-    if train_args.dry_run.is_some() {
-        let tokens = (train_args.per_device_train_batch_size * args.max_length) as i64;
-        return train_args.print_memory_plan(&Workload { tokens, reference_model: false });
-    }
-    let (world, device) = train_args.world()?;
-    tch::manual_seed(train_args.seed as i64);
-    let rows = read_rows(&train_args.input, &["messages"], train_args.eval_ratio, train_args.seed)?;
-    let mut inputs = rows.files.clone();
-    inputs.push(train_args.model.clone());
-    if world.is_main() {
-        checkpoint::check_output(train_args, &inputs)?;
-    }
-    let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
-    let tokenizer = ChatTokenizer::load(&train_args.model)?;
-    let [train, eval] = rows.splits.map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
-    let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;
-    let (eval_docs, eval_dropped) = tokenize(&tokenizer, &eval, args.max_length)?;
-    let objective = SftObjective::new(train_docs, eval_docs, args.packing, args.max_length, tokenizer.pad_id);
-    eprintln!(
-        "magpie sft: {} train / {} eval conversations ({} dropped: no assistant token within max_length; {} dropped: null messages), {} train rows{}",
-        train.len() - train_dropped,
-        eval.len() - eval_dropped,
-        train_dropped + eval_dropped,
-        rows.null_rows,
-        objective.len(Split::Train),
-        if args.packing { " packed" } else { "" }
-    );
-    let settings = json!({"max_length": args.max_length, "packing": args.packing});
-    let summary = trainer::train(&objective, &loaded, train_args, &world, "sft", &settings, &inputs)?;
-    if !world.is_main() {
-        return Ok(());
-    }
+    let command = driver::Command {
+        args: train_args,
+        stage: "sft",
+        columns: &["messages"],
+        workload: Workload { tokens: (train_args.per_device_train_batch_size * args.max_length) as i64, reference_model: false },
+        also_reads: vec![],
+    };
+    let summary = driver::run(command, |rows, _world, device| {
+        let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
+        let tokenizer = ChatTokenizer::load(&train_args.model)?;
+        let [train, eval] = rows.splits.map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
+        let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;
+        let (eval_docs, eval_dropped) = tokenize(&tokenizer, &eval, args.max_length)?;
+        let objective = SftObjective::new(train_docs, eval_docs, args.packing, args.max_length, tokenizer.pad_id);
+        eprintln!(
+            "magpie sft: {} train / {} eval conversations ({} dropped: no assistant token within max_length; {} dropped: null messages), {} train rows{}",
+            train.len() - train_dropped,
+            eval.len() - eval_dropped,
+            train_dropped + eval_dropped,
+            rows.null_rows,
+            objective.len(Split::Train),
+            if args.packing { " packed" } else { "" }
+        );
+        Ok(driver::Built { objective, policy: loaded, settings: json!({"max_length": args.max_length, "packing": args.packing}) })
+    })?;
+    let Some(summary) = summary else { return Ok(()) };
     let final_loss = summary.last.get("loss").copied().unwrap_or(f64::NAN);
     let eval_loss = summary.eval.as_ref().and_then(|e| e.get("eval_loss").copied());
     eprintln!(

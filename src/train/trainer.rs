@@ -16,9 +16,8 @@ use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Instant;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::args::TrainArgs;
 use super::batch::Batch;
@@ -29,7 +28,7 @@ use super::distributed::zero::{ShardedAdamW, BUCKET_ELEMENTS};
 use super::distributed::World;
 use super::optim::{AdamW, Optimizer};
 use crate::model::{hf, Llama, Loaded};
-use crate::output::Provenance;
+use crate::run::{Existing, Provenance};
 
 /// The order of training examples in `epoch`: a splitmix64 shuffle of (seed, epoch), so any
 /// position can be recomputed on resume.
@@ -96,28 +95,10 @@ pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch,
         (loss * scale).backward();
         return Ok(metrics);
     }
-    let attend = inputs.mask.attend(model.device(), model.kind());
-    let rope = model.rope(inputs.positions, model.kind());
-    let mut block_inputs = vec![];
-    let last = tch::no_grad(|| {
-        let mut x = model.embed(inputs.ids);
-        for layer in &model.layers {
-            block_inputs.push(x.shallow_clone());
-            x = layer.forward(&x, &rope, &attend);
-        }
-        x
-    });
-    let top = last.detach().set_requires_grad(true);
-    let (loss, metrics) = objective.loss(model, &model.final_norm(&top), batch, Split::Train)?;
+    let (hidden, saved) = model.forward_for_recompute(&inputs);
+    let (loss, metrics) = objective.loss(model, &hidden, batch, Split::Train)?;
     (loss * scale).backward();
-    let mut grad = top.grad();
-    for (layer, x) in model.layers.iter().zip(block_inputs).rev() {
-        let x = x.detach().set_requires_grad(true);
-        let y = layer.forward(&x, &rope, &attend);
-        (y * &grad).sum(Kind::Float).backward();
-        grad = x.grad();
-    }
-    (model.embed(inputs.ids) * grad).sum(Kind::Float).backward();
+    model.backward_by_recompute(&inputs, saved);
     Ok(metrics)
 }
 
@@ -178,16 +159,16 @@ pub struct Trainer<'a> {
 
 /// Trains `loaded` on `objective` (`stage`: `sft` or `dpo`) and saves the final model to
 /// `output/model`. `extra` holds the objective's own settings, which a resumed checkpoint must
-/// share; `inputs` are the files the run reads, which the output may not touch.
-pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, world: &World, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Summary> {
-    Trainer::new(objective, loaded, args, world, stage, extra, inputs)?.run()
+/// share; `existing` is what `checkpoint::check_output` found at the output (rank 0 only).
+pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, world: &World, stage: &str, extra: &Value, existing: Option<Existing>) -> Result<Summary> {
+    Trainer::new(objective, loaded, args, world, stage, extra, existing)?.run()
 }
 
 impl<'a> Trainer<'a> {
-    pub fn new(objective: &'a dyn Objective, loaded: &'a Loaded, args: &'a TrainArgs, world: &'a World, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Self> {
+    pub fn new(objective: &'a dyn Objective, loaded: &'a Loaded, args: &'a TrainArgs, world: &'a World, stage: &str, extra: &Value, existing: Option<Existing>) -> Result<Self> {
         let plan = Plan::new(args, objective.len(Split::Train), world.size)?;
-        if world.is_main() {
-            checkpoint::open_output(args, stage, extra, inputs)?;
+        if let Some(existing) = existing {
+            checkpoint::open_output(args, stage, extra, existing)?;
         }
         world.barrier()?; // the other ranks read the folder only once rank 0 has set it up
         let provenance = Provenance::new(stage, checkpoint::settings(args, extra));
@@ -264,6 +245,12 @@ impl<'a> Trainer<'a> {
             }
         }
         self.bar.finish();
+        if let Some(name) = first_non_finite_weight(&self.loaded.vs) {
+            bail!(
+                "after step {total}, weight `{name}` holds NaN or infinite values; the model is not saved and the run not marked finished \
+                 (lower --learning-rate or check the data)"
+            );
+        }
         if let Some(log) = &self.log {
             hf::save(&self.loaded.vs, &self.loaded.dir, &args.output.join("model"), &self.provenance)?;
             // The model is saved; a plot that fails should not turn that into a failed run.
@@ -329,6 +316,14 @@ impl<'a> Trainer<'a> {
     }
 }
 
+/// The first trainable weight (by name) that holds a NaN or an infinity: the final state is
+/// checked before it is saved, since the metrics only guard the steps before each update.
+fn first_non_finite_weight(vs: &tch::nn::VarStore) -> Option<String> {
+    let mut variables: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    variables.into_iter().find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0).map(|(name, _)| name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,7 +334,7 @@ mod tests {
     use crate::train::args::parse_for_test;
     use std::collections::HashMap;
     use std::path::Path;
-    use tch::Device;
+    use tch::{Device, Kind};
 
     fn args(output: &Path, extra: &[&str]) -> TrainArgs {
         let model = fixture("tiny-llama");
@@ -365,7 +360,8 @@ mod tests {
 
     fn run(output: &Path, extra: &[&str]) -> Result<Summary> {
         let a = args(output, extra);
-        train(&objective(), &tiny("tiny-llama"), &a, &World::single(), "sft", &json!({}), &[])
+        let existing = checkpoint::check_output(&a, &[])?;
+        train(&objective(), &tiny("tiny-llama"), &a, &World::single(), "sft", &json!({}), Some(existing))
     }
 
     const SETTINGS: &[&str] = &["--max-steps", "6", "--save-steps", "2", "--per-device-train-batch-size", "2",
@@ -384,7 +380,7 @@ mod tests {
         let killed = tempfile::tempdir().unwrap();
         run(killed.path(), SETTINGS).unwrap();
         std::fs::remove_dir_all(killed.path().join("model")).unwrap();
-        std::fs::remove_file(killed.path().join(crate::output::MANIFEST)).unwrap();
+        std::fs::remove_file(killed.path().join(crate::run::MANIFEST)).unwrap();
         let stale: String = std::fs::read_to_string(killed.path().join("metrics.jsonl")).unwrap().lines().take(5).map(|l| format!("{l}\n")).collect();
         std::fs::write(killed.path().join("metrics.jsonl"), stale).unwrap();
         let resumed: Vec<&str> = SETTINGS.iter().copied().chain(["--resume"]).collect();
@@ -413,7 +409,7 @@ mod tests {
         run(out.path(), SETTINGS).unwrap();
         // As a run killed before its end would leave it: no final model, no manifest.
         std::fs::remove_dir_all(out.path().join("model")).unwrap();
-        std::fs::remove_file(out.path().join(crate::output::MANIFEST)).unwrap();
+        std::fs::remove_file(out.path().join(crate::run::MANIFEST)).unwrap();
         let mut other: Vec<&str> = SETTINGS.to_vec();
         other[9] = "5e-4";
         other.push("--resume");
@@ -433,6 +429,18 @@ mod tests {
         assert!(!kept.is_empty(), "{err}");
         assert!(err.contains(&format!("checkpoint-{} is kept", kept.last().unwrap().0)), "{err}");
         assert!(!out.path().join("model").exists(), "no final model from a failed run");
+    }
+
+    #[test]
+    fn a_last_step_that_breaks_the_weights_leaves_no_finished_model() {
+        // lr beyond f32's range: step 1's loss and gradients are finite, its update is not.
+        let out = tempfile::tempdir().unwrap();
+        let err = run(out.path(), &["--max-steps", "1", "--save-steps", "0", "--learning-rate", "1e39", "--max-grad-norm", "0"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("holds NaN or infinite values"), "{err}");
+        assert!(!out.path().join("model").exists() && !out.path().join(crate::run::MANIFEST).exists());
     }
 
     #[test]
@@ -458,7 +466,8 @@ mod tests {
         let a = args(out.path(), &["--max-steps", "2", "--save-steps", "1", "--learning-rate", "1e-3", "--bf16"]);
         let mut loaded = tiny("tiny-llama");
         loaded.vs.set_kind(a.kind());
-        let summary = train(&objective(), &loaded, &a, &World::single(), "sft", &json!({}), &[]).unwrap();
+        let existing = checkpoint::check_output(&a, &[]).unwrap();
+        let summary = train(&objective(), &loaded, &a, &World::single(), "sft", &json!({}), Some(existing)).unwrap();
         assert!(summary.last["loss"].is_finite());
         let saved: HashMap<String, Tensor> = Tensor::read_safetensors(out.path().join("model/model.safetensors")).unwrap().into_iter().collect();
         assert_eq!(saved["model.norm.weight"].kind(), Kind::BFloat16);

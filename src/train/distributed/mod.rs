@@ -91,6 +91,13 @@ pub struct World {
     group: Option<ProcessGroup>,
 }
 
+/// The GPU index of the process with `local_rank` on its node when it sees `visible` GPUs: its
+/// local rank where every process sees all of the node's GPUs (torchrun, `--gpus-per-node`), and
+/// modulo what it sees where Slurm binds one GPU per task (`--gpus-per-task=1`: always 0).
+pub fn local_gpu(local_rank: usize, visible: usize) -> usize {
+    if visible == 0 { local_rank } else { local_rank % visible }
+}
+
 impl World {
     /// One process, no process group: training exactly as without a launcher.
     pub fn single() -> World {
@@ -103,9 +110,10 @@ impl World {
         let Some(launch) = Launch::from_env()? else {
             return Ok((World::single(), crate::model::parse_device(device)?));
         };
+        let local_gpu = || local_gpu(launch.local_rank, tch::Cuda::device_count().max(0) as usize);
         let device = match device {
-            "auto" if tch::Cuda::is_available() => crate::model::parse_device(&format!("cuda:{}", launch.local_rank))?,
-            "cuda" => crate::model::parse_device(&format!("cuda:{}", launch.local_rank))?,
+            "auto" if tch::Cuda::is_available() => crate::model::parse_device(&format!("cuda:{}", local_gpu()))?,
+            "cuda" => crate::model::parse_device(&format!("cuda:{}", local_gpu()))?,
             other => crate::model::parse_device(other)?,
         };
         let group = ProcessGroup::join(&launch.master_addr, launch.master_port, launch.rank, launch.world, device, timeout)?;
@@ -144,6 +152,13 @@ mod tests {
     fn launch(vars: &[(&str, &str)]) -> Result<Option<Launch>> {
         let vars: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Launch::from_vars(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn the_local_gpu_is_the_local_rank_modulo_the_gpus_this_process_sees() {
+        assert_eq!(local_gpu(3, 1), 0, "Slurm --gpus-per-task=1: each task sees only its own GPU");
+        assert_eq!(local_gpu(3, 8), 3);
+        assert_eq!(local_gpu(9, 8), 1);
     }
 
     #[test]

@@ -1,0 +1,57 @@
+//! What `magpie sft` and `magpie dpo` share around the loop, in order: `--dry-run`'s memory plan,
+//! the ranks and the device, the seed, the model named, the rows read, the output checked once
+//! (before anything is loaded or tokenised), then the objective the stage builds from its rows,
+//! and training. Only the objective differs between the two commands.
+
+use anyhow::Result;
+use serde_json::Value;
+use std::path::PathBuf;
+use tch::Device;
+
+use super::args::TrainArgs;
+use super::checkpoint;
+use super::distributed::World;
+use super::examples::{read_rows, TrainingRows};
+use super::memory::Workload;
+use super::objective::Objective;
+use super::trainer::{self, Summary};
+use crate::model::Loaded;
+
+/// One training command's shape: its name, the columns it reads, the work of one micro-batch
+/// (for `--dry-run`) and the models it reads besides `--model`.
+pub struct Command<'a> {
+    pub args: &'a TrainArgs,
+    pub stage: &'static str,
+    pub columns: &'a [&'a str],
+    pub workload: Workload,
+    pub also_reads: Vec<PathBuf>,
+}
+
+/// What a command builds from its rows: the objective, the policy to train, and the objective's
+/// settings that a resumed checkpoint must share.
+pub struct Built<O> {
+    pub objective: O,
+    pub policy: Loaded,
+    pub settings: Value,
+}
+
+/// Runs `command`; `build` turns the rows into the objective on this rank's device. Returns the
+/// summary on rank 0, `None` on the other ranks and with `--dry-run`.
+pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &World, Device) -> Result<Built<O>>) -> Result<Option<Summary>> {
+    let args = command.args;
+    if args.dry_run.is_some() {
+        super::memory::print_plan(args, &command.workload)?;
+        return Ok(None);
+    }
+    let (world, device) = args.world()?;
+    tch::manual_seed(args.seed as i64);
+    crate::model::ModelDir::open(&args.model)?; // a missing model is named before anything else
+    let rows = read_rows(&args.input, command.columns, args.eval_ratio, args.seed)?;
+    let mut inputs = rows.files.clone();
+    inputs.push(args.model.clone());
+    inputs.extend(command.also_reads);
+    let existing = if world.is_main() { Some(checkpoint::check_output(args, &inputs)?) } else { None };
+    let built = build(rows, &world, device)?;
+    let summary = trainer::train(&built.objective, &built.policy, args, &world, command.stage, &built.settings, existing)?;
+    Ok(world.is_main().then_some(summary))
+}
