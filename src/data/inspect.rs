@@ -98,7 +98,8 @@ pub fn run(args: &InspectArgs) -> Result<()> {
                 anyhow::bail!("{input}: --verify needs a magpie output folder (one with {})", crate::run::MANIFEST);
             };
             manifest.verify(dir)?;
-            println!("verified: {} files of {} match {}", manifest.files.len(), printable(input), crate::run::MANIFEST);
+            let files = manifest.files.len();
+            println!("verified: {files} file{} of {} match {}", if files == 1 { "" } else { "s" }, printable(input), crate::run::MANIFEST);
             if manifest.kind != "dataset" {
                 continue;
             }

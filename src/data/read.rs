@@ -58,7 +58,7 @@ fn resolve_files(spec: &str) -> Result<Vec<PathBuf>> {
         files.sort();
         if files.is_empty() {
             // An unfinished run of ours says so, rather than that the folder is empty.
-            crate::run::require_finished(path)?;
+            crate::run::refuse_unfinished_empty(path)?;
             bail!("{spec}: directory holds no .parquet files");
         }
         return Ok(files);

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Component, Path, PathBuf};
 
-use super::manifest::{claim_path, is_marker, manifest_path, provenance_of, Manifest};
+use super::manifest::{claim_path, is_marker, provenance_of, Manifest};
 use super::temp::{is_temporary, parent_of};
 
 /// An absolute path with `.` and `..` resolved and links followed as far as it exists.
@@ -145,8 +145,7 @@ pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existin
     }
 }
 
-/// For readers: fails on an unfinished run's folder (a claim, no manifest, or only our
-/// temporaries), and on a finished one whose files no longer match its manifest (sizes, and the
+/// For readers: fails on an unfinished run's folder (a claim, no manifest), and on a finished one whose files no longer match its manifest (sizes, and the
 /// row counts in the parquet footers); returns the manifest of a finished one. Folders magpie
 /// did not write pass as they are (`None`).
 pub fn require_finished(dir: &Path) -> Result<Option<Manifest>> {
@@ -164,18 +163,19 @@ pub fn require_finished(dir: &Path) -> Result<Option<Manifest>> {
             super::manifest::MANIFEST
         )
     }
-    let only_ours = std::fs::read_dir(dir).map(|entries| {
-        let names: Vec<String> = entries.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
-        !names.is_empty() && names.iter().all(|n| is_temporary(n))
-    });
-    if only_ours.unwrap_or(false) {
-        bail!(
-            "{}: holds only magpie temporaries: a run stopped before it finished (killed, or out of disk space); rerun it",
-            dir.display()
-        );
-    }
-    debug_assert!(manifest_path(dir).is_none());
     Ok(None)
+}
+
+/// For a reader given a folder with no parquet files: fails saying so when what is there is an
+/// unfinished run of ours (a claim, or only our temporaries: a run killed or out of disk space
+/// before its first part), rather than calling the folder empty.
+pub fn refuse_unfinished_empty(dir: &Path) -> Result<()> {
+    require_finished(dir)?;
+    let names: Vec<String> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+    if !names.is_empty() && names.iter().all(|n| is_temporary(n)) {
+        bail!("{}: holds only magpie temporaries: a run stopped before it finished (killed, or out of disk space); rerun it", dir.display());
+    }
+    Ok(())
 }
 
 /// Dotted paths (`args.seed`) of the settings that differ between two runs: what the resume

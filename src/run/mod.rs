@@ -7,17 +7,22 @@
 //!   nothing foreign     share                          as each piece is done          output is removed as planned
 //! ```
 //!
+//! - [`dir`]: a resumable stage's folder ([`RunDir`]): the claim, the settings diff, resume or
+//!   start over, and the manifest at the end. One-shot outputs (filter, eval, models) are
+//!   written whole under a temporary and committed ([`write_dir`], `data::DatasetWriter`).
 //! - [`guard`]: what may already be at the output path, and [`require_finished`] for readers.
 //! - [`manifest`]: the markers (hidden, so parquet readers skip them), provenance, hashes.
 //! - [`remove`]: what `--overwrite`, `save_total_limit` and a commit remove, planned whole first.
 //! - [`temp`]: hidden temporaries and their sweeping.
 
+mod dir;
 mod guard;
 mod manifest;
 mod remove;
 mod temp;
 
-pub use guard::{absolute, check, check_not_an_input, differing_keys, require_finished, Existing, Rules};
+pub use dir::{Opened, Prepared, Resuming, RunDir};
+pub use guard::{absolute, check, check_not_an_input, differing_keys, refuse_unfinished_empty, require_finished, Existing, Rules};
 pub use manifest::{
     claim_path, hash_file, is_marker, manifest_path, parquet_rows, provenance_of, read_claim, tool, FileEntry, Manifest, Provenance, FOOTER_KEY, MANIFEST,
     RUN_CLAIM,
@@ -27,19 +32,6 @@ pub use temp::{is_temporary, parent_of, remove_temporary, sweep_temporaries, swe
 
 use anyhow::{Context, Result};
 use std::path::Path;
-
-/// Removes what a finished output's manifest lists (and the manifest), never anything else; the
-/// folder stays.
-pub fn clear_finished(dir: &Path) -> Result<()> {
-    Removal::of_finished(dir, false)?.execute()
-}
-
-/// Removes what an unfinished run of ours left in `dir`: the markers and the names `owns` claims
-/// (owned folders through their manifests). Anything else there is an error, and nothing is
-/// removed.
-pub fn clear_unfinished(dir: &Path, owns: fn(&str) -> bool) -> Result<()> {
-    Removal::of_unfinished(dir, owns)?.execute()
-}
 
 /// Removes a finished output folder of ours whole (see [`Removal::of_finished`]).
 pub fn remove_finished_dir(dir: &Path) -> Result<()> {
@@ -193,6 +185,16 @@ mod tests {
         write_atomically(&out.join(MANIFEST), serde_json::to_string(&manifest).unwrap().as_bytes()).unwrap();
         let error = require_finished(&out).unwrap_err().to_string();
         assert!(error.contains("4 rows, but") && error.contains("says 5"), "{error}");
+    }
+
+    #[test]
+    fn a_folder_of_only_temporaries_is_unfinished_to_a_reader_of_the_folder_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(format!(".part-00000.parquet{TMP_MARK}1")), b"half").unwrap();
+        let error = refuse_unfinished_empty(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("holds only magpie temporaries"), "{error}");
+        // A file read from the same folder (a stage's scratch file beside its temporaries) is fine.
+        assert!(require_finished(dir.path()).unwrap().is_none());
     }
 
     #[test]

@@ -8,14 +8,14 @@
 //! `--overwrite` asks for a new run in its place.
 
 use crate::data::write::{part_name, write_batch};
-use crate::run::{self, Existing, Manifest, Provenance, Rules, RUN_CLAIM};
-use anyhow::{bail, Context, Result};
+use crate::run::{self, Provenance, Resuming, RunDir};
+use anyhow::{Context, Result};
 use arrow::array::RecordBatch;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 pub struct Checkpoint {
-    dir: PathBuf,
+    run: RunDir,
     provenance: Provenance,
 }
 
@@ -36,44 +36,15 @@ impl Checkpoint {
     /// Opens (or creates) `dir` for a run whose row-determining settings are `settings`, after
     /// checking it against the inputs (`model`) and what is already there.
     pub fn open(dir: &Path, inputs: &[PathBuf], settings: &Value, overwrite: bool) -> Result<Opened> {
-        let rules = Rules { overwrite, resumable: Some(owns) };
-        let existing = run::check(dir, inputs, &rules)?;
-        let provenance = Provenance::new("synth", settings);
-        if existing == Existing::Finished && run::claim_path(dir).is_none() {
-            // A finished output of another stage (no synth claim): only --overwrite replaces it.
-            if !overwrite {
-                bail!("{}: holds a finished magpie output that is not a synth run; pass --overwrite to replace it, or use another --output", dir.display());
-            }
-            run::clear_finished(dir)?;
-        } else if existing != Existing::Nothing {
-            let earlier = run::read_claim(dir)?.with_context(|| format!("{}: holds no run claim", dir.display()))?;
-            let mut differing = vec![];
-            run::differing_keys("", &earlier["settings"], settings, &mut differing);
-            match (existing, differing.is_empty(), overwrite) {
-                (Existing::Finished, true, false) => return Ok(Opened::AlreadyFinished),
-                (Existing::Finished, _, true) => run::clear_finished(dir)?,
-                (Existing::Finished, false, false) => bail!(
-                    "{}: holds a finished synth run with other settings ({}); pass --overwrite to replace it, or use another --output",
-                    dir.display(),
-                    differing.join(", ")
-                ),
-                (_, false, _) => bail!(
-                    "{}: holds an unfinished synth run with other settings ({}); rerun it with the same ones, or use another --output",
-                    dir.display(),
-                    differing.join(", ")
-                ),
-                _ => {}
-            }
+        let prepared = RunDir::prepare(dir, inputs, "synth", settings, owns, overwrite, Resuming::Always)?;
+        if prepared.opened == run::Opened::Finished {
+            return Ok(Opened::AlreadyFinished);
         }
-        std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create output directory", dir.display()))?;
-        if run::claim_path(dir).is_none() {
-            run::write_atomically(&dir.join(RUN_CLAIM), serde_json::to_string_pretty(&json!({ "stage": "synth", "settings": settings }))?.as_bytes())?;
-        }
-        Ok(Opened::Run(Checkpoint { dir: dir.to_path_buf(), provenance }))
+        Ok(Opened::Run(Checkpoint { run: prepared.apply()?, provenance: Provenance::new("synth", settings) }))
     }
 
     pub fn part_path(&self, chunk: usize) -> PathBuf {
-        self.dir.join(part_name(chunk))
+        self.run.dir.join(part_name(chunk))
     }
 
     pub fn is_done(&self, chunk: usize) -> bool {
@@ -97,9 +68,8 @@ impl Checkpoint {
         if !(0..chunks).all(|c| self.is_done(c)) {
             return Ok(false);
         }
-        run::sweep_temporaries(&self.dir, ".part-");
         let rows = (0..chunks).map(|c| run::parquet_rows(&self.part_path(c))).sum::<Result<u64>>()?;
-        Manifest::write(&self.dir, "dataset", Some(rows), &self.provenance)?;
+        self.run.finish(".part-", "dataset", Some(rows), &self.provenance)?;
         Ok(true)
     }
 }

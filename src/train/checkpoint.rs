@@ -23,7 +23,7 @@ use super::args::TrainArgs;
 use super::distributed::World;
 use super::optim::Optimizer;
 use crate::model::{hf, Loaded};
-use crate::run::{self, Existing, Manifest, Provenance, Rules, RUN_CLAIM};
+use crate::run::{self, Manifest, Prepared, Provenance, Resuming, RunDir};
 
 /// The names a training run writes into its folder besides the markers.
 fn owns(name: &str) -> bool {
@@ -31,50 +31,21 @@ fn owns(name: &str) -> bool {
         || name.strip_prefix("checkpoint-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-fn rules(args: &TrainArgs) -> Rules {
-    Rules { overwrite: args.overwrite, resumable: Some(owns) }
-}
-
-/// Before anything is loaded or written: the output against the inputs, `--resume` and
-/// `--overwrite`, and what is already there.
-pub fn check_output(args: &TrainArgs, inputs: &[PathBuf]) -> Result<Existing> {
-    let existing = run::check(&args.output, inputs, &rules(args))?;
-    let dir = args.output.display();
-    match (&existing, args.resume, args.overwrite) {
-        (_, true, true) => bail!("--resume and --overwrite contradict each other"),
-        (Existing::Nothing, true, _) => bail!("{dir}: --resume, but there is no checkpoint-* here"),
-        (Existing::Finished, true, _) => bail!("{dir}: holds a finished run; nothing to resume (--overwrite trains again in its place)"),
-        (Existing::Finished, false, false) => bail!("{dir}: holds a finished training run; pass --overwrite to replace it"),
-        (Existing::Unfinished, false, false) => {
-            bail!("{dir}: holds an unfinished training run; pass --resume to continue it or --overwrite to start over")
-        }
-        _ => Ok(existing),
-    }
-}
-
 /// The settings a checkpoint must agree with to be resumed.
 pub fn settings(args: &TrainArgs, extra: &Value) -> Value {
     json!({"train": args, "objective": extra})
 }
 
-/// At the start of training, with what [`check_output`] found: clears what `--overwrite`
-/// replaces and writes the run claim.
-pub fn open_output(args: &TrainArgs, stage: &str, extra: &Value, existing: Existing) -> Result<()> {
-    match existing {
-        Existing::Finished if args.overwrite => run::clear_finished(&args.output)?,
-        Existing::Unfinished if args.overwrite => run::clear_unfinished(&args.output, owns)?,
-        _ => {}
-    }
-    std::fs::create_dir_all(&args.output).with_context(|| format!("{}: cannot create", args.output.display()))?;
-    let claim = json!({ "stage": stage, "settings": settings(args, extra) });
-    run::write_atomically(&args.output.join(RUN_CLAIM), serde_json::to_string_pretty(&claim)?.as_bytes())
+/// Before anything is loaded: the output against the inputs, `--resume` and `--overwrite`, and
+/// what is already there (its claim's settings against this run's `extra` objective settings).
+/// What `--overwrite` replaces is planned now and removed when training starts.
+pub fn prepare_output(args: &TrainArgs, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Prepared> {
+    RunDir::prepare(&args.output, inputs, stage, &settings(args, extra), owns, args.overwrite, Resuming::OnFlag(args.resume))
 }
 
 /// After the final model and plots: removes what interrupted runs left and writes the manifest.
-pub fn finish_output(args: &TrainArgs, provenance: &Provenance) -> Result<()> {
-    run::sweep_temporaries(&args.output, ".");
-    Manifest::write(&args.output, "training run", None, provenance)?;
-    Ok(())
+pub fn finish_output(run: &RunDir, provenance: &Provenance) -> Result<()> {
+    run.finish(".", "training run", None, provenance).map(drop)
 }
 
 /// The checkpoint folders in `output`, oldest first.

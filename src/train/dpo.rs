@@ -8,8 +8,7 @@
 //!
 //! The reference model is either a frozen copy held during training, or, with
 //! `precompute_ref_log_probs`, one pass over the data before training whose results are cached
-//! beside the data (keyed by the tokenised pairs and the reference weights), so that no reference
-//! model is held while training.
+//! in `$MAGPIE_CACHE` (`reference`), so that no reference model is held while training.
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -71,8 +70,9 @@ pub struct DpoArgs {
     #[arg(long)]
     pub ref_model: Option<PathBuf>,
 
-    /// Compute reference log-probs once before training and cache them beside the data, instead
-    /// of holding a reference model.
+    /// Compute reference log-probs once before training and cache them in
+    /// $MAGPIE_CACHE/dpo-reference-logps/ (keyed by the tokenised pairs, the reference weights,
+    /// the dtype and the device), instead of holding a reference model.
     #[arg(long)]
     pub precompute_ref_log_probs: bool,
 }
@@ -302,6 +302,9 @@ pub fn run(args: &DpoArgs) -> Result<()> {
             reference_model: args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs,
         },
         also_reads: vec![reference_dir.clone()],
+        settings: json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
+                         "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
+                         "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs}),
     };
     let summary = driver::run(command, |rows, world, device| {
         let tokenizer = ChatTokenizer::load(&train_args.model)?;
@@ -327,10 +330,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
             }
         };
         let policy = load_causal_lm(&train_args.model, device, train_args.kind())?;
-        let settings = json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
-                              "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
-                              "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs});
-        Ok(driver::Built { objective, policy, settings })
+        Ok(driver::Built { objective, policy })
     })?;
     let Some(summary) = summary else { return Ok(()) };
     let show = |m: &std::collections::BTreeMap<String, f64>, prefix: &str| {

@@ -18,21 +18,21 @@ use super::trainer::{self, Summary};
 use crate::model::Loaded;
 
 /// One training command's shape: its name, the columns it reads, the work of one micro-batch
-/// (for `--dry-run`) and the models it reads besides `--model`.
+/// (for `--dry-run`), the models it reads besides `--model`, and its objective's settings (which
+/// a resumed run must share).
 pub struct Command<'a> {
     pub args: &'a TrainArgs,
     pub stage: &'static str,
     pub columns: &'a [&'a str],
     pub workload: Workload,
     pub also_reads: Vec<PathBuf>,
+    pub settings: Value,
 }
 
-/// What a command builds from its rows: the objective, the policy to train, and the objective's
-/// settings that a resumed checkpoint must share.
+/// What a command builds from its rows: the objective and the policy to train.
 pub struct Built<O> {
     pub objective: O,
     pub policy: Loaded,
-    pub settings: Value,
 }
 
 /// Runs `command`; `build` turns the rows into the objective on this rank's device. Returns the
@@ -50,8 +50,8 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Wor
     let mut inputs = rows.files.clone();
     inputs.push(args.model.clone());
     inputs.extend(command.also_reads);
-    let existing = if world.is_main() { Some(checkpoint::check_output(args, &inputs)?) } else { None };
+    let output = if world.is_main() { Some(checkpoint::prepare_output(args, command.stage, &command.settings, &inputs)?) } else { None };
     let built = build(rows, &world, device)?;
-    let summary = trainer::train(&built.objective, &built.policy, args, &world, command.stage, &built.settings, existing)?;
+    let summary = trainer::train(&built.objective, &built.policy, args, &world, command.stage, &command.settings, output)?;
     Ok(world.is_main().then_some(summary))
 }

@@ -134,6 +134,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         columns: &["messages"],
         workload: Workload { tokens: (train_args.per_device_train_batch_size * args.max_length) as i64, reference_model: false },
         also_reads: vec![],
+        settings: json!({"max_length": args.max_length, "packing": args.packing}),
     };
     let summary = driver::run(command, |rows, _world, device| {
         let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
@@ -151,7 +152,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
             objective.len(Split::Train),
             if args.packing { " packed" } else { "" }
         );
-        Ok(driver::Built { objective, policy: loaded, settings: json!({"max_length": args.max_length, "packing": args.packing}) })
+        Ok(driver::Built { objective, policy: loaded })
     })?;
     let Some(summary) = summary else { return Ok(()) };
     let final_loss = summary.last.get("loss").copied().unwrap_or(f64::NAN);

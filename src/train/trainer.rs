@@ -28,7 +28,7 @@ use super::distributed::zero::{ShardedAdamW, BUCKET_ELEMENTS};
 use super::distributed::World;
 use super::optim::{AdamW, Optimizer};
 use crate::model::{hf, Llama, Loaded};
-use crate::run::{Existing, Provenance};
+use crate::run::{Prepared, Provenance, RunDir};
 
 /// The order of training examples in `epoch`: a splitmix64 shuffle of (seed, epoch), so any
 /// position can be recomputed on resume.
@@ -151,6 +151,8 @@ pub struct Trainer<'a> {
     provenance: Provenance,
     plan: Plan,
     opt: Box<dyn Optimizer + 'a>,
+    /// Rank 0's output folder; other ranks write only their optimizer shards.
+    output: Option<RunDir>,
     /// Rank 0's metrics.jsonl; other ranks log nothing.
     log: Option<MetricsLog>,
     bar: ProgressBar,
@@ -159,17 +161,15 @@ pub struct Trainer<'a> {
 
 /// Trains `loaded` on `objective` (`stage`: `sft` or `dpo`) and saves the final model to
 /// `output/model`. `extra` holds the objective's own settings, which a resumed checkpoint must
-/// share; `existing` is what `checkpoint::check_output` found at the output (rank 0 only).
-pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, world: &World, stage: &str, extra: &Value, existing: Option<Existing>) -> Result<Summary> {
-    Trainer::new(objective, loaded, args, world, stage, extra, existing)?.run()
+/// share; `output` is what `checkpoint::prepare_output` decided for the folder (rank 0 only).
+pub fn train(objective: &dyn Objective, loaded: &Loaded, args: &TrainArgs, world: &World, stage: &str, extra: &Value, output: Option<Prepared>) -> Result<Summary> {
+    Trainer::new(objective, loaded, args, world, stage, extra, output)?.run()
 }
 
 impl<'a> Trainer<'a> {
-    pub fn new(objective: &'a dyn Objective, loaded: &'a Loaded, args: &'a TrainArgs, world: &'a World, stage: &str, extra: &Value, existing: Option<Existing>) -> Result<Self> {
+    pub fn new(objective: &'a dyn Objective, loaded: &'a Loaded, args: &'a TrainArgs, world: &'a World, stage: &str, extra: &Value, output: Option<Prepared>) -> Result<Self> {
         let plan = Plan::new(args, objective.len(Split::Train), world.size)?;
-        if let Some(existing) = existing {
-            checkpoint::open_output(args, stage, extra, existing)?;
-        }
+        let output = output.map(Prepared::apply).transpose()?;
         world.barrier()?; // the other ranks read the folder only once rank 0 has set it up
         let provenance = Provenance::new(stage, checkpoint::settings(args, extra));
         let fp32_state = !args.no_fp32_optimizer_state;
@@ -188,7 +188,7 @@ impl<'a> Trainer<'a> {
         let bar = if world.is_main() { ProgressBar::new(plan.total_steps as u64) } else { ProgressBar::hidden() }.with_position(start as u64);
         bar.set_style(ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}").unwrap().progress_chars("=> "));
         bar.set_prefix("train");
-        Ok(Trainer { objective, loaded, args, world, provenance, plan, opt, log, bar, start })
+        Ok(Trainer { objective, loaded, args, world, provenance, plan, opt, output, log, bar, start })
     }
 
     /// The loop, one optimizer step per pass.
@@ -251,13 +251,13 @@ impl<'a> Trainer<'a> {
                  (lower --learning-rate or check the data)"
             );
         }
-        if let Some(log) = &self.log {
+        if let (Some(log), Some(output)) = (&self.log, &self.output) {
             hf::save(&self.loaded.vs, &self.loaded.dir, &args.output.join("model"), &self.provenance)?;
             // The model is saved; a plot that fails should not turn that into a failed run.
             if let Err(e) = write_plots(log, self.objective, &args.output) {
                 eprintln!("warning: no plots: {e:#}");
             }
-            checkpoint::finish_output(args, &self.provenance)?;
+            checkpoint::finish_output(output, &self.provenance)?;
         }
         self.world.barrier()?; // every rank ends when the run is finished
         Ok(Summary { steps: total, last, eval })
@@ -360,8 +360,8 @@ mod tests {
 
     fn run(output: &Path, extra: &[&str]) -> Result<Summary> {
         let a = args(output, extra);
-        let existing = checkpoint::check_output(&a, &[])?;
-        train(&objective(), &tiny("tiny-llama"), &a, &World::single(), "sft", &json!({}), Some(existing))
+        let output = checkpoint::prepare_output(&a, "sft", &json!({}), &[])?;
+        train(&objective(), &tiny("tiny-llama"), &a, &World::single(), "sft", &json!({}), Some(output))
     }
 
     const SETTINGS: &[&str] = &["--max-steps", "6", "--save-steps", "2", "--per-device-train-batch-size", "2",
@@ -466,8 +466,8 @@ mod tests {
         let a = args(out.path(), &["--max-steps", "2", "--save-steps", "1", "--learning-rate", "1e-3", "--bf16"]);
         let mut loaded = tiny("tiny-llama");
         loaded.vs.set_kind(a.kind());
-        let existing = checkpoint::check_output(&a, &[]).unwrap();
-        let summary = train(&objective(), &loaded, &a, &World::single(), "sft", &json!({}), Some(existing)).unwrap();
+        let output = checkpoint::prepare_output(&a, "sft", &json!({}), &[]).unwrap();
+        let summary = train(&objective(), &loaded, &a, &World::single(), "sft", &json!({}), Some(output)).unwrap();
         assert!(summary.last["loss"].is_finite());
         let saved: HashMap<String, Tensor> = Tensor::read_safetensors(out.path().join("model/model.safetensors")).unwrap().into_iter().collect();
         assert_eq!(saved["model.norm.weight"].kind(), Kind::BFloat16);

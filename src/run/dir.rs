@@ -1,0 +1,188 @@
+//! A resumable stage's output folder (synth's chunks, training's checkpoints): the guards, the
+//! run claim and the settings diff in one place, so each stage only says how it resumes.
+//!
+//! [`RunDir::prepare`] checks the target, reads the claim an earlier run left, compares its
+//! settings with this run's and plans what `--overwrite` replaces (see [`super::Removal`]):
+//! everything is decided, nothing is touched. [`Prepared::apply`], once the stage has loaded
+//! what it needs, carries out the removal and writes this run's claim. [`RunDir::finish`]
+//! sweeps the temporaries interrupted runs left and writes the manifest, last.
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+use super::guard::{check, differing_keys, Existing, Rules};
+use super::manifest::{read_claim, Manifest, Provenance, RUN_CLAIM};
+use super::remove::Removal;
+use super::temp::{sweep_temporaries, write_atomically};
+
+/// How a rerun of the same command treats an unfinished run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Resuming {
+    /// A rerun continues it (synth: finished chunks are skipped).
+    Always,
+    /// Only with the stage's `--resume` flag, given or not (training).
+    OnFlag(bool),
+}
+
+/// What a stage's run does in the folder [`RunDir::prepare`] decided on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Opened {
+    /// Starts from nothing (the folder was empty, or `--overwrite` cleared it).
+    Fresh,
+    /// Continues an unfinished run with the same settings.
+    Resume,
+    /// A finished run with the same settings is there: nothing to do (`Resuming::Always` only).
+    Finished,
+}
+
+/// A resumable stage's output folder, opened.
+pub struct RunDir {
+    pub dir: PathBuf,
+}
+
+/// What [`RunDir::prepare`] decided, not yet carried out.
+pub struct Prepared {
+    dir: PathBuf,
+    pub opened: Opened,
+    removal: Option<Removal>,
+    claim: Value,
+}
+
+impl Prepared {
+    /// Removes what `--overwrite` replaces (as planned), creates the folder and writes the claim.
+    pub fn apply(self) -> Result<RunDir> {
+        if let Some(removal) = self.removal {
+            removal.execute()?;
+        }
+        if self.opened != Opened::Finished {
+            std::fs::create_dir_all(&self.dir).with_context(|| format!("{}: cannot create the output folder", self.dir.display()))?;
+            if self.opened == Opened::Fresh {
+                write_atomically(&self.dir.join(RUN_CLAIM), serde_json::to_string_pretty(&self.claim)?.as_bytes())?;
+            }
+        }
+        Ok(RunDir { dir: self.dir })
+    }
+}
+
+impl RunDir {
+    /// Decides how `stage`'s run with `settings` (what a resumed run must share) goes in `dir`;
+    /// `owns` names what the stage writes into the folder besides the markers. Refusals and the
+    /// removal plan come now, before the stage loads anything; nothing is changed yet.
+    pub fn prepare(
+        dir: &Path,
+        inputs: &[PathBuf],
+        stage: &str,
+        settings: &Value,
+        owns: fn(&str) -> bool,
+        overwrite: bool,
+        resuming: Resuming,
+    ) -> Result<Prepared> {
+        if resuming == Resuming::OnFlag(true) && overwrite {
+            bail!("--resume and --overwrite contradict each other");
+        }
+        let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
+        let shown = dir.display();
+        let earlier = if existing == Existing::Nothing { None } else { read_claim(dir)? };
+        let differing = earlier.as_ref().map(|claim| {
+            let mut keys = vec![];
+            differing_keys("", &claim["settings"], settings, &mut keys);
+            keys
+        });
+        let ours = earlier.as_ref().is_some_and(|claim| claim["stage"] == stage);
+        let mut removal = None;
+        let opened = match existing {
+            Existing::Nothing if resuming == Resuming::OnFlag(true) => bail!("{shown}: --resume, but there is nothing to resume here (no run claim, no checkpoint)"),
+            Existing::Nothing => Opened::Fresh,
+            Existing::Finished if resuming == Resuming::OnFlag(true) => {
+                bail!("{shown}: holds a finished {stage} run; nothing to resume (--overwrite runs it again in its place)")
+            }
+            Existing::Finished if overwrite => {
+                removal = Some(Removal::of_finished(dir, false)?);
+                Opened::Fresh
+            }
+            Existing::Finished if !ours => {
+                bail!("{shown}: holds a finished magpie output that is not a {stage} run; pass --overwrite to replace it, or use another --output")
+            }
+            Existing::Finished => match (resuming, differing.as_deref()) {
+                (Resuming::Always, Some([])) => Opened::Finished,
+                (Resuming::Always, Some(keys)) => bail!(
+                    "{shown}: holds a finished {stage} run with other settings ({}); pass --overwrite to replace it, or use another --output",
+                    keys.join(", ")
+                ),
+                _ => bail!("{shown}: holds a finished {stage} run; pass --overwrite to replace it"),
+            },
+            Existing::Unfinished if overwrite && resuming != Resuming::Always => {
+                removal = Some(Removal::of_unfinished(dir, owns)?);
+                Opened::Fresh
+            }
+            Existing::Unfinished if resuming == Resuming::OnFlag(false) => {
+                bail!("{shown}: holds an unfinished {stage} run; pass --resume to continue it or --overwrite to start over")
+            }
+            Existing::Unfinished if !ours => bail!("{shown}: holds an unfinished magpie run that is not a {stage} run; choose another output"),
+            Existing::Unfinished => match differing.as_deref() {
+                Some([]) => Opened::Resume,
+                keys => bail!(
+                    "{shown}: holds an unfinished {stage} run with other settings ({}); rerun it with the same ones, or use another --output",
+                    keys.unwrap_or_default().join(", ")
+                ),
+            },
+        };
+        Ok(Prepared { dir: dir.to_path_buf(), opened, removal, claim: json!({ "stage": stage, "settings": settings }) })
+    }
+
+    /// Marks the run finished: removes the temporaries (names starting with `prefix`) that
+    /// interrupted runs left, then writes the manifest (`kind`, `rows`), last.
+    pub fn finish(&self, prefix: &str, kind: &str, rows: Option<u64>, provenance: &Provenance) -> Result<Manifest> {
+        sweep_temporaries(&self.dir, prefix);
+        Manifest::write(&self.dir, kind, rows, provenance)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owns(name: &str) -> bool {
+        name.starts_with("part-")
+    }
+
+    fn open(dir: &Path, settings: Value, overwrite: bool, resuming: Resuming) -> Result<Opened> {
+        let prepared = RunDir::prepare(dir, &[], "synth", &settings, owns, overwrite, resuming)?;
+        let opened = prepared.opened;
+        prepared.apply().map(|_| opened)
+    }
+
+    #[test]
+    fn the_claim_decides_resume_finished_and_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let same = json!({"seed": 1});
+        assert_eq!(open(&out, same.clone(), false, Resuming::Always).unwrap(), Opened::Fresh);
+        std::fs::write(out.join("part-00000.bin"), b"x").unwrap();
+        assert_eq!(open(&out, same.clone(), false, Resuming::Always).unwrap(), Opened::Resume);
+        let error = open(&out, json!({"seed": 2}), true, Resuming::Always).unwrap_err().to_string();
+        assert!(error.contains("unfinished synth run with other settings (seed)"), "{error}");
+        let run = RunDir::prepare(&out, &[], "synth", &same, owns, false, Resuming::Always).unwrap().apply().unwrap();
+        run.finish(".part-", "dataset", Some(1), &Provenance::new("synth", &same)).unwrap();
+        assert_eq!(open(&out, same.clone(), false, Resuming::Always).unwrap(), Opened::Finished);
+        assert!(open(&out, json!({"seed": 2}), false, Resuming::Always).unwrap_err().to_string().contains("finished synth run with other settings (seed)"));
+        assert_eq!(open(&out, json!({"seed": 2}), true, Resuming::Always).unwrap(), Opened::Fresh);
+        assert!(!out.join("part-00000.bin").exists() && out.join(RUN_CLAIM).is_file());
+    }
+
+    #[test]
+    fn a_flag_resumed_run_needs_the_flag_and_overwrite_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let settings = json!({"lr": 1});
+        assert!(open(&out, settings.clone(), false, Resuming::OnFlag(true)).unwrap_err().to_string().contains("nothing to resume"));
+        assert_eq!(open(&out, settings.clone(), false, Resuming::OnFlag(false)).unwrap(), Opened::Fresh);
+        std::fs::write(out.join("part-00000.bin"), b"x").unwrap();
+        assert!(open(&out, settings.clone(), false, Resuming::OnFlag(false)).unwrap_err().to_string().contains("pass --resume"));
+        assert_eq!(open(&out, settings.clone(), false, Resuming::OnFlag(true)).unwrap(), Opened::Resume);
+        assert_eq!(open(&out, settings.clone(), true, Resuming::OnFlag(false)).unwrap(), Opened::Fresh);
+        assert!(!out.join("part-00000.bin").exists());
+        assert!(open(&out, settings, true, Resuming::OnFlag(true)).unwrap_err().to_string().contains("contradict"));
+    }
+}
