@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 use super::guard::{check, differing_keys, Existing, Rules};
-use super::manifest::{read_claim, Manifest, Provenance, RUN_CLAIM};
+use super::manifest::{is_marker, read_claim, Manifest, Provenance, RUN_CLAIM};
 use super::remove::Removal;
-use super::temp::{sweep_temporaries, write_atomically};
+use super::temp::{is_temporary, sweep_temporaries, write_atomically};
 
 /// How a rerun of the same command treats an unfinished run.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -39,29 +39,49 @@ pub enum Opened {
 /// A resumable stage's output folder, opened.
 pub struct RunDir {
     pub dir: PathBuf,
+    owns: fn(&str) -> bool,
+}
+
+/// What `--overwrite` replaces in the folder.
+#[derive(Clone, Copy, PartialEq)]
+enum Replaces {
+    Finished,
+    Unfinished,
 }
 
 /// What [`RunDir::prepare`] decided, not yet carried out.
 pub struct Prepared {
     dir: PathBuf,
+    owns: fn(&str) -> bool,
     pub opened: Opened,
-    removal: Option<Removal>,
+    removal: Option<(Replaces, Removal)>,
     claim: Value,
 }
 
+fn plan(dir: &Path, replaces: Replaces, owns: fn(&str) -> bool) -> Result<Removal> {
+    match replaces {
+        Replaces::Finished => Removal::of_finished(dir, false),
+        Replaces::Unfinished => Removal::of_unfinished(dir, owns),
+    }
+}
+
 impl Prepared {
-    /// Removes what `--overwrite` replaces (as planned), creates the folder and writes the claim.
+    /// Removes what `--overwrite` replaces, creates the folder and writes the claim. The removal
+    /// is planned again first and must be the one planned at [`RunDir::prepare`]: what changed in
+    /// the folder since then is refused, with nothing removed.
     pub fn apply(self) -> Result<RunDir> {
-        if let Some(removal) = self.removal {
-            removal.execute()?;
-        }
-        if self.opened != Opened::Finished {
-            std::fs::create_dir_all(&self.dir).with_context(|| format!("{}: cannot create the output folder", self.dir.display()))?;
-            if self.opened == Opened::Fresh {
-                write_atomically(&self.dir.join(RUN_CLAIM), serde_json::to_string_pretty(&self.claim)?.as_bytes())?;
+        if let Some((replaces, planned)) = self.removal {
+            let now = plan(&self.dir, replaces, self.owns)?;
+            if !now.same_as(&planned) {
+                bail!("{}: changed while this run was starting; nothing was removed (rerun the command)", self.dir.display());
             }
+            now.execute()?;
         }
-        Ok(RunDir { dir: self.dir })
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("{}: cannot create the output folder", self.dir.display()))?;
+        if self.opened == Opened::Fresh {
+            write_atomically(&self.dir.join(RUN_CLAIM), serde_json::to_string_pretty(&self.claim)?.as_bytes())?;
+        }
+        Ok(RunDir { dir: self.dir, owns: self.owns })
     }
 }
 
@@ -83,7 +103,9 @@ impl RunDir {
         }
         let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
         let shown = dir.display();
-        let earlier = if existing == Existing::Nothing { None } else { read_claim(dir)? };
+        // A damaged claim cannot block replacing a finished output: it is not read then.
+        let replacing_finished = existing == Existing::Finished && overwrite && resuming != Resuming::OnFlag(true);
+        let earlier = if existing == Existing::Nothing || replacing_finished { None } else { read_claim(dir)? };
         let differing = earlier.as_ref().map(|claim| {
             let mut keys = vec![];
             differing_keys("", &claim["settings"], settings, &mut keys);
@@ -98,7 +120,7 @@ impl RunDir {
                 bail!("{shown}: holds a finished {stage} run; nothing to resume (--overwrite runs it again in its place)")
             }
             Existing::Finished if overwrite => {
-                removal = Some(Removal::of_finished(dir, false)?);
+                removal = Some((Replaces::Finished, plan(dir, Replaces::Finished, owns)?));
                 Opened::Fresh
             }
             Existing::Finished if !ours => {
@@ -113,7 +135,7 @@ impl RunDir {
                 _ => bail!("{shown}: holds a finished {stage} run; pass --overwrite to replace it"),
             },
             Existing::Unfinished if overwrite && resuming != Resuming::Always => {
-                removal = Some(Removal::of_unfinished(dir, owns)?);
+                removal = Some((Replaces::Unfinished, plan(dir, Replaces::Unfinished, owns)?));
                 Opened::Fresh
             }
             Existing::Unfinished if resuming == Resuming::OnFlag(false) => {
@@ -128,13 +150,29 @@ impl RunDir {
                 ),
             },
         };
-        Ok(Prepared { dir: dir.to_path_buf(), opened, removal, claim: json!({ "stage": stage, "settings": settings }) })
+        Ok(Prepared { dir: dir.to_path_buf(), owns, opened, removal, claim: json!({ "stage": stage, "settings": settings }) })
     }
 
     /// Marks the run finished: removes the temporaries (names starting with `prefix`) that
     /// interrupted runs left, then writes the manifest (`kind`, `rows`), last.
+    /// Anything else in the folder (a file a user put there while the run went on) is refused,
+    /// naming it, so the manifest never claims a file magpie did not write.
     pub fn finish(&self, prefix: &str, kind: &str, rows: Option<u64>, provenance: &Provenance) -> Result<Manifest> {
         sweep_temporaries(&self.dir, prefix);
+        let entries = std::fs::read_dir(&self.dir).with_context(|| format!("{}: cannot list", self.dir.display()))?;
+        let mut foreign: Vec<String> = entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| !is_marker(n) && !is_temporary(n) && !(self.owns)(n))
+            .collect();
+        if !foreign.is_empty() {
+            foreign.sort();
+            bail!(
+                "{}: holds files magpie did not write ({}), put there while the run went on; move them out and rerun the same command to finish",
+                self.dir.display(),
+                foreign.join(", ")
+            );
+        }
         Manifest::write(&self.dir, kind, rows, provenance)
     }
 }
@@ -169,6 +207,32 @@ mod tests {
         assert!(open(&out, json!({"seed": 2}), false, Resuming::Always).unwrap_err().to_string().contains("finished synth run with other settings (seed)"));
         assert_eq!(open(&out, json!({"seed": 2}), true, Resuming::Always).unwrap(), Opened::Fresh);
         assert!(!out.join("part-00000.bin").exists() && out.join(RUN_CLAIM).is_file());
+    }
+
+    #[test]
+    fn a_file_put_into_the_folder_during_the_run_is_never_listed_as_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let settings = json!({"seed": 1});
+        let run = RunDir::prepare(&out, &[], "synth", &settings, owns, false, Resuming::Always).unwrap().apply().unwrap();
+        std::fs::write(out.join("part-00000.bin"), b"x").unwrap();
+        std::fs::write(out.join("notes.txt"), b"mine").unwrap();
+        let error = run.finish(".part-", "dataset", None, &Provenance::new("synth", &settings)).unwrap_err().to_string();
+        assert!(error.contains("holds files magpie did not write (notes.txt)"), "{error}");
+        assert!(!out.join(crate::run::MANIFEST).exists());
+    }
+
+    #[test]
+    fn a_folder_changed_between_prepare_and_apply_is_refused_with_nothing_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let settings = json!({"seed": 1});
+        open(&out, settings.clone(), false, Resuming::OnFlag(false)).unwrap();
+        std::fs::write(out.join("part-00000.bin"), b"x").unwrap();
+        let prepared = RunDir::prepare(&out, &[], "synth", &settings, owns, true, Resuming::OnFlag(false)).unwrap();
+        std::fs::write(out.join("part-00001.bin"), b"y").unwrap();
+        assert!(prepared.apply().err().unwrap().to_string().contains("changed while this run was starting"));
+        assert!(out.join("part-00000.bin").is_file() && out.join("part-00001.bin").is_file());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use serde_json::Value;
 use std::path::{Component, Path, PathBuf};
 
 use super::manifest::{claim_path, is_marker, provenance_of, Manifest};
+use super::remove::Removal;
 use super::temp::{is_temporary, parent_of};
 
 /// An absolute path with `.` and `..` resolved and links followed as far as it exists.
@@ -130,6 +131,11 @@ pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existin
     if let Some(manifest) = Manifest::read(target)? {
         let listed = manifest.top_level_names();
         foreign(&|n| listed.contains(n))?;
+        if rules.overwrite {
+            // What the replacement would remove is planned now, so a refusal (a link, a user's
+            // file deep inside) comes before the work, not after it.
+            Removal::of_finished(target, true)?;
+        }
         if rules.overwrite || rules.resumable.is_some() {
             return Ok(Existing::Finished);
         }

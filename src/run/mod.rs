@@ -22,13 +22,12 @@ mod remove;
 mod temp;
 
 pub use dir::{Opened, Prepared, Resuming, RunDir};
-pub use guard::{absolute, check, check_not_an_input, differing_keys, refuse_unfinished_empty, require_finished, Existing, Rules};
-pub use manifest::{
-    claim_path, hash_file, is_marker, manifest_path, parquet_rows, provenance_of, read_claim, tool, FileEntry, Manifest, Provenance, FOOTER_KEY, MANIFEST,
-    RUN_CLAIM,
-};
-pub use remove::Removal;
-pub use temp::{is_temporary, parent_of, remove_temporary, sweep_temporaries, sweep_temporaries_of, temporary_sibling, write_atomically, TMP_MARK};
+pub use guard::{check, check_not_an_input, differing_keys, refuse_unfinished_empty, require_finished, Rules};
+pub use manifest::{parquet_rows, provenance_of, tool, Manifest, Provenance, FOOTER_KEY, MANIFEST};
+pub use temp::{remove_temporary, temporary_sibling, write_atomically, TMP_MARK};
+
+use remove::Removal;
+use temp::sweep_temporaries_of;
 
 use anyhow::{Context, Result};
 use std::path::Path;
@@ -42,15 +41,14 @@ pub fn remove_finished_dir(dir: &Path) -> Result<()> {
 /// there is replaced (planned whole first, see [`Removal`]); then the temporaries that
 /// interrupted runs left for `target` are removed.
 pub fn commit(tmp: &Path, target: &Path) -> Result<()> {
-    if let Ok(meta) = target.symlink_metadata() {
-        if meta.file_type().is_symlink() {
-            anyhow::bail!("{}: is a symbolic link; magpie never writes or removes through a link", target.display());
+    match target.symlink_metadata() {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            anyhow::bail!("{}: is a symbolic link; magpie never writes or removes through a link", target.display())
         }
-        if meta.is_dir() {
-            remove_finished_dir(target)?;
-        }
+        // The old output moves aside, the new one takes its name, then the old one goes.
+        Ok(meta) if meta.is_dir() => Removal::of_finished(target, true)?.execute_replacing(Some(tmp))?,
+        _ => std::fs::rename(tmp, target).with_context(|| format!("{}: cannot rename into place", target.display()))?,
     }
-    std::fs::rename(tmp, target).with_context(|| format!("{}: cannot rename into place", target.display()))?;
     sweep_temporaries_of(target);
     Ok(())
 }
@@ -70,6 +68,7 @@ pub fn write_dir(target: &Path, kind: &str, provenance: &Provenance, fill: impl 
 
 #[cfg(test)]
 mod tests {
+    use super::guard::Existing;
     use super::*;
     use std::path::PathBuf;
 
@@ -138,6 +137,16 @@ mod tests {
         assert!(write_dir(&out, "model", &provenance(), |_| Ok(())).is_err());
         assert_eq!(std::fs::read(out.join("notes.txt")).unwrap(), b"mine");
         assert!(out.join("b.bin").is_file() && out.join(MANIFEST).is_file());
+    }
+
+    #[test]
+    fn overwrite_refuses_a_user_file_deep_inside_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        write_dir(&out, "eval", &provenance(), |tmp| write_dir(&tmp.join("model"), "model", &provenance(), |m| Ok(std::fs::write(m.join("w.bin"), b"w")?))).unwrap();
+        std::fs::write(out.join("model/notes.txt"), b"mine").unwrap();
+        let error = check(&out, &[], &rules(true)).unwrap_err().to_string();
+        assert!(error.contains("model/notes.txt"), "{error}");
     }
 
     #[test]
