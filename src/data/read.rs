@@ -30,14 +30,14 @@ pub struct Dataset {
 /// its manifest.
 pub fn resolve(spec: &str) -> Result<Vec<PathBuf>> {
     let files = resolve_files(spec)?;
-    let mut folders: Vec<PathBuf> = files.iter().map(|f| f.parent().map(Path::to_path_buf).unwrap_or_default()).collect();
+    // A bare file name's folder is `.`.
+    let folder_of = |f: &Path| f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let mut folders: Vec<PathBuf> = files.iter().map(|f| folder_of(f)).collect();
     folders.dedup();
     for folder in &folders {
-        let folder = if folder.as_os_str().is_empty() { Path::new(".") } else { folder.as_path() };
         if let Some(manifest) = crate::run::require_finished(folder)? {
             let listed: std::collections::HashSet<&str> = manifest.files.iter().map(|f| f.path.as_str()).collect();
-            let parent_of = |f: &Path| f.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-            for file in files.iter().filter(|f| parent_of(f) == folder) {
+            for file in files.iter().filter(|f| &folder_of(f) == folder) {
                 let name = file.file_name().unwrap_or_default().to_string_lossy();
                 if !listed.contains(name.as_ref()) {
                     bail!("{}: not listed in {}; the output was changed after magpie wrote it", file.display(), folder.join(crate::run::MANIFEST).display());

@@ -104,7 +104,7 @@ impl RunDir {
         let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
         let shown = dir.display();
         // A damaged claim cannot block replacing a finished output: it is not read then.
-        let replacing_finished = existing == Existing::Finished && overwrite && resuming != Resuming::OnFlag(true);
+        let replacing_finished = existing == Existing::Finished && overwrite;
         let earlier = if existing == Existing::Nothing || replacing_finished { None } else { read_claim(dir)? };
         let differing = earlier.as_ref().map(|claim| {
             let mut keys = vec![];

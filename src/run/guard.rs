@@ -131,9 +131,10 @@ pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existin
     if let Some(manifest) = Manifest::read(target)? {
         let listed = manifest.top_level_names();
         foreign(&|n| listed.contains(n))?;
-        if rules.overwrite {
+        if rules.overwrite && rules.resumable.is_none() {
             // What the replacement would remove is planned now, so a refusal (a link, a user's
-            // file deep inside) comes before the work, not after it.
+            // file deep inside) comes before the work, not after it. Resumable stages plan their
+            // own removal (`RunDir::prepare`).
             Removal::of_finished(target, true)?;
         }
         if rules.overwrite || rules.resumable.is_some() {

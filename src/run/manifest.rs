@@ -33,6 +33,11 @@ pub fn is_marker(name: &str) -> bool {
     [MANIFEST, RUN_CLAIM, LEGACY_MANIFEST, LEGACY_RUN_CLAIM].contains(&name)
 }
 
+/// Whether `name` is a run claim (current or legacy name).
+pub fn is_claim(name: &str) -> bool {
+    name == RUN_CLAIM || name == LEGACY_RUN_CLAIM
+}
+
 /// The manifest file in `dir`, if there is one (the current name first).
 pub fn manifest_path(dir: &Path) -> Option<PathBuf> {
     [MANIFEST, LEGACY_MANIFEST].iter().map(|name| dir.join(name)).find(|p| p.symlink_metadata().is_ok())
@@ -153,6 +158,9 @@ impl Manifest {
     /// its folder is refused, naming the entry: nothing may act on it.
     pub fn read(dir: &Path) -> Result<Option<Manifest>> {
         let Some(path) = manifest_path(dir) else { return Ok(None) };
+        if dir.join(LEGACY_MANIFEST).symlink_metadata().is_ok() && path != dir.join(LEGACY_MANIFEST) {
+            bail!("{}: holds two manifests ({MANIFEST} and {LEGACY_MANIFEST}); remove the stale one by hand", dir.display());
+        }
         if path.symlink_metadata().is_ok_and(|m| !m.is_file()) {
             bail!("{}: not a regular file (a link or a folder), so not a manifest magpie wrote; remove it by hand", path.display());
         }

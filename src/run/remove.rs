@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::manifest::{is_marker, manifest_path, Manifest};
+use super::manifest::{is_claim, is_marker, manifest_path, Manifest};
 use super::temp::{is_temporary, temporary_sibling};
 
 /// Everything one replacement removes.
@@ -49,11 +49,6 @@ fn foreign(path: &Path, why: &str) -> anyhow::Error {
     anyhow::anyhow!("{}: {why}; refusing to remove anything (move it out of the way, or choose another output)", path.display())
 }
 
-/// Whether `name` is a run claim (current or legacy name), exactly.
-fn is_claim(name: &str) -> bool {
-    is_marker(name) && name.contains("magpie-run")
-}
-
 impl Removal {
     /// What replacing the finished output in `dir` removes: what its manifest lists, nested
     /// outputs through their own manifests, and the manifest; with `whole`, `dir` itself.
@@ -77,10 +72,6 @@ impl Removal {
             return Ok(removal);
         };
         removal.manifest = manifest_path(dir);
-        let markers: Vec<String> = std::fs::read_dir(dir).into_iter().flatten().flatten().map(|e| e.file_name().to_string_lossy().to_string()).filter(|n| is_marker(n) && !is_claim(n)).collect();
-        if markers.len() > 1 {
-            return Err(foreign(dir, &format!("holds two manifests ({}); remove the stale one by hand", markers.join(", "))));
-        }
         // Every folder this removal empties, and the paths each may hold.
         let mut expected: BTreeSet<PathBuf> = BTreeSet::new();
         let mut folders: BTreeSet<PathBuf> = BTreeSet::from([dir.to_path_buf()]);
