@@ -38,9 +38,8 @@ use step::Step;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct FilterArgs {
-    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
-    #[arg(long, value_name = "FILE.yaml")]
-    pub recipe: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: crate::flags::OutputFlags,
 
     /// Input dataset(s): parquet files, directories of parts, or globs.
     #[arg(long, short, required = true)]
@@ -55,13 +54,10 @@ pub struct FilterArgs {
     #[arg(long, value_parser = parse_steps)]
     pub steps: Option<Steps>,
 
-    /// Where to write the JSON report (default: beside the output, `<output>.report.json`).
+    /// Where to write the JSON report (default: beside the output, `<output>.report.json`);
+    /// --overwrite replaces an earlier report of ours there.
     #[arg(long)]
     pub report: Option<PathBuf>,
-
-    /// Replace an earlier magpie output (and report) at --output (only what magpie wrote there).
-    #[arg(long)]
-    pub overwrite: bool,
 }
 
 /// One step of a recipe's `steps` list: its name under `step`, and its own config's fields.
@@ -125,37 +121,56 @@ fn distributions(output: &Path) -> Result<Value> {
     Ok(json!(counts))
 }
 
+/// What a filter run does, read once from its flags: the steps (at least one), where the
+/// dataset and the report go.
+pub struct FilterPlan<'a> {
+    pub inputs: &'a [String],
+    pub output: &'a Path,
+    pub steps: Steps,
+    /// The JSON report: `--report`, else `<output>.report.json` beside the output.
+    pub report: PathBuf,
+    pub overwrite: bool,
+}
+
+impl FilterArgs {
+    pub fn plan(&self) -> Result<FilterPlan<'_>> {
+        let Some(steps) = self.steps.clone().filter(|s| !s.is_empty()) else {
+            bail!("no filter steps: give `steps` in a recipe (see recipes/*-filter.yaml) or --steps JSON");
+        };
+        let report = self.report.clone().unwrap_or_else(|| {
+            let mut name = self.output.file_name().unwrap_or_default().to_os_string();
+            name.push(".report.json");
+            self.output.with_file_name(name)
+        });
+        Ok(FilterPlan { inputs: &self.input, output: &self.output, steps, report, overwrite: self.run.overwrite })
+    }
+}
+
 pub fn run(args: &FilterArgs) -> Result<()> {
-    let Some(configs) = args.steps.clone().filter(|s| !s.is_empty()) else {
-        bail!("no filter steps: give `steps` in a recipe (see recipes/*-filter.yaml) or --steps JSON");
-    };
-    let steps = configs.into_iter().map(StepConfig::build).collect::<Result<Vec<_>>>()?;
-    let input = Dataset::open(&args.input)?;
+    let plan = args.plan()?;
+    let steps = plan.steps.iter().cloned().map(StepConfig::build).collect::<Result<Vec<_>>>()?;
+    let input = Dataset::open(plan.inputs)?;
     let rows_in = input.num_rows;
-    let report_path = args.report.clone().unwrap_or_else(|| {
-        let mut name = args.output.file_name().unwrap_or_default().to_os_string();
-        name.push(".report.json");
-        args.output.with_file_name(name)
-    });
+    let report_path = &plan.report;
     let mut inputs = input.files.clone();
-    inputs.extend(args.input.iter().map(PathBuf::from).filter(|p| p.is_dir()));
-    run::check(&args.output, &inputs, &Rules { overwrite: args.overwrite, resumable: None })?;
-    check_report_path(&report_path, &inputs, args.overwrite)?;
-    let provenance = Provenance::new("filter", json!({ "input": args.input, "steps": args.steps }));
-    let (staged, step_reports) = step::run(input, steps, &args.output, &provenance)?;
+    inputs.extend(plan.inputs.iter().map(PathBuf::from).filter(|p| p.is_dir()));
+    run::check(plan.output, &inputs, &Rules { overwrite: plan.overwrite, resumable: None })?;
+    check_report_path(report_path, &inputs, plan.overwrite)?;
+    let provenance = Provenance::new("filter", json!({ "input": plan.inputs, "steps": plan.steps }));
+    let (staged, step_reports) = step::run(input, steps, plan.output, &provenance)?;
     let rows_out = step_reports.last().and_then(|r| r["rows_out"].as_u64()).unwrap_or(rows_in);
     let report = json!({
-        "tool": run::tool(), "input": args.input, "output": args.output, "rows_in": rows_in, "rows_out": rows_out,
+        "tool": run::tool(), "input": plan.inputs, "output": plan.output, "rows_in": rows_in, "rows_out": rows_out,
         "steps": step_reports, "distributions": distributions(staged.path())?,
     });
     // The report first, then the dataset: a failure at either leaves no finished-looking output.
     let text = serde_json::to_string_pretty(&report)?;
-    run::write_atomically(&report_path, text.as_bytes()).with_context(|| format!("{}: cannot write the report", report_path.display()))?;
+    run::write_atomically(report_path, text.as_bytes()).with_context(|| format!("{}: cannot write the report", report_path.display()))?;
     if let Err(e) = staged.commit() {
-        let _ = std::fs::remove_file(&report_path);
+        let _ = std::fs::remove_file(report_path);
         return Err(e);
     }
-    println!("filter: {rows_in} rows in, {rows_out} rows out -> {}", args.output.display());
+    println!("filter: {rows_in} rows in, {rows_out} rows out -> {}", plan.output.display());
     for step in report["steps"].as_array().into_iter().flatten() {
         println!("  {:<14} {:>8} -> {:<8} {}", step["step"].as_str().unwrap_or(""), step["rows_in"], step["rows_out"], compact(step));
     }

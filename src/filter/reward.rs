@@ -32,12 +32,12 @@ pub struct RewardScoresConfig {
     /// Conversations scored together.
     pub batch_size: usize,
     /// cpu, cuda, cuda:N or auto.
-    pub device: String,
+    pub device: crate::flags::DeviceChoice,
 }
 
 impl Default for RewardScoresConfig {
     fn default() -> Self {
-        RewardScoresConfig { reward_model: None, max_length: 2048, batch_size: 8, device: "auto".into() }
+        RewardScoresConfig { reward_model: None, max_length: 2048, batch_size: 8, device: crate::flags::DeviceChoice::Auto }
     }
 }
 
@@ -53,7 +53,7 @@ impl RewardScores {
         let Some(reward_model) = config.reward_model else {
             anyhow::bail!("reward_scores: `reward_model` is required (a LlamaForSequenceClassification directory)");
         };
-        let device = crate::model::parse_device(&config.device)?;
+        let device = config.device.resolve(None)?;
         let model = RewardModel::load(&reward_model, config.max_length, config.batch_size, device)?;
         Ok(RewardScores { model, scored: 0, pairs: 0, ties: 0 })
     }
@@ -172,7 +172,7 @@ mod tests {
     fn rewards_pick_the_highest_and_lowest_response_and_count_ties() {
         let dir = tempfile::tempdir().unwrap();
         tiny_reward_model(dir.path());
-        let mut step = RewardScores::new(RewardScoresConfig { reward_model: Some(dir.path().join("tiny-rm")), max_length: 512, batch_size: 4, device: "cpu".into() }).unwrap();
+        let mut step = RewardScores::new(RewardScoresConfig { reward_model: Some(dir.path().join("tiny-rm")), max_length: 512, batch_size: 4, device: crate::flags::DeviceChoice::Cpu }).unwrap();
         let samples = ["Paris is the capital.", "I do not know.", "It is Lyon, obviously!"];
         let mut responses = ListBuilder::new(arrow::array::StringBuilder::new());
         responses.append_value(samples.iter().map(|s| Some(*s)));

@@ -39,12 +39,12 @@ pub struct SemanticDedupConfig {
     /// Drop the duplicates (false: keep them, marked).
     pub drop: bool,
     /// Where the encoder runs: cpu, cuda, cuda:N or auto (the kNN runs on the CPU).
-    pub device: String,
+    pub device: crate::flags::DeviceChoice,
 }
 
 impl Default for SemanticDedupConfig {
     fn default() -> Self {
-        SemanticDedupConfig { model: None, k: 500, drop: true, device: "cpu".into() }
+        SemanticDedupConfig { model: None, k: 500, drop: true, device: crate::flags::DeviceChoice::Cpu }
     }
 }
 
@@ -64,7 +64,7 @@ pub struct SemanticDedup {
 impl SemanticDedup {
     pub fn new(config: SemanticDedupConfig) -> Result<Self> {
         let model = config.model.unwrap_or_else(crate::home::default_embedding_model);
-        let device = crate::model::parse_device(&config.device)?;
+        let device = config.device.resolve(None)?;
         Ok(SemanticDedup { encoder: SentenceEncoder::load(&model, device)?, k: config.k, duplicates: Duplicates::new(config.drop), embeddings: vec![], uuids: vec![], results: vec![], applied: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
     }
 }

@@ -96,9 +96,10 @@ fn flash_varlen(query: &Tensor, key: &Tensor, value: &Tensor, cu_seqlens: &Tenso
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
-/// Whether varlen flash attention runs on `device` in `kind`: tried once on a tiny input (the
-/// kernel needs an sm80+ GPU); where it does not, packed rows fall back to SDPA with a mask, and
-/// the first failure is printed.
+/// Whether varlen flash attention runs on `device` in `kind`, forward and backward: tried once
+/// on a tiny input (the kernel needs an sm80+ GPU), so a failing backward cannot stop a training
+/// step later; where it does not run, packed rows fall back to SDPA with a mask, and the first
+/// failure is printed.
 fn flash_runs_on(device: Device, kind: Kind) -> bool {
     static CHECKED: Mutex<Vec<(Device, Kind, bool)>> = Mutex::new(vec![]);
     if !device.is_cuda() {
@@ -108,10 +109,11 @@ fn flash_runs_on(device: Device, kind: Kind) -> bool {
     if let Some(&(_, _, runs)) = checked.iter().find(|(d, k, _)| *d == device && *k == kind) {
         return runs;
     }
-    let x = Tensor::ones([4, 2, 8], (kind, device));
+    let x = Tensor::ones([4, 2, 8], (kind, device)).set_requires_grad(true);
     let cu = Tensor::from_slice(&[0i32, 1, 4]).to_device(device);
-    let runs = match tch::no_grad(|| flash_varlen(&x, &x, &x, &cu, 3)) {
-        Ok(_) => true,
+    let forward_and_backward = || -> Result<()> { Ok(flash_varlen(&x, &x, &x, &cu, 3)?.sum(Kind::Float).f_backward()?) };
+    let runs = match forward_and_backward() {
+        Ok(()) => true,
         Err(e) => {
             eprintln!("warning: {e:#}; packed rows use SDPA with a document mask instead");
             false

@@ -16,9 +16,8 @@ use crate::model::gguf;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ConvertArgs {
-    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
-    #[arg(long, value_name = "FILE.yaml")]
-    pub recipe: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: crate::flags::OutputFlags,
 
     /// GGUF file to convert (llama architecture). Defaults to the embedded SmolLM2.
     #[arg(long)]
@@ -28,10 +27,6 @@ pub struct ConvertArgs {
     /// output with --overwrite.
     #[arg(long, short)]
     pub output: PathBuf,
-
-    /// Replace an earlier magpie output at --output (only the files its manifest lists).
-    #[arg(long)]
-    pub overwrite: bool,
 
     /// Make a judge reward model instead (LlamaForSequenceClassification): a chat template that
     /// asks whether the answer is helpful and correct, and a score head equal to the embedding
@@ -49,7 +44,7 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
         Some(path) => path.clone(),
         None => crate::home::default_model(),
     };
-    crate::run::check(&args.output, std::slice::from_ref(&gguf), &crate::run::Rules { overwrite: args.overwrite, resumable: None })?;
+    crate::run::check(&args.output, std::slice::from_ref(&gguf), &crate::run::Rules { overwrite: args.run.overwrite, resumable: None })?;
     convert(&gguf, &args.output, args.judge_reward_head)?;
     eprintln!("magpie convert: {} -> {}", gguf.display(), args.output.display());
     Ok(())

@@ -19,33 +19,13 @@ pub mod pre_query;
 pub mod reward;
 pub mod tokenize;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::Path;
 use tch::{nn, Device, Kind};
 
 pub use hf::ModelDir;
 pub use attention::AttentionMask;
 pub use llama::{Inputs, Llama, LlamaConfig, Weights};
-
-/// `cpu`, `cuda`, `cuda:N` or `auto` (the first CUDA device when libtorch sees one, else CPU).
-pub fn parse_device(text: &str) -> Result<Device> {
-    let cuda = |index: usize| -> Result<Device> {
-        let count = tch::Cuda::device_count() as usize;
-        if index >= count {
-            bail!("--device {text}: libtorch sees {count} CUDA device(s)");
-        }
-        Ok(Device::Cuda(index))
-    };
-    match text {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => cuda(0),
-        "auto" => Ok(Device::cuda_if_available()),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => cuda(index),
-            _ => bail!("--device {other}: expected cpu, cuda, cuda:N or auto"),
-        },
-    }
-}
 
 /// A model with the store that owns its weights.
 pub struct Loaded {

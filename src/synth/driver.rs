@@ -6,26 +6,25 @@ use super::answer::{self, InputRows};
 use super::checkpoint::{Checkpoint, Opened};
 use super::pipeline::{Stats, Synthesizer};
 use super::rows;
-use super::{Shard, SynthArgs};
-use crate::engine::{self, lookup as model, EngineOptions};
+use super::{Shard, SynthPlan};
+use crate::engine::{self, lookup as model};
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::Path;
 use std::time::Instant;
 
 /// The whole `magpie synth` run for this shard.
-pub fn run(args: &SynthArgs, output: &Path, shard: Shard) -> Result<()> {
+pub fn run(plan: &SynthPlan) -> Result<()> {
+    let (args, output, shard) = (plan.flags, plan.output.as_path(), plan.shard);
     let info = model::resolve(args.model.as_deref())?;
-    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let options = EngineOptions::new(args.engine, args.batch_size, threads, args.kv_tokens, args.gpu_memory_utilization);
-    let engine = engine::open(&info.path, &options)?;
+    let engine = engine::open(&info.path, &plan.engine)?;
     let mut synth = Synthesizer::new(args, &info, engine)?;
-    let source = if args.input.is_empty() { None } else { Some(InputRows::read(&args.input)?) };
+    let source = if plan.answer.is_empty() { None } else { Some(InputRows::read(plan.answer)?) };
     let mut inputs = vec![info.path.clone()];
     inputs.extend(source.iter().flat_map(|s| s.files().iter().cloned()));
     let input_files = source.as_ref().map(InputRows::identity);
     let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args, "input_files": input_files });
-    let checkpoint = match Checkpoint::open(output, &inputs, &settings, args.overwrite)? {
+    let checkpoint = match Checkpoint::open(output, &inputs, &settings, args.run.overwrite)? {
         Opened::Run(checkpoint) => checkpoint,
         Opened::AlreadyFinished => {
             println!("synth: {} is already finished with these settings; nothing to do", output.display());

@@ -17,16 +17,15 @@ pub mod rows;
 pub mod sanitize;
 
 use anyhow::{bail, Context, Result};
-use crate::engine::EngineChoice;
+use crate::engine::{EngineChoice, EngineOptions};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug, Clone, Serialize)]
 pub struct SynthArgs {
-    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
-    #[arg(long, value_name = "FILE.yaml")]
+    #[command(flatten)]
     #[serde(skip)]
-    pub recipe: Option<PathBuf>,
+    pub run: crate::flags::OutputFlags,
 
     /// Model: a GGUF file or a Hugging Face safetensors directory. Defaults to the embedded
     /// SmolLM2-135M-Instruct GGUF that scripts/setup.sh puts in $MAGPIE_HOME.
@@ -55,13 +54,8 @@ pub struct SynthArgs {
     #[serde(skip)]
     pub output: Option<PathBuf>,
 
-    /// Replace a finished synth output at --output (only the files its manifest lists).
-    #[arg(long)]
-    #[serde(skip)]
-    pub overwrite: bool,
-
     /// Instructions to synthesise (attempts; empty ones are dropped and counted).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = crate::flags::at_least_one)]
     pub num: usize,
 
     /// Instruction sampling temperature.
@@ -216,17 +210,22 @@ fn parse_system_prompts(json: &str) -> Result<SystemPrompts, String> {
     Ok(prompts)
 }
 
+/// What a synth run does, read once from its flags: where it writes, which of the chunks this
+/// process takes, the engine's settings (threads resolved), and whether it harvests new
+/// instructions or answers existing rows. Sampling and template settings are read from the
+/// flags by the pipeline (they are also the recorded settings).
+pub struct SynthPlan<'a> {
+    pub flags: &'a SynthArgs,
+    pub output: PathBuf,
+    pub shard: Shard,
+    pub engine: EngineOptions,
+    /// Empty: harvest `--num` instructions; else the datasets whose rows are answered.
+    pub answer: &'a [String],
+}
+
 impl SynthArgs {
-    fn validate(&self) -> Result<()> {
-        if self.num == 0 {
-            bail!("--num must be at least 1");
-        }
-        if self.turns == 0 {
-            bail!("--turns must be at least 1");
-        }
-        if self.chunk_rows == 0 {
-            bail!("--chunk-rows must be at least 1");
-        }
+    /// The run's plan; every combination the flags cannot make is refused here, naming the flags.
+    pub fn plan(&self) -> Result<SynthPlan<'_>> {
         if self.instructions_only && (self.turns > 1 || self.responses > 0) {
             bail!("--instructions-only cannot be combined with --turns > 1 or --responses");
         }
@@ -236,16 +235,21 @@ impl SynthArgs {
         if !self.input.is_empty() && (self.instructions_only || self.system_prompt.is_some() || self.system_prompts.is_some() || self.sanitize) {
             bail!("--input answers existing instructions: --instructions-only, --system-prompt(s) and --sanitize are for harvesting");
         }
-        Ok(())
+        let output = self.output.clone().context("--output is required: the directory to write parts into")?;
+        if output.extension().is_some_and(|e| e == "parquet") {
+            bail!("{}: synth writes a directory of part files (so it can resume); give a directory", output.display());
+        }
+        let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        Ok(SynthPlan {
+            flags: self,
+            output,
+            shard: Shard::resolve(self.shard)?,
+            engine: EngineOptions::new(self.engine, self.batch_size, threads, self.kv_tokens, self.gpu_memory_utilization),
+            answer: &self.input,
+        })
     }
 }
 
 pub fn run(args: &SynthArgs) -> Result<()> {
-    args.validate()?;
-    let output = args.output.clone().context("--output is required: the directory to write parts into")?;
-    if output.extension().is_some_and(|e| e == "parquet") {
-        bail!("{}: synth writes a directory of part files (so it can resume); give a directory", output.display());
-    }
-    let shard = Shard::resolve(args.shard)?;
-    driver::run(args, &output, shard)
+    driver::run(&args.plan()?)
 }

@@ -1,19 +1,17 @@
-//! The flags every training command takes, named as TRL's `TrainingArguments` names them.
+//! The flags every training command takes, named as TRL's `TrainingArguments` names them. They
+//! are read once, into a [`TrainPlan`](super::plan::TrainPlan), which is what the loop uses.
 
-use anyhow::Result;
 use std::path::PathBuf;
-use tch::{Device, Kind};
 
-use super::distributed::World;
 use super::optim::Schedule;
+use crate::flags::{DeviceChoice, OutputFlags};
 
 /// Flags every training command takes. Names follow TRL's `TrainingArguments`.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct TrainArgs {
-    /// YAML recipe whose keys are these flags' names; flags on the command line override it.
-    #[arg(long, value_name = "FILE.yaml")]
+    #[command(flatten)]
     #[serde(skip)]
-    pub recipe: Option<PathBuf>,
+    pub run: OutputFlags,
 
     /// Base model: a Hugging Face safetensors directory (`magpie convert` makes one from a GGUF).
     #[arg(long)]
@@ -94,8 +92,8 @@ pub struct TrainArgs {
     pub logging_steps: usize,
 
     /// cpu, cuda, cuda:N, or auto (the first CUDA device when libtorch sees one).
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    #[arg(long, default_value = "auto", value_parser = crate::flags::device)]
+    pub device: DeviceChoice,
 
     /// Mixed precision as DeepSpeed and FSDP do it: bf16 weights for compute, fp32 master
     /// weights and fp32 Adam moments in the optimizer.
@@ -127,34 +125,13 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
-
-    /// Replace a finished (or start an unfinished) run at --output over again; only what magpie
-    /// wrote there is removed.
-    #[arg(long)]
-    #[serde(skip)]
-    pub overwrite: bool,
 }
-
-impl TrainArgs {
-    pub fn device(&self) -> Result<Device> {
-        crate::model::parse_device(&self.device)
-    }
-
-    /// The ranks training together (from torchrun's or Slurm's environment) and this rank's device.
-    pub fn world(&self) -> Result<(World, Device)> {
-        World::from_env(&self.device, std::time::Duration::from_secs(self.ddp_timeout))
-    }
-
-    pub fn kind(&self) -> Kind {
-        if self.bf16 { Kind::BFloat16 } else { Kind::Float }
-    }
-}
-
 
 /// Training flags parsed as the command line would parse them, for tests.
 #[cfg(test)]
 pub fn parse_for_test<'a>(argv: impl IntoIterator<Item = &'a str>) -> TrainArgs {
     #[derive(clap::Parser)]
+    #[command(args_override_self = true)]
     struct Cli {
         #[command(flatten)]
         train: TrainArgs,

@@ -19,8 +19,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
-use super::args::TrainArgs;
-use super::distributed::World;
+use super::plan::TrainPlan;
 use super::optim::Optimizer;
 use crate::model::{hf, Loaded};
 use crate::run::{self, Manifest, Prepared, Provenance, Resuming, RunDir};
@@ -32,15 +31,15 @@ fn owns(name: &str) -> bool {
 }
 
 /// The settings a checkpoint must agree with to be resumed.
-pub fn settings(args: &TrainArgs, extra: &Value) -> Value {
-    json!({"train": args, "objective": extra})
+pub fn settings(plan: &TrainPlan, extra: &Value) -> Value {
+    json!({"train": plan.flags, "objective": extra})
 }
 
 /// Before anything is loaded: the output against the inputs, `--resume` and `--overwrite`, and
 /// what is already there (its claim's settings against this run's `extra` objective settings).
 /// What `--overwrite` replaces is planned now and removed when training starts.
-pub fn prepare_output(args: &TrainArgs, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Prepared> {
-    RunDir::prepare(&args.output, inputs, stage, &settings(args, extra), owns, args.overwrite, Resuming::OnFlag(args.resume))
+pub fn prepare_output(plan: &TrainPlan, stage: &str, extra: &Value, inputs: &[PathBuf]) -> Result<Prepared> {
+    RunDir::prepare(&plan.output, inputs, stage, &settings(plan, extra), owns, plan.overwrite, Resuming::OnFlag(plan.checkpoints.resume))
 }
 
 /// After the final model and plots: removes what interrupted runs left and writes the manifest.
@@ -72,9 +71,10 @@ fn shard_staging(output: &Path, step: usize, rank: usize) -> PathBuf {
 
 /// Writes `checkpoint-{step}` atomically (every rank's optimizer shard in it), then drops the
 /// oldest past `save_total_limit`. Every rank calls it.
-pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs, provenance: &Provenance, world: &World) -> Result<()> {
+pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, plan: &TrainPlan, provenance: &Provenance) -> Result<()> {
+    let (world, output) = (&plan.world, &plan.output);
     if !world.is_main() {
-        let staging = shard_staging(&args.output, step, world.rank);
+        let staging = shard_staging(output, step, world.rank);
         run::remove_temporary(&staging);
         std::fs::create_dir_all(&staging).with_context(|| format!("{}: cannot create", staging.display()))?;
         opt.save(&staging)?;
@@ -82,26 +82,26 @@ pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs,
         return world.barrier(); // checkpoint committed
     }
     world.barrier()?;
-    let dir = args.output.join(format!("checkpoint-{step}"));
+    let dir = output.join(format!("checkpoint-{step}"));
     run::write_dir(&dir, "checkpoint", provenance, |tmp| {
         hf::write_model_files(&loaded.vs, &loaded.dir, tmp)?;
         opt.save(tmp)?;
         for rank in 1..world.size {
-            let staging = shard_staging(&args.output, step, rank);
+            let staging = shard_staging(output, step, rank);
             for entry in std::fs::read_dir(&staging).with_context(|| format!("{}: rank {rank}'s optimizer shard is missing", staging.display()))? {
                 let entry = entry?;
                 std::fs::rename(entry.path(), tmp.join(entry.file_name())).with_context(|| format!("{}: cannot move into the checkpoint", entry.path().display()))?;
             }
             run::remove_temporary(&staging);
         }
-        let state = json!({"global_step": step, "optimizer_steps": opt.steps(), "world_size": world.size, "seed": args.seed, "settings": provenance.settings});
+        let state = json!({"global_step": step, "optimizer_steps": opt.steps(), "world_size": world.size, "seed": plan.seed, "settings": provenance.settings});
         let path = tmp.join("trainer_state.json");
         std::fs::write(&path, serde_json::to_string_pretty(&state)?).with_context(|| format!("{}: cannot write", path.display()))
     })?;
     world.barrier()?;
-    if let Some(limit) = args.save_total_limit {
-        let dirs = checkpoint_dirs(&args.output);
-        for (_, old) in dirs.iter().take(dirs.len().saturating_sub(limit.max(1))) {
+    if let Some(keep) = plan.checkpoints.keep {
+        let dirs = checkpoint_dirs(output);
+        for (_, old) in dirs.iter().take(dirs.len().saturating_sub(keep)) {
             run::remove_finished_dir(old)?;
         }
     }
@@ -109,9 +109,9 @@ pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, args: &TrainArgs,
 }
 
 /// Loads the newest checkpoint into the model and optimizer; returns its step.
-pub fn resume(loaded: &Loaded, opt: &mut dyn Optimizer, args: &TrainArgs, want: &Value) -> Result<usize> {
-    let Some((step, dir)) = checkpoint_dirs(&args.output).pop() else {
-        bail!("{}: --resume, but there is no checkpoint-* here", args.output.display());
+pub fn resume(loaded: &Loaded, opt: &mut dyn Optimizer, output: &Path, want: &Value) -> Result<usize> {
+    let Some((step, dir)) = checkpoint_dirs(output).pop() else {
+        bail!("{}: --resume, but there is no checkpoint-* here", output.display());
     };
     // The checkpoint is what its manifest says, hash for hash: small against the run it resumes.
     match Manifest::read(&dir)? {

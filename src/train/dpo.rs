@@ -300,14 +300,16 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         workload: Workload {
             tokens: (2 * train_args.per_device_train_batch_size * args.max_length) as i64,
             reference_model: args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs,
+            micro_batches: train_args.gradient_accumulation_steps,
         },
         also_reads: vec![reference_dir.clone()],
         settings: json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
                          "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
                          "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs}),
     };
-    let summary = driver::run(command, |rows, world, device| {
-        let tokenizer = ChatTokenizer::load(&train_args.model)?;
+    let summary = driver::run(command, |rows, plan| {
+        let (device, dtype) = (plan.device, plan.precision.dtype);
+        let tokenizer = ChatTokenizer::load(&plan.model)?;
         let [train, eval] = rows.splits;
         let (train_pairs, train_dropped) = tokenize_pairs(&tokenizer, &train, args.max_length, args.max_prompt_length)?;
         let (eval_pairs, eval_dropped) = tokenize_pairs(&tokenizer, &eval, args.max_length, args.max_prompt_length)?;
@@ -322,14 +324,14 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
         objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
             (LossType::Simpo, _) => Reference::None,
-            (_, true) => Reference::Precomputed(precomputed_reference(&objective, &objective.pairs, train_args, &reference_dir, device, world)?),
+            (_, true) => Reference::Precomputed(precomputed_reference(&objective, &objective.pairs, plan, &reference_dir)?),
             (_, false) => {
-                let mut reference = load_causal_lm(&reference_dir, device, train_args.kind())?;
+                let mut reference = load_causal_lm(&reference_dir, device, dtype)?;
                 reference.vs.freeze();
                 Reference::Live(reference)
             }
         };
-        let policy = load_causal_lm(&train_args.model, device, train_args.kind())?;
+        let policy = load_causal_lm(&plan.model, device, dtype)?;
         Ok(driver::Built { objective, policy })
     })?;
     let Some(summary) = summary else { return Ok(()) };

@@ -1,19 +1,17 @@
 //! What `magpie sft` and `magpie dpo` share around the loop, in order: `--dry-run`'s memory plan,
-//! the ranks and the device, the seed, the model named, the rows read, the output checked once
+//! the flags read into a plan (the ranks and the device joined), the seed, the model named, the rows read, the output checked once
 //! (before anything is loaded or tokenised), then the objective the stage builds from its rows,
 //! and training. Only the objective differs between the two commands.
 
 use anyhow::Result;
 use serde_json::Value;
 use std::path::PathBuf;
-use tch::Device;
-
 use super::args::TrainArgs;
 use super::checkpoint;
-use super::distributed::World;
 use super::examples::{read_rows, TrainingRows};
 use super::memory::Workload;
 use super::objective::Objective;
+use super::plan::TrainPlan;
 use super::trainer::{self, Summary};
 use crate::model::Loaded;
 
@@ -35,23 +33,24 @@ pub struct Built<O> {
     pub policy: Loaded,
 }
 
-/// Runs `command`; `build` turns the rows into the objective on this rank's device. Returns the
+/// Runs `command`; `build` turns the rows into the objective on the plan's device. Returns the
 /// summary on rank 0, `None` on the other ranks and with `--dry-run`.
-pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &World, Device) -> Result<Built<O>>) -> Result<Option<Summary>> {
+pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &TrainPlan) -> Result<Built<O>>) -> Result<Option<Summary>> {
     let args = command.args;
-    if args.dry_run.is_some() {
-        super::memory::print_plan(args, &command.workload)?;
+    if let Some(processes) = args.dry_run_processes()? {
+        let config = crate::model::ModelDir::open(&args.model)?.config;
+        print!("{}", super::memory::render(&config, args.precision(), args.gradient_checkpointing, processes as i64, &command.workload));
         return Ok(None);
     }
-    let (world, device) = args.world()?;
-    tch::manual_seed(args.seed as i64);
-    crate::model::ModelDir::open(&args.model)?; // a missing model is named before anything else
-    let rows = read_rows(&args.input, command.columns, args.eval_ratio, args.seed)?;
+    let plan = args.plan()?;
+    tch::manual_seed(plan.seed as i64);
+    crate::model::ModelDir::open(&plan.model)?; // a missing model is named before anything else
+    let rows = read_rows(&plan.inputs, command.columns, plan.eval_ratio, plan.seed)?;
     let mut inputs = rows.files.clone();
-    inputs.push(args.model.clone());
+    inputs.push(plan.model.clone());
     inputs.extend(command.also_reads);
-    let output = if world.is_main() { Some(checkpoint::prepare_output(args, command.stage, &command.settings, &inputs)?) } else { None };
-    let built = build(rows, &world, device)?;
-    let summary = trainer::train(&built.objective, &built.policy, args, &world, command.stage, &command.settings, output)?;
-    Ok(world.is_main().then_some(summary))
+    let output = if plan.world.is_main() { Some(checkpoint::prepare_output(&plan, command.stage, &command.settings, &inputs)?) } else { None };
+    let built = build(rows, &plan)?;
+    let summary = trainer::train(&built.objective, &built.policy, &plan, command.stage, &command.settings, output)?;
+    Ok(plan.world.is_main().then_some(summary))
 }

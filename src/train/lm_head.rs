@@ -29,11 +29,13 @@ const CHUNK_LOGITS: i64 = 1 << 27;
 
 /// What the head's loss holds at its peak for `tokens` targets, in bytes (the `--dry-run` plan):
 /// one chunk's f32 logits and their gradient in the weights' dtype, `G_W` in f32 and then in the
-/// weights' dtype, and the targets' hidden states with `G_h`.
+/// weights' dtype, a chunk's `G_W` in the weights' dtype and (below f32) its f32 copy, and the
+/// targets' hidden states with `G_h`.
 pub fn peak_bytes(vocab: i64, hidden: i64, tokens: i64, element: f64) -> f64 {
     let chunk = (CHUNK_LOGITS / vocab).max(1).min(tokens.max(1)) as f64 * vocab as f64;
     let weight = (vocab * hidden) as f64;
-    chunk * (4.0 + element) + weight * (4.0 + element) + 2.0 * (tokens * hidden) as f64 * element
+    let chunk_weight_gradient = element + if element < 4.0 { 4.0 } else { 0.0 };
+    chunk * (4.0 + element) + weight * (4.0 + element + chunk_weight_gradient) + 2.0 * (tokens * hidden) as f64 * element
 }
 
 /// Log-probabilities of a batch's targets, one entry per target, in row-major order.

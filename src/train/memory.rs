@@ -11,8 +11,9 @@
 //! context and allocator slack (a GB or two) come on top.
 
 use crate::model::LlamaConfig;
-use super::args::TrainArgs;
+use super::plan::Precision;
 use super::distributed::zero::BUCKET_ELEMENTS;
+use super::optim::SLICE_ELEMENTS;
 
 /// What one micro-batch of the run holds besides the policy.
 pub struct Workload {
@@ -20,6 +21,8 @@ pub struct Workload {
     pub tokens: i64,
     /// A frozen reference model held beside the policy (DPO without precomputed log-probs).
     pub reference_model: bool,
+    /// Micro-batches per optimizer step (more than one with bf16 keeps f32 gradient sums).
+    pub micro_batches: usize,
 }
 
 /// The trainable parameters of a Llama-family config.
@@ -34,17 +37,18 @@ pub fn parameters(c: &LlamaConfig) -> i64 {
 }
 
 /// Bytes on each rank, by part.
-pub fn plan(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) -> Vec<(&'static str, f64)> {
+pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload) -> Vec<(&'static str, f64)> {
     let n = parameters(c) as f64;
-    let element = if args.bf16 { 2.0 } else { 4.0 };
-    let fp32_state = !args.no_fp32_optimizer_state;
+    let bf16 = precision.dtype == tch::Kind::BFloat16;
+    let element = if bf16 { 2.0 } else { 4.0 };
+    let fp32_state = precision.fp32_state;
     let state_element = if fp32_state { 4.0 } else { element };
-    let master = if args.bf16 && fp32_state || world > 1 { n * state_element } else { 0.0 };
+    let master = if bf16 && fp32_state || world > 1 { n * state_element } else { 0.0 };
     let (h, kv, i) = (c.hidden_size as f64, (c.kv_heads() * c.head_dim()) as f64, c.intermediate_size as f64);
     let per_layer_token = element * (9.0 * h + 4.0 * kv + 4.0 * i);
     let tokens = work.tokens as f64;
     let layers = c.num_hidden_layers as f64;
-    let activations = if args.gradient_checkpointing {
+    let activations = if recompute {
         tokens * (layers * element * h + per_layer_token)
     } else {
         tokens * layers * per_layer_token
@@ -55,9 +59,20 @@ pub fn plan(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) -> V
         ("fp32 master weights", master / world as f64),
         ("Adam moments", 2.0 * n * state_element / world as f64),
     ];
+    let f32_sums = precision.f32_gradient_sums(work.micro_batches);
+    if f32_sums && world == 1 {
+        rows.push(("f32 gradient sums", 4.0 * n));
+    }
     if world > 1 {
-        // One bucket's f32 gradients for the all-reduce and its gather in the weights' dtype.
-        rows.push(("communication buckets", BUCKET_ELEMENTS.min(n as i64) as f64 * (4.0 + element)));
+        // Sharded, micro-batches are reduced one at a time into these (ZeRO-2 style).
+        rows.push(("f32 gradient shards", 4.0 * n / world as f64));
+        // The largest bucket's f32 gradients for the all-reduce and its gather in the weights'
+        // dtype; a parameter larger than a bucket (the embeddings) is a bucket of its own.
+        let largest = BUCKET_ELEMENTS.min(n as i64).max(c.vocab_size * c.hidden_size) as f64;
+        rows.push(("communication buckets", largest * (4.0 + element)));
+    } else if bf16 && fp32_state && !f32_sums {
+        // Gradients converted to f32 for the fused kernel, one slice at a time.
+        rows.push(("optimizer step slices", SLICE_ELEMENTS.min(n as i64) as f64 * 4.0));
     }
     if work.reference_model {
         rows.push(("reference model", n * element));
@@ -68,35 +83,22 @@ pub fn plan(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) -> V
 }
 
 /// The plan as a table, with its total, in GiB.
-pub fn render(c: &LlamaConfig, args: &TrainArgs, world: i64, work: &Workload) -> String {
-    let rows = plan(c, args, world, work);
+pub fn render(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload) -> String {
+    let rows = plan(c, precision, recompute, world, work);
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let mut text = format!(
         "memory plan per rank: {:.2}B parameters, {}, {} tokens a micro-batch, {}{}\n",
         parameters(c) as f64 / 1e9,
         if world > 1 { format!("{world} ranks (optimizer state sharded)") } else { "1 process".to_string() },
         work.tokens,
-        if args.bf16 { "bf16" } else { "f32" },
-        if args.gradient_checkpointing { ", gradient checkpointing" } else { "" }
+        if precision.dtype == tch::Kind::BFloat16 { "bf16" } else { "f32" },
+        if recompute { ", gradient checkpointing" } else { "" }
     );
     for (part, bytes) in &rows {
         text += &format!("  {part:<32} {:>8.2} GiB\n", gib(*bytes));
     }
     text += &format!("  {:<32} {:>8.2} GiB (plus the CUDA context and allocator slack)\n", "total", gib(rows.iter().map(|r| r.1).sum()));
     text
-}
-
-/// With --dry-run: the plan for the work of one micro-batch, printed, for the processes it names
-/// (0: the launcher's world size, else 1).
-pub fn print_plan(args: &TrainArgs, work: &Workload) -> anyhow::Result<()> {
-    let Some(processes) = args.dry_run else { return Ok(()) };
-    let processes = match processes {
-        0 => super::distributed::Launch::from_env()?.map_or(1, |launch| launch.world),
-        n => n,
-    };
-    let config = crate::model::ModelDir::open(&args.model)?.config;
-    print!("{}", render(&config, args, processes as i64, work));
-    Ok(())
 }
 
 #[cfg(test)]
@@ -112,12 +114,21 @@ mod tests {
     #[test]
     fn llama_3_1_8b_has_its_published_parameter_count_and_fits_eight_80gb_gpus_only_sharded() {
         assert_eq!(parameters(&llama_8b()), 8_030_261_248);
-        let args = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16", "--gradient-checkpointing"]);
-        let work = Workload { tokens: 8192, reference_model: false };
-        let total = |world| plan(&llama_8b(), &args, world, &work).iter().map(|r| r.1).sum::<f64>() / 1e9;
-        let (one, eight) = (total(1), total(8));
+        let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
+        let rows = |world, micro_batches| plan(&llama_8b(), precision, true, world, &Workload { tokens: 8192, reference_model: false, micro_batches });
+        let gb = |rows: &[(&str, f64)], part: &str| rows.iter().filter(|r| part.is_empty() || r.0 == part).map(|r| r.1).sum::<f64>() / 1e9;
+        let (one, eight) = (rows(1, 1), rows(8, 1));
         // 16 GB weights + 16 GB gradients + 96 GB fp32 state on one GPU; 12 GB of state each on eight.
-        assert!(one > 80.0 && eight < 75.0, "one GPU {one:.1} GB, eight {eight:.1} GB");
-        assert!((one - eight - 84.0).abs() < 1.0, "sharding saves 7/8 of 96 GB: {one:.1} vs {eight:.1}");
+        assert!(gb(&one, "") > 80.0 && gb(&eight, "") < 75.0, "one GPU {:.1} GB, eight {:.1} GB", gb(&one, ""), gb(&eight, ""));
+        let state = |rows: &[(&str, f64)]| gb(rows, "fp32 master weights") + gb(rows, "Adam moments");
+        assert!((state(&one) - state(&eight) - 84.0).abs() < 1.0, "sharding saves 7/8 of 96 GB: {:.1} vs {:.1}", state(&one), state(&eight));
+        // Sharded: f32 gradient shards (32 GB / 8), and the embedding matrix as a bucket of its own.
+        assert!((gb(&eight, "f32 gradient shards") - 4.0).abs() < 0.1);
+        assert!(gb(&eight, "communication buckets") >= 128_256.0 * 4096.0 * 6.0 / 1e9);
+        // One process converts gradients a slice at a time; with accumulation it keeps f32 sums.
+        assert!((gb(&one, "optimizer step slices") - 1.07).abs() < 0.01);
+        let accumulating = rows(1, 16);
+        assert!((gb(&accumulating, "f32 gradient sums") - 32.1).abs() < 0.1 && gb(&accumulating, "optimizer step slices") == 0.0);
+        assert_eq!(gb(&rows(8, 16), "f32 gradient sums"), 0.0, "sharded runs reduce each micro-batch into the shards instead");
     }
 }

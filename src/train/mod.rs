@@ -1,7 +1,8 @@
 //! `magpie sft` and `magpie dpo`: Llama-family training on libtorch, on the models in
 //! `crate::model` (the decoder, Hugging Face directories, chat tokenisation).
 //!
-//! - `trainer`: the loop SFT and DPO share, over `args` (the flags), `objective`, `batch`,
+//! - `trainer`: the loop SFT and DPO share, over `plan` (the flags read once: `args` into a
+//!   `TrainPlan`), `objective`, `batch`,
 //!   `optim` (AdamW with fp32 master weights, schedules), `checkpoint` (the run's folder,
 //!   checkpoints, resume) and `metrics` (metrics.jsonl and the PNG plots, drawn by `crate::plot`).
 //! - `distributed`: data parallelism over processes (torchrun/Slurm, c10d, ZeRO-1 AdamW).
@@ -27,6 +28,7 @@ pub mod memory;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod plan;
 pub mod reference;
 pub mod sft;
 pub mod trainer;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-use super::args::TrainArgs;
+use super::plan::TrainPlan;
 use super::distributed::World;
 use super::batch::Batch;
 use super::lm_head::target_log_probs;
@@ -120,9 +120,10 @@ pub fn read_cache(path: &Path) -> Result<[Vec<[f64; 2]>; 2]> {
 /// Reference log-probs from the cache, or computed now and cached; `pairs` (the tokenised
 /// data) go into the cache key.
 /// With several ranks the cache is used only when every rank finds it, and rank 0 writes it.
-pub fn precomputed_reference(objective: &dyn Objective, pairs: &impl std::hash::Hash, args: &TrainArgs, reference_dir: &Path, device: Device, world: &World) -> Result<[Vec<[f64; 2]>; 2]> {
+pub fn precomputed_reference(objective: &dyn Objective, pairs: &impl std::hash::Hash, plan: &TrainPlan, reference_dir: &Path) -> Result<[Vec<[f64; 2]>; 2]> {
+    let (device, dtype, world) = (plan.device, plan.precision.dtype, &plan.world);
     let dir = crate::model::ModelDir::open(reference_dir)?;
-    let path = cache_path(&cache_key(pairs, &dir, args.kind(), device)?)?;
+    let path = cache_path(&cache_key(pairs, &dir, dtype, device)?)?;
     let cached = match path.is_file() {
         true => Some(read_cache(&path)?).filter(|c| c[0].len() == objective.len(Split::Train) && c[1].len() == objective.len(Split::Eval)),
         false => None,
@@ -132,8 +133,8 @@ pub fn precomputed_reference(objective: &dyn Objective, pairs: &impl std::hash::
         eprintln!("magpie dpo: reference log-probs from {}", path.display());
         return Ok(cached);
     }
-    let reference = load_causal_lm(reference_dir, device, args.kind())?;
-    let values = compute_reference(objective, &reference.model, args.per_device_train_batch_size, device, world)?;
+    let reference = load_causal_lm(reference_dir, device, dtype)?;
+    let values = compute_reference(objective, &reference.model, plan.schedule.per_device_batch, device, world)?;
     if world.is_main() {
         write_cache(&path, &values)?;
         eprintln!("magpie dpo: reference log-probs computed and cached in {}", path.display());

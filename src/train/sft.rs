@@ -132,13 +132,17 @@ pub fn run(args: &SftArgs) -> Result<()> {
         args: train_args,
         stage: "sft",
         columns: &["messages"],
-        workload: Workload { tokens: (train_args.per_device_train_batch_size * args.max_length) as i64, reference_model: false },
+        workload: Workload {
+            tokens: (train_args.per_device_train_batch_size * args.max_length) as i64,
+            reference_model: false,
+            micro_batches: train_args.gradient_accumulation_steps,
+        },
         also_reads: vec![],
         settings: json!({"max_length": args.max_length, "packing": args.packing}),
     };
-    let summary = driver::run(command, |rows, _world, device| {
-        let loaded = load_causal_lm(&train_args.model, device, train_args.kind())?;
-        let tokenizer = ChatTokenizer::load(&train_args.model)?;
+    let summary = driver::run(command, |rows, plan| {
+        let loaded = load_causal_lm(&plan.model, plan.device, plan.precision.dtype)?;
+        let tokenizer = ChatTokenizer::load(&plan.model)?;
         let [train, eval] = rows.splits.map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
         let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;
         let (eval_docs, eval_dropped) = tokenize(&tokenizer, &eval, args.max_length)?;

@@ -11,6 +11,7 @@ pub mod zero;
 
 use anyhow::{bail, Context, Result};
 use std::time::Duration;
+use crate::flags::DeviceChoice;
 use tch::{Device, Kind, Tensor};
 
 use process_group::ProcessGroup;
@@ -106,16 +107,11 @@ impl World {
 
     /// From the launcher's environment, on `device` (`auto` or `cuda` under a launcher take the
     /// GPU of this process's local rank). Returns the world and the device to train on.
-    pub fn from_env(device: &str, timeout: Duration) -> Result<(World, Device)> {
+    pub fn from_env(device: DeviceChoice, timeout: Duration) -> Result<(World, Device)> {
         let Some(launch) = Launch::from_env()? else {
-            return Ok((World::single(), crate::model::parse_device(device)?));
+            return Ok((World::single(), device.resolve(None)?));
         };
-        let local_gpu = || local_gpu(launch.local_rank, tch::Cuda::device_count().max(0) as usize);
-        let device = match device {
-            "auto" if tch::Cuda::is_available() => crate::model::parse_device(&format!("cuda:{}", local_gpu()))?,
-            "cuda" => crate::model::parse_device(&format!("cuda:{}", local_gpu()))?,
-            other => crate::model::parse_device(other)?,
-        };
+        let device = device.resolve(Some(local_gpu(launch.local_rank, tch::Cuda::device_count().max(0) as usize)))?;
         let group = ProcessGroup::join(&launch.master_addr, launch.master_port, launch.rank, launch.world, device, timeout)?;
         eprintln!("magpie: rank {} of {} on {device:?} ({} at {}:{})", launch.rank, launch.world,
                   if device.is_cuda() { "NCCL" } else { "Gloo" }, launch.master_addr, launch.master_port);

@@ -14,6 +14,10 @@
 //! 4. each bucket's updated chunks are all-gathered in the weights' dtype and copied into the
 //!    weights, so every rank holds the same model.
 //!
+//! With bf16 weights and several micro-batches a step, step 1 runs after every micro-batch and
+//! adds into the f32 chunks instead (ZeRO-2's gradient reduction), so micro-batch gradients are
+//! summed in f32 without a full-size f32 copy on each rank.
+//!
 //! The reduction waits for the backward pass to end (tch exposes no gradient hooks to overlap it).
 
 use anyhow::{bail, Result};
@@ -35,6 +39,9 @@ pub struct ShardedAdamW<'a> {
     /// The trainable weights, sorted by name.
     params: Vec<(String, Tensor)>,
     buckets: Vec<Bucket>,
+    /// Reduce every micro-batch into the f32 gradient shards (ZeRO-2 style), so that bf16
+    /// micro-batch gradients are summed in f32 without a full-size f32 copy on each rank.
+    reduce_each_micro_batch: bool,
 }
 
 /// Consecutive parameters reduced and gathered together, and this rank's chunk of them.
@@ -62,8 +69,10 @@ struct Segment {
 
 impl<'a> ShardedAdamW<'a> {
     /// Over the trainable variables of `vs`; the state is f32 with `fp32_state`, else the
-    /// weights' dtype. `bucket_elements` sizes the buckets ([`BUCKET_ELEMENTS`] in training).
-    pub fn new(vs: &nn::VarStore, weight_decay: f64, fp32_state: bool, group: &'a ProcessGroup, bucket_elements: i64) -> Self {
+    /// weights' dtype. With `f32_sums`, each micro-batch's gradients are reduced and added into
+    /// this rank's f32 gradient shards. `bucket_elements` sizes the buckets ([`BUCKET_ELEMENTS`]
+    /// in training).
+    pub fn new(vs: &nn::VarStore, weight_decay: f64, fp32_state: bool, f32_sums: bool, group: &'a ProcessGroup, bucket_elements: i64) -> Self {
         let params = trainable(vs);
         let mut buckets = vec![];
         let mut start = 0;
@@ -77,7 +86,22 @@ impl<'a> ShardedAdamW<'a> {
             buckets.push(Bucket::new(&params, start..end, fp32_state, group));
             start = end;
         }
-        ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets }
+        ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets, reduce_each_micro_batch: f32_sums }
+    }
+
+    /// Bytes this rank's optimizer holds between steps (gradient shards, master weights, moments)
+    /// and, at most at once, during one (a bucket's reduce and gather buffers).
+    pub fn allocated_bytes(&self) -> (i64, i64) {
+        let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
+        let kept = self.buckets.iter().map(|b| bytes(&b.grad) + bytes(&b.master) + bytes(&b.exp_avg) + bytes(&b.exp_avg_sq)).sum::<i64>();
+        let world = self.group.size as i64;
+        let transient = self.buckets.iter().map(|b| {
+            let weight_kind = self.params[b.params.start].1.kind();
+            let gather = b.chunk * world * weight_kind.elt_size_in_bytes() as i64
+                + if b.master.kind() == weight_kind { 0 } else { b.chunk * weight_kind.elt_size_in_bytes() as i64 };
+            (b.chunk * world * 4).max(gather)
+        });
+        (kept, transient.max().unwrap_or(0))
     }
 
     fn state_file(&self) -> String {
@@ -113,8 +137,9 @@ impl Bucket {
         Bucket { params: range, offsets, chunk, grad: zeros(Kind::Float), exp_avg: zeros(kind), exp_avg_sq: zeros(kind), master, segments }
     }
 
-    /// All-reduces the bucket's gradients and keeps this rank's chunk of the sum.
-    fn reduce(&mut self, params: &[(String, Tensor)], group: &ProcessGroup) -> Result<()> {
+    /// All-reduces the bucket's gradients and keeps this rank's chunk of the sum, or adds it to
+    /// the chunk (`add`: one micro-batch of several).
+    fn reduce(&mut self, params: &[(String, Tensor)], group: &ProcessGroup, add: bool) -> Result<()> {
         let flat = Tensor::zeros([self.chunk * group.size as i64], (Kind::Float, self.grad.device()));
         for ((_, value), &offset) in params[self.params.clone()].iter().zip(&self.offsets) {
             let grad = value.grad();
@@ -123,7 +148,12 @@ impl Bucket {
             }
         }
         group.all_reduce_sum(&flat)?;
-        self.grad.copy_(&flat.narrow(0, group.rank as i64 * self.chunk, self.chunk));
+        let mine = flat.narrow(0, group.rank as i64 * self.chunk, self.chunk);
+        if add {
+            let _ = self.grad.g_add_(&mine);
+        } else {
+            self.grad.copy_(&mine);
+        }
         Ok(())
     }
 
@@ -146,18 +176,36 @@ impl Bucket {
 impl Optimizer for ShardedAdamW<'_> {
     fn zero_grad(&mut self) {
         zero_grads(self.params.iter().map(|(_, value)| value));
+        if self.reduce_each_micro_batch {
+            for bucket in &mut self.buckets {
+                let _ = bucket.grad.zero_();
+            }
+        }
     }
 
-    fn finish_gradients(&mut self, max_norm: f64) -> Result<Tensor> {
+    /// With `f32_sums`: reduces this micro-batch into the gradient shards and zeroes the weights'
+    /// gradients for the next one.
+    fn accumulate(&mut self) -> Result<()> {
+        if !self.reduce_each_micro_batch {
+            return Ok(());
+        }
+        tch::no_grad(|| self.buckets.iter_mut().try_for_each(|bucket| bucket.reduce(&self.params, self.group, true)))?;
+        zero_grads(self.params.iter().map(|(_, value)| value));
+        Ok(())
+    }
+
+    fn finish_gradients(&mut self, max_norm: Option<f64>) -> Result<Tensor> {
         tch::no_grad(|| {
-            for bucket in &mut self.buckets {
-                bucket.reduce(&self.params, self.group)?;
+            if !self.reduce_each_micro_batch {
+                for bucket in &mut self.buckets {
+                    bucket.reduce(&self.params, self.group, false)?;
+                }
             }
             let squares: Vec<Tensor> = self.buckets.iter().map(|b| b.grad.square().sum(Kind::Float)).collect();
             let total = Tensor::stack(&squares, 0).sum(Kind::Float);
             self.group.all_reduce_sum(&total)?;
             let norm = total.sqrt();
-            if max_norm > 0.0 {
+            if let Some(max_norm) = max_norm {
                 let coef = clip_coefficient(&norm, max_norm);
                 for bucket in &mut self.buckets {
                     let _ = bucket.grad.g_mul_(&coef);
@@ -246,8 +294,9 @@ mod tests {
             opt.zero_grad();
             for (i, (_, value)) in params.iter().enumerate() {
                 (value * gradient(value, i, step, rank, world).to_kind(value.kind())).sum(Kind::Float).backward();
+                opt.accumulate().unwrap(); // each weight's backward a micro-batch of its own
             }
-            let _norm = opt.finish_gradients(0.5).unwrap();
+            let _norm = opt.finish_gradients(Some(0.5)).unwrap();
             opt.step(1e-2).unwrap();
         }
         params.into_iter().map(|(_, v)| v.to_kind(Kind::Float)).collect()
@@ -269,19 +318,28 @@ mod tests {
     #[test]
     fn sharded_state_over_two_ranks_equals_the_unsharded_state() {
         let vs = weights(Kind::Float);
-        let mut single = AdamW::new(&vs, 0.1, true);
+        let mut single = AdamW::new(&vs, 0.1, true, false);
         let want = train(&mut single, &vs, 0, 1);
         let state: std::collections::HashMap<String, Tensor> = single.state().into_iter().collect();
         // Buckets of at most 24 elements: [15 + 7] and [16 + 3] elements, so rank 1's chunk of the
         // first bucket starts inside the first parameter and holds all of the second.
         let results = on_two_ranks(29611, |group| {
             let vs = weights(Kind::Float);
-            let mut sharded = ShardedAdamW::new(&vs, 0.1, true, group, 24);
+            let mut sharded = ShardedAdamW::new(&vs, 0.1, true, false, group, 24);
             let got = train(&mut sharded, &vs, group.rank, 2);
             let names: Vec<String> = sharded.params.iter().map(|(n, _)| n.clone()).collect();
             let buckets: Vec<_> = sharded.buckets.iter().map(|b| (names[b.params.clone()].to_vec(), b.chunk, b.exp_avg.copy(), b.exp_avg_sq.copy())).collect();
             (group.rank as i64, got, buckets)
         });
+        let reduced_each_micro_batch = on_two_ranks(29614, |group| {
+            let vs = weights(Kind::Float);
+            train(&mut ShardedAdamW::new(&vs, 0.1, true, true, group, 24), &vs, group.rank, 2)
+        });
+        for got in &reduced_each_micro_batch {
+            for (g, w) in got.iter().zip(&want) {
+                assert!(g.allclose(w, 1e-6, 1e-7, false), "reduced a micro-batch at a time: {g} vs {w}");
+            }
+        }
         for (rank, got, buckets) in &results {
             for (g, w) in got.iter().zip(&want) {
                 assert!(g.allclose(w, 1e-6, 1e-7, false), "weights after 3 steps: {g} vs {w}");
@@ -308,11 +366,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let results = on_two_ranks(29612, |group| {
             let vs = weights(Kind::BFloat16);
-            let mut sharded = ShardedAdamW::new(&vs, 0.0, true, group, 1 << 20);
+            let mut sharded = ShardedAdamW::new(&vs, 0.0, true, false, group, 1 << 20);
             train(&mut sharded, &vs, group.rank, 2);
             sharded.save(dir.path()).unwrap();
             let resumed_vs = weights(Kind::BFloat16);
-            let mut resumed = ShardedAdamW::new(&resumed_vs, 0.0, true, group, 1 << 20);
+            let mut resumed = ShardedAdamW::new(&resumed_vs, 0.0, true, false, group, 1 << 20);
             resumed.load(dir.path(), sharded.steps()).unwrap();
             let same = |a: &Tensor, b: &Tensor| a.equal(b);
             let state_equal = sharded.buckets.iter().zip(&resumed.buckets).all(|(a, b)| same(&a.master, &b.master) && same(&a.exp_avg_sq, &b.exp_avg_sq));
@@ -326,5 +384,27 @@ mod tests {
         assert!(dir.path().join("optimizer-rank1-of-2.safetensors").is_file());
         let err = read_state(dir.path(), "optimizer-rank0-of-4.safetensors").unwrap_err().to_string();
         assert!(err.contains("optimizer-rank0-of-2.safetensors, optimizer-rank1-of-2.safetensors") && err.contains("same number"), "{err}");
+    }
+
+    /// `--dry-run`'s plan covers what two ranks' sharded optimizers really allocate on tiny
+    /// Llama in bf16 with f32 sums: gradient shards, master weights, moments, sums, and the
+    /// largest bucket's reduce or gather buffers.
+    #[test]
+    fn the_memory_plan_covers_what_the_sharded_optimizer_allocates() {
+        use crate::train::memory::{plan, Workload};
+        use crate::train::plan::Precision;
+        let results = on_two_ranks(29613, |group| {
+            let mut loaded = crate::model::tests::tiny("tiny-llama");
+            loaded.vs.set_kind(Kind::BFloat16);
+            let sharded = ShardedAdamW::new(&loaded.vs, 0.0, true, true, group, 4096);
+            (sharded.allocated_bytes(), loaded.dir.config.clone())
+        });
+        let precision = Precision { dtype: Kind::BFloat16, fp32_state: true };
+        let rows = plan(&results[0].1, precision, false, 2, &Workload { tokens: 64, reference_model: false, micro_batches: 4 });
+        let optimizer: f64 = rows.iter().filter(|(part, _)| !matches!(*part, "weights" | "gradients" | "activations" | "vocabulary head (chunked)")).map(|r| r.1).sum();
+        for ((kept, transient), _) in &results {
+            assert!(*kept > 0 && *transient > 0);
+            assert!(optimizer >= (kept + transient) as f64, "planned {optimizer} bytes, allocated {kept} + {transient}: {rows:?}");
+        }
     }
 }
