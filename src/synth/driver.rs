@@ -19,7 +19,7 @@ pub fn run(plan: &SynthPlan) -> Result<()> {
     let info = model::resolve(args.model.as_deref())?;
     let engine = engine::open(&info.path, &plan.engine)?;
     let mut synth = Synthesizer::new(args, &info, engine)?;
-    let source = if plan.answer.is_empty() { None } else { Some(InputRows::read(plan.answer)?) };
+    let source = if args.input.is_empty() { None } else { Some(InputRows::read(&args.input)?) };
     let mut inputs = vec![info.path.clone()];
     inputs.extend(source.iter().flat_map(|s| s.files().iter().cloned()));
     let input_files = source.as_ref().map(InputRows::identity);

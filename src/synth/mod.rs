@@ -212,15 +212,13 @@ fn parse_system_prompts(json: &str) -> Result<SystemPrompts, String> {
 
 /// What a synth run does, read once from its flags: where it writes, which of the chunks this
 /// process takes, the engine's settings (threads resolved), and whether it harvests new
-/// instructions or answers existing rows. Sampling and template settings are read from the
+/// instructions or answers existing rows (`flags.input`). Sampling and template settings are read from the
 /// flags by the pipeline (they are also the recorded settings).
 pub struct SynthPlan<'a> {
     pub flags: &'a SynthArgs,
     pub output: PathBuf,
     pub shard: Shard,
     pub engine: EngineOptions,
-    /// Empty: harvest `--num` instructions; else the datasets whose rows are answered.
-    pub answer: &'a [String],
 }
 
 impl SynthArgs {
@@ -245,7 +243,6 @@ impl SynthArgs {
             output,
             shard: Shard::resolve(self.shard)?,
             engine: EngineOptions::new(self.engine, self.batch_size, threads, self.kv_tokens, self.gpu_memory_utilization),
-            answer: &self.input,
         })
     }
 }

@@ -123,7 +123,7 @@ impl GradientSums {
 }
 
 /// Parameter `i`'s gradient for the update: its f32 sum when `sums` are kept, else `.grad()`.
-pub fn gradient(value: &Tensor, sums: Option<&GradientSums>, i: usize) -> Tensor {
+fn gradient(value: &Tensor, sums: Option<&GradientSums>, i: usize) -> Tensor {
     sums.map_or_else(|| value.grad(), |s| s.get(i))
 }
 
@@ -178,6 +178,7 @@ impl AdamW {
     }
 
     /// The same, converting at most `slice_elements` gradient elements per fused call.
+    #[cfg(test)]
     pub fn with_slices(mut self, slice_elements: i64) -> Self {
         self.slice_elements = slice_elements;
         self

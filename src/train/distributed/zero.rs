@@ -91,6 +91,7 @@ impl<'a> ShardedAdamW<'a> {
 
     /// Bytes this rank's optimizer holds between steps (gradient shards, master weights, moments)
     /// and, at most at once, during one (a bucket's reduce and gather buffers).
+    #[cfg(test)]
     pub fn allocated_bytes(&self) -> (i64, i64) {
         let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
         let kept = self.buckets.iter().map(|b| bytes(&b.grad) + bytes(&b.master) + bytes(&b.exp_avg) + bytes(&b.exp_avg_sq)).sum::<i64>();
