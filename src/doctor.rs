@@ -7,7 +7,16 @@ use anyhow::{bail, Result};
 use std::path::Path;
 
 #[derive(clap::Args, Debug, Clone)]
-pub struct DoctorArgs {}
+pub struct DoctorArgs {
+    /// Also check this OpenAI-compatible server: the models it lists, a one-token completion,
+    /// and whether it takes token-id prompts.
+    #[command(flatten)]
+    pub server: crate::engine::openai::ServerFlags,
+
+    /// With `--base-url`: the local tokenizer of the served model (default: the embedded SmolLM2).
+    #[arg(long, requires = "base_url")]
+    pub model: Option<std::path::PathBuf>,
+}
 
 /// One line of the report.
 #[derive(Debug)]
@@ -35,8 +44,11 @@ impl Check {
     }
 }
 
-pub fn run(_: &DoctorArgs) -> Result<()> {
-    let checks = checks(&home::magpie_home(), &home::cache_dir());
+pub fn run(args: &DoctorArgs) -> Result<()> {
+    let mut checks = checks(&home::magpie_home(), &home::cache_dir());
+    if let Some(server) = args.server.options() {
+        checks.push(server_check(&server, args.model.as_deref()));
+    }
     for check in &checks {
         println!("{} {:<10} {}", if check.ok { "✓" } else { "✗" }, check.name, check.detail);
         if let (false, Some(fix)) = (check.ok, &check.fix) {
@@ -48,6 +60,19 @@ pub fn run(_: &DoctorArgs) -> Result<()> {
         bail!("doctor: {} failed", failed.join(", "));
     }
     Ok(())
+}
+
+/// `--base-url`: connecting runs the engine's own probes (models, a one-token completion as text,
+/// then as token ids).
+fn server_check(server: &crate::engine::openai::ServerOptions, model: Option<&Path>) -> Check {
+    let connected = crate::engine::lookup::resolve(model).and_then(|info| crate::engine::openai::OpenAi::connect(&info.path, server, 1));
+    match connected {
+        Ok(engine) => {
+            let prompts = if engine.takes_token_ids() { "token-id prompts accepted" } else { "token-id prompts refused: text prompts, tokenised by the server" };
+            Check::pass("server", format!("{} serves `{}`; a one-token completion answered; {prompts}", server.base_url, engine.model()))
+        }
+        Err(e) => Check::fail("server", format!("{e:#}"), "check --base-url, --server-model and the key in --api-key-env"),
+    }
 }
 
 /// Every check, with the models looked up in `models` and the cache sized in `cache`.

@@ -1,14 +1,13 @@
 //! Drives the real `magpie` binary: exit codes, error messages and recipe handling as a user
 //! sees them.
 
-use magpie::data::messages::read_turns;
-use magpie::data::{Dataset, Message};
+use magpie::data::Dataset;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{converted_smollm2, embedded_model, fixture, kill_once_exists, magpie, stderr};
+use common::{converted_smollm2, embedded_model, fixture, kill_once_exists, magpie, rows, stderr};
 
 #[test]
 fn inspect_shows_rows_schema_stats_and_samples() {
@@ -163,23 +162,6 @@ fn run_synth(output: &Path, extra: &[&str]) -> Output {
     let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(&args).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     output
-}
-
-/// (uuid, messages) of every row in a synth output, sorted by uuid.
-fn rows(dir: &Path) -> Vec<(String, Vec<Message>)> {
-    let dataset = Dataset::open(&[dir.display().to_string()]).unwrap();
-    let mut rows = vec![];
-    for batch in dataset.batches() {
-        let batch = batch.unwrap();
-        let uuids = batch.column_by_name("uuid").unwrap();
-        let uuids = arrow::array::AsArray::as_string::<i32>(uuids.as_ref());
-        let messages = read_turns(batch.column_by_name("messages").unwrap().as_ref(), "role", "content");
-        for (i, m) in messages.into_iter().enumerate() {
-            rows.push((uuids.value(i).to_string(), m.unwrap()));
-        }
-    }
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
-    rows
 }
 
 #[test]

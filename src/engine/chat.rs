@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use std::path::PathBuf;
 
 use super::lookup as model;
+use super::openai::ServerOptions;
 use super::{Engine, EngineChoice, EngineOptions, Request, Sampling};
 use crate::data::Message;
 use crate::model::chat_template::ChatTemplate;
@@ -20,12 +21,13 @@ pub struct ChatModel {
 }
 
 impl ChatModel {
-    /// Loads `model` (default: the embedded SmolLM2) for greedy answers of at most `max_tokens`.
-    pub fn load(model: Option<PathBuf>, max_tokens: usize, batch_size: usize) -> Result<Self> {
+    /// Loads `model` (default: the embedded SmolLM2) for greedy answers of at most `max_tokens`;
+    /// with a `server`, only its tokenizer and chat template, and the answers come from the server.
+    pub fn load(model: Option<PathBuf>, max_tokens: usize, batch_size: usize, server: Option<ServerOptions>) -> Result<Self> {
         let info = model::resolve(model.as_deref())?;
         let chat = info.chat_template.with_context(|| format!("{}: the model has no chat template", info.path.display()))?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let options = EngineOptions::new(EngineChoice::Auto, batch_size, threads, 65536, super::DEFAULT_GPU_MEMORY_UTILIZATION);
+        let options = EngineOptions::new(EngineChoice::Auto, batch_size, threads, 65536, super::DEFAULT_GPU_MEMORY_UTILIZATION).with_server(server);
         let engine = super::open(&info.path, &options)?;
         let stops = template::derive(&chat, None)?.stops;
         let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens, seed: 0, stop_strings: stops, stop_token_ids: vec![] };

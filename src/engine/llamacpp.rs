@@ -51,6 +51,36 @@ pub fn system_info() -> Result<String> {
     Ok(info.to_string_lossy().trim().to_string())
 }
 
+/// A GGUF's vocabulary without its weights: tokenises prompts that another engine (a server)
+/// runs, exactly as the in-process engine would.
+pub struct Vocabulary {
+    model: LlamaModel,
+}
+
+impl Vocabulary {
+    pub fn load(path: &Path) -> Result<Self> {
+        let params = LlamaModelParams::default().with_vocab_only(true);
+        let model = LlamaModel::load_from_file(backend()?, path, &params)
+            .map_err(|e| anyhow!("{}: llama.cpp could not read this model's vocabulary: {e}", path.display()))?;
+        Ok(Vocabulary { model })
+    }
+
+    /// Special tokens parsed, no BOS added (as `LlamaCpp::tokenize`).
+    pub fn tokenize(&self, text: &str) -> Vec<u32> {
+        tokenize(&self.model, text)
+    }
+
+    /// The text of `ids`, special tokens written out.
+    pub fn detokenize(&self, ids: &[u32]) -> String {
+        let tokens: Vec<LlamaToken> = ids.iter().map(|&id| LlamaToken(id as i32)).collect();
+        String::from_utf8_lossy(&self.model.vocab().detokenize(&tokens, false, true)).into_owned()
+    }
+}
+
+fn tokenize(model: &LlamaModel, text: &str) -> Vec<u32> {
+    model.vocab().tokenize(text.as_bytes(), false, true).into_iter().map(|t| t.0 as u32).collect()
+}
+
 /// Bytes of a GPU as ggml reports them.
 #[derive(Clone, Copy, Debug)]
 struct GpuMemory {
@@ -186,7 +216,7 @@ impl Engine for LlamaCpp {
     }
 
     fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self.model.vocab().tokenize(text.as_bytes(), false, true).into_iter().map(|t| t.0 as u32).collect())
+        Ok(tokenize(&self.model, text))
     }
 
     fn widest_batch(&self) -> usize {

@@ -14,6 +14,7 @@ pub mod chat;
 pub mod llamacpp;
 pub mod lookup;
 pub mod mistralrs;
+pub mod openai;
 
 use anyhow::{bail, Result};
 use serde::Serialize;
@@ -90,6 +91,8 @@ pub enum EngineChoice {
     Auto,
     Mistralrs,
     Llamacpp,
+    /// An OpenAI-compatible server (`--base-url`): vLLM, SGLang, llama.cpp's server.
+    Openai,
 }
 
 /// Sequences decoded together by default (`--max-num-seqs`): vLLM's 256 on a GPU; on CPU, where
@@ -112,6 +115,8 @@ pub struct EngineOptions {
     /// (vLLM's `--gpu-memory-utilization`); the KV cache gets what the weights leave.
     pub gpu_memory_utilization: f64,
     pub cuda: bool,
+    /// The server of the `openai` engine.
+    pub server: Option<openai::ServerOptions>,
 }
 
 impl EngineOptions {
@@ -119,12 +124,27 @@ impl EngineOptions {
     /// a GPU.
     pub fn new(choice: EngineChoice, batch_size: usize, threads: usize, kv_tokens: usize, gpu_memory_utilization: f64) -> Self {
         let cuda = cfg!(feature = "cuda") && tch::Cuda::is_available();
-        EngineOptions { choice, batch_size, threads, kv_tokens, gpu_memory_utilization, cuda }
+        EngineOptions { choice, batch_size, threads, kv_tokens, gpu_memory_utilization, cuda, server: None }
+    }
+
+    /// Generate on `server` (the `openai` engine) when one is given.
+    pub fn with_server(mut self, server: Option<openai::ServerOptions>) -> Self {
+        if server.is_some() {
+            self.choice = EngineChoice::Openai;
+        }
+        self.server = server;
+        self
     }
 }
 
-/// Loads `model` (a GGUF file or a safetensors directory) in the chosen engine.
+/// Loads `model` (a GGUF file or a safetensors directory) in the chosen engine; for the `openai`
+/// engine, only its tokenizer, and connects to the server.
 pub fn open(model: &Path, options: &EngineOptions) -> Result<Box<dyn Engine>> {
+    match (&options.server, options.choice) {
+        (Some(server), _) => return Ok(Box::new(openai::OpenAi::connect(model, server, options.batch_size)?)),
+        (None, EngineChoice::Openai) => bail!("--engine openai needs --base-url, the server to generate on"),
+        (None, _) => {}
+    }
     let is_gguf = model.is_file();
     let choice = match options.choice {
         EngineChoice::Auto if is_gguf && !options.cuda => EngineChoice::Llamacpp,
@@ -234,7 +254,7 @@ mod batch_invariance {
     /// Runs the requests as one batch and one at a time; returns both outputs and the widest
     /// batch each path decoded.
     fn batched_and_alone(choice: EngineChoice) -> (Vec<Completion>, usize, Vec<Completion>, usize) {
-        let options = EngineOptions { choice, batch_size: 16, threads: 2, kv_tokens: 16384, gpu_memory_utilization: 0.9, cuda: false };
+        let options = EngineOptions { choice, batch_size: 16, threads: 2, kv_tokens: 16384, gpu_memory_utilization: 0.9, cuda: false, server: None };
         let mut engine = open(&test_model(), &options).unwrap();
         let requests = requests(engine.as_ref());
         let batched = engine.generate(&requests, &mut |_| {}).unwrap();

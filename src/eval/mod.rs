@@ -19,6 +19,7 @@ use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 use crate::engine::chat::ChatModel;
+use crate::engine::openai::ServerOptions;
 use crate::run::{self, Provenance, Rules};
 use prompts::EvalPrompt;
 use report::{Grade, Pair};
@@ -42,9 +43,27 @@ pub struct EvalArgs {
     #[arg(long)]
     pub baseline_answers: Vec<String>,
 
-    /// The judge model (default: the embedded SmolLM2, a mechanism check only).
+    /// The judge model (default: the embedded SmolLM2, a mechanism check only). With
+    /// `--judge-base-url`, the judge's local tokenizer and chat template.
     #[arg(long)]
     pub judge: Option<PathBuf>,
+
+    /// Judge on this OpenAI-compatible server (vLLM, SGLang, llama.cpp's server); the key,
+    /// timeout and retries are those of `--api-key-env`, `--request-timeout`, `--request-retries`.
+    #[arg(long)]
+    #[serde(skip)]
+    pub judge_base_url: Option<String>,
+
+    /// The judge's model name on its server (default: the first at `/v1/models`).
+    #[arg(long, requires = "judge_base_url")]
+    #[serde(skip)]
+    pub judge_server_model: Option<String>,
+
+    /// The model under test answers on a server (`--base-url`); `--model` is then its local
+    /// tokenizer and chat template. A baseline model answers in-process.
+    #[command(flatten)]
+    #[serde(skip)]
+    pub server: crate::engine::openai::ServerFlags,
 
     /// Eval prompts: datasets with `messages`, `instruction` or MT-Bench's `turns` (default: the
     /// embedded magpie-eval-80 set).
@@ -143,13 +162,14 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     inputs.extend([Some(args.model.clone()), args.baseline.clone(), args.judge.clone()].into_iter().flatten());
     run::check(&args.output, &inputs, &Rules { overwrite: args.run.overwrite, resumable: None })?;
 
-    let (model_name, answers) = answer_with(&args.model, &prompts, args)?;
+    let (model_name, answers) = answer_with(&args.model, &prompts, args, args.server.options())?;
     let baseline = match plan.baseline {
-        Baseline::Model(path) => Some(answer_with(path, &prompts, args)?),
+        Baseline::Model(path) => Some(answer_with(path, &prompts, args, None)?),
         Baseline::Answers(files) => Some(("baseline answers".to_string(), prompts::read_answers(files, &prompts)?)),
         Baseline::None => None,
     };
-    let mut judge = ChatModel::load(args.judge.clone(), args.judge_max_tokens, args.batch_size)?;
+    let judge_server = args.server.server(args.judge_base_url.as_deref(), args.judge_server_model.as_deref());
+    let mut judge = ChatModel::load(args.judge.clone(), args.judge_max_tokens, args.batch_size, judge_server)?;
     eprintln!("magpie eval: judging {} prompts with {}", prompts.len(), judge.name);
     let pairs = match (&baseline, mode) {
         (Some((_, baseline)), Mode::Pairwise | Mode::Both) => Some(judge_pairs(&mut judge, &prompts, &answers, baseline, args.verdict_first)?),
@@ -180,8 +200,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 
 /// The name and answers of `model` for every prompt. The name is the path as given: a trained
 /// model's folder is called `model` inside its run.
-fn answer_with(model: &Path, prompts: &[EvalPrompt], args: &EvalArgs) -> Result<(String, Vec<Vec<String>>)> {
-    let mut chat = ChatModel::load(Some(model.to_path_buf()), args.max_tokens, args.batch_size)?;
+fn answer_with(model: &Path, prompts: &[EvalPrompt], args: &EvalArgs, server: Option<ServerOptions>) -> Result<(String, Vec<Vec<String>>)> {
+    let mut chat = ChatModel::load(Some(model.to_path_buf()), args.max_tokens, args.batch_size, server)?;
     eprintln!("magpie eval: {} ({}) answers {} prompts", model.display(), chat.engine.name(), prompts.len());
     let answers = prompts::generate(&mut chat, prompts)?;
     Ok((model.display().to_string(), answers))

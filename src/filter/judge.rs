@@ -13,6 +13,7 @@ use super::step::Step;
 use super::text::instructions;
 use crate::data::Message;
 use crate::engine::chat::ChatModel as JudgeModel;
+use crate::engine::openai::ServerOptions;
 use anyhow::Result;
 use arrow::array::{ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder};
 use serde::Deserialize;
@@ -103,13 +104,17 @@ pub struct JudgeTagsConfig {
     pub tags: Vec<Tag>,
     /// Most tokens per judge answer.
     pub max_tokens: usize,
-    /// Prompts decoded together.
+    /// Prompts decoded together (requests in flight on a server).
     pub batch_size: usize,
+    /// Judge on an OpenAI-compatible server (`base_url`, `model`, `api_key_env`,
+    /// `request_timeout`, `request_retries`); `judge_model` is then its local tokenizer and
+    /// chat template.
+    pub server: Option<ServerOptions>,
 }
 
 impl Default for JudgeTagsConfig {
     fn default() -> Self {
-        JudgeTagsConfig { judge_model: None, tags: vec![Tag::Quality, Tag::Difficulty, Tag::Category], max_tokens: 256, batch_size: 32 }
+        JudgeTagsConfig { judge_model: None, tags: vec![Tag::Quality, Tag::Difficulty, Tag::Category], max_tokens: 256, batch_size: 32, server: None }
     }
 }
 
@@ -121,7 +126,7 @@ pub struct JudgeTags {
 
 impl JudgeTags {
     pub fn new(config: JudgeTagsConfig) -> Result<Self> {
-        let judge = JudgeModel::load(config.judge_model, config.max_tokens, config.batch_size)?;
+        let judge = JudgeModel::load(config.judge_model, config.max_tokens, config.batch_size, config.server)?;
         Ok(JudgeTags { judge, tags: config.tags, failures: BTreeMap::new() })
     }
 }
@@ -180,6 +185,16 @@ impl Step for JudgeTags {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_judge_server_is_a_block_of_the_flags_keys_and_a_misspelt_key_is_named() {
+        let config: JudgeTagsConfig = serde_yaml::from_str("server: {base_url: 'http://gpu:8000/v1', model: m, request_retries: 2}").unwrap();
+        let server = config.server.unwrap();
+        assert_eq!((server.base_url.as_str(), server.model.as_deref(), server.request_retries), ("http://gpu:8000/v1", Some("m"), 2));
+        assert_eq!((server.api_key_env.as_str(), server.request_timeout), ("OPENAI_API_KEY", 600.0));
+        let error = serde_yaml::from_str::<JudgeTagsConfig>("server: {base_url: x, api_key: secret}").unwrap_err().to_string();
+        assert!(error.contains("unknown field `api_key`"), "{error}");
+    }
 
     #[test]
     fn good_answers_parse_as_json() {

@@ -5,6 +5,7 @@
 //! Answers that are neither are left null and counted.
 
 use crate::engine::chat::ChatModel as JudgeModel;
+use crate::engine::openai::ServerOptions;
 use super::step::Step;
 use super::text::{instructions, responses};
 use crate::data::Message;
@@ -50,13 +51,16 @@ pub struct SafetyTagConfig {
     /// Llama-Guard-style model (its own chat template is used when it has one); default: the
     /// embedded SmolLM2.
     pub guard_model: Option<PathBuf>,
-    /// Prompts decoded together.
+    /// Prompts decoded together (requests in flight on a server).
     pub batch_size: usize,
+    /// Run the guard on an OpenAI-compatible server (the keys of `judge_tags`' `server`);
+    /// `guard_model` is then its local tokenizer and chat template.
+    pub server: Option<ServerOptions>,
 }
 
 impl Default for SafetyTagConfig {
     fn default() -> Self {
-        SafetyTagConfig { guard_model: None, batch_size: 32 }
+        SafetyTagConfig { guard_model: None, batch_size: 32, server: None }
     }
 }
 
@@ -70,7 +74,7 @@ pub struct SafetyTag {
 
 impl SafetyTag {
     pub fn new(config: SafetyTagConfig) -> Result<Self> {
-        let judge = JudgeModel::load(config.guard_model, 16, config.batch_size)?;
+        let judge = JudgeModel::load(config.guard_model, 16, config.batch_size, config.server)?;
         let native = judge.chat.source.contains("UNSAFE CONTENT CATEGORIES");
         Ok(SafetyTag { judge, native, failures: 0, unsafe_rows: 0 })
     }

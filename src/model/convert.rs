@@ -315,7 +315,7 @@ mod tests {
     }
 
     fn llama_cpp() -> LlamaCpp {
-        LlamaCpp::load(&crate::test_support::test_model(), &EngineOptions { choice: EngineChoice::Llamacpp, batch_size: 1, threads: 2, kv_tokens: 4096, gpu_memory_utilization: 0.9, cuda: false }).unwrap()
+        LlamaCpp::load(&crate::test_support::test_model(), &EngineOptions { choice: EngineChoice::Llamacpp, batch_size: 1, threads: 2, kv_tokens: 4096, gpu_memory_utilization: 0.9, cuda: false, server: None }).unwrap()
     }
 
     fn last_logits(dir: &Path, ids: &Tensor) -> Tensor {

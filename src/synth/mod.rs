@@ -32,9 +32,15 @@ pub struct SynthArgs {
     #[arg(long)]
     pub model: Option<PathBuf>,
 
-    /// Generation engine. `auto`: llama.cpp for GGUF on CPU, mistralrs otherwise.
+    /// Generation engine. `auto`: llama.cpp for GGUF on CPU, mistralrs otherwise, `openai`
+    /// when `--base-url` is given.
     #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
     pub engine: EngineChoice,
+
+    /// The server of `--engine openai`.
+    #[command(flatten)]
+    #[serde(skip)]
+    pub server: crate::engine::openai::ServerFlags,
 
     /// Pre-query template: `auto` (derived from the model's chat template), a family (llama3,
     /// llama3.1, llama3.3, qwen2, qwen2.5, smollm2, chatml, gemma, gemma2, phi3, mistral, llama2)
@@ -237,12 +243,20 @@ impl SynthArgs {
         if output.extension().is_some_and(|e| e == "parquet") {
             bail!("{}: synth writes a directory of part files (so it can resume); give a directory", output.display());
         }
+        match (self.engine, &self.server.base_url) {
+            (EngineChoice::Openai, None) => bail!("--engine openai needs --base-url, the server to generate on"),
+            (EngineChoice::Llamacpp | EngineChoice::Mistralrs, Some(_)) => {
+                bail!("--base-url is for --engine openai (or auto); --engine {:?} generates in-process", self.engine)
+            }
+            _ => {}
+        }
         let threads = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         Ok(SynthPlan {
             flags: self,
             output,
             shard: Shard::resolve(self.shard)?,
-            engine: EngineOptions::new(self.engine, self.batch_size, threads, self.kv_tokens, self.gpu_memory_utilization),
+            engine: EngineOptions::new(self.engine, self.batch_size, threads, self.kv_tokens, self.gpu_memory_utilization)
+                .with_server(self.server.options()),
         })
     }
 }

@@ -3,6 +3,8 @@
 // Each test binary uses its own subset of these helpers.
 #![allow(dead_code)]
 
+use magpie::data::messages::read_turns;
+use magpie::data::{Dataset, Message};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -88,3 +90,101 @@ pub fn venv_python() -> PathBuf {
     assert!(python.is_file(), "{}: no python; source scripts/env.sh and run scripts/setup.sh --test", python.display());
     python
 }
+
+/// A child process that is killed and reaped when dropped.
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// True when `GET url` answers with status 200 (plain HTTP on 127.0.0.1).
+pub fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    if stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// llama.cpp's OpenAI-compatible server (`llama-server`, built by scripts/setup.sh --test into
+/// $MAGPIE_LLAMA_SERVER) on `model`, on a free local port, ready to answer; stopped when dropped.
+/// Four slots, each with its own KV stream, flash attention off: the settings of in-process
+/// llama.cpp, so greedy output is the same.
+pub struct LlamaServer {
+    pub process: Background,
+    pub port: u16,
+}
+
+impl LlamaServer {
+    pub fn start(model: &Path) -> Self {
+        let binary = std::env::var_os("MAGPIE_LLAMA_SERVER").map(PathBuf::from).expect("MAGPIE_LLAMA_SERVER is not set: source scripts/env.sh");
+        assert!(binary.is_file(), "{}: no llama-server; run scripts/setup.sh --test", binary.display());
+        let port = free_port();
+        let child = Command::new(binary)
+            .args(["-m", s(model), "--host", "127.0.0.1", "--port", &port.to_string(), "-c", "8192", "-np", "4"])
+            .args(["--no-kv-unified", "-fa", "off", "-t", "2", "-tb", "2", "--no-webui"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start llama-server");
+        let mut process = Background(child);
+        let started = Instant::now();
+        while !http_ok(port, "/v1/models") {
+            assert!(process.0.try_wait().unwrap().is_none(), "llama-server exited before it answered");
+            assert!(started.elapsed() < Duration::from_secs(120), "llama-server did not answer within 120 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        LlamaServer { process, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+}
+
+/// scripts/fault_proxy.py in front of `upstream` with `flags`; returns it and its URL.
+pub fn fault_proxy(upstream: &str, flags: &[&str]) -> (Background, String) {
+    use std::io::BufRead;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fault_proxy.py");
+    let mut child = Command::new(venv_python())
+        .arg(script)
+        .args(["--upstream", upstream.trim_end_matches("/v1")])
+        .args(flags)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start scripts/fault_proxy.py");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("fault_proxy.py printed `{line}`, not a port"));
+    (Background(child), format!("http://127.0.0.1:{port}/v1"))
+}
+
+/// (uuid, messages) of every row in a synth output, sorted by uuid.
+pub fn rows(dir: &Path) -> Vec<(String, Vec<Message>)> {
+    let dataset = Dataset::open(&[dir.display().to_string()]).unwrap();
+    let mut rows = vec![];
+    for batch in dataset.batches() {
+        let batch = batch.unwrap();
+        let uuids = batch.column_by_name("uuid").unwrap();
+        let uuids = arrow::array::AsArray::as_string::<i32>(uuids.as_ref());
+        let messages = read_turns(batch.column_by_name("messages").unwrap().as_ref(), "role", "content");
+        for (i, m) in messages.into_iter().enumerate() {
+            rows.push((uuids.value(i).to_string(), m.unwrap()));
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    rows
+}
+
