@@ -350,6 +350,26 @@ fn filter_demo_recipe_dedups_tags_selects_and_reports_on_magpie_released_data() 
 }
 
 #[test]
+fn filter_rejected_rows_are_a_dataset_that_other_commands_open_and_the_report_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, rejected) = (dir.path().join("kept.parquet"), dir.path().join("rejected"));
+    let input = fixture("magpie-released.parquet");
+    let steps = r#"[{"step": "select", "rules": [{"column": "instruction", "op": "contains", "value": "Python"}]}]"#;
+    let args = ["filter", "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--steps", steps, "--rejected"];
+    let refused = magpie(&[&args[..], &[out.to_str().unwrap()]].concat());
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(stderr(&refused).contains("--rejected must differ from the output"), "{}", stderr(&refused));
+    let output = magpie(&[&args[..], &[rejected.to_str().unwrap()]].concat());
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("kept.parquet.report.json")).unwrap()).unwrap();
+    let (kept, dropped) = (report["rows_out"].as_u64().unwrap(), report["rejected"]["rows"].as_u64().unwrap());
+    assert!(kept > 0 && dropped > 0, "{report}");
+    assert_eq!(kept + dropped, 5);
+    let text = String::from_utf8(magpie(&["inspect", rejected.to_str().unwrap()]).stdout).unwrap();
+    assert!(text.contains(&format!("rows: {dropped}")) && text.contains("drop_reason") && text.contains("source_notes"), "{text}");
+}
+
+#[test]
 fn filter_recipe_with_a_misspelt_step_key_fails_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let recipe = dir.path().join("bad.yaml");

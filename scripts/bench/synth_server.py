@@ -17,6 +17,7 @@ p.add_argument("--base-url", required=True)
 p.add_argument("--num", type=int, default=64)
 p.add_argument("--max-tokens", type=int, default=128)
 p.add_argument("--concurrency", type=int, default=8)
+p.add_argument("--seed", type=int, default=0, help="request i gets seed SEED * NUM + i")
 args = p.parse_args()
 
 
@@ -37,7 +38,7 @@ async def main():
         async with gate:
             out = await client.completions.create(
                 model=model, prompt=prompt, max_tokens=args.max_tokens, temperature=1.0, top_p=1.0, stop=STOPS,
-                seed=i, extra_body={"top_k": -1, "min_p": 0.0, "repeat_penalty": 1.0})
+                seed=args.seed * args.num + i, extra_body={"top_k": -1, "min_p": 0.0, "repeat_penalty": 1.0})
             return out.usage.completion_tokens
 
     start = time.perf_counter()

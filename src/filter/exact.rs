@@ -37,7 +37,7 @@ pub struct ExactDedup {
 
 impl ExactDedup {
     pub fn new(config: ExactDedupConfig) -> Self {
-        ExactDedup { duplicates: Duplicates::new(config.drop), first: HashMap::new(), scanned: 0, applied: 0 }
+        ExactDedup { duplicates: Duplicates::new(config.drop, "exact duplicate", "exact_duplicate_of"), first: HashMap::new(), scanned: 0, applied: 0 }
     }
 }
 
@@ -72,6 +72,10 @@ impl Step for ExactDedup {
         let keep: BooleanArray = duplicate_of.iter().map(|d| Some(d.is_none())).collect();
         let batch = super::step::with_column(batch, "exact_duplicate_of", Arc::new(StringArray::from(duplicate_of)))?;
         self.duplicates.settle(batch, &keep)
+    }
+
+    fn take_rejected(&mut self) -> Option<super::step::Rejected> {
+        self.duplicates.take_rejected()
     }
 
     fn report(&self) -> Value {

@@ -200,7 +200,7 @@ impl MinhashDedup {
         }
         let (bands, rows) = if verify { optimal_bands_weighted(threshold, num_perm, 0.1, 0.9) } else { optimal_bands(threshold, num_perm) };
         Ok(MinhashDedup {
-            ngram, num_perm, bands, rows, threshold, verify, duplicates: Duplicates::new(drop),
+            ngram, num_perm, bands, rows, threshold, verify, duplicates: Duplicates::new(drop, "near duplicate (minhash)", "minhash_cluster"),
             band_hashes: vec![], registers: vec![], uuids: vec![], roots: vec![], applied: 0, clusters: 0,
         })
     }
@@ -261,6 +261,10 @@ impl Step for MinhashDedup {
         let keep: BooleanArray = rows.map(|i| Some(self.roots[i] as usize == i)).collect();
         let batch = super::step::with_column(batch, "minhash_cluster", Arc::new(cluster))?;
         self.duplicates.settle(batch, &keep)
+    }
+
+    fn take_rejected(&mut self) -> Option<super::step::Rejected> {
+        self.duplicates.take_rejected()
     }
 
     fn report(&self) -> Value {

@@ -20,6 +20,7 @@ pub mod exact;
 pub mod heuristics;
 pub mod judge;
 pub mod minhash;
+pub mod rejected;
 pub mod reward;
 pub mod safety;
 pub mod select;
@@ -58,6 +59,12 @@ pub struct FilterArgs {
     /// --overwrite replaces an earlier report of ours there.
     #[arg(long)]
     pub report: Option<PathBuf>,
+
+    /// Also write every dropped row, with all its columns plus `drop_step` and `drop_reason`,
+    /// as a dataset of its own: a `.parquet` file or a folder (datatrove's exclusion writer).
+    /// Output rows plus rejected rows are the input rows.
+    #[arg(long)]
+    pub rejected: Option<PathBuf>,
 }
 
 /// One step of a recipe's `steps` list: its name under `step`, and its own config's fields.
@@ -129,6 +136,8 @@ pub struct FilterPlan<'a> {
     pub steps: Steps,
     /// The JSON report: `--report`, else `<output>.report.json` beside the output.
     pub report: PathBuf,
+    /// `--rejected`: where the dropped rows go.
+    pub rejected: Option<&'a Path>,
     pub overwrite: bool,
 }
 
@@ -142,7 +151,13 @@ impl FilterArgs {
             name.push(".report.json");
             self.output.with_file_name(name)
         });
-        Ok(FilterPlan { inputs: &self.input, output: &self.output, steps, report, overwrite: self.run.overwrite })
+        if let Some(rejected) = &self.rejected {
+            let same = |a: &Path, b: &Path| std::path::absolute(a).ok() == std::path::absolute(b).ok();
+            if same(rejected, &self.output) || same(rejected, &report) {
+                bail!("{}: --rejected must differ from the output and the report", rejected.display());
+            }
+        }
+        Ok(FilterPlan { inputs: &self.input, output: &self.output, steps, report, rejected: self.rejected.as_deref(), overwrite: self.run.overwrite })
     }
 }
 
@@ -154,19 +169,33 @@ pub fn run(args: &FilterArgs) -> Result<()> {
     let report_path = &plan.report;
     let mut inputs = input.files.clone();
     inputs.extend(plan.inputs.iter().map(PathBuf::from).filter(|p| p.is_dir()));
-    run::check(plan.output, &inputs, &Rules { overwrite: plan.overwrite, resumable: None })?;
+    let rules = Rules { overwrite: plan.overwrite, resumable: None };
+    run::check(plan.output, &inputs, &rules)?;
     check_report_path(report_path, &inputs, plan.overwrite)?;
+    if let Some(rejected) = plan.rejected {
+        run::check(rejected, &[inputs.clone(), vec![plan.output.to_path_buf()]].concat(), &rules)?;
+    }
     let provenance = Provenance::new("filter", json!({ "input": plan.inputs, "steps": plan.steps }));
-    let (staged, step_reports) = step::run(input, steps, plan.output, &provenance)?;
+    let finished = step::run(input, steps, plan.output, plan.rejected, &provenance)?;
+    let step_reports = finished.reports;
     let rows_out = step_reports.last().and_then(|r| r["rows_out"].as_u64()).unwrap_or(rows_in);
-    let report = json!({
+    let mut report = json!({
         "tool": run::tool(), "input": plan.inputs, "output": plan.output, "rows_in": rows_in, "rows_out": rows_out,
-        "steps": step_reports, "distributions": distributions(staged.path())?,
+        "steps": step_reports, "distributions": distributions(finished.output.path())?,
     });
-    // The report first, then the dataset: a failure at either leaves no finished-looking output.
+    if let (Some(path), Some(rejected)) = (plan.rejected, &finished.rejected) {
+        report["rejected"] = json!({ "path": path, "rows": rejected.rows });
+    }
+    // The report first, then the rejected rows, then the dataset: a failure at any step leaves
+    // no finished-looking output.
     let text = serde_json::to_string_pretty(&report)?;
     run::write_atomically(report_path, text.as_bytes()).with_context(|| format!("{}: cannot write the report", report_path.display()))?;
-    if let Err(e) = staged.commit() {
+    let committed = match finished.rejected {
+        Some(rejected) => rejected.commit().map(|_| ()),
+        None => Ok(()),
+    }
+    .and_then(|()| finished.output.commit().map(|_| ()));
+    if let Err(e) = committed {
         let _ = std::fs::remove_file(report_path);
         return Err(e);
     }
@@ -224,9 +253,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "in.parquet", &input);
         let output = dir.path().join("out.parquet");
-        let (staged, report) = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(json), &output, &Provenance::new("test", ())).unwrap();
-        staged.commit().unwrap();
-        (read_all(&[&output]).unwrap(), report)
+        let finished = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(json), &output, None, &Provenance::new("test", ())).unwrap();
+        finished.output.commit().unwrap();
+        (read_all(&[&output]).unwrap(), finished.reports)
     }
 
     const LONG: &str = "please write a detailed step by step guide explaining how to bake sourdough bread at home for complete beginners who only have simple kitchen tools and a small oven";
@@ -296,7 +325,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "in.parquet", &input);
         let recipe = r#"[{"step": "select", "sort_by": "instruction", "limit": 2}]"#;
-        let error = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(recipe), &dir.path().join("out.parquet"), &Provenance::new("test", ()))
+        let error = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(recipe), &dir.path().join("out.parquet"), None, &Provenance::new("test", ()))
             .err()
             .unwrap()
             .to_string();
@@ -315,6 +344,47 @@ mod tests {
         assert_ne!(column(&first, "uuid")[..5], uuids[..5].iter().map(|u| Some(u.clone())).collect::<Vec<_>>()[..]);
         let tests = column(&first, "split").iter().filter(|s| s.as_deref() == Some("test")).count();
         assert!((3..=18).contains(&tests), "{tests} of 50 in test");
+    }
+
+    #[test]
+    fn rejected_rows_keep_their_columns_step_and_reason_and_add_up_to_the_input() {
+        let input = batch(vec![
+            ("uuid", text(&["a", "b", "c", "d", "e", "f"])),
+            ("instruction", text(&[LONG, "hello world", "Hello,   WORLD!", &format!("{LONG} please"), "short one", "q6"])),
+            ("response_length", Arc::new(arrow::array::Int64Array::from(vec![10, 50, 40, 30, 20, 5])) as ArrayRef),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "in.parquet", &input);
+        let (output, rejected) = (dir.path().join("out"), dir.path().join("rejected"));
+        let recipe = r#"[{"step": "exact_dedup"}, {"step": "minhash_dedup"},
+            {"step": "select", "rules": [{"column": "instruction", "op": "!=", "value": "q6"}], "sort_by": "response_length", "limit": 2}]"#;
+        let finished = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(recipe), &output, Some(&rejected), &Provenance::new("test", ())).unwrap();
+        finished.rejected.unwrap().commit().unwrap();
+        finished.output.commit().unwrap();
+        let (kept, dropped) = (read_all(&[&output]).unwrap(), read_all(&[&rejected]).unwrap());
+        assert!(rejected.join(crate::run::MANIFEST).is_file(), "the rejected rows are a dataset of their own");
+        assert_eq!(kept.num_rows() + dropped.num_rows(), 6);
+        let mut all: Vec<_> = column(&kept, "uuid").into_iter().chain(column(&dropped, "uuid")).flatten().collect();
+        all.sort();
+        assert_eq!(all, ["a", "b", "c", "d", "e", "f"]);
+        let why: Vec<(String, String, String)> = column(&dropped, "uuid")
+            .into_iter()
+            .zip(column(&dropped, "drop_step"))
+            .zip(column(&dropped, "drop_reason"))
+            .map(|((u, s), r)| (u.unwrap(), s.unwrap(), r.unwrap()))
+            .collect();
+        assert_eq!(
+            why,
+            [
+                ("c".into(), "exact_dedup".into(), "exact duplicate of b".into()),
+                ("d".into(), "minhash_dedup".into(), "near duplicate (minhash) of a".into()),
+                ("a".into(), "select".into(), "not in the top 2 by response_length".into()),
+                ("f".into(), "select".into(), r#"failed instruction != "q6""#.into()),
+            ]
+        );
+        // Columns a row had when it was dropped are kept; ones it never had are null.
+        assert_eq!(column(&dropped, "exact_duplicate_of"), [Some("b".to_string()), None, None, None]);
+        assert_eq!(column(&dropped, "minhash_cluster"), [None, Some("a".to_string()), Some("a".to_string()), Some("f".to_string())]);
     }
 
     #[test]

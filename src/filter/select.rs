@@ -10,7 +10,7 @@
 //! Top-k (`sort_by` + `limit`) needs the whole dataset: one sort key per passing row. A shuffle
 //! holds the selected rows in memory, so use it after `limit` has made them few enough.
 
-use super::step::Step;
+use super::step::{Rejected, Step};
 use super::text::{hash64, uuids};
 use crate::seed::{mix, shuffle, unit};
 use anyhow::{bail, Result};
@@ -209,6 +209,7 @@ pub struct Select {
     applied: u64,
     held: Vec<RecordBatch>,
     dropped: BTreeMap<String, u64>,
+    rejected: Option<Rejected>,
 }
 
 impl Select {
@@ -219,7 +220,7 @@ impl Select {
         if config.test_ratio.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
             bail!("select: test_ratio must be between 0 and 1");
         }
-        Ok(Select { config, top: None, keys: vec![], scanned: 0, applied: 0, held: vec![], dropped: BTreeMap::new() })
+        Ok(Select { config, top: None, keys: vec![], scanned: 0, applied: 0, held: vec![], dropped: BTreeMap::new(), rejected: None })
     }
 
     /// Per row: `None` if kept by the rules and dedup marks, else why not.
@@ -304,21 +305,25 @@ impl Step for Select {
     }
 
     fn apply(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
-        let verdicts = self.verdicts(&batch)?;
+        let mut verdicts = self.verdicts(&batch)?;
         let mut keep = Vec::with_capacity(batch.num_rows());
-        for verdict in verdicts {
+        for verdict in verdicts.iter_mut() {
             let ordinal = self.applied;
             self.applied += 1;
-            let verdict = verdict.or_else(|| {
-                let top = self.top.as_ref()?;
-                (!top.contains(&ordinal)).then(|| format!("not in the top {} by {}", top.len(), self.config.sort_by.as_deref().unwrap_or("")))
-            });
-            if let Some(reason) = &verdict {
+            if verdict.is_none()
+                && let Some(top) = &self.top
+                && !top.contains(&ordinal)
+            {
+                *verdict = Some(format!("not in the top {} by {}", top.len(), self.config.sort_by.as_deref().unwrap_or("")));
+            }
+            if let Some(reason) = verdict.as_ref() {
                 *self.dropped.entry(reason.clone()).or_default() += 1;
             }
             keep.push(verdict.is_none());
         }
-        let mut batch = filter_record_batch(&batch, &BooleanArray::from(keep))?;
+        let keep = BooleanArray::from(keep);
+        self.rejected = Rejected::of(&batch, &keep, |i| verdicts[i].clone().unwrap_or_default())?;
+        let mut batch = filter_record_batch(&batch, &keep)?;
         if let Some(ratio) = self.config.test_ratio {
             let seed = self.config.split_seed;
             let split: StringArray = uuids(&batch)
@@ -349,5 +354,9 @@ impl Step for Select {
 
     fn report(&self) -> Value {
         json!({ "dropped": self.dropped })
+    }
+
+    fn take_rejected(&mut self) -> Option<Rejected> {
+        self.rejected.take()
     }
 }

@@ -65,7 +65,7 @@ impl SemanticDedup {
     pub fn new(config: SemanticDedupConfig) -> Result<Self> {
         let model = config.model.unwrap_or_else(crate::home::default_embedding_model);
         let device = config.device.resolve(None)?;
-        Ok(SemanticDedup { encoder: SentenceEncoder::load(&model, device)?, k: config.k, duplicates: Duplicates::new(config.drop), embeddings: vec![], uuids: vec![], results: vec![], applied: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
+        Ok(SemanticDedup { encoder: SentenceEncoder::load(&model, device)?, k: config.k, duplicates: Duplicates::new(config.drop, "near duplicate (semantic)", "min_similar_uuid"), embeddings: vec![], uuids: vec![], results: vec![], applied: 0, embed_seconds: 0.0, knn_seconds: 0.0 })
     }
 }
 
@@ -155,6 +155,10 @@ impl Step for SemanticDedup {
         batch = super::step::with_column(batch, "repeat_count", Arc::new(repeats))?;
         batch = super::step::with_column(batch, "min_similar_uuid", Arc::new(similar))?;
         self.duplicates.settle(batch, &keep)
+    }
+
+    fn take_rejected(&mut self) -> Option<super::step::Rejected> {
+        self.duplicates.take_rejected()
     }
 
     fn report(&self) -> Value {

@@ -10,8 +10,9 @@
 use crate::data::write::Staged;
 use crate::data::{Dataset, DatasetWriter};
 use crate::run::Provenance;
+use super::rejected::RejectedRows;
 use anyhow::{Context, Result};
-use arrow::array::{ArrayRef, RecordBatch};
+use arrow::array::{ArrayRef, BooleanArray, RecordBatch};
 use arrow::datatypes::{Field, Schema};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -47,24 +48,65 @@ pub trait Step {
     fn report(&self) -> Value {
         json!({})
     }
+
+    /// The rows the last `apply` dropped, with why (for `--rejected`); steps that drop rows
+    /// keep them until asked.
+    fn take_rejected(&mut self) -> Option<Rejected> {
+        None
+    }
+}
+
+/// Rows a step dropped from one batch, each with its reason.
+pub struct Rejected {
+    pub rows: RecordBatch,
+    pub reasons: Vec<String>,
+}
+
+impl Rejected {
+    /// The rows of `batch` that `keep` marks false, row i with `reason(i)`; `None` when `keep`
+    /// drops none.
+    pub fn of(batch: &RecordBatch, keep: &BooleanArray, reason: impl Fn(usize) -> String) -> Result<Option<Rejected>> {
+        if keep.false_count() == 0 {
+            return Ok(None);
+        }
+        let reasons = (0..batch.num_rows()).filter(|&i| !keep.value(i)).map(reason).collect();
+        let rows = arrow::compute::filter_record_batch(batch, &arrow::compute::not(keep)?)?;
+        Ok(Some(Rejected { rows, reasons }))
+    }
 }
 
 /// What the dedup steps share: counting the rows they mark as duplicates, and dropping them or
-/// keeping them (for `select`'s `keep_dedup`) as the step's `drop` option says.
+/// keeping them (for `select`'s `keep_dedup`) as the step's `drop` option says. A dropped row's
+/// reason names the row it duplicates, from the step's marker column.
 pub struct Duplicates {
     drop: bool,
     found: u64,
+    /// `exact duplicate`, `near duplicate (minhash)`, ...
+    kind: &'static str,
+    /// The column holding the uuid of the row kept in a duplicate's place.
+    marker: &'static str,
+    rejected: Option<Rejected>,
 }
 
 impl Duplicates {
-    pub fn new(drop: bool) -> Self {
-        Duplicates { drop, found: 0 }
+    pub fn new(drop: bool, kind: &'static str, marker: &'static str) -> Self {
+        Duplicates { drop, found: 0, kind, marker, rejected: None }
     }
 
-    /// Counts the rows `keep` marks false and drops them when `drop` is set.
-    pub fn settle(&mut self, batch: RecordBatch, keep: &arrow::array::BooleanArray) -> Result<RecordBatch> {
+    /// Counts the rows `keep` marks false and drops them when `drop` is set; `batch` already
+    /// holds the marker column.
+    pub fn settle(&mut self, batch: RecordBatch, keep: &BooleanArray) -> Result<RecordBatch> {
         self.found += keep.false_count() as u64;
-        Ok(if self.drop { arrow::compute::filter_record_batch(&batch, keep)? } else { batch })
+        if !self.drop {
+            return Ok(batch);
+        }
+        let marks = batch.column_by_name(self.marker).and_then(crate::data::messages::as_utf8).context("internal: dedup marker column missing")?;
+        self.rejected = Rejected::of(&batch, keep, |i| format!("{} of {}", self.kind, marks.value(i)))?;
+        Ok(arrow::compute::filter_record_batch(&batch, keep)?)
+    }
+
+    pub fn take_rejected(&mut self) -> Option<Rejected> {
+        self.rejected.take()
     }
 
     /// `duplicates` and `dropped` for the step's report.
@@ -110,13 +152,22 @@ fn timed<T>(seconds: &mut f64, f: impl FnOnce() -> T) -> T {
     result
 }
 
-/// Runs `steps` over `input` into `output`; returns the finished output, not yet in place (see
-/// [`Staged`]), and the per-step report.
-pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, provenance: &Provenance) -> Result<(Staged, Vec<Value>)> {
+/// The finished outputs of a run, not yet in place (see [`Staged`]), and the per-step report.
+pub struct Finished {
+    pub output: Staged,
+    /// With `--rejected`: every dropped row, with `drop_step` and `drop_reason`.
+    pub rejected: Option<Staged>,
+    pub reports: Vec<Value>,
+}
+
+/// Runs `steps` over `input` into `output`, and the rows they drop into `rejected` when given.
+pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, rejected: Option<&Path>, provenance: &Provenance) -> Result<Finished> {
     let scratch = crate::run::temporary_sibling(&output.with_extension("filter-scratch"))?;
     std::fs::create_dir_all(&scratch).with_context(|| format!("{}: cannot create", scratch.display()))?;
     let _cleanup = RemoveOnDrop(scratch.clone());
     let mut counts = vec![Counts::default(); steps.len()];
+    let input_schema = input.schema.clone();
+    let mut dropped = rejected.map(|_| RejectedRows::new(&scratch));
 
     let mut current = Some(input);
     let mut pass_start = 0;
@@ -126,7 +177,7 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, provena
         }
         if i > pass_start {
             let target = scratch.join(format!("pass-{i}"));
-            let staged = stream(current.as_ref(), &mut steps[pass_start..i], &mut counts[pass_start..i], &target, provenance)?;
+            let staged = stream(current.as_ref(), &mut steps[pass_start..i], &mut counts[pass_start..i], &mut dropped, &target, provenance)?;
             current = match staged.map(Staged::commit).transpose()? {
                 Some(rows) if rows > 0 => Some(Dataset::open(&[target.display().to_string()])?),
                 _ => None,
@@ -143,8 +194,12 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, provena
         timed(seconds, || step.finish_scan())?;
         pass_start = i;
     }
-    let staged = stream(current.as_ref(), &mut steps[pass_start..], &mut counts[pass_start..], output, provenance)?
+    let staged = stream(current.as_ref(), &mut steps[pass_start..], &mut counts[pass_start..], &mut dropped, output, provenance)?
         .with_context(|| format!("the input has no rows; nothing to write to {}", output.display()))?;
+    let rejected = match (dropped, rejected) {
+        (Some(rows), Some(target)) => Some(rows.finish(target, &input_schema, provenance)?),
+        _ => None,
+    };
 
     let reports = steps
         .iter()
@@ -157,12 +212,25 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, provena
             entry
         })
         .collect();
-    Ok((staged, reports))
+    Ok(Finished { output: staged, rejected, reports })
+}
+
+/// Runs one step on `batch`, counting rows in and out, and keeps what it dropped when asked.
+fn apply(step: &mut Box<dyn Step>, count: &mut Counts, batch: RecordBatch, dropped: &mut Option<RejectedRows>) -> Result<RecordBatch> {
+    count.rows_in += batch.num_rows() as u64;
+    let batch = timed(&mut count.seconds, || step.apply(batch))?;
+    count.rows_out += batch.num_rows() as u64;
+    if let Some(rejected) = step.take_rejected()
+        && let Some(rows) = dropped
+    {
+        rows.push(step.name(), rejected)?;
+    }
+    Ok(batch)
 }
 
 /// Streams `input` through `steps` into a new dataset for `target`, finished but not yet in
 /// place; `None` when not one batch came through.
-fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Counts], target: &Path, provenance: &Provenance) -> Result<Option<Staged>> {
+fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Counts], dropped: &mut Option<RejectedRows>, target: &Path, provenance: &Provenance) -> Result<Option<Staged>> {
     let Some(input) = input else {
         anyhow::bail!("every row was filtered out before the last step; nothing to write to {}", target.display());
     };
@@ -176,9 +244,7 @@ fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Co
     for batch in input.batches() {
         let mut batch = batch?;
         for (step, count) in steps.iter_mut().zip(counts.iter_mut()) {
-            count.rows_in += batch.num_rows() as u64;
-            batch = timed(&mut count.seconds, || step.apply(batch))?;
-            count.rows_out += batch.num_rows() as u64;
+            batch = apply(step, count, batch, dropped)?;
         }
         write(batch, &mut writer)?;
     }
@@ -187,9 +253,7 @@ fn stream(input: Option<&Dataset>, steps: &mut [Box<dyn Step>], counts: &mut [Co
         if let Some(mut batch) = timed(&mut counts[i].seconds, || steps[i].flush())? {
             counts[i].rows_out += batch.num_rows() as u64;
             for (step, count) in steps[i + 1..].iter_mut().zip(counts[i + 1..].iter_mut()) {
-                count.rows_in += batch.num_rows() as u64;
-                batch = timed(&mut count.seconds, || step.apply(batch))?;
-                count.rows_out += batch.num_rows() as u64;
+                batch = apply(step, count, batch, dropped)?;
             }
             write(batch, &mut writer)?;
         }
