@@ -205,7 +205,7 @@ fn synth_input_answers_another_models_instructions_keeps_their_columns_and_resum
     let dir = tempfile::tempdir().unwrap();
     // Instructions harvested from the GGUF by llama.cpp...
     let harvest = dir.path().join("harvest");
-    run_synth(&harvest, &["--num", "4", "--chunk-rows", "2"]);
+    run_synth(&harvest, &["--num", "4", "--chunk-rows", "1"]);
     // ...answered by another model and engine: the converted Hugging Face folder on mistralrs.
     let answerer = converted_smollm2(dir.path());
     let args = |out: &Path| -> Vec<String> {
@@ -367,6 +367,68 @@ fn filter_rejected_rows_are_a_dataset_that_other_commands_open_and_the_report_co
     assert_eq!(kept + dropped, 5);
     let text = String::from_utf8(magpie(&["inspect", rejected.to_str().unwrap()]).stdout).unwrap();
     assert!(text.contains(&format!("rows: {dropped}")) && text.contains("drop_reason") && text.contains("source_notes"), "{text}");
+}
+
+/// Every row of a dataset as (uuid, the named columns as text), sorted by uuid.
+fn table(path: &Path, columns: &[&str]) -> Vec<(String, Vec<Option<String>>)> {
+    use arrow::array::{Array, AsArray};
+    let dataset = Dataset::open(&[path.display().to_string()]).unwrap();
+    let mut rows = vec![];
+    for batch in dataset.batches() {
+        let batch = batch.unwrap();
+        let text = |name: &str| arrow::compute::cast(batch.column_by_name(name).unwrap(), &arrow::datatypes::DataType::Utf8).unwrap();
+        let uuids = text("uuid");
+        let values: Vec<_> = columns.iter().map(|c| text(c)).collect();
+        for i in 0..batch.num_rows() {
+            let row = values.iter().map(|v| v.is_valid(i).then(|| v.as_string::<i32>().value(i).to_string())).collect();
+            rows.push((uuids.as_string::<i32>().value(i).to_string(), row));
+        }
+    }
+    rows.sort();
+    rows
+}
+
+/// Reward scores depend on the rows padded into one batch (float rounding, about 1e-5), so the
+/// reward model scores one row at a time here and the two runs agree exactly.
+#[test]
+fn filter_shards_of_row_local_steps_resume_and_equal_one_unsharded_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let judge = dir.path().join("judge-rm");
+    let output = magpie(&["convert", "--judge-reward-head", "-o", judge.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let steps = format!(r#"[{{"step": "heuristics"}}, {{"step": "reward_scores", "reward_model": "{}", "batch_size": 1}}, {{"step": "select", "rules": [{{"column": "refusal", "op": "==", "value": false}}]}}]"#, judge.display());
+    let input = fixture("magpie-released.parquet");
+    let filter = |out: &Path, extra: &[&str]| magpie(&[&["filter", "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap(), "--steps", &steps], extra].concat());
+    let whole = dir.path().join("whole");
+    assert!(filter(&whole, &[]).status.success());
+    let sharded = dir.path().join("sharded");
+    for shard in ["0/3", "2/3"] {
+        let output = filter(&sharded, &["--shard", shard, "--chunk-rows", "1"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("other shards' chunks are still missing"));
+    }
+    let unfinished = magpie(&["inspect", sharded.to_str().unwrap()]);
+    assert_eq!(unfinished.status.code(), Some(1), "readers refuse the folder until the last shard is done");
+    // Shard 0 was killed before its second chunk: its part is gone, and the rerun writes it again.
+    std::fs::remove_file(sharded.join("part-00003.parquet")).unwrap();
+    for shard in ["1/3", "0/3"] {
+        let output = filter(&sharded, &["--shard", shard, "--chunk-rows", "1"]);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    assert!(sharded.join(".magpie-manifest.json").is_file());
+    assert!(dir.path().join("sharded.report.shard-0-of-3.json").is_file());
+    let columns = ["instruction", "refusal", "truncated", "language", "instruct_reward", "reward_model"];
+    assert_eq!(table(&sharded, &columns), table(&whole, &columns));
+
+    let output = magpie(&["filter", "-i", input.to_str().unwrap(), "-o", dir.path().join("dedup").to_str().unwrap(), "--steps", r#"[{"step": "exact_dedup"}]"#, "--shard", "0/2"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("--shard: exact_dedup compares every row with every other, so it cannot run on a shard of the rows; run it in a second, unsharded `magpie filter`"), "{}", stderr(&output));
+    assert!(!dir.path().join("dedup").exists());
+    let missing = r#"[{"step": "reward_scores", "reward_model": "/nonexistent/rm"}]"#;
+    let output = magpie(&["filter", "-i", input.to_str().unwrap(), "-o", dir.path().join("missing").to_str().unwrap(), "--steps", missing, "--shard", "0/2"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("/nonexistent/rm"), "{}", stderr(&output));
+    assert!(!dir.path().join("missing").exists(), "a missing model leaves no claimed folder");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The one dataset format every stage shares: parquet through arrow-rs, with the column catalogue
 //! in `schema`, tolerant reading of the shapes users already have (`read`, `normalize`), atomic
-//! writing (`write`) and `magpie inspect`.
+//! writing (`write`), resumable chunked outputs for sharded jobs (`chunks`) and `magpie inspect`.
 
+pub mod chunks;
 pub mod inspect;
 pub mod messages;
 pub mod normalize;

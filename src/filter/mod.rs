@@ -25,6 +25,7 @@ pub mod reward;
 pub mod safety;
 pub mod select;
 pub mod semantic;
+pub mod sharded;
 pub mod step;
 pub mod text;
 
@@ -65,6 +66,17 @@ pub struct FilterArgs {
     /// Output rows plus rejected rows are the input rows.
     #[arg(long)]
     pub rejected: Option<PathBuf>,
+
+    /// This process's share, `i/N` (default: Slurm's SLURM_ARRAY_TASK_ID/COUNT): row-local
+    /// steps run on every N-th chunk of `--chunk-rows` rows, into a resumable folder that the
+    /// last shard finishes. Steps that need every row (dedups, top-k, shuffle, split) are
+    /// refused; run them in a second, unsharded pass over the output.
+    #[arg(long, value_parser = crate::data::chunks::parse_shard)]
+    pub shard: Option<crate::data::chunks::Shard>,
+
+    /// Rows per chunk of a sharded run: the unit of resume and of sharding.
+    #[arg(long, default_value_t = 8192, value_parser = crate::flags::at_least_one)]
+    pub chunk_rows: usize,
 }
 
 /// One step of a recipe's `steps` list: its name under `step`, and its own config's fields.
@@ -163,6 +175,10 @@ impl FilterArgs {
 
 pub fn run(args: &FilterArgs) -> Result<()> {
     let plan = args.plan()?;
+    let shard = crate::data::chunks::Shard::resolve(args.shard)?;
+    if args.shard.is_some() || shard != crate::data::chunks::Shard::WHOLE {
+        return sharded::run(&plan, shard, args.chunk_rows);
+    }
     let steps = plan.steps.iter().cloned().map(StepConfig::build).collect::<Result<Vec<_>>>()?;
     let input = Dataset::open(plan.inputs)?;
     let rows_in = input.num_rows;

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! - [`dir`]: a resumable stage's folder ([`RunDir`]): the claim, the settings diff, resume or
-//!   start over, and the manifest at the end. One-shot outputs (filter, eval, models) are
+//!   start over, and the manifest at the end (`data::chunks` writes such a folder chunk by
+//!   chunk, for the shards of a job). One-shot outputs (filter, eval, models) are
 //!   written whole under a temporary and committed ([`write_dir`], `data::DatasetWriter`).
 //! - [`guard`]: what may already be at the output path, and [`require_finished`] for readers.
 //! - [`manifest`]: the markers (hidden, so parquet readers skip them), provenance, hashes.

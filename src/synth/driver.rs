@@ -3,10 +3,10 @@
 //! answered (`--input`) and written as it finishes, progress in tok/s, and the summary.
 
 use super::answer::{self, InputRows};
-use super::checkpoint::{Checkpoint, Opened};
 use super::pipeline::{Stats, Synthesizer};
 use super::rows;
-use super::{Shard, SynthPlan};
+use super::SynthPlan;
+use crate::data::chunks::{ChunkedOutput, Shard};
 use crate::engine::{self, lookup as model};
 use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,18 +24,15 @@ pub fn run(plan: &SynthPlan) -> Result<()> {
     inputs.extend(source.iter().flat_map(|s| s.files().iter().cloned()));
     let input_files = source.as_ref().map(InputRows::identity);
     let settings = serde_json::json!({ "model": info.path, "engine": synth.engine.name(), "args": args, "input_files": input_files });
-    let checkpoint = match Checkpoint::open(output, &inputs, &settings, args.run.overwrite)? {
-        Opened::Run(checkpoint) => checkpoint,
-        Opened::AlreadyFinished => {
-            println!("synth: {} is already finished with these settings; nothing to do", output.display());
-            return Ok(());
-        }
+    let Some(checkpoint) = ChunkedOutput::open(output, &inputs, "synth", &settings, args.run.overwrite)? else {
+        println!("synth: {} is already finished with these settings; nothing to do", output.display());
+        return Ok(());
     };
 
     let chunk_rows = args.chunk_rows as u64;
     let num = source.as_ref().map_or(args.num, InputRows::rows) as u64;
     let all_chunks = num.div_ceil(chunk_rows) as usize;
-    let chunks: Vec<usize> = (0..all_chunks).filter(|c| c % shard.count == shard.index).collect();
+    let chunks: Vec<usize> = shard.chunks(all_chunks).collect();
     let rows_of = |c: usize| (c as u64 * chunk_rows)..((c as u64 + 1) * chunk_rows).min(num);
     let todo: Vec<usize> = chunks.iter().copied().filter(|&c| !checkpoint.is_done(c)).collect();
     let shard_rows: u64 = chunks.iter().map(|&c| rows_of(c).end - rows_of(c).start).sum();

@@ -10,7 +10,6 @@
 //! With `--input`, the rows of an existing dataset are answered instead (`answer`).
 
 pub mod answer;
-pub mod checkpoint;
 pub mod driver;
 pub mod pipeline;
 pub mod rows;
@@ -18,6 +17,7 @@ pub mod sanitize;
 
 use anyhow::{bail, Context, Result};
 use crate::engine::{EngineChoice, EngineOptions};
+use crate::data::chunks::Shard;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -129,7 +129,7 @@ pub struct SynthArgs {
     pub preference_temperature: f32,
 
     /// This process's shard, `i/N`; defaults to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.
-    #[arg(long, value_parser = parse_shard)]
+    #[arg(long, value_parser = crate::data::chunks::parse_shard)]
     #[serde(skip)]
     pub shard: Option<Shard>,
 
@@ -158,39 +158,6 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = crate::engine::DEFAULT_GPU_MEMORY_UTILIZATION, value_parser = crate::flags::share)]
     #[serde(skip)]
     pub gpu_memory_utilization: f64,
-}
-
-/// `i/N`: this process generates every N-th chunk, starting at chunk i.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Shard {
-    pub index: usize,
-    pub count: usize,
-}
-
-fn parse_shard(text: &str) -> Result<Shard, String> {
-    let (i, n) = text.split_once('/').ok_or("expected i/N, e.g. 0/4")?;
-    let shard = Shard {
-        index: i.trim().parse().map_err(|_| format!("`{i}` is not a shard index"))?,
-        count: n.trim().parse().map_err(|_| format!("`{n}` is not a shard count"))?,
-    };
-    if shard.count == 0 || shard.index >= shard.count {
-        return Err(format!("shard {}/{} is out of range", shard.index, shard.count));
-    }
-    Ok(shard)
-}
-
-impl Shard {
-    /// From `--shard`, else Slurm's array variables, else the whole job.
-    pub fn resolve(explicit: Option<Shard>) -> Result<Shard> {
-        if let Some(shard) = explicit {
-            return Ok(shard);
-        }
-        match (std::env::var("SLURM_ARRAY_TASK_ID"), std::env::var("SLURM_ARRAY_TASK_COUNT")) {
-            (Ok(id), Ok(count)) => parse_shard(&format!("{id}/{count}"))
-                .map_err(|e| anyhow::anyhow!("SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT: {e}")),
-            _ => Ok(Shard { index: 0, count: 1 }),
-        }
-    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,136 @@
+//! `magpie filter --shard i/N`: row-local steps over every N-th chunk of `--chunk-rows` input
+//! rows, so the tasks of a Slurm array (or any N processes) tag, score and filter one dataset
+//! together. The output is the chunked, resumable folder synth writes (`data::chunks`): a task
+//! that is killed resumes at its first unfinished chunk, and the task that finishes last writes
+//! the manifest. Steps that need the whole dataset (the dedups; `select` with `limit`,
+//! `sort_by`, `shuffle_seed` or `test_ratio`) are refused: they run in a second, unsharded
+//! pass over the sharded output.
+
+use super::step::Step;
+use super::{FilterPlan, StepConfig};
+use crate::data::Dataset;
+use crate::data::chunks::{ChunkedOutput, Shard};
+use anyhow::{bail, Context, Result};
+use arrow::array::RecordBatch;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+
+impl StepConfig {
+    /// Why the step cannot run on a shard of the rows, if it cannot.
+    pub fn needs_all_rows(&self) -> Option<&'static str> {
+        match self {
+            StepConfig::ExactDedup(_) => Some("exact_dedup compares every row with every other"),
+            StepConfig::MinhashDedup(_) => Some("minhash_dedup compares every row with every other"),
+            StepConfig::SemanticDedup(_) => Some("semantic_dedup compares every row with every other"),
+            StepConfig::Select(c) if c.limit.is_some() || c.sort_by.is_some() => Some("select with limit/sort_by ranks every row"),
+            StepConfig::Select(c) if c.shuffle_seed.is_some() => Some("select with shuffle_seed shuffles every row"),
+            StepConfig::Select(c) if c.test_ratio.is_some() => Some("select with test_ratio splits the whole dataset"),
+            _ => None,
+        }
+    }
+}
+
+/// The report of shard i of N: `<report>` with `.shard-i-of-N` before its extension.
+fn shard_report(report: &Path, shard: Shard) -> PathBuf {
+    let name = report.file_name().unwrap_or_default().to_string_lossy();
+    let stem = name.strip_suffix(".json").unwrap_or(&name);
+    report.with_file_name(format!("{stem}.shard-{}-of-{}.json", shard.index, shard.count))
+}
+
+/// Rows in and out of each step over the chunks this process ran.
+struct Counts {
+    rows_in: u64,
+    rows_out: u64,
+}
+
+/// The whole sharded run of this process.
+pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
+    for step in &plan.steps {
+        if let Some(why) = step.needs_all_rows() {
+            bail!("--shard: {why}, so it cannot run on a shard of the rows; run it in a second, unsharded `magpie filter` over the sharded output");
+        }
+    }
+    if plan.rejected.is_some() {
+        bail!("--shard cannot be combined with --rejected yet; keep the rows with the steps' `drop: false` and select them in the unsharded pass");
+    }
+    if plan.output.extension().is_some_and(|e| e == "parquet") {
+        bail!("{}: a sharded filter writes a folder of parts (so its shards can share it and resume); give a folder", plan.output.display());
+    }
+    let input = Dataset::open(plan.inputs)?;
+    let mut inputs = input.files.clone();
+    inputs.extend(plan.inputs.iter().map(PathBuf::from).filter(|p| p.is_dir()));
+    let report_path = shard_report(&plan.report, shard);
+    crate::run::check_not_an_input(&report_path, &inputs)?;
+    let files: Vec<Value> = input.files.iter().map(|f| json!({ "path": f, "bytes": std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) })).collect();
+    let settings = json!({ "input": plan.inputs, "files": files, "steps": plan.steps, "chunk_rows": chunk_rows });
+    // The models load before the output is claimed: a missing one leaves nothing behind.
+    let mut steps = plan.steps.iter().cloned().map(StepConfig::build).collect::<Result<Vec<_>>>()?;
+    let Some(output) = ChunkedOutput::open(plan.output, &inputs, "filter", &settings, plan.overwrite)? else {
+        println!("filter: {} is already finished with these settings; nothing to do", plan.output.display());
+        return Ok(());
+    };
+    let mut counts: Vec<Counts> = steps.iter().map(|_| Counts { rows_in: 0, rows_out: 0 }).collect();
+    let chunks = input.num_rows.div_ceil(chunk_rows as u64) as usize;
+    let todo = |chunk: usize| chunk % shard.count == shard.index && !output.is_done(chunk);
+
+    let mut ran = 0;
+    let mut pending: Vec<RecordBatch> = vec![];
+    let (mut chunk, mut filled) = (0, 0);
+    for batch in input.batches() {
+        let mut batch = batch?;
+        while batch.num_rows() > 0 {
+            let take = (chunk_rows - filled).min(batch.num_rows());
+            if todo(chunk) {
+                pending.push(batch.slice(0, take));
+            }
+            filled += take;
+            batch = batch.slice(take, batch.num_rows() - take);
+            if filled == chunk_rows {
+                ran += run_chunk(&output, chunk, std::mem::take(&mut pending), &mut steps, &mut counts)?;
+                (chunk, filled) = (chunk + 1, 0);
+            }
+        }
+    }
+    if filled > 0 {
+        ran += run_chunk(&output, chunk, pending, &mut steps, &mut counts)?;
+    }
+
+    let step_reports: Vec<Value> = steps
+        .iter()
+        .zip(&counts)
+        .map(|(step, c)| {
+            let mut entry = json!({ "step": step.name(), "rows_in": c.rows_in, "rows_out": c.rows_out });
+            if let (Value::Object(entry), Value::Object(extra)) = (&mut entry, step.report()) {
+                entry.extend(extra);
+            }
+            entry
+        })
+        .collect();
+    let report = json!({
+        "tool": crate::run::tool(), "input": plan.inputs, "output": plan.output, "shard": shard,
+        "chunks": chunks, "chunks_run": ran, "steps": step_reports,
+    });
+    crate::run::write_atomically(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
+        .with_context(|| format!("{}: cannot write the report", report_path.display()))?;
+    println!("filter: shard {}/{}: {ran} chunk(s) of {chunk_rows} rows run -> {}", shard.index, shard.count, plan.output.display());
+    println!("report: {}", report_path.display());
+    if !output.finish_if_complete(chunks)? {
+        println!("  other shards' chunks are still missing; the dataset is finished when the last shard is done");
+    }
+    Ok(())
+}
+
+/// Runs the steps over one chunk's rows and writes its part; 0 when the chunk is not this
+/// process's to run (no rows were kept for it).
+fn run_chunk(output: &ChunkedOutput, chunk: usize, batches: Vec<RecordBatch>, steps: &mut [Box<dyn Step>], counts: &mut [Counts]) -> Result<usize> {
+    let Some(first) = batches.first() else { return Ok(0) };
+    let mut batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
+    for (step, count) in steps.iter_mut().zip(counts.iter_mut()) {
+        count.rows_in += batch.num_rows() as u64;
+        batch = step.apply(batch)?;
+        step.take_rejected();
+        count.rows_out += batch.num_rows() as u64;
+    }
+    output.write(chunk, &batch)?;
+    Ok(1)
+}
