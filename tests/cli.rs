@@ -402,6 +402,13 @@ fn filter_shards_of_row_local_steps_resume_and_equal_one_unsharded_run() {
     let whole = dir.path().join("whole");
     assert!(filter(&whole, &[]).status.success());
     let sharded = dir.path().join("sharded");
+    let foreign = dir.path().join("sharded.report.shard-1-of-3.json");
+    std::fs::write(&foreign, "notes of mine").unwrap();
+    let output = filter(&sharded, &["--shard", "1/3", "--chunk-rows", "1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("exists and is not a magpie report"), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(&foreign).unwrap(), "notes of mine");
+    std::fs::remove_file(&foreign).unwrap();
     for shard in ["0/3", "2/3"] {
         let output = filter(&sharded, &["--shard", shard, "--chunk-rows", "1"]);
         assert!(output.status.success(), "{}", stderr(&output));

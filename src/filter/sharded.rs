@@ -59,8 +59,10 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
     let input = Dataset::open(plan.inputs)?;
     let mut inputs = input.files.clone();
     inputs.extend(plan.inputs.iter().map(PathBuf::from).filter(|p| p.is_dir()));
+    // A shard's report of ours is replaced when the shard runs again (it resumes); any other
+    // file there is refused.
     let report_path = shard_report(&plan.report, shard);
-    crate::run::check_not_an_input(&report_path, &inputs)?;
+    super::check_report_path(&report_path, &inputs, true)?;
     let files: Vec<Value> = input.files.iter().map(|f| json!({ "path": f, "bytes": std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) })).collect();
     let settings = json!({ "input": plan.inputs, "files": files, "steps": plan.steps, "chunk_rows": chunk_rows });
     // The models load before the output is claimed: a missing one leaves nothing behind.
