@@ -54,9 +54,14 @@ impl Shard {
         }
     }
 
+    /// Whether `chunk` is this shard's.
+    pub fn takes(self, chunk: usize) -> bool {
+        chunk % self.count == self.index
+    }
+
     /// This shard's chunks of `chunks`.
     pub fn chunks(self, chunks: usize) -> impl Iterator<Item = usize> {
-        (0..chunks).filter(move |c| c % self.count == self.index)
+        (0..chunks).filter(move |&c| self.takes(c))
     }
 }
 

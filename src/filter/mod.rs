@@ -183,8 +183,7 @@ pub fn run(args: &FilterArgs) -> Result<()> {
     let input = Dataset::open(plan.inputs)?;
     let rows_in = input.num_rows;
     let report_path = &plan.report;
-    let mut inputs = input.files.clone();
-    inputs.extend(plan.inputs.iter().map(PathBuf::from).filter(|p| p.is_dir()));
+    let inputs = input_paths(&input, plan.inputs);
     let rules = Rules { overwrite: plan.overwrite, resumable: None };
     run::check(plan.output, &inputs, &rules)?;
     check_report_path(report_path, &inputs, plan.overwrite)?;
@@ -221,6 +220,13 @@ pub fn run(args: &FilterArgs) -> Result<()> {
     }
     println!("report: {}", report_path.display());
     Ok(())
+}
+
+/// The input's files and the folders named as inputs: what no output may be or lie in.
+fn input_paths(input: &Dataset, specs: &[String]) -> Vec<PathBuf> {
+    let mut paths = input.files.clone();
+    paths.extend(specs.iter().map(PathBuf::from).filter(|p| p.is_dir()));
+    paths
 }
 
 /// The report may replace only an earlier report of ours, and only with --overwrite.

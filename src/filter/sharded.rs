@@ -6,7 +6,7 @@
 //! `sort_by`, `shuffle_seed` or `test_ratio`) are refused: they run in a second, unsharded
 //! pass over the sharded output.
 
-use super::step::Step;
+use super::step::{self, Counts, Step};
 use super::{FilterPlan, StepConfig};
 use crate::data::Dataset;
 use crate::data::chunks::{ChunkedOutput, Shard};
@@ -37,12 +37,6 @@ fn shard_report(report: &Path, shard: Shard) -> PathBuf {
     report.with_file_name(format!("{stem}.shard-{}-of-{}.json", shard.index, shard.count))
 }
 
-/// Rows in and out of each step over the chunks this process ran.
-struct Counts {
-    rows_in: u64,
-    rows_out: u64,
-}
-
 /// The whole sharded run of this process.
 pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
     for step in &plan.steps {
@@ -57,8 +51,7 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
         bail!("{}: a sharded filter writes a folder of parts (so its shards can share it and resume); give a folder", plan.output.display());
     }
     let input = Dataset::open(plan.inputs)?;
-    let mut inputs = input.files.clone();
-    inputs.extend(plan.inputs.iter().map(PathBuf::from).filter(|p| p.is_dir()));
+    let inputs = super::input_paths(&input, plan.inputs);
     // A shard's report of ours is replaced when the shard runs again (it resumes); any other
     // file there is refused.
     let report_path = shard_report(&plan.report, shard);
@@ -71,9 +64,9 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
         println!("filter: {} is already finished with these settings; nothing to do", plan.output.display());
         return Ok(());
     };
-    let mut counts: Vec<Counts> = steps.iter().map(|_| Counts { rows_in: 0, rows_out: 0 }).collect();
+    let mut counts = vec![Counts::default(); steps.len()];
     let chunks = input.num_rows.div_ceil(chunk_rows as u64) as usize;
-    let todo = |chunk: usize| chunk % shard.count == shard.index && !output.is_done(chunk);
+    let todo = |chunk: usize| shard.takes(chunk) && !output.is_done(chunk);
 
     let mut ran = 0;
     let mut pending: Vec<RecordBatch> = vec![];
@@ -97,17 +90,7 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
         ran += run_chunk(&output, chunk, pending, &mut steps, &mut counts)?;
     }
 
-    let step_reports: Vec<Value> = steps
-        .iter()
-        .zip(&counts)
-        .map(|(step, c)| {
-            let mut entry = json!({ "step": step.name(), "rows_in": c.rows_in, "rows_out": c.rows_out });
-            if let (Value::Object(entry), Value::Object(extra)) = (&mut entry, step.report()) {
-                entry.extend(extra);
-            }
-            entry
-        })
-        .collect();
+    let step_reports = step::reports(&steps, &counts);
     let report = json!({
         "tool": crate::run::tool(), "input": plan.inputs, "output": plan.output, "shard": shard,
         "chunks": chunks, "chunks_run": ran, "steps": step_reports,
@@ -128,10 +111,7 @@ fn run_chunk(output: &ChunkedOutput, chunk: usize, batches: Vec<RecordBatch>, st
     let Some(first) = batches.first() else { return Ok(0) };
     let mut batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
     for (step, count) in steps.iter_mut().zip(counts.iter_mut()) {
-        count.rows_in += batch.num_rows() as u64;
-        batch = step.apply(batch)?;
-        step.take_rejected();
-        count.rows_out += batch.num_rows() as u64;
+        batch = step::apply(step, count, batch, &mut None)?;
     }
     output.write(chunk, &batch)?;
     Ok(1)

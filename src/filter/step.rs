@@ -138,7 +138,7 @@ pub fn with_column(batch: RecordBatch, name: &str, array: ArrayRef) -> Result<Re
 /// Rows in and out of one step, and the time spent in its own calls (reading and writing the
 /// data is not counted).
 #[derive(Default, Clone, Copy)]
-struct Counts {
+pub struct Counts {
     rows_in: u64,
     rows_out: u64,
     seconds: f64,
@@ -201,7 +201,12 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, rejecte
         _ => None,
     };
 
-    let reports = steps
+    Ok(Finished { output: staged, rejected, reports: reports(&steps, &counts) })
+}
+
+/// Each step's report entry: its name, rows in and out, seconds, and its own fields.
+pub fn reports(steps: &[Box<dyn Step>], counts: &[Counts]) -> Vec<Value> {
+    steps
         .iter()
         .zip(counts)
         .map(|(step, c)| {
@@ -211,12 +216,11 @@ pub fn run(input: Dataset, mut steps: Vec<Box<dyn Step>>, output: &Path, rejecte
             }
             entry
         })
-        .collect();
-    Ok(Finished { output: staged, rejected, reports })
+        .collect()
 }
 
 /// Runs one step on `batch`, counting rows in and out, and keeps what it dropped when asked.
-fn apply(step: &mut Box<dyn Step>, count: &mut Counts, batch: RecordBatch, dropped: &mut Option<RejectedRows>) -> Result<RecordBatch> {
+pub fn apply(step: &mut Box<dyn Step>, count: &mut Counts, batch: RecordBatch, dropped: &mut Option<RejectedRows>) -> Result<RecordBatch> {
     count.rows_in += batch.num_rows() as u64;
     let batch = timed(&mut count.seconds, || step.apply(batch))?;
     count.rows_out += batch.num_rows() as u64;
