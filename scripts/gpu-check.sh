@@ -14,7 +14,9 @@
 #    loop (transformers + SDPA + fused AdamW, bf16) on the same model: tok/s, ratio, MFU
 #    (6 N tok/s over 989 TFLOP/s), peak GPU memory;
 # 4. DPO, 6 steps on CUDA with precomputed reference log-probs;
-# 5. bf16 DPO at lr 1e-6, 3 steps: the share of weights the saved model changed.
+# 5. bf16 DPO at lr 1e-6, 3 steps: the share of weights the saved model changed;
+# 5b. resume after kill -9, bf16 packed SFT: bit for bit with --full-determinism, and the
+#    difference without it (the tolerance a resumed GPU run keeps);
 # 6. synthesis: 2,000 instructions + responses with a random-weight 1B-class model (Llama-3.2-1B's
 #    shape, SmolLM2's vocabulary) on mistralrs (safetensors, PagedAttention) and llama.cpp (the same
 #    weights as F16 GGUF, written by gpu_check_synth.py), tok/s against transformers' batched
@@ -166,6 +168,25 @@ PY
   result "$line"
 }
 
+# Resume on the device: an uninterrupted bf16 packed run against one killed after its step-2
+# checkpoint and rerun, with --full-determinism (must be bit for bit) and without (the
+# difference the GPU's nondeterministic kernels leave: the tolerance a resume keeps).
+resume() {
+  local mode extra pid
+  for mode in deterministic default; do
+    extra=(--device "$DEVICE" --bf16 --packing --save-steps 2 --save-total-limit 1)
+    if [ "$mode" = deterministic ]; then extra+=(--full-determinism); fi
+    sft "${extra[@]}" -o "$W/resume-$mode-a" 2> "$LOGS/resume-$mode-a.log"
+    sft "${extra[@]}" -o "$W/resume-$mode-b" 2> "$LOGS/resume-$mode-b.log" &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null && [ ! -d "$W/resume-$mode-b/checkpoint-2" ]; do sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    sft "${extra[@]}" --resume -o "$W/resume-$mode-b" 2>> "$LOGS/resume-$mode-b.log"
+  done
+  result "full determinism: $(python3 scripts/gpu_check.py compare "$W/resume-deterministic-a" "$W/resume-deterministic-b" 0); default: $(python3 scripts/gpu_check.py compare "$W/resume-default-a" "$W/resume-default-b" 1e-2)"
+}
+
 if part train; then
   say "models and data (random weights, SmolLM2 tokenizer)"
   python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1 ||
@@ -175,6 +196,7 @@ if part train; then
   if [ "$DEVICE" = cuda ]; then step "throughput 1B bf16" throughput; fi
   step "DPO 6 steps" dpo
   step "bf16 DPO lr 1e-6" master_weights
+  step "resume, full determinism" resume
 fi
 
 if [ "$DEVICE" = cuda ]; then size=full num=2000 seqs=256 hf_prompts=1024; else size=small num=16 seqs=8 hf_prompts=16; fi

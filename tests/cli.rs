@@ -125,8 +125,10 @@ fn sft_then_dpo_train_the_converted_model_and_synth_loads_the_checkpoint() {
     let pairs = fixture("ultrafeedback-armorm.parquet");
     let output = magpie(&["dpo", "--model", sft.join("model").to_str().unwrap(), "-i", pairs.to_str().unwrap(), "-o", dpo.to_str().unwrap(),
         "--max-length", "160", "--max-prompt-length", "64", "--per-device-train-batch-size", "2", "--max-steps", "1",
-        "--learning-rate", "1e-6", "--save-steps", "0", "--device", "cpu"]);
+        "--learning-rate", "1e-6", "--save-steps", "0", "--device", "cpu", "--full-determinism"]);
     assert!(output.status.success(), "{}", stderr(&output));
+    // Every op of the DPO step has a deterministic kernel (libtorch would refuse it otherwise).
+    assert!(stderr(&output).contains("deterministic algorithms on, CUBLAS_WORKSPACE_CONFIG=:4096:8"), "{}", stderr(&output));
     let metrics = std::fs::read_to_string(dpo.join("metrics.jsonl")).unwrap();
     for key in ["rewards/accuracies", "rewards/margins", "logps/chosen", "logits/rejected"] {
         assert!(metrics.contains(key), "{key}: {metrics}");
@@ -461,6 +463,47 @@ fn semantic_dedup_without_its_model_fails_naming_the_folder_and_writes_nothing()
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("/nonexistent/minilm: embedding model incomplete"), "{}", stderr(&output));
     assert!(!out.exists());
+}
+
+#[test]
+fn semantic_dedup_with_hnsw_marks_the_rows_exact_knn_marks_and_reports_its_recall() {
+    // The released fixture and a copy under other uuids: every row has one copy, at distance 0.
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixture("magpie-released.parquet");
+    let copy = dir.path().join("copy.parquet");
+    {
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&input).unwrap()).unwrap().build().unwrap();
+        let mut writer = None;
+        for batch in reader {
+            let batch = batch.unwrap();
+            let uuids: arrow::array::LargeStringArray = (0..batch.num_rows()).map(|i| Some(format!("copy-{i}"))).collect();
+            let column = batch.schema().index_of("uuid").unwrap();
+            let mut columns = batch.columns().to_vec();
+            columns[column] = std::sync::Arc::new(uuids);
+            let batch = arrow::array::RecordBatch::try_new(batch.schema(), columns).unwrap();
+            let writer = writer.get_or_insert_with(|| parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&copy).unwrap(), batch.schema(), None).unwrap());
+            writer.write(&batch).unwrap();
+        }
+        writer.unwrap().close().unwrap();
+    }
+    let run = |index: &str| {
+        let out = dir.path().join(format!("{index}.parquet"));
+        let steps = format!(r#"[{{"step": "semantic_dedup", "drop": false, "index": "{index}", "hnsw": {{"recall_sample": 10}}}}]"#);
+        let output = magpie(&["filter", "-i", input.to_str().unwrap(), "-i", copy.to_str().unwrap(), "-o", out.to_str().unwrap(), "--steps", &steps]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(format!("{index}.parquet.report.json"))).unwrap()).unwrap();
+        (out, report["steps"][0].clone())
+    };
+    let ((exact, _), (hnsw, report)) = (run("exact"), run("hnsw"));
+    for name in ["min_similar_uuid", "repeat_count"] {
+        assert_eq!(column_of(&hnsw, name), column_of(&exact, name), "{name}");
+    }
+    assert_eq!(column_of(&hnsw, "repeat_count"), ["1"; 10]);
+    assert_eq!(report["index"], "hnsw");
+    assert_eq!(report["recall"]["sample"], 10);
+    assert_eq!(report["recall"]["near_duplicates_exact"], 10);
+    assert_eq!(report["recall"]["near_duplicates"], 1.0);
+    assert!(report["index_bytes"].as_u64().unwrap() > 0, "{report}");
 }
 
 #[test]

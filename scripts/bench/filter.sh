@@ -39,7 +39,7 @@ HF_HUB_OFFLINE=1 python scripts/bench/embed_sentence_transformers.py "$work/embe
 "$MAGPIE_BIN" filter -i "$work/embed.parquet" -o "$work/embed-out.parquet" --steps '[{"step": "semantic_dedup", "drop": false}]' > /dev/null
 python -c "import json; s = json.load(open('$work/embed-out.parquet.report.json'))['steps'][0]; print(json.dumps({'rows': $EMBED_ROWS, 'seconds': round(s['embed_seconds'], 2), 'embeddings_per_s': round($EMBED_ROWS / s['embed_seconds'], 1)}))"
 echo "== semantic: exact kNN (k=500) for 100K rows of 384-d unit vectors"
-cargo test --release --lib knn_seconds_for_rows_in_env -- --ignored --nocapture 2>&1 | grep "knn rows="
+cargo test --release --lib knn_seconds_for_rows_in_env -- --ignored --nocapture 2>&1 | grep "knn index="
 
 echo "== peak RSS, exact + MinHash dedup over $ROWS_RSS rows"
 python scripts/bench/minhash_corpus.py "$work/big.parquet" "$ROWS_RSS"

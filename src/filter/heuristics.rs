@@ -6,6 +6,7 @@
 use super::step::Step;
 use super::text::{instructions, responses};
 use anyhow::Result;
+use rayon::prelude::*;
 use arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, StringArray};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -102,9 +103,10 @@ impl Step for Heuristics {
             ("ends_with_colon", flag(instructions.iter().map(|t| text(t).trim_end().ends_with(':')).collect())),
             ("truncated", flag(truncated)),
             ("empty", flag(instructions.iter().zip(&responses).map(|(i, r)| text(i).trim().is_empty() || r.as_deref().is_some_and(|r| r.trim().is_empty())).collect())),
-            ("refusal", flag(responses.iter().map(|r| is_refusal(text(r))).collect())),
-            ("repetitive", flag(responses.iter().map(|r| is_repetitive(text(r))).collect())),
-            ("language", Arc::new(instructions.iter().map(|t| t.as_deref().and_then(language)).collect::<StringArray>())),
+            // The costly tags (language detection above all) on rayon's threads, in row order.
+            ("refusal", flag(responses.par_iter().map(|r| is_refusal(text(r))).collect())),
+            ("repetitive", flag(responses.par_iter().map(|r| is_repetitive(text(r))).collect())),
+            ("language", Arc::new(StringArray::from(instructions.par_iter().map(|t| t.as_deref().and_then(language)).collect::<Vec<_>>()))),
         ];
         let mut batch = batch;
         for (name, array) in columns {

@@ -3,7 +3,8 @@
 //!
 //! - `exact_dedup` (`exact`): normalised-instruction duplicates;
 //! - `minhash_dedup` (`minhash`): MinHash-LSH near duplicates;
-//! - `semantic_dedup`: Magpie's gen_dis on all-MiniLM-L6-v2 embeddings (`semantic`, `embed`);
+//! - `semantic_dedup`: Magpie's gen_dis on all-MiniLM-L6-v2 embeddings (`semantic`, `embed`), its
+//!   kNN exact or HNSW (`knn`);
 //! - `heuristics`: lengths, trailing ":", truncation, empty turns, refusals, repetition, language;
 //! - `select`: rules, `keep_dedup`, top-k, shuffle and split (`select`).
 //!
@@ -19,6 +20,7 @@
 pub mod exact;
 pub mod heuristics;
 pub mod judge;
+pub mod knn;
 pub mod minhash;
 pub mod rejected;
 pub mod reward;

@@ -82,6 +82,11 @@ impl SentenceEncoder {
         x.layer_norm(size.as_slice(), Some(self.w(&format!("{prefix}.weight"))), Some(self.w(&format!("{prefix}.bias"))), self.config.layer_norm_eps, false)
     }
 
+    /// Length of an embedding (the model's hidden size).
+    pub fn dimensions(&self) -> usize {
+        self.config.hidden_size as usize
+    }
+
     /// Normalised embeddings of `texts`, `[n, hidden]` f32, on the CPU.
     pub fn embed(&self, texts: &[&str]) -> Result<Tensor> {
         let encodings = self.tokenizer.encode_batch(texts.to_vec(), true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;

@@ -105,6 +105,12 @@ pub struct TrainArgs {
     #[arg(long)]
     pub no_fp32_optimizer_state: bool,
 
+    /// Deterministic CUDA kernels (libtorch's deterministic algorithms, cuDNN deterministic,
+    /// CUBLAS_WORKSPACE_CONFIG=:4096:8), as transformers' `full_determinism`: a CUDA run and its
+    /// resume repeat bit for bit, somewhat slower. CPU runs are deterministic without it.
+    #[arg(long)]
+    pub full_determinism: bool,
+
     /// Recompute each block in the backward pass instead of keeping its activations.
     #[arg(long)]
     pub gradient_checkpointing: bool,

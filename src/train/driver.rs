@@ -42,6 +42,12 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
         print!("{}", super::memory::render(&config, args.precision(), args.gradient_checkpointing, processes as i64, &command.workload));
         return Ok(None);
     }
+    if args.full_determinism {
+        super::determinism::enable()?; // before the plan joins the ranks and touches CUDA
+        let workspace = std::env::var("CUBLAS_WORKSPACE_CONFIG").unwrap_or_default();
+        let state = if super::determinism::enabled() { "on" } else { "off" };
+        eprintln!("full determinism: libtorch's deterministic algorithms {state}, CUBLAS_WORKSPACE_CONFIG={workspace}");
+    }
     let plan = args.plan()?;
     tch::manual_seed(plan.seed as i64);
     crate::model::ModelDir::open(&plan.model)?; // a missing model is named before anything else

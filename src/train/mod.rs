@@ -8,6 +8,7 @@
 //! - `distributed`: data parallelism over processes (torchrun/Slurm, c10d, ZeRO-1 AdamW).
 //! - `memory`: the per-rank memory plan `--dry-run` prints.
 //! - `fused`: libtorch's fused AdamW kernel (`fused_adamw.cpp`), which `optim` runs.
+//! - `determinism`: `--full-determinism` (libtorch's deterministic kernels, `determinism.cpp`).
 //! - `lm_head`: target log-probs and loss gradients over the vocabulary in chunks.
 //! - `driver`: what sft and dpo share around the loop (dry run, world, rows, the output check).
 //! - `reference`: DPO's reference log-probs computed once and cached.
@@ -18,6 +19,7 @@
 pub mod args;
 pub mod batch;
 pub mod checkpoint;
+pub mod determinism;
 pub mod distributed;
 pub mod dpo;
 pub mod driver;
