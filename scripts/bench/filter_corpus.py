@@ -5,13 +5,16 @@ ending with ":", as parquet with `uuid`, `instruction`, `response` and `planted_
 
     python scripts/bench/filter_corpus.py OUT.parquet N [DUP_SHARE]
 """
-import random, sys
+import os, random, sys
 import pyarrow as pa, pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from minhash_corpus import near_copy, vocabulary
 
 out, n = sys.argv[1], int(sys.argv[2])
 dup_share = float(sys.argv[3]) if len(sys.argv) > 3 else 0.2
 rng = random.Random(0)
-vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(20000)]
+vocab = vocabulary(rng)
 writer = None
 block = 100_000
 texts = []
@@ -20,16 +23,7 @@ for start in range(0, n, block):
     for i in range(start, min(n, start + block)):
         if texts and rng.random() < dup_share:
             j = rng.randrange(len(texts))
-            words = texts[j].split()
-            kind = rng.choice(["drop", "swap", "case"])
-            if kind == "drop":
-                del words[rng.randrange(len(words))]
-            elif kind == "swap":
-                k = rng.randrange(len(words) - 1)
-                words[k], words[k + 1] = words[k + 1], words[k]
-            else:
-                words = [w.upper() if rng.random() < 0.5 else w.capitalize() for w in words]
-            text, source = " ".join(words), f"row-{j:07d}"
+            text, source = near_copy(rng, texts[j]), f"row-{j:07d}"
         else:
             text, source = " ".join(rng.choices(vocab, k=rng.randint(20, 40))), None
             if rng.random() < 0.02:
