@@ -35,15 +35,6 @@ pub struct Neighbourhood {
     pub earliest: Option<usize>,
 }
 
-impl Neighbourhood {
-    /// From `row`'s other rows, nearest first: (squared distance, row), at most k of them.
-    fn of(row: usize, sorted: &[(f64, usize)]) -> Neighbourhood {
-        let near: Vec<usize> = sorted.iter().take_while(|(d, _)| *d < REPEAT_DISTANCE).map(|&(_, j)| j).collect();
-        let earliest = (!near.is_empty()).then(|| near.iter().copied().chain([row]).min().unwrap());
-        Neighbourhood { nearest: sorted.first().map(|p| p.0), near: near.len() as i64, earliest }
-    }
-}
-
 /// Unit-length embeddings, row after row.
 pub struct Embeddings {
     values: Vec<f32>,
@@ -134,7 +125,7 @@ pub fn exact(e: &Embeddings, k: usize, device: Device) -> Vec<Neighbourhood> {
     // Lists for a few blocks at a time: k pairs a row.
     for part in rows.chunks(block_rows(e.len()) * 4) {
         let lists = exact_lists(e, part, k, device);
-        out.extend(part.iter().zip(&lists).map(|(&row, list)| Neighbourhood::of(row, list)));
+        out.extend(part.iter().zip(lists).map(|(&row, list)| Found::from_sorted(list).neighbourhood(row)));
     }
     out
 }
@@ -212,8 +203,7 @@ impl<'e> Hnsw<'e> {
         let mut found: Vec<Found> = (0..self.embeddings.len())
             .into_par_iter()
             .map(|row| {
-                let list = self.search(row, k)?;
-                Ok(Found { nearest: list.first().copied(), near: list.into_iter().take_while(|p| p.0 < REPEAT_DISTANCE).collect() })
+                Ok(Found::from_sorted(self.search(row, k)?))
             })
             .collect::<Result<_>>()?;
         let mut reverse: Vec<Vec<(f64, usize)>> = vec![vec![]; found.len()];
@@ -269,7 +259,7 @@ impl<'e> Hnsw<'e> {
     }
 }
 
-/// What the approximate search keeps of a row: its nearest other row and its near duplicates
+/// What a search keeps of a row: its nearest other row and its near duplicates
 /// (at most k, nearest first), with exact squared distances.
 #[derive(Clone, Debug, Default)]
 pub struct Found {
@@ -278,6 +268,11 @@ pub struct Found {
 }
 
 impl Found {
+    /// From a row's other rows, nearest first: (squared distance, row), at most k of them.
+    fn from_sorted(sorted: Vec<(f64, usize)>) -> Found {
+        Found { nearest: sorted.first().copied(), near: sorted.into_iter().take_while(|p| p.0 < REPEAT_DISTANCE).collect() }
+    }
+
     pub fn neighbourhood(&self, row: usize) -> Neighbourhood {
         let earliest = (!self.near.is_empty()).then(|| self.near.iter().map(|p| p.1).chain([row]).min().unwrap());
         Neighbourhood { nearest: self.nearest.map(|p| p.0), near: self.near.len() as i64, earliest }
