@@ -2,7 +2,8 @@
 //! - an rpath to the venv's libtorch, so `magpie` runs without LD_LIBRARY_PATH, and libtorch_cuda
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
 //! - `src/train/fused_adamw.cpp` (libtorch's fused AdamW), `src/model/flash_attention.cpp`
-//!   (varlen flash attention), `src/train/determinism.cpp` (deterministic mode) and `src/train/distributed/c10d.cpp`, the C++ side of the process
+//!   (varlen flash attention), `src/train/determinism.cpp` (deterministic mode), `src/model/seeded_random.cpp`
+//!   (seeded random tensors) and `src/train/distributed/c10d.cpp`, the C++ side of the process
 //!   groups (libtorch's c10d), against
 //!   the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
 //!   installed (the `nvidia-*` wheels scripts/setup.sh installs);
@@ -39,18 +40,20 @@ fn main() {
 }
 
 /// Compiles the C++ that calls libtorch where tch has no wrapper: the c10d shim, the fused
-/// AdamW kernel's, varlen flash attention's and deterministic mode's. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
+/// AdamW kernel's, varlen flash attention's, deterministic mode's and the seeded samplers. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
 /// `nccl.h`; they are looked for in the wheels beside torch and in `$CUDA_HOME`.
 fn compile_c10d(lib_dir: &Path, cuda: bool) {
     const SHIM: &str = "src/train/distributed/c10d.cpp";
     const FUSED_ADAMW: &str = "src/train/fused_adamw.cpp";
     const FLASH_ATTENTION: &str = "src/model/flash_attention.cpp";
     const DETERMINISM: &str = "src/train/determinism.cpp";
+    const SEEDED_RANDOM: &str = "src/model/seeded_random.cpp";
     const VENDOR: &str = "src/train/distributed/vendor";
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={FUSED_ADAMW}");
     println!("cargo:rerun-if-changed={FLASH_ATTENTION}");
     println!("cargo:rerun-if-changed={DETERMINISM}");
+    println!("cargo:rerun-if-changed={SEEDED_RANDOM}");
     println!("cargo:rerun-if-changed=src/torch_ffi.h");
     println!("cargo:rerun-if-changed={VENDOR}");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
@@ -64,6 +67,7 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
         .file(FUSED_ADAMW)
         .file(FLASH_ATTENTION)
         .file(DETERMINISM)
+        .file(SEEDED_RANDOM)
         .include(VENDOR)
         .include(&include)
         .include(include.join("torch/csrc/api/include"))

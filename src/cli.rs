@@ -1,7 +1,7 @@
 //! The command line: one subcommand per stage, each args struct owned by its stage's module so
 //! the library can be driven without the CLI. `--recipe FILE.yaml` is spliced in by `recipe`.
 
-use crate::{data::inspect::InspectArgs, doctor::DoctorArgs, eval::EvalArgs, filter::FilterArgs, model::convert::ConvertArgs, synth::SynthArgs, train::{DpoArgs, SftArgs}};
+use crate::{data::inspect::InspectArgs, doctor::DoctorArgs, eval::EvalArgs, filter::FilterArgs, model::convert::ConvertArgs, model::merge::MergeArgs, synth::SynthArgs, train::{DpoArgs, SftArgs}};
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::ffi::OsString;
@@ -41,6 +41,10 @@ pub enum Command {
     /// Convert a GGUF model (llama architecture) into a Hugging Face safetensors directory.
     #[command(args_override_self = true)]
     Convert(ConvertArgs),
+    /// Fold a LoRA adapter (PEFT's format) into its base model: a full model transformers and
+    /// mistralrs load.
+    #[command(args_override_self = true)]
+    Merge(MergeArgs),
     /// Check this machine: CPU features, llama.cpp's CPU paths, libtorch and CUDA, models, cache.
     Doctor(DoctorArgs),
 }

@@ -16,6 +16,7 @@ fn main() -> ExitCode {
             Command::Eval(args) => magpie::eval::run(args),
             Command::Inspect(args) => magpie::data::inspect::run(args),
             Command::Convert(args) => magpie::model::convert::run(args),
+            Command::Merge(args) => magpie::model::merge::run(args),
             Command::Doctor(args) => magpie::doctor::run(args),
         });
     match result {

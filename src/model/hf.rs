@@ -26,6 +26,17 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
+    /// The dtype `config.json` says the weights are stored in (`torch_dtype`, or transformers
+    /// 5's `dtype`); f32 when it says nothing.
+    pub fn stored_kind(&self) -> Kind {
+        let dtype = self.raw_config.get("torch_dtype").or_else(|| self.raw_config.get("dtype")).and_then(|d| d.as_str());
+        match dtype {
+            Some("bfloat16") => Kind::BFloat16,
+            Some("float16") => Kind::Half,
+            _ => Kind::Float,
+        }
+    }
+
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         if !dir.is_dir() {
@@ -220,6 +231,11 @@ pub fn write_model_files(vs: &nn::VarStore, base: &ModelDir, dir: &Path) -> Resu
     let config = saved_config(&base.raw_config, &base.config, kind);
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, serde_json::to_string_pretty(&config)?).with_context(|| format!("{}: cannot write", config_path.display()))?;
+    copy_tokenizer_files(base, dir)
+}
+
+/// Copies the base model's tokenizer files and chat template into `dir`.
+pub fn copy_tokenizer_files(base: &ModelDir, dir: &Path) -> Result<()> {
     for file in TOKENIZER_FILES {
         let (source, target) = (base.dir.join(file), dir.join(file));
         // Copying a file onto itself would truncate it.

@@ -5,6 +5,7 @@
 //! `LlamaForSequenceClassification` for reward models.
 //!
 //! Attention is `attention::Attend`'s: SDPA, or varlen flash attention for packed rows on a GPU.
+//! Any linear layer can carry a LoRA adapter (`lora`), switched off on demand.
 
 use anyhow::{bail, Result};
 use serde::Deserialize;
@@ -12,6 +13,8 @@ use tch::nn;
 use tch::{Device, Kind, Tensor};
 
 use super::attention::{Attend, AttentionMask};
+use super::lora::{Adapter, LoraConfig, Switch};
+use std::sync::Arc;
 
 /// The `config.json` fields the architecture needs. Older and newer spellings are both read:
 /// `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
@@ -174,21 +177,38 @@ fn param(vs: &nn::Path, name: &str, dims: &[i64], weights: Weights, init: nn::In
     }
 }
 
-/// `y = x Wᵀ + b`, with tch's `nn::linear` initialisation (bias drawn first, as there).
+/// `y = x Wᵀ + b`, with tch's `nn::linear` initialisation (bias drawn first, as there), plus a
+/// LoRA adapter's update when one is attached.
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    adapter: Option<Adapter>,
 }
 
 impl Linear {
     fn new(vs: nn::Path, inputs: i64, outputs: i64, bias: bool, weights: Weights) -> Self {
         let bound = 1.0 / (inputs as f64).sqrt();
         let bias = bias.then(|| param(&vs, "bias", &[outputs], weights, nn::Init::Uniform { lo: -bound, up: bound }));
-        Linear { weight: param(&vs, "weight", &[outputs, inputs], weights, nn::LinearConfig::default().ws_init), bias }
+        Linear { weight: param(&vs, "weight", &[outputs, inputs], weights, nn::LinearConfig::default().ws_init), bias, adapter: None }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        x.linear(&self.weight, self.bias.as_ref())
+        let y = x.linear(&self.weight, self.bias.as_ref());
+        match &self.adapter {
+            Some(adapter) => adapter.add_to(x, y),
+            None => y,
+        }
+    }
+
+    /// Adds the adapter's update into the weight (in the weight's dtype, as PEFT merges) and
+    /// detaches the adapter.
+    fn merge(&mut self) {
+        if let Some(adapter) = self.adapter.take() {
+            let delta = adapter.delta().to_kind(self.weight.kind());
+            tch::no_grad(|| {
+                let _ = self.weight.g_add_(&delta);
+            });
+        }
     }
 }
 
@@ -300,6 +320,21 @@ impl Block {
         let x = x + self.self_attn.forward(&self.input_layernorm.forward(x), rope, attend);
         &x + self.mlp.forward(&self.post_attention_layernorm.forward(&x))
     }
+
+    /// The block's linear layers with their paths below the block (`self_attn.q_proj`), in
+    /// PEFT's module order.
+    fn linears_mut(&mut self) -> [(&'static str, &'static str, &mut Linear); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        [
+            ("self_attn", "q_proj", &mut a.q_proj),
+            ("self_attn", "k_proj", &mut a.k_proj),
+            ("self_attn", "v_proj", &mut a.v_proj),
+            ("self_attn", "o_proj", &mut a.o_proj),
+            ("mlp", "gate_proj", &mut m.gate_proj),
+            ("mlp", "up_proj", &mut m.up_proj),
+            ("mlp", "down_proj", &mut m.down_proj),
+        ]
+    }
 }
 
 /// What sits on top of the final norm.
@@ -330,6 +365,8 @@ pub struct Llama {
     norm: RmsNorm,
     head: Head,
     inv_freq: Tensor,
+    /// The attached LoRA adapters' switch (`add_adapters`).
+    adapters: Option<Arc<Switch>>,
 }
 
 /// One forward's inputs: token ids, position ids and the attention mask, all `[batch, seq]`.
@@ -368,7 +405,58 @@ impl Llama {
             norm: RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps, weights),
             head,
             inv_freq: config.inv_freq()?.to_device(vs.device()),
+            adapters: None,
         })
+    }
+
+    /// Attaches a fresh LoRA adapter (PEFT's initialisation, drawn from `seed`) to every targeted
+    /// linear layer, its tensors under `vs` with the layer's own path
+    /// (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    pub fn add_adapters(&mut self, vs: &nn::Path, config: &LoraConfig, seed: u64) -> Result<()> {
+        let switch = Arc::new(Switch::default());
+        let mut slot = 0;
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (group, module, linear) in layer.linears_mut() {
+                if config.targets(module) {
+                    let (outputs, inputs) = linear.weight.size2().expect("a linear weight is a matrix");
+                    linear.adapter = Some(Adapter::new(&(vs / "model" / "layers" / i / group / module), inputs, outputs, config, &switch, slot, seed)?);
+                    slot += 1;
+                }
+            }
+        }
+        self.adapters = Some(switch);
+        Ok(())
+    }
+
+    /// Runs `f` on the base model, the adapters switched off (PEFT's `disable_adapter()`); with
+    /// no adapters, just runs it.
+    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.adapters {
+            Some(switch) => switch.without(f),
+            None => f(),
+        }
+    }
+
+    pub fn has_adapters(&self) -> bool {
+        self.adapters.is_some()
+    }
+
+    /// Turns the adapters' dropout on, its masks drawn from `stream` (one per training
+    /// micro-batch), or off (`None`).
+    pub fn set_dropout(&self, stream: Option<u64>) {
+        if let Some(switch) = &self.adapters {
+            switch.set_dropout(stream);
+        }
+    }
+
+    /// Adds every adapter's update into its layer's weight and detaches the adapters.
+    pub fn merge_adapters(&mut self) {
+        for layer in &mut self.layers {
+            for (_, _, linear) in layer.linears_mut() {
+                linear.merge();
+            }
+        }
+        self.adapters = None;
     }
 
     pub fn device(&self) -> Device {
@@ -431,8 +519,11 @@ impl Llama {
             (y * &grad).sum(Kind::Float).backward();
             grad = x.grad();
         }
-        (self.embed(inputs.ids) * grad).sum(Kind::Float).backward();
+        if self.embed_tokens.requires_grad() {
+            (self.embed(inputs.ids) * grad).sum(Kind::Float).backward();
+        }
     }
+
 
     pub fn final_norm(&self, x: &Tensor) -> Tensor {
         self.norm.forward(x)

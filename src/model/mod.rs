@@ -7,6 +7,8 @@
 //! - `tokenize`: chat-template tokenisation with assistant-only targets.
 //! - `chat_template` (Jinja) and `pre_query` (Magpie's pre-query templates derived from it).
 //! - `gguf` (metadata reader) and `convert` (GGUF to a Hugging Face directory, `magpie convert`).
+//! - `lora`: PEFT's LoRA adapters on the decoder's linear layers; `merge` (`magpie merge`)
+//!   folds them into full weights.
 
 pub mod attention;
 pub mod chat_template;
@@ -15,23 +17,75 @@ pub mod embed;
 pub mod gguf;
 pub mod hf;
 pub mod llama;
+pub mod lora;
+pub mod merge;
 pub mod pre_query;
 pub mod reward;
 pub mod tokenize;
 
 use anyhow::Result;
 use std::path::Path;
+use lora::{Adapters, LoraConfig};
 use tch::{nn, Device, Kind};
 
 pub use hf::ModelDir;
 pub use attention::AttentionMask;
 pub use llama::{Inputs, Llama, LlamaConfig, Weights};
 
-/// A model with the store that owns its weights.
+/// A model with the store that owns its weights, and its LoRA adapters when it has them.
 pub struct Loaded {
     pub vs: nn::VarStore,
     pub model: Llama,
     pub dir: ModelDir,
+    pub adapters: Option<Adapters>,
+}
+
+impl Loaded {
+    /// Freezes the base weights (no gradient, so no optimizer state or master copy) and attaches
+    /// LoRA adapters in f32: PEFT's fresh initialisation (from `seed`), or the PEFT adapter
+    /// saved in `from`.
+    pub fn add_adapters(&mut self, config: &LoraConfig, from: Option<&Path>, seed: u64) -> Result<()> {
+        self.vs.freeze();
+        let vs = nn::VarStore::new(self.vs.device());
+        self.model.add_adapters(&vs.root(), config, seed)?;
+        let adapters = Adapters { vs, config: config.clone() };
+        if let Some(dir) = from {
+            adapters.load(dir)?;
+        }
+        self.adapters = Some(adapters);
+        Ok(())
+    }
+
+    /// The store that trains: the adapters', or the model's own weights.
+    pub fn trained(&self) -> &nn::VarStore {
+        self.adapters.as_ref().map_or(&self.vs, |a| &a.vs)
+    }
+
+    /// Writes what trains into the existing folder `dir`, with the tokenizer files: a PEFT
+    /// adapter folder, or a whole Hugging Face model.
+    pub fn write_files(&self, dir: &Path) -> Result<()> {
+        match &self.adapters {
+            Some(adapters) => {
+                adapters.write_files(&self.dir.dir, dir)?;
+                hf::copy_tokenizer_files(&self.dir, dir)
+            }
+            None => hf::write_model_files(&self.vs, &self.dir, dir),
+        }
+    }
+
+    /// Saves what trains as the folder `dir`, atomically, with a manifest.
+    pub fn save(&self, dir: &Path, provenance: &crate::run::Provenance) -> Result<()> {
+        let kind = if self.adapters.is_some() { "adapter" } else { "model" };
+        crate::run::write_dir(dir, kind, provenance, |tmp| self.write_files(tmp))
+    }
+
+    /// Loads what [`Loaded::write_files`] wrote into `dir` back into what trains.
+    pub fn load_trained(&self, dir: &Path) -> Result<()> {
+        match &self.adapters {
+            Some(adapters) => adapters.load(dir),
+            None => ModelDir::open(dir)?.load_into(&self.vs),
+        }
+    }
 }
 
 /// Loads a causal language model from a Hugging Face directory onto `device` in `kind`, tensor by
@@ -42,7 +96,7 @@ pub fn load_causal_lm(dir: &Path, device: Device, kind: Kind) -> Result<Loaded> 
     let vs = nn::VarStore::new(device);
     let model = Llama::causal_lm(&vs.root(), &dir.config, Weights::Uninit(kind))?;
     dir.load_into(&vs)?;
-    Ok(Loaded { vs, model, dir })
+    Ok(Loaded { vs, model, dir, adapters: None })
 }
 
 #[cfg(test)]
@@ -95,7 +149,7 @@ pub mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let model = Llama::causal_lm(&vs.root(), &dir.config, Weights::Random).unwrap();
         fill_deterministic(&vs);
-        Loaded { vs, model, dir }
+        Loaded { vs, model, dir, adapters: None }
     }
 
     /// A tiny fixture saved and loaded back onto `device` in `kind` (through `load_causal_lm`, as

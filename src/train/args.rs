@@ -115,6 +115,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub gradient_checkpointing: bool,
 
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub lora: LoraArgs,
+
     /// With several processes (torchrun, srun): seconds a collective or the rendezvous may wait
     /// for the other ranks before failing, as TRL's `ddp_timeout`.
     #[arg(long, default_value_t = 1800)]
@@ -131,6 +135,52 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     pub resume: bool,
+}
+
+/// LoRA adapters instead of full fine-tuning, with the names of TRL's `ModelConfig` and the
+/// meaning of PEFT's `LoraConfig`.
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
+pub struct LoraArgs {
+    /// Train LoRA adapters (PEFT's format) instead of every weight: the base model stays frozen
+    /// in its dtype, only the f32 adapters take gradients and optimizer state, and the model
+    /// saved is a PEFT adapter folder (`magpie merge` folds it into full weights). DPO's
+    /// reference is then the policy with its adapters switched off, unless --ref-model is given.
+    #[arg(long, help_heading = "LoRA")]
+    pub use_peft: bool,
+
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 16, requires = "use_peft", value_parser = clap::value_parser!(i64).range(1..), help_heading = "LoRA")]
+    pub lora_r: i64,
+
+    /// LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --use-rslora).
+    #[arg(long, default_value_t = 32.0, requires = "use_peft", value_parser = crate::flags::non_negative, help_heading = "LoRA")]
+    pub lora_alpha: f64,
+
+    /// Dropout on the adapters' inputs while training.
+    #[arg(long, default_value_t = 0.05, requires = "use_peft", value_parser = crate::flags::fraction_below_one, help_heading = "LoRA")]
+    pub lora_dropout: f64,
+
+    /// Modules that get adapters, comma-separated: q_proj, k_proj, v_proj, o_proj, gate_proj,
+    /// up_proj, down_proj, or all-linear (all seven). PEFT's default for Llama is q_proj,v_proj.
+    #[arg(long, value_delimiter = ',', default_values_t = ["q_proj".to_string(), "v_proj".to_string()], requires = "use_peft", help_heading = "LoRA")]
+    pub lora_target_modules: Vec<String>,
+
+    /// Rank-stabilised LoRA: scale by alpha / sqrt(r) (PEFT's use_rslora).
+    #[arg(long, requires = "use_peft", help_heading = "LoRA")]
+    pub use_rslora: bool,
+
+    /// Start from this PEFT adapter folder (its adapter_config.json sets r, alpha, dropout and
+    /// the targets), e.g. a `magpie sft --use-peft` model to train further with DPO.
+    #[arg(long, value_name = "DIR", help_heading = "LoRA",
+          conflicts_with_all = ["lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "use_rslora"])]
+    pub adapter: Option<PathBuf>,
+}
+
+impl LoraArgs {
+    /// Whether the run trains adapters (`--use-peft` or `--adapter`).
+    pub fn enabled(&self) -> bool {
+        self.use_peft || self.adapter.is_some()
+    }
 }
 
 /// Training flags parsed as the command line would parse them, for tests.

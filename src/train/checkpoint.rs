@@ -6,7 +6,7 @@
 //! newest checkpoint; `--overwrite` starts over in place of a run of ours; anything else in the
 //! way is an error, and nothing magpie did not write is ever removed.
 //!
-//! A checkpoint is a loadable HF model plus the optimizer state (`optimizer.safetensors`, or one
+//! A checkpoint is a loadable HF model (a PEFT adapter folder with LoRA) plus the optimizer state (`optimizer.safetensors`, or one
 //! `optimizer-rank{R}-of-{N}.safetensors` per rank when sharded: moments, and the fp32 master
 //! weights under mixed precision) and `trainer_state.json` (step, seed, settings), with a manifest
 //! of its own. Resuming refuses other settings, naming them.
@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use super::plan::TrainPlan;
 use super::optim::Optimizer;
-use crate::model::{hf, Loaded};
+use crate::model::Loaded;
 use crate::run::{self, Manifest, Prepared, Provenance, Resuming, RunDir};
 
 /// The names a training run writes into its folder besides the markers.
@@ -84,7 +84,7 @@ pub fn save(loaded: &Loaded, opt: &dyn Optimizer, step: usize, plan: &TrainPlan,
     world.barrier()?;
     let dir = output.join(format!("checkpoint-{step}"));
     run::write_dir(&dir, "checkpoint", provenance, |tmp| {
-        hf::write_model_files(&loaded.vs, &loaded.dir, tmp)?;
+        loaded.write_files(tmp)?;
         opt.save(tmp)?;
         for rank in 1..world.size {
             let staging = shard_staging(output, step, rank);
@@ -127,7 +127,7 @@ pub fn resume(loaded: &Loaded, opt: &mut dyn Optimizer, output: &Path, want: &Va
         let names: Vec<&str> = differing.iter().map(|k| k.rsplit('.').next().unwrap_or(k)).collect();
         bail!("{}: was made with other settings ({}); resume with the same ones or use a new --output", dir.display(), names.join(", "));
     }
-    hf::ModelDir::open(&dir)?.load_into(&loaded.vs)?;
+    loaded.load_trained(&dir)?;
     opt.load(&dir, state["optimizer_steps"].as_i64().unwrap_or(step as i64))?;
     Ok(step)
 }

@@ -9,6 +9,7 @@
 //! The reference model is either a frozen copy held during training, or, with
 //! `precompute_ref_log_probs`, one pass over the data before training whose results are cached
 //! in `$MAGPIE_CACHE` (`reference`), so that no reference model is held while training.
+//! With LoRA it is the policy with its adapters switched off, unless `--ref-model` names one.
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -201,6 +202,9 @@ pub enum Reference {
     Live(Loaded),
     /// `[chosen, rejected]` summed log-probs per pair, per split.
     Precomputed([Vec<[f64; 2]>; 2]),
+    /// The policy itself with its LoRA adapters switched off (PEFT's `disable_adapter()`, as
+    /// TRL does it for a PEFT model without a reference model): no second model in memory.
+    AdaptersOff,
     /// SimPO needs none.
     None,
 }
@@ -214,14 +218,13 @@ pub struct DpoObjective {
 
 impl DpoObjective {
     /// Reference log-probs `[chosen], [rejected]` for a batch.
-    fn reference_logps(&self, batch: &Batch, split: Split) -> Result<(Tensor, Tensor)> {
+    fn reference_logps(&self, policy: &Llama, batch: &Batch, split: Split) -> Result<(Tensor, Tensor)> {
         let n = batch.examples.len() as i64;
         let device = batch.ids.device();
+        let halves = |logps: Tensor| Ok((logps.narrow(0, 0, n), logps.narrow(0, n, n)));
         match &self.reference {
-            Reference::Live(reference) => {
-                let logps = reference_logps(&reference.model, batch);
-                Ok((logps.narrow(0, 0, n), logps.narrow(0, n, n)))
-            }
+            Reference::Live(reference) => halves(reference_logps(&reference.model, batch)),
+            Reference::AdaptersOff => halves(policy.without_adapters(|| reference_logps(policy, batch))),
             Reference::Precomputed(cached) => {
                 let rows: Vec<[f64; 2]> = batch.examples.iter().map(|&e| cached[split.index()][e]).collect();
                 let column = |k: usize| Tensor::from_slice(&rows.iter().map(|r| r[k] as f32).collect::<Vec<_>>()).to_device(device);
@@ -253,7 +256,7 @@ impl Objective for DpoObjective {
 
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, split: Split) -> Result<(Tensor, Metrics)> {
         let n = batch.examples.len() as i64;
-        let (ref_c, ref_r) = self.reference_logps(batch, split)?;
+        let (ref_c, ref_r) = self.reference_logps(model, batch, split)?;
         let half = |t: &Tensor, k: i64| t.narrow(0, k * n, n);
         // The loss's parts, kept for the metrics (which detach them).
         let mut parts = None;
@@ -293,13 +296,15 @@ impl Objective for DpoObjective {
 pub fn run(args: &DpoArgs) -> Result<()> {
     let train_args = &args.train;
     let reference_dir = args.ref_model.clone().unwrap_or_else(|| train_args.model.clone());
+    // With LoRA and no --ref-model, the reference is the policy with its adapters off.
+    let adapters_off = train_args.lora.enabled() && args.ref_model.is_none();
     let command = driver::Command {
         args: train_args,
         stage: "dpo",
         columns: &["prompt", "chosen", "rejected"],
         workload: Workload {
             tokens: (2 * train_args.per_device_train_batch_size * args.max_length) as i64,
-            reference_model: args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs,
+            reference_model: args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs && !adapters_off,
             micro_batches: train_args.gradient_accumulation_steps,
         },
         also_reads: vec![reference_dir.clone()],
@@ -325,13 +330,14 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
             (LossType::Simpo, _) => Reference::None,
             (_, true) => Reference::Precomputed(precomputed_reference(&objective, &objective.pairs, plan, &reference_dir)?),
+            (_, false) if adapters_off => Reference::AdaptersOff,
             (_, false) => {
                 let mut reference = load_causal_lm(&reference_dir, device, dtype)?;
                 reference.vs.freeze();
                 Reference::Live(reference)
             }
         };
-        let policy = load_causal_lm(&plan.model, device, dtype)?;
+        let policy = driver::load_policy(plan)?;
         Ok(driver::Built { objective, policy })
     })?;
     let Some(summary) = summary else { return Ok(()) };
@@ -455,6 +461,35 @@ mod tests {
         let bf16 = cache_key(&live.pairs, &saved("tiny-qwen2"), Kind::BFloat16, Device::Cpu).unwrap();
         let cuda = cache_key(&live.pairs, &saved("tiny-qwen2"), Kind::Float, Device::Cuda(0)).unwrap();
         assert!(key != bf16 && key != cuda && bf16 != cuda, "the cache is keyed by the compute dtype and device");
+    }
+
+    /// With LoRA the reference is the policy with its adapters off: the base model's values (as
+    /// a separate copy of it gives), and rewards of exactly 0 while the adapters are fresh.
+    #[test]
+    fn the_reference_of_a_lora_policy_is_its_base_and_fresh_adapters_give_zero_rewards() {
+        let lora = crate::model::lora::LoraConfig::new(4, 8.0, 0.0, &["all-linear".to_string()], false).unwrap();
+        let mut policy = tiny("tiny-llama");
+        policy.add_adapters(&lora, None, 42).unwrap();
+        let metrics = |objective: &DpoObjective| {
+            let batch = objective.collate(Split::Train, &[0, 1], Device::Cpu).unwrap();
+            let hidden = tch::no_grad(|| policy.model.hidden_states(&batch.inputs()));
+            crate::train::objective::read(&objective.loss(&policy.model, &hidden, &batch, Split::Train).unwrap().1, 1.0).unwrap()
+        };
+        let (adapters_off, _) = fixture_objective(LossType::Sigmoid, 0.0, Reference::AdaptersOff);
+        let fresh = metrics(&adapters_off);
+        assert_eq!((fresh["rewards/chosen"], fresh["rewards/rejected"], fresh["rewards/margins"]), (0.0, 0.0, 0.0));
+        tch::manual_seed(3);
+        for (name, mut var) in policy.trained().variables() {
+            if name.contains("lora_B") {
+                tch::no_grad(|| var.copy_(&(Tensor::randn(var.size(), (Kind::Float, Device::Cpu)) * 0.05)));
+            }
+        }
+        let (separate_base, _) = fixture_objective(LossType::Sigmoid, 0.0, Reference::Live(tiny("tiny-llama")));
+        let (trained, copy) = (metrics(&adapters_off), metrics(&separate_base));
+        assert!(trained["rewards/chosen"].abs() > 1e-4, "the adapters moved the policy");
+        for (key, value) in &copy {
+            assert!((value - trained[key]).abs() <= 1e-6 * value.abs() + 1e-7, "{key}: {value} vs {}", trained[key]);
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use super::memory::Workload;
 use super::objective::Objective;
 use super::plan::TrainPlan;
 use super::trainer::{self, Summary};
-use crate::model::Loaded;
+use crate::model::{load_causal_lm, Loaded};
 
 /// One training command's shape: its name, the columns it reads, the work of one micro-batch
 /// (for `--dry-run`), the models it reads besides `--model`, and its objective's settings (which
@@ -39,7 +39,8 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
     let args = command.args;
     if let Some(processes) = args.dry_run_processes()? {
         let config = crate::model::ModelDir::open(&args.model)?.config;
-        print!("{}", super::memory::render(&config, args.precision(), args.gradient_checkpointing, processes as i64, &command.workload));
+        let lora = args.lora_plan()?.map(|l| l.config);
+        print!("{}", super::memory::render(&config, args.precision(), args.gradient_checkpointing, processes as i64, &command.workload, lora.as_ref()));
         return Ok(None);
     }
     if args.full_determinism {
@@ -55,8 +56,18 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
     let mut inputs = rows.files.clone();
     inputs.push(plan.model.clone());
     inputs.extend(command.also_reads);
+    inputs.extend(plan.lora.as_ref().and_then(|l| l.from.clone()));
     let output = if plan.world.is_main() { Some(checkpoint::prepare_output(&plan, command.stage, &command.settings, &inputs)?) } else { None };
     let built = build(rows, &plan)?;
     let summary = trainer::train(&built.objective, &built.policy, &plan, command.stage, &command.settings, output)?;
     Ok(plan.world.is_main().then_some(summary))
+}
+
+/// The model to train, in the plan's dtype on its device: with LoRA, frozen, with its adapters.
+pub fn load_policy(plan: &TrainPlan) -> Result<Loaded> {
+    let mut policy = load_causal_lm(&plan.model, plan.device, plan.precision.dtype)?;
+    if let Some(lora) = &plan.lora {
+        policy.add_adapters(&lora.config, lora.from.as_deref(), plan.seed)?;
+    }
+    Ok(policy)
 }

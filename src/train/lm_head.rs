@@ -30,10 +30,10 @@ const CHUNK_LOGITS: i64 = 1 << 27;
 /// What the head's loss holds at its peak for `tokens` targets, in bytes (the `--dry-run` plan):
 /// one chunk's f32 logits and their gradient in the weights' dtype, `G_W` in f32 and then in the
 /// weights' dtype, a chunk's `G_W` in the weights' dtype and (below f32) its f32 copy, and the
-/// targets' hidden states with `G_h`.
-pub fn peak_bytes(vocab: i64, hidden: i64, tokens: i64, element: f64) -> f64 {
+/// targets' hidden states with `G_h`. A frozen head (`head_trains` false: LoRA) has no `G_W`.
+pub fn peak_bytes(vocab: i64, hidden: i64, tokens: i64, element: f64, head_trains: bool) -> f64 {
     let chunk = (CHUNK_LOGITS / vocab).max(1).min(tokens.max(1)) as f64 * vocab as f64;
-    let weight = (vocab * hidden) as f64;
+    let weight = if head_trains { (vocab * hidden) as f64 } else { 0.0 };
     let chunk_weight_gradient = element + if element < 4.0 { 4.0 } else { 0.0 };
     chunk * (4.0 + element) + weight * (4.0 + element + chunk_weight_gradient) + 2.0 * (tokens * hidden) as f64 * element
 }
@@ -102,28 +102,33 @@ impl<'a> Head<'a> {
 
     /// Adds a chunk's share of `G_h` (its rows) and `G_W`, for `dL/dlogits = c · (softmax − onehot)`.
     /// Consumes the chunk's logits (overwritten in place).
-    fn backward(&self, mut logits: Tensor, lse: &Tensor, c: &Tensor, (start, len): (i64, i64), grad_hidden: &Tensor, grad_weight: &mut Tensor) {
+    fn backward(&self, mut logits: Tensor, lse: &Tensor, c: &Tensor, (start, len): (i64, i64), grad_hidden: &Tensor, grad_weight: &mut Option<Tensor>) {
         tch::no_grad(|| {
             let _ = logits.g_sub_(&lse.unsqueeze(1)).exp_().g_mul_(&c.unsqueeze(1));
             let _ = logits.scatter_add_(1, &self.targets.narrow(0, start, len).unsqueeze(1), &(-c).unsqueeze(1));
             let d_logits = logits.to_kind(self.weight.kind());
             grad_hidden.narrow(0, start, len).copy_(&d_logits.matmul(&self.weight.detach()));
-            let d_weight = d_logits.tr().matmul(&self.hidden.detach().narrow(0, start, len));
-            *grad_weight += d_weight.to_kind(Kind::Float);
+            if let Some(grad_weight) = grad_weight {
+                let d_weight = d_logits.tr().matmul(&self.hidden.detach().narrow(0, start, len));
+                *grad_weight += d_weight.to_kind(Kind::Float);
+            }
         })
     }
 
-    /// `G_h` and `G_W` before any chunk is added.
-    fn zero_gradients(&self) -> (Tensor, Tensor) {
+    /// `G_h` and `G_W` before any chunk is added; no `G_W` for a frozen head (LoRA).
+    fn zero_gradients(&self) -> (Tensor, Option<Tensor>) {
         let grad_hidden = Tensor::zeros_like(&self.hidden);
-        (grad_hidden, Tensor::zeros(self.weight.size(), (Kind::Float, self.weight.device())))
+        (grad_hidden, self.weight.requires_grad().then(|| Tensor::zeros(self.weight.size(), (Kind::Float, self.weight.device()))))
     }
 
     /// `value` (no grad) plus `s − s` for the surrogate `s = ⟨h, G_h⟩ + ⟨W, G_W⟩`: the same value,
     /// and a backward pass that sends `G_h` and `G_W` (times the upstream gradient) into the graph.
-    fn with_gradients(&self, value: Tensor, grad_hidden: Tensor, grad_weight: Tensor) -> Tensor {
+    fn with_gradients(&self, value: Tensor, grad_hidden: Tensor, grad_weight: Option<Tensor>) -> Tensor {
         let inner = |a: &Tensor, b: &Tensor| a.flatten(0, -1).dot(&b.flatten(0, -1));
-        let surrogate = inner(&self.hidden, &grad_hidden) + inner(self.weight, &grad_weight.to_kind(self.weight.kind()));
+        let mut surrogate = inner(&self.hidden, &grad_hidden);
+        if let Some(grad_weight) = grad_weight {
+            surrogate = surrogate + inner(self.weight, &grad_weight.to_kind(self.weight.kind()));
+        }
         value + (&surrogate - surrogate.detach())
     }
 

@@ -10,6 +10,7 @@
 //! holds one chunk of logits at a time and the head's gradient (`lm_head::peak_bytes`). The CUDA
 //! context and allocator slack (a GB or two) come on top.
 
+use crate::model::lora::LoraConfig;
 use crate::model::LlamaConfig;
 use super::plan::Precision;
 use super::distributed::zero::BUCKET_ELEMENTS;
@@ -36,16 +37,24 @@ pub fn parameters(c: &LlamaConfig) -> i64 {
     c.num_hidden_layers * layer + embeddings + h
 }
 
-/// Bytes on each rank, by part.
-pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload) -> Vec<(&'static str, f64)> {
+/// Bytes on each rank, by part. With `lora`, the base weights are frozen and only the f32
+/// adapters have gradients and optimizer state.
+pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> Vec<(&'static str, f64)> {
     let n = parameters(c) as f64;
     let bf16 = precision.dtype == tch::Kind::BFloat16;
     let element = if bf16 { 2.0 } else { 4.0 };
     let fp32_state = precision.fp32_state;
     let state_element = if fp32_state { 4.0 } else { element };
-    let master = if bf16 && fp32_state || world > 1 { n * state_element } else { 0.0 };
+    let master = if (bf16 && fp32_state || world > 1) && lora.is_none() { n * state_element } else { 0.0 };
     let (h, kv, i) = (c.hidden_size as f64, (c.kv_heads() * c.head_dim()) as f64, c.intermediate_size as f64);
-    let per_layer_token = element * (9.0 * h + 4.0 * kv + 4.0 * i);
+    // An adapter keeps its f32 input and its rank-r middle (and a dropout mask) per token.
+    let adapter_per_layer_token = lora.map_or(0.0, |l| {
+        let q = (c.num_attention_heads * c.head_dim()) as f64;
+        let inputs = [("q_proj", h), ("k_proj", h), ("v_proj", h), ("o_proj", q), ("gate_proj", h), ("up_proj", h), ("down_proj", i)];
+        let mask = if l.dropout > 0.0 { 1.0 } else { 0.0 };
+        inputs.iter().filter(|(m, _)| l.targets(m)).map(|(_, x)| (4.0 + mask) * x + 4.0 * l.r as f64).sum()
+    });
+    let per_layer_token = element * (9.0 * h + 4.0 * kv + 4.0 * i) + adapter_per_layer_token;
     let tokens = work.tokens as f64;
     let layers = c.num_hidden_layers as f64;
     let activations = if recompute {
@@ -53,24 +62,35 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, 
     } else {
         tokens * layers * per_layer_token
     };
-    let mut rows = vec![
-        ("weights", n * element),
-        ("gradients", n * element),
+    // What trains: every weight, or the f32 adapters.
+    let (trained, trained_element, state_element) = match lora {
+        Some(l) => (l.parameters(c) as f64, 4.0, 4.0),
+        None => (n, element, state_element),
+    };
+    let mut rows = vec![("weights", n * element)];
+    if lora.is_some() {
+        rows.push(("LoRA adapters (f32)", trained * 4.0));
+    }
+    rows.extend([
+        ("gradients", trained * trained_element),
         ("fp32 master weights", master / world as f64),
-        ("Adam moments", 2.0 * n * state_element / world as f64),
-    ];
+        ("Adam moments", 2.0 * trained * state_element / world as f64),
+    ]);
     let f32_sums = precision.f32_gradient_sums(work.micro_batches);
     if f32_sums && world == 1 {
-        rows.push(("f32 gradient sums", 4.0 * n));
+        rows.push(("f32 gradient sums", 4.0 * trained));
     }
     if world > 1 {
         // Sharded, micro-batches are reduced one at a time into these (ZeRO-2 style).
-        rows.push(("f32 gradient shards", 4.0 * n / world as f64));
+        rows.push(("f32 gradient shards", 4.0 * trained / world as f64));
         // The largest bucket's f32 gradients for the all-reduce and its gather in the weights'
         // dtype; a parameter larger than a bucket (the embeddings) is a bucket of its own.
-        let largest = BUCKET_ELEMENTS.min(n as i64).max(c.vocab_size * c.hidden_size) as f64;
-        rows.push(("communication buckets", largest * (4.0 + element)));
-    } else if bf16 && fp32_state && !f32_sums {
+        let largest = match lora {
+            Some(_) => BUCKET_ELEMENTS.min(trained as i64) as f64,
+            None => BUCKET_ELEMENTS.min(n as i64).max(c.vocab_size * c.hidden_size) as f64,
+        };
+        rows.push(("communication buckets", largest * (4.0 + trained_element)));
+    } else if bf16 && fp32_state && !f32_sums && lora.is_none() {
         // Gradients converted to f32 for the fused kernel, one slice at a time.
         rows.push(("optimizer step slices", SLICE_ELEMENTS.min(n as i64) as f64 * 4.0));
     }
@@ -78,17 +98,18 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, 
         rows.push(("reference model", n * element));
     }
     rows.push(("activations", activations));
-    rows.push(("vocabulary head (chunked)", super::lm_head::peak_bytes(c.vocab_size, c.hidden_size, work.tokens, element)));
+    rows.push(("vocabulary head (chunked)", super::lm_head::peak_bytes(c.vocab_size, c.hidden_size, work.tokens, element, lora.is_none())));
     rows
 }
 
 /// The plan as a table, with its total, in GiB.
-pub fn render(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload) -> String {
-    let rows = plan(c, precision, recompute, world, work);
+pub fn render(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> String {
+    let rows = plan(c, precision, recompute, world, work, lora);
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let mut text = format!(
-        "memory plan per rank: {:.2}B parameters, {}, {} tokens a micro-batch, {}{}\n",
+        "memory plan per rank: {:.2}B parameters{}, {}, {} tokens a micro-batch, {}{}\n",
         parameters(c) as f64 / 1e9,
+        lora.map_or(String::new(), |l| format!(" (frozen; LoRA r {} on {}: {:.1}M trained)", l.r, l.targets.join(","), l.parameters(c) as f64 / 1e6)),
         if world > 1 { format!("{world} ranks (optimizer state sharded)") } else { "1 process".to_string() },
         work.tokens,
         if precision.dtype == tch::Kind::BFloat16 { "bf16" } else { "f32" },
@@ -115,7 +136,7 @@ mod tests {
     fn llama_3_1_8b_has_its_published_parameter_count_and_fits_eight_80gb_gpus_only_sharded() {
         assert_eq!(parameters(&llama_8b()), 8_030_261_248);
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
-        let rows = |world, micro_batches| plan(&llama_8b(), precision, true, world, &Workload { tokens: 8192, reference_model: false, micro_batches });
+        let rows = |world, micro_batches| plan(&llama_8b(), precision, true, world, &Workload { tokens: 8192, reference_model: false, micro_batches }, None);
         let gb = |rows: &[(&str, f64)], part: &str| rows.iter().filter(|r| part.is_empty() || r.0 == part).map(|r| r.1).sum::<f64>() / 1e9;
         let (one, eight) = (rows(1, 1), rows(8, 1));
         // 16 GB weights + 16 GB gradients + 96 GB fp32 state on one GPU; 12 GB of state each on eight.

@@ -3,7 +3,7 @@
 //! ranks and the device. Sentinels are resolved here (`--save-steps 0`, `--max-grad-norm 0`,
 //! `--eval-steps 0`, `--dry-run` without a count), so the loop never reads a flag.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use tch::{Device, Kind};
 use super::args::TrainArgs;
 use super::distributed::{Launch, World};
 use super::optim::Schedule;
+use crate::model::lora::LoraConfig;
 
 /// What a training run does, from its flags.
 pub struct TrainPlan {
@@ -37,6 +38,8 @@ pub struct TrainPlan {
     pub precision: Precision,
     /// Recompute each block in the backward pass (gradient checkpointing).
     pub recompute: bool,
+    /// LoRA adapters instead of full fine-tuning.
+    pub lora: Option<LoraPlan>,
     /// The ranks training together (one without a launcher).
     pub world: World,
     /// This rank's device.
@@ -44,6 +47,13 @@ pub struct TrainPlan {
     /// The flags as given, which a resumed run must share (the run claim and checkpoints hold
     /// them).
     pub flags: Value,
+}
+
+/// LoRA: the adapters' shape, and the saved adapter the run starts from (fresh ones otherwise).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraPlan {
+    pub config: LoraConfig,
+    pub from: Option<PathBuf>,
 }
 
 /// AdamW's settings besides the learning rate.
@@ -167,9 +177,24 @@ impl TrainArgs {
             logging_steps: self.logging_steps.max(1),
             precision: self.precision(),
             recompute: self.gradient_checkpointing,
+            lora: self.lora_plan()?,
             world,
             device,
             flags: serde_json::to_value(self)?,
+        })
+    }
+
+    /// `--use-peft` and the `--lora-*` flags, or `--adapter`'s saved config.
+    pub fn lora_plan(&self) -> Result<Option<LoraPlan>> {
+        let flags = &self.lora;
+        Ok(match &flags.adapter {
+            Some(dir) => Some(LoraPlan { config: LoraConfig::read(dir).context("--adapter")?, from: Some(dir.clone()) }),
+            None if flags.use_peft => {
+                let config = LoraConfig::new(flags.lora_r, flags.lora_alpha, flags.lora_dropout, &flags.lora_target_modules, flags.use_rslora)
+                    .context("--lora-target-modules")?;
+                Some(LoraPlan { config, from: None })
+            }
+            None => None,
         })
     }
 

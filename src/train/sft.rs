@@ -10,7 +10,7 @@ use serde_json::json;
 use std::collections::BTreeMap;
 use tch::{Device, Tensor};
 
-use crate::model::{load_causal_lm, Llama};
+use crate::model::Llama;
 use crate::model::tokenize::ChatTokenizer;
 use super::args::TrainArgs;
 use super::batch::{Batch, Document};
@@ -141,7 +141,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         settings: json!({"max_length": args.max_length, "packing": args.packing}),
     };
     let summary = driver::run(command, |rows, plan| {
-        let loaded = load_causal_lm(&plan.model, plan.device, plan.precision.dtype)?;
+        let loaded = driver::load_policy(plan)?;
         let tokenizer = ChatTokenizer::load(&plan.model)?;
         let [train, eval] = rows.splits.map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
         let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;

@@ -27,7 +27,7 @@ use super::objective::{self, Metrics, Objective, Split};
 use super::distributed::zero::{ShardedAdamW, BUCKET_ELEMENTS};
 use super::distributed::World;
 use super::optim::{AdamW, Optimizer};
-use crate::model::{hf, Llama, Loaded};
+use crate::model::{Llama, Loaded};
 use crate::run::{Prepared, Provenance, RunDir};
 
 /// The order of training examples in `epoch`: a splitmix64 shuffle of (seed, epoch), so any
@@ -186,8 +186,8 @@ impl<'a> Trainer<'a> {
         let weight_decay = plan.optimizer.weight_decay;
         let f32_sums = plan.f32_gradient_sums();
         let mut opt: Box<dyn Optimizer + 'a> = match world.group() {
-            None => Box::new(AdamW::new(&loaded.vs, weight_decay, precision.fp32_state, f32_sums)),
-            Some(group) => Box::new(ShardedAdamW::new(&loaded.vs, weight_decay, precision.fp32_state, f32_sums, group, BUCKET_ELEMENTS)),
+            None => Box::new(AdamW::new(loaded.trained(), weight_decay, precision.fp32_state, f32_sums)),
+            Some(group) => Box::new(ShardedAdamW::new(loaded.trained(), weight_decay, precision.fp32_state, f32_sums, group, BUCKET_ELEMENTS)),
         };
         let start = if plan.checkpoints.resume { checkpoint::resume(loaded, opt.as_mut(), &plan.output, &provenance.settings)? } else { 0 };
         let log = if world.is_main() { Some(MetricsLog::open(&plan.output, start)?) } else { None };
@@ -252,14 +252,14 @@ impl<'a> Trainer<'a> {
             }
         }
         self.bar.finish();
-        if let Some(name) = first_non_finite_weight(&self.loaded.vs) {
+        if let Some(name) = first_non_finite_weight(self.loaded.trained()) {
             bail!(
                 "after step {total}, weight `{name}` holds NaN or infinite values; the model is not saved and the run not marked finished \
                  (lower --learning-rate or check the data)"
             );
         }
         if let (Some(log), Some(output)) = (&self.log, &self.output) {
-            hf::save(&self.loaded.vs, &self.loaded.dir, &plan.output.join("model"), &self.provenance)?;
+            self.loaded.save(&plan.output.join("model"), &self.provenance)?;
             // The model is saved; a plot that fails should not turn that into a failed run.
             if let Err(e) = write_plots(log, self.objective, &plan.output) {
                 eprintln!("warning: no plots: {e:#}");
@@ -280,12 +280,17 @@ impl<'a> Trainer<'a> {
         self.opt.zero_grad();
         let mut sums = Metrics::new();
         let mut tokens = 0;
-        for examples in &micro {
+        for (m, examples) in micro.iter().enumerate() {
+            // LoRA's dropout masks come from a stream of (seed, step, micro-batch, rank), so a
+            // resumed run draws the masks the uninterrupted one drew.
+            let stream = crate::seed::mix(self.plan.seed ^ crate::seed::mix(((world.rank as u64) << 48) ^ ((step as u64) << 16) ^ m as u64));
+            self.loaded.model.set_dropout(Some(stream));
             let batch = objective.collate(Split::Train, rank_slice(examples, world.rank, world.size), device)?;
             tokens += batch.tokens;
             objective::accumulate(&mut sums, forward_backward(objective, &self.loaded.model, &batch, 1.0 / weight, self.plan.recompute)?);
             self.opt.accumulate()?;
         }
+        self.loaded.model.set_dropout(None);
         let grad_norm = self.opt.finish_gradients(self.plan.optimizer.max_grad_norm)?;
         Ok((sums, weight, tokens, grad_norm))
     }
@@ -377,9 +382,22 @@ mod tests {
     }
 
     fn run(output: &Path, extra: &[&str]) -> Result<Summary> {
+        run_on(&adapted(&plan(output, extra)), output, extra)
+    }
+
+    /// The tiny model, with the plan's LoRA adapters when it has them.
+    fn adapted(p: &TrainPlan) -> Loaded {
+        let mut loaded = tiny("tiny-llama");
+        if let Some(lora) = &p.lora {
+            loaded.add_adapters(&lora.config, lora.from.as_deref(), p.seed).unwrap();
+        }
+        loaded
+    }
+
+    fn run_on(loaded: &Loaded, output: &Path, extra: &[&str]) -> Result<Summary> {
         let p = plan(output, extra);
         let output = checkpoint::prepare_output(&p, "sft", &json!({}), &[])?;
-        train(&objective(), &tiny("tiny-llama"), &p, "sft", &json!({}), Some(output))
+        train(&objective(), loaded, &p, "sft", &json!({}), Some(output))
     }
 
     const SETTINGS: &[&str] = &["--max-steps", "6", "--save-steps", "2", "--per-device-train-batch-size", "2",
@@ -406,6 +424,38 @@ mod tests {
         assert_eq!(metrics(killed.path()), want);
         assert!(killed.path().join("model/model.safetensors").is_file());
         assert!(killed.path().join("loss.png").is_file());
+    }
+
+    /// LoRA with dropout: the loss falls, the base weights are untouched, the model saved is a
+    /// PEFT adapter, and a resumed run (masks and all) logs the uninterrupted run's losses.
+    #[test]
+    fn lora_trains_only_its_adapters_and_resumes_to_the_same_losses() {
+        let settings: Vec<&str> = SETTINGS.iter().copied().chain(["--use-peft", "--lora-r", "4", "--lora-target-modules", "all-linear",
+                                                                    "--lora-dropout", "0.2", "--gradient-checkpointing"]).collect();
+        let whole = tempfile::tempdir().unwrap();
+        let loaded = adapted(&plan(whole.path(), &settings));
+        run_on(&loaded, whole.path(), &settings).unwrap();
+        let want = metrics(whole.path());
+        assert!(want[5]["loss"].as_f64().unwrap() < want[0]["loss"].as_f64().unwrap(), "training lowers the loss");
+        let base = tiny("tiny-llama");
+        for (name, weight) in loaded.vs.variables() {
+            assert!(weight.equal(&base.vs.variables()[&name]), "{name} changed");
+        }
+        let model = whole.path().join("model");
+        assert!(model.join("adapter_model.safetensors").is_file() && model.join("adapter_config.json").is_file());
+        assert!(!model.join("model.safetensors").exists(), "an adapter folder, not a full model");
+        assert!(whole.path().join("checkpoint-2/adapter_model.safetensors").is_file());
+
+        let killed = tempfile::tempdir().unwrap();
+        run(killed.path(), &settings).unwrap();
+        std::fs::remove_dir_all(killed.path().join("model")).unwrap();
+        std::fs::remove_file(killed.path().join(crate::run::MANIFEST)).unwrap();
+        std::fs::remove_dir_all(killed.path().join("checkpoint-4")).unwrap();
+        let stale: String = std::fs::read_to_string(killed.path().join("metrics.jsonl")).unwrap().lines().take(3).map(|l| format!("{l}\n")).collect();
+        std::fs::write(killed.path().join("metrics.jsonl"), stale).unwrap();
+        let resumed: Vec<&str> = settings.iter().copied().chain(["--resume"]).collect();
+        run(killed.path(), &resumed).unwrap();
+        assert_eq!(metrics(killed.path()), want);
     }
 
     #[test]
