@@ -428,12 +428,24 @@ impl Llama {
         Ok(())
     }
 
-    /// Runs `f` on the base model, the adapters switched off (PEFT's `disable_adapter()`); with
-    /// no adapters, just runs it.
-    pub fn without_adapters<T>(&self, f: impl FnOnce() -> T) -> T {
+    /// Runs `f` on the model as it started (DPO's reference, [`Switch::as_started`]): with
+    /// its adapters' starting copies, or its adapters switched off; without adapters, as it is.
+    pub fn as_started<T>(&self, f: impl FnOnce() -> T) -> T {
         match &self.adapters {
-            Some(switch) => switch.without(f),
+            Some(switch) => switch.as_started(f),
             None => f(),
+        }
+    }
+
+    /// Keeps frozen copies of every adapter as it is now (a loaded adapter that DPO trains
+    /// further: its reference is the policy it starts from, as TRL's `ref` adapter).
+    pub fn keep_starting_adapters(&mut self) {
+        for layer in &mut self.layers {
+            for (_, _, linear) in layer.linears_mut() {
+                if let Some(adapter) = &mut linear.adapter {
+                    adapter.keep_start();
+                }
+            }
         }
     }
 

@@ -153,7 +153,9 @@ impl LoraConfig {
 /// from while training: one switch shared by all its adapters.
 #[derive(Default)]
 pub struct Switch {
-    off: AtomicBool,
+    /// Compute the policy as it started (DPO's reference): each adapter's starting copy, or no
+    /// adapter where none was kept.
+    reference: AtomicBool,
     training: AtomicBool,
     /// The training micro-batch's random stream; adapter `slot`'s mask is drawn from a generator
     /// seeded with (stream, slot), so gradient checkpointing's recompute and a resumed run draw
@@ -197,11 +199,13 @@ impl Switch {
         seeded_bernoulli(h, 1.0 - p, seed).map(Some)
     }
 
-    /// Runs `f` with the adapters switched off: the base model (PEFT's `disable_adapter()`).
-    pub fn without<T>(&self, f: impl FnOnce() -> T) -> T {
-        let before = self.off.swap(true, Ordering::Relaxed);
+    /// Runs `f` on the policy as it started: the adapters' starting copies where they were
+    /// kept (TRL's frozen `ref` adapter), else the adapters switched off (PEFT's
+    /// `disable_adapter()`; fresh adapters start as the base).
+    pub fn as_started<T>(&self, f: impl FnOnce() -> T) -> T {
+        let before = self.reference.swap(true, Ordering::Relaxed);
         let out = f();
-        self.off.store(before, Ordering::Relaxed);
+        self.reference.store(before, Ordering::Relaxed);
         out
     }
 }
@@ -214,6 +218,8 @@ pub struct Adapter {
     dropout: f64,
     /// This adapter's key among its model's (for its dropout masks).
     slot: usize,
+    /// Frozen copies of A and B as they started (`keep_start`).
+    start: Option<(Tensor, Tensor)>,
     switch: Arc<Switch>,
 }
 
@@ -226,24 +232,34 @@ impl Adapter {
         let a = (path / "lora_A").zeros("weight", &[config.r, inputs]);
         tch::no_grad(|| seeded_uniform_(&a, -bound, bound, crate::seed::mix(seed ^ crate::seed::mix(slot as u64 + 1))))?;
         let b = (path / "lora_B").zeros("weight", &[outputs, config.r]);
-        Ok(Adapter { a, b, scale: config.scale(), dropout: config.dropout, slot, switch: switch.clone() })
+        Ok(Adapter { a, b, scale: config.scale(), dropout: config.dropout, slot, start: None, switch: switch.clone() })
     }
 
     /// `base + scale · B A dropout(x)` as PEFT computes it: `x` cast to the adapter's f32, the sum
     /// in f32, the result back in `base`'s dtype.
     pub fn add_to(&self, x: &Tensor, base: Tensor) -> Tensor {
-        if self.switch.off.load(Ordering::Relaxed) {
-            return base;
+        let reference = self.switch.reference.load(Ordering::Relaxed);
+        let (a, b) = match (&self.start, reference) {
+            (_, false) => (&self.a, &self.b),
+            (Some((a, b)), true) => (a, b),
+            (None, true) => return base,
+        };
+        let mut h = x.to_kind(a.kind());
+        if !reference {
+            let mask = self.switch.dropout_mask(self.slot, &h, self.dropout).expect("libtorch's Bernoulli sampler on a float tensor");
+            if let Some(keep) = mask {
+                h = h * keep * (1.0 / (1.0 - self.dropout));
+            }
         }
-        let mut h = x.to_kind(self.a.kind());
-        let mask = self.switch.dropout_mask(self.slot, &h, self.dropout).expect("libtorch's Bernoulli sampler on a float tensor");
-        if let Some(keep) = mask {
-            h = h * keep * (1.0 / (1.0 - self.dropout));
-        }
-        let delta = h.linear::<Tensor>(&self.a, None).linear::<Tensor>(&self.b, None) * self.scale;
+        let delta = h.linear::<Tensor>(a, None).linear::<Tensor>(b, None) * self.scale;
         let kind = base.kind();
         let sum = base + delta;
         if sum.kind() == kind { sum } else { sum.to_kind(kind) }
+    }
+
+    /// Keeps frozen copies of A and B as they are now, for [`Switch::as_started`].
+    pub fn keep_start(&mut self) {
+        self.start = Some(tch::no_grad(|| (self.a.detach().copy(), self.b.detach().copy())));
     }
 
     /// The update to the layer's weight, `scale · B A`, `[outputs, inputs]` in f32.
@@ -407,15 +423,15 @@ mod adapted_model_tests {
     }
 
     #[test]
-    fn merged_weights_saved_adapters_and_switched_off_adapters_give_the_logits_they_should() {
+    fn saved_merged_and_starting_adapters_give_the_logits_they_should() {
         let base = tiny("tiny-llama");
         let mut adapted = tiny("tiny-llama");
         adapted.add_adapters(&all_linear(0.0), None, 42).unwrap();
         randomise_b(&adapted);
         let want = logits(&adapted);
         assert!(max_abs_diff(&want, &logits(&base)) > 1e-3, "the adapters change the model");
-        let off = tch::no_grad(|| adapted.model.without_adapters(|| logits(&adapted)));
-        assert_eq!(max_abs_diff(&off, &logits(&base)), 0.0, "switched off: the base model");
+        let off = tch::no_grad(|| adapted.model.as_started(|| logits(&adapted)));
+        assert_eq!(max_abs_diff(&off, &logits(&base)), 0.0, "as started, no copies kept: switched off, the base model");
         assert!(max_abs_diff(&logits(&adapted), &want) == 0.0, "and back on afterwards");
 
         let dir = tempfile::tempdir().unwrap();
@@ -427,9 +443,20 @@ mod adapted_model_tests {
         again.add_adapters(&LoraConfig::read(dir.path()).unwrap(), Some(dir.path()), 42).unwrap();
         assert_eq!(max_abs_diff(&logits(&again), &want), 0.0, "loaded back");
 
-        again.model.merge_adapters();
-        assert!(!again.model.has_adapters());
-        let merged = logits(&again);
+        // A loaded adapter trained further: as started, it is the kept copies.
+        again.model.keep_starting_adapters();
+        for (name, mut var) in again.trained().variables() {
+            if name.contains("lora_B") {
+                tch::no_grad(|| var.copy_(&(&var * 2.0)));
+            }
+        }
+        assert!(max_abs_diff(&logits(&again), &want) > 1e-3, "trained further");
+        let started = tch::no_grad(|| again.model.as_started(|| logits(&again)));
+        assert_eq!(max_abs_diff(&started, &want), 0.0, "as started: the kept copies");
+
+        adapted.model.merge_adapters();
+        assert!(!adapted.model.has_adapters());
+        let merged = logits(&adapted);
         assert!(max_abs_diff(&merged, &want) < 1e-5, "merged: {}", max_abs_diff(&merged, &want));
     }
 

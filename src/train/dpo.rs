@@ -9,7 +9,9 @@
 //! The reference model is either a frozen copy held during training, or, with
 //! `precompute_ref_log_probs`, one pass over the data before training whose results are cached
 //! in `$MAGPIE_CACHE` (`reference`), so that no reference model is held while training.
-//! With LoRA it is the policy with its adapters switched off, unless `--ref-model` names one.
+//! With LoRA it is the policy as it starts (its fresh adapters off, or a frozen copy of the
+//! adapter it was loaded with, as TRL does it), unless `--ref-model` names one; precomputed,
+//! the starting policy computes it (not cached).
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -24,7 +26,7 @@ use super::lm_head::{loss_of_log_probs, TargetLogProbs};
 use super::driver;
 use super::memory::Workload;
 use super::objective::{Metrics, Objective, Split};
-use super::reference::{precomputed_reference, reference_logps};
+use super::reference::{compute_reference, precomputed_reference, reference_logps};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -202,9 +204,10 @@ pub enum Reference {
     Live(Loaded),
     /// `[chosen, rejected]` summed log-probs per pair, per split.
     Precomputed([Vec<[f64; 2]>; 2]),
-    /// The policy itself with its LoRA adapters switched off (PEFT's `disable_adapter()`, as
-    /// TRL does it for a PEFT model without a reference model): no second model in memory.
-    AdaptersOff,
+    /// The LoRA policy as it started (`Llama::as_started`), as TRL does it for a PEFT model
+    /// without a reference model: fresh adapters switched off (the base), or frozen copies of
+    /// the adapter it was loaded with. No second model in memory.
+    StartingPolicy,
     /// SimPO needs none.
     None,
 }
@@ -224,7 +227,7 @@ impl DpoObjective {
         let halves = |logps: Tensor| Ok((logps.narrow(0, 0, n), logps.narrow(0, n, n)));
         match &self.reference {
             Reference::Live(reference) => halves(reference_logps(&reference.model, batch)),
-            Reference::AdaptersOff => halves(policy.without_adapters(|| reference_logps(policy, batch))),
+            Reference::StartingPolicy => halves(policy.as_started(|| reference_logps(policy, batch))),
             Reference::Precomputed(cached) => {
                 let rows: Vec<[f64; 2]> = batch.examples.iter().map(|&e| cached[split.index()][e]).collect();
                 let column = |k: usize| Tensor::from_slice(&rows.iter().map(|r| r[k] as f32).collect::<Vec<_>>()).to_device(device);
@@ -288,6 +291,10 @@ impl Objective for DpoObjective {
         Ok((loss, metrics))
     }
 
+    fn dropout(&self) -> bool {
+        false // TRL's DPOConfig.disable_dropout, on by default
+    }
+
     fn reward_plot(&self) -> Option<(&'static str, &'static [&'static str])> {
         Some(("rewards.png", &["rewards/accuracies", "rewards/margins"]))
     }
@@ -296,15 +303,15 @@ impl Objective for DpoObjective {
 pub fn run(args: &DpoArgs) -> Result<()> {
     let train_args = &args.train;
     let reference_dir = args.ref_model.clone().unwrap_or_else(|| train_args.model.clone());
-    // With LoRA and no --ref-model, the reference is the policy with its adapters off.
-    let adapters_off = train_args.lora.enabled() && args.ref_model.is_none();
+    // With LoRA and no --ref-model, the reference is the policy as it starts.
+    let lora_reference = train_args.lora.enabled() && args.ref_model.is_none();
     let command = driver::Command {
         args: train_args,
         stage: "dpo",
         columns: &["prompt", "chosen", "rejected"],
         workload: Workload {
             tokens: (2 * train_args.per_device_train_batch_size * args.max_length) as i64,
-            reference_model: args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs && !adapters_off,
+            reference_model: args.loss_type != LossType::Simpo && !args.precompute_ref_log_probs && !lora_reference,
             micro_batches: train_args.gradient_accumulation_steps,
         },
         also_reads: vec![reference_dir.clone()],
@@ -327,17 +334,31 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         );
         let loss = LossConfig { loss_type: args.loss_type, beta: args.beta, label_smoothing: args.label_smoothing, simpo_gamma: args.simpo_gamma };
         let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
+        if lora_reference {
+            // The reference is the policy as it starts: no second model.
+            let mut policy = driver::load_policy(plan)?;
+            objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
+                (LossType::Simpo, _) => Reference::None,
+                (_, true) => Reference::Precomputed(compute_reference(&objective, &policy.model, plan.schedule.per_device_batch, device, &plan.world)?),
+                (_, false) => {
+                    if plan.lora.as_ref().is_some_and(|l| l.from.is_some()) {
+                        policy.model.keep_starting_adapters();
+                    }
+                    Reference::StartingPolicy
+                }
+            };
+            return Ok(driver::Built { objective, policy });
+        }
         objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
             (LossType::Simpo, _) => Reference::None,
             (_, true) => Reference::Precomputed(precomputed_reference(&objective, &objective.pairs, plan, &reference_dir)?),
-            (_, false) if adapters_off => Reference::AdaptersOff,
             (_, false) => {
                 let mut reference = load_causal_lm(&reference_dir, device, dtype)?;
                 reference.vs.freeze();
                 Reference::Live(reference)
             }
         };
-        let policy = driver::load_policy(plan)?;
+        let policy = driver::load_policy(plan)?; // after the precomputed reference is freed
         Ok(driver::Built { objective, policy })
     })?;
     let Some(summary) = summary else { return Ok(()) };
@@ -475,7 +496,7 @@ mod tests {
             let hidden = tch::no_grad(|| policy.model.hidden_states(&batch.inputs()));
             crate::train::objective::read(&objective.loss(&policy.model, &hidden, &batch, Split::Train).unwrap().1, 1.0).unwrap()
         };
-        let (adapters_off, _) = fixture_objective(LossType::Sigmoid, 0.0, Reference::AdaptersOff);
+        let (adapters_off, _) = fixture_objective(LossType::Sigmoid, 0.0, Reference::StartingPolicy);
         let fresh = metrics(&adapters_off);
         assert_eq!((fresh["rewards/chosen"], fresh["rewards/rejected"], fresh["rewards/margins"]), (0.0, 0.0, 0.0));
         tch::manual_seed(3);

@@ -60,6 +60,12 @@ pub trait Objective {
     /// from the policy's final hidden states.
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, split: Split) -> Result<(Tensor, Metrics)>;
     /// Metric names to plot beside the loss (`rewards.png` for DPO).
+    /// Whether LoRA's dropout is on while training (DPO turns dropout off, as TRL's
+    /// `disable_dropout` does by default).
+    fn dropout(&self) -> bool {
+        true
+    }
+
     fn reward_plot(&self) -> Option<(&'static str, &'static [&'static str])> {
         None
     }

@@ -284,7 +284,7 @@ impl<'a> Trainer<'a> {
             // LoRA's dropout masks come from a stream of (seed, step, micro-batch, rank), so a
             // resumed run draws the masks the uninterrupted one drew.
             let stream = crate::seed::mix(self.plan.seed ^ crate::seed::mix(((world.rank as u64) << 48) ^ ((step as u64) << 16) ^ m as u64));
-            self.loaded.model.set_dropout(Some(stream));
+            self.loaded.model.set_dropout(objective.dropout().then_some(stream));
             let batch = objective.collate(Split::Train, rank_slice(examples, world.rank, world.size), device)?;
             tokens += batch.tokens;
             objective::accumulate(&mut sums, forward_backward(objective, &self.loaded.model, &batch, 1.0 / weight, self.plan.recompute)?);
