@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Live parity of `magpie dpo` and `magpie sft` with TRL 1.16's DPOTrainer and SFTTrainer.
+"""Live parity of `magpie dpo` and `magpie sft` with TRL 1.16's DPOTrainer and SFTTrainer, full and LoRA.
 
     trl_parity.py --magpie BIN --tokenizer-dir DIR --work DIR
 
@@ -32,6 +32,16 @@ conversations, gradient accumulation 1), so each step sees all rows and magpie's
 (src/train/trainer.rs `epoch_order`) and TRL's sampler cannot differ in what a step trains on. DPO: sigmoid loss,
 beta 0.1, a live reference model (the starting weights), max_length 1024 (TRL 1.16 has no
 max_prompt_length; magpie's is set to 1024 so it never cuts). TRL's dropout is 0 in the config.
+
+LoRA (PEFT 0.21). The same two runs again with a PEFT LoRA adapter (r 4, alpha 8, dropout 0,
+all-linear) made here with random B values (a fresh adapter's B is 0, and A's initial values
+come from each side's own random stream), saved with PEFT's `save_pretrained`: TRL trains a
+`PeftModel.from_pretrained(..., is_trainable=True)` of it (its DPO reference is then a frozen copy
+of that adapter, TRL's "ref" adapter), magpie runs with `--adapter` on the same folder. Every
+metric is compared as above. Then magpie's saved adapters are loaded with
+`PeftModel.from_pretrained` and give the logits of TRL's trained model (1e-4 relative), and
+`magpie merge` of magpie's SFT adapter loads in transformers and gives the logits of the
+unmerged PEFT model (1e-5 relative).
 
 The SFT loss mask. magpie sft trains on the assistant turns of `messages`, every turn, each
 turn's content and its end-of-turn token `<|im_end|>`, not the newline the template writes after
@@ -185,23 +195,73 @@ def common_args():
     )
 
 
-def run_trl_dpo(model_dir: Path, data: Path, out: Path):
+LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
+PROBE_IDS = [[1, 28, 905, 314, 2914, 30, 2, 198, 17, 4500, 9, 77]]
+
+
+def build_adapter(model_dir: Path, out: Path) -> Path:
+    """A PEFT LoRA adapter on the model with random B values (so it changes the model), saved."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(SEED)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(task_type="CAUSAL_LM", **LORA))
+    generator = torch.Generator().manual_seed(SEED + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def peft_model(model_dir: Path, adapter: Path, trainable: bool):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, adapter, is_trainable=trainable)
+
+
+def logits_of(model):
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(PROBE_IDS)).logits.double()
+
+
+def relative_difference(a, b):
+    return float((a - b).abs().max() / max(float(a.abs().max()), 1e-30))
+
+
+def model_or_path(model_dir: Path, adapter):
+    """What the trainers are given: the folder (they load it in f32), or a trainable PeftModel."""
+    if adapter is None:
+        return str(model_dir), {"model_init_kwargs": {"dtype": "float32"}}
+    return peft_model(model_dir, adapter, trainable=True), {}
+
+
+def run_trl_dpo(model_dir: Path, data: Path, out: Path, adapter=None):
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(out), beta=BETA, loss_type=["sigmoid"], model_init_kwargs={"dtype": "float32"},
-                     **common_args())
+    model, init = model_or_path(model_dir, adapter)
+    args = DPOConfig(output_dir=str(out), beta=BETA, loss_type=["sigmoid"], **init, **common_args())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = recorder()
-    trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=read_parquet(data), processing_class=tokenizer,
+    trainer = DPOTrainer(model=model, args=args, train_dataset=read_parquet(data), processing_class=tokenizer,
                          callbacks=[log])
     first = trainer.train_dataset[0]
     print(f"TRL dpo: pair 0 completion tokens decode to {tokenizer.decode(first['chosen_ids'])!r}")
     trainer.train()
-    return log.steps
+    return log.steps, trainer.model
 
 
-def run_trl_sft(model_dir: Path, data: Path, out: Path):
+def run_trl_sft(model_dir: Path, data: Path, out: Path, adapter=None):
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
@@ -213,19 +273,19 @@ def run_trl_sft(model_dir: Path, data: Path, out: Path):
                                                 chat_template=MARKED_SMOLLM2_TEMPLATE)
             assert want == got, f"the marked template renders differently:\n{want!r}\n{got!r}"
     tokenizer.chat_template = MARKED_SMOLLM2_TEMPLATE
-    args = SFTConfig(output_dir=str(out), assistant_only_loss=True, packing=False, model_init_kwargs={"dtype": "float32"},
-                     **common_args())
+    model, init = model_or_path(model_dir, adapter)
+    args = SFTConfig(output_dir=str(out), assistant_only_loss=True, packing=False, **init, **common_args())
     log = recorder()
-    trainer = SFTTrainer(model=str(model_dir), args=args, train_dataset=read_parquet(data), processing_class=tokenizer,
+    trainer = SFTTrainer(model=model, args=args, train_dataset=read_parquet(data), processing_class=tokenizer,
                          callbacks=[log])
     first = trainer.train_dataset[1]
     trained = [label for label in first["labels"] if label != -100]
     print(f"TRL sft: conversation 1 trains on {tokenizer.decode(trained)!r}")
     trainer.train()
-    return log.steps
+    return log.steps, trainer.model
 
 
-def run_magpie(binary: str, command: str, model_dir: Path, data: Path, out: Path):
+def run_magpie(binary: str, command: str, model_dir: Path, data: Path, out: Path, extra=()):
     argv = [binary, command, "--model", str(model_dir), "-i", str(data), "-o", str(out), "--device", "cpu",
             "--learning-rate", str(LR), "--lr-scheduler-type", "constant", "--warmup-steps", "0",
             "--weight-decay", "0", "--max-grad-norm", str(MAX_GRAD_NORM), "--max-steps", str(STEPS),
@@ -233,6 +293,7 @@ def run_magpie(binary: str, command: str, model_dir: Path, data: Path, out: Path
             "--save-steps", "0", "--logging-steps", "1", "--max-length", str(MAX_LENGTH)]
     if command == "dpo":
         argv += ["--beta", str(BETA), "--loss-type", "sigmoid", "--max-prompt-length", str(MAX_LENGTH)]
+    argv += list(extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", RAYON_NUM_THREADS="1", MKL_NUM_THREADS="1")
     print("$ " + " ".join(argv), flush=True)
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -259,12 +320,13 @@ def close(a, b):
     return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= max(ABS_TOL, REL_TOL * max(abs(a), abs(b)))
 
 
-def compare(name, trl, magpie):
+def compare(name, trl, magpie, keys=None):
+    keys = keys or COMPARED[name]
     failures = []
     print(f"\n{name}: {'step':>4}  {'metric':<20} {'TRL 1.16':>16} {'magpie':>16} {'rel diff':>10}")
     for step in range(1, STEPS + 1):
         t, m = trl.get(step, {}), magpie.get(step, {})
-        for key in COMPARED[name]:
+        for key in keys:
             a, b = t.get(key), m.get(key)
             if a is None or b is None:
                 failures.append(f"{name} step {step} {key}: TRL {a}, magpie {b} (not logged)")
@@ -293,8 +355,8 @@ def main():
 
     import torch
     torch.set_num_threads(1)
-    import transformers, trl
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}")
+    import peft, transformers, trl
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, peft {peft.__version__}")
     if not trl.__version__.startswith("1.16."):
         sys.exit(f"expected TRL 1.16, found {trl.__version__} (scripts/test-requirements.txt pins it)")
 
@@ -304,8 +366,12 @@ def main():
     write_parquet(PAIRS, args.work / "dpo.parquet")
     write_parquet([{"messages": m} for m in CONVERSATIONS], args.work / "sft.parquet")
 
-    trl_runs = {"dpo": run_trl_dpo(model_dir, args.work / "dpo.parquet", args.work / "trl-dpo"),
-                "sft": run_trl_sft(model_dir, args.work / "sft.parquet", args.work / "trl-sft")}
+    adapter = build_adapter(model_dir, args.work / "adapter")
+    runs = {"dpo": run_trl_dpo, "sft": run_trl_sft}
+    trl_runs, trl_models = {}, {}
+    for name, run in runs.items():
+        trl_runs[name], _ = run(model_dir, args.work / f"{name}.parquet", args.work / f"trl-{name}")
+        trl_runs[f"{name}-lora"], trl_models[name] = run(model_dir, args.work / f"{name}.parquet", args.work / f"trl-{name}-lora", adapter)
     if args.trl_only:
         print(json.dumps(trl_runs, indent=1))
         return
@@ -313,11 +379,32 @@ def main():
     for name in ("dpo", "sft"):
         ours = run_magpie(args.magpie, name, model_dir, args.work / f"{name}.parquet", args.work / f"magpie-{name}")
         failures += compare(name, trl_runs[name], ours)
+        lora_out = args.work / f"magpie-{name}-lora"
+        ours = run_magpie(args.magpie, name, model_dir, args.work / f"{name}.parquet", lora_out, ["--adapter", str(adapter)])
+        failures += compare(f"{name}-lora", trl_runs[f"{name}-lora"], ours, COMPARED[name])
+        # magpie's adapter in PEFT against TRL's trained PEFT model.
+        ours_in_peft = logits_of(peft_model(model_dir, lora_out / "model", trainable=False))
+        rel = relative_difference(ours_in_peft, logits_of(trl_models[name]))
+        print(f"{name}-lora: magpie's saved adapter in PEFT vs TRL's trained model: logits relative difference {rel:.2e}")
+        if not rel <= 1e-4:
+            failures.append(f"{name}-lora: magpie's adapter loaded in PEFT gives logits {rel:.3g} (relative) from TRL's")
+        if name == "sft":
+            merged = args.work / "magpie-sft-merged"
+            done = subprocess.run([args.magpie, "merge", "--base", str(model_dir), "--adapter", str(lora_out / "model"), "-o", str(merged)],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"magpie merge failed ({done.returncode}):\n{done.stderr[-4000:]}")
+            from transformers import AutoModelForCausalLM
+            import torch
+            rel = relative_difference(logits_of(AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)), ours_in_peft)
+            print(f"sft-lora: magpie merge in transformers vs the unmerged adapter in PEFT: logits relative difference {rel:.2e}")
+            if not rel <= 1e-5:
+                failures.append(f"sft-lora: the merged model's logits are {rel:.3g} (relative) from the unmerged adapter's")
     if failures:
         print(f"\n{len(failures)} mismatches with TRL {trl.__version__}:")
         print("\n".join("  " + f for f in failures))
         sys.exit(1)
-    print(f"\nevery metric of magpie dpo and sft matches TRL {trl.__version__} at every step")
+    print(f"\nevery metric of magpie dpo and sft, full and LoRA, matches TRL {trl.__version__} at every step")
 
 
 if __name__ == "__main__":

@@ -94,14 +94,16 @@ impl LoraConfig {
         if json["peft_type"].as_str() != Some("LORA") {
             bail!("`peft_type` is {}, not \"LORA\"", json["peft_type"]);
         }
-        let unsupported = [("use_dora", json["use_dora"].as_bool() == Some(true)), ("fan_in_fan_out", json["fan_in_fan_out"].as_bool() == Some(true))];
+        let set = |key: &str| json[key].as_bool() == Some(true);
+        let unsupported = [("use_dora", set("use_dora")), ("fan_in_fan_out", set("fan_in_fan_out")), ("lora_bias", set("lora_bias"))];
         if let Some((key, _)) = unsupported.iter().find(|(_, set)| *set) {
             bail!("`{key}` is set; magpie computes plain LoRA only");
         }
         if json["bias"].as_str().is_some_and(|b| b != "none") {
             bail!("`bias` is {}; magpie trains no biases (\"none\")", json["bias"]);
         }
-        for key in ["modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern"] {
+        let extras = ["modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters", "trainable_token_indices", "layer_replication"];
+        for key in extras {
             let empty = match &json[key] {
                 Value::Null => true,
                 Value::Array(a) => a.is_empty(),
@@ -115,7 +117,13 @@ impl LoraConfig {
         let targets: Vec<String> = match &json["target_modules"] {
             Value::String(s) if s == "all-linear" => vec![s.clone()],
             Value::String(s) => bail!("`target_modules` is the pattern {s:?}; give the module names as a list"),
-            Value::Array(list) => list.iter().map(|v| v.as_str().map(str::to_string).context("`target_modules` holds a non-string")).collect::<Result<_>>()?,
+            // PEFT saves `all-linear` expanded to every module's path (`model.layers.0.self_attn.q_proj`);
+            // a module is named by its last part, and an adapter on only some layers lacks the
+            // others' tensors when it is loaded.
+            Value::Array(list) => list
+                .iter()
+                .map(|v| v.as_str().map(|t| t.rsplit('.').next().unwrap_or(t).to_string()).context("`target_modules` holds a non-string"))
+                .collect::<Result<_>>()?,
             _ => DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
         };
         let r = json["r"].as_i64().context("`r` is missing")?;
@@ -363,6 +371,10 @@ mod tests {
         assert!(refused("modules_to_save", json!(["lm_head"])).contains("modules_to_save"));
         assert!(refused("target_modules", json!(".*proj")).contains("pattern"));
         assert!(refused("target_modules", json!(["embed_tokens"])).contains("`embed_tokens` is not a linear layer"));
+        assert!(refused("exclude_modules", json!(["o_proj"])).contains("exclude_modules"));
+        let mut expanded = json.clone();
+        expanded["target_modules"] = json!(["model.layers.1.self_attn.v_proj", "model.layers.0.self_attn.q_proj"]);
+        assert_eq!(LoraConfig::from_peft(&expanded).unwrap().targets, ["q_proj", "v_proj"], "PEFT's expanded paths");
         assert!(refused("r", json!(0)).contains("at least 1"));
         assert!(LoraConfig::new(8, 16.0, 1.0, &targets(&["q_proj"]), false).unwrap_err().to_string().contains("lora_dropout"));
     }
