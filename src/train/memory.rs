@@ -152,4 +152,16 @@ mod tests {
         assert!((gb(&accumulating, "f32 gradient sums") - 32.1).abs() < 0.1 && gb(&accumulating, "optimizer step slices") == 0.0);
         assert_eq!(gb(&rows(8, 16), "f32 gradient sums"), 0.0, "sharded runs reduce each micro-batch into the shards instead");
     }
+
+    #[test]
+    fn lora_on_llama_3_1_8b_trains_peft_s_parameter_count_and_fits_one_80gb_gpu() {
+        let lora = LoraConfig::new(16, 32.0, 0.05, &["all-linear".to_string()], false).unwrap();
+        assert_eq!(lora.parameters(&llama_8b()), 41_943_040, "PEFT's print_trainable_parameters for r 16 on all linear layers");
+        let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
+        let rows = plan(&llama_8b(), precision, true, 1, &Workload { tokens: 8192, reference_model: false, micro_batches: 16 }, Some(&lora));
+        let gb = |part: &str| rows.iter().filter(|r| part.is_empty() || r.0 == part).map(|r| r.1).sum::<f64>() / 1e9;
+        assert!(gb("") < 30.0, "{:.1} GB", gb(""));
+        assert_eq!(gb("fp32 master weights"), 0.0, "frozen base weights have no master copy");
+        assert!((gb("Adam moments") - 41_943_040.0 * 8.0 / 1e9).abs() < 1e-6, "moments only for the adapters");
+    }
 }
