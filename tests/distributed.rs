@@ -181,3 +181,35 @@ fn dpo_over_two_gloo_ranks_with_split_reference_log_probs_matches_one_process() 
     let cached = |name: &str| std::fs::read_dir(dir.path().join(name).join("dpo-reference-logps")).unwrap().count();
     assert_eq!((cached("cache-single"), cached("cache-two")), (1, 1), "rank 0 writes the cache");
 }
+
+/// LoRA over two ranks: the same losses and adapters as one process, and the optimizer shards
+/// hold the adapters' state only (half each), not the frozen model's.
+#[test]
+fn lora_over_two_gloo_ranks_matches_one_process_and_shards_only_the_adapters_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, cache) = (converted_smollm2(dir.path()), dir.path().join("cache"));
+    let data = fixture("magpie-released.parquet");
+    // Dropout 0: each rank draws its own masks, which one process at twice the batch cannot repeat.
+    let lora = ["--use-peft", "--lora-r", "4", "--lora-dropout", "0", "--lora-target-modules", "all-linear", "--save-steps", "3"];
+    let single = dir.path().join("single");
+    one_process(&sft_args(&model, &data, &single, "4", &lora), &cache);
+    let sharded = dir.path().join("two-ranks");
+    two_ranks(&sft_args(&model, &data, &sharded, "2", &lora), port(5), &cache);
+    assert_same_losses(&sharded, &single);
+    let adapters = |run: &Path| -> HashMap<String, Tensor> {
+        Tensor::read_safetensors(run.join("model/adapter_model.safetensors")).unwrap().into_iter().collect()
+    };
+    let (got, want) = (adapters(&sharded), adapters(&single));
+    assert_eq!(got.len(), want.len());
+    for (name, w) in &want {
+        let diff = (&got[name] - w).abs().max().double_value(&[]);
+        assert!(diff <= 1e-5, "{name}: adapters differ by {diff}");
+    }
+    let adapter_elements: i64 = want.values().map(|t| t.numel() as i64).sum();
+    let moments: i64 = (0..2)
+        .flat_map(|rank| Tensor::read_safetensors(sharded.join(format!("checkpoint-3/optimizer-rank{rank}-of-2.safetensors"))).unwrap())
+        .filter(|(name, _)| name.starts_with("exp_avg."))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    assert!(moments >= adapter_elements && moments <= adapter_elements + 64, "first moments of {moments} elements for {adapter_elements} adapter elements");
+}

@@ -3,9 +3,11 @@
 once beforehand) with torch.optim.AdamW, on the same model and the same 4 pairs as `magpie dpo`.
 Prompts and completions are tokenised as magpie does (prompt with a generation prompt; completion
 = what the full conversation adds). Prints JSON: first-step loss, pairs/s and tokens/s over the
-steps after the first.
+steps after the first. With `lora`, the policy is PEFT's LoRA of the model (r 16, alpha 32 on
+q_proj and v_proj, dropout 0 as TRL's DPO sets it) and AdamW trains only the adapters; the
+reference, computed before the first step, is then the base model (B = 0).
 
-    python scripts/bench/dpo_pytorch.py MODEL_DIR DATA.parquet STEPS BETA
+    python scripts/bench/dpo_pytorch.py MODEL_DIR DATA.parquet STEPS BETA [lora]
 """
 import json, sys
 import pyarrow.parquet as pq
@@ -17,6 +19,10 @@ from torch_loop import timed_steps
 model_dir, data, steps, beta = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 tok = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="sdpa")
+if sys.argv[5:] == ["lora"]:
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=16, lora_alpha=32, lora_dropout=0.0,
+                                             target_modules=["q_proj", "v_proj"]))
 table = pq.read_table(data).to_pylist()
 
 
@@ -45,7 +51,7 @@ def logps(m):
 
 with torch.no_grad():
     ref = logps(model)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
+opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=False)
 
 
 def dpo_loss():

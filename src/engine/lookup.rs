@@ -1,7 +1,8 @@
 //! Finding the model to generate with, and what a stage needs to know about it before an engine
 //! loads it: its chat template and special tokens (from GGUF metadata or the Hugging Face
 //! tokenizer_config.json) and a name for the `model` column. Missing or corrupt files fail here
-//! with the path in the message.
+//! with the path in the message. A LoRA adapter folder stands for its base with the adapter
+//! merged (`model::merge::for_inference`).
 
 use crate::model::chat_template::{special_token, ChatTemplate};
 use crate::model::gguf;
@@ -34,7 +35,14 @@ pub fn resolve(model: Option<&Path>) -> Result<ModelInfo> {
         }
     };
     let path = std::fs::canonicalize(&path).with_context(|| format!("{}: model not found", path.display()))?;
-    if path.is_dir() { read_hf_dir(path) } else { read_gguf(path) }
+    if !path.is_dir() {
+        return read_gguf(path);
+    }
+    // A PEFT adapter folder generates as its base with the adapter merged (made once, cached).
+    let merged = crate::model::merge::for_inference(&path)?;
+    let mut info = read_hf_dir(merged)?;
+    info.name = stem(&path);
+    Ok(info)
 }
 
 fn read_gguf(path: PathBuf) -> Result<ModelInfo> {

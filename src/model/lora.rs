@@ -136,7 +136,7 @@ impl LoraConfig {
         json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": base,
+            "base_model_name_or_path": std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf()),
             "r": self.r,
             "lora_alpha": self.alpha,
             "lora_dropout": self.dropout,
