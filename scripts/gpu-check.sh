@@ -17,6 +17,8 @@
 # 5. bf16 DPO at lr 1e-6, 3 steps: the share of weights the saved model changed;
 # 5b. resume after kill -9, bf16 packed SFT: bit for bit with --full-determinism, and the
 #    difference without it (the tolerance a resumed GPU run keeps);
+# 5c. LoRA: SFT with adapters on all linear layers, CUDA (gradient checkpointing) vs CPU, f32,
+#    dropout 0 (1e-3); a bf16 LoRA DPO's losses with its adapters-off reference;
 # 6. synthesis: 2,000 instructions + responses with a random-weight 1B-class model (Llama-3.2-1B's
 #    shape, SmolLM2's vocabulary) on mistralrs (safetensors, PagedAttention) and llama.cpp (the same
 #    weights as F16 GGUF, written by gpu_check_synth.py), tok/s against transformers' batched
@@ -187,6 +189,17 @@ resume() {
   result "full determinism: $(python3 scripts/gpu_check.py compare "$W/resume-deterministic-a" "$W/resume-deterministic-b" 0); default: $(python3 scripts/gpu_check.py compare "$W/resume-default-a" "$W/resume-default-b" 1e-2)"
 }
 
+# LoRA on the device against the CPU (f32, dropout 0: the two devices' generators draw other
+# masks), the device run with gradient checkpointing; and LoRA DPO with its adapters-off reference.
+lora() {
+  local adapters=(--use-peft --lora-dropout 0 --lora-target-modules all-linear)
+  sft "${adapters[@]}" --device cpu -o "$W/lora-cpu" 2> "$LOGS/lora-cpu.log"
+  sft "${adapters[@]}" --device "$DEVICE" --gradient-checkpointing -o "$W/lora-dev" 2> "$LOGS/lora-dev.log"
+  magpie dpo --model "$W/m135" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 4 --max-steps 3 \
+    --learning-rate 1e-4 --save-steps 0 --use-peft --bf16 --device "$DEVICE" -o "$W/lora-dpo" 2> "$LOGS/lora-dpo.log"
+  result "sft: $(python3 scripts/gpu_check.py compare "$W/lora-cpu" "$W/lora-dev" 1e-3); dpo bf16 losses $(losses "$W/lora-dpo")"
+}
+
 if part train; then
   say "models and data (random weights, SmolLM2 tokenizer)"
   python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1 ||
@@ -197,6 +210,7 @@ if part train; then
   step "DPO 6 steps" dpo
   step "bf16 DPO lr 1e-6" master_weights
   step "resume, full determinism" resume
+  step "LoRA CPU vs $DEVICE" lora
 fi
 
 if [ "$DEVICE" = cuda ]; then size=full num=2000 seqs=256 hf_prompts=1024; else size=small num=16 seqs=8 hf_prompts=16; fi

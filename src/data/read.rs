@@ -1,12 +1,13 @@
 //! Reading datasets: a file, a directory of `*.parquet` parts, or a glob, streamed in record
 //! batches and normalised (see `normalize`). Opening checks every file's footer and schema first,
-//! so a bad file fails the stage before it writes anything.
+//! so a bad file fails the stage before it writes anything. A `.jsonl`, `.ndjson` or `.json` file
+//! is read through arrow-rs's JSON reader (`json`) and normalised the same way.
 
 use super::normalize::{normalize, Origin};
 use anyhow::{bail, Context, Result};
 use arrow::array::{RecordBatch, StringArray};
 use arrow::datatypes::SchemaRef;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,27 @@ fn is_hidden(path: &Path) -> bool {
     path.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
 }
 
+/// One input file's batches, before normalisation.
+type FileBatches = Box<dyn Iterator<Item = Result<RecordBatch, arrow::error::ArrowError>>>;
+
+/// Opens `file` for streaming: parquet, or JSON by its extension.
+fn file_batches(file: &Path) -> Result<FileBatches> {
+    if super::json::is_json(file) {
+        return Ok(Box::new(super::json::JsonFile::open(file)?.batches(BATCH_ROWS)?));
+    }
+    Ok(Box::new(open_file(file)?.with_batch_size(BATCH_ROWS).build()?))
+}
+
+/// A file's rows and an empty batch of its schema, from its footer (parquet) or its rows (JSON).
+fn file_shape(file: &Path) -> Result<(u64, RecordBatch)> {
+    if super::json::is_json(file) {
+        let json = super::json::JsonFile::open(file)?;
+        return Ok((json.rows, json.empty()));
+    }
+    let builder = open_file(file)?;
+    Ok((builder.metadata().file_metadata().num_rows() as u64, RecordBatch::new_empty(builder.schema().clone())))
+}
+
 fn open_file(file: &Path) -> Result<ParquetRecordBatchReaderBuilder<File>> {
     let handle = File::open(file).with_context(|| format!("{}: cannot open", file.display()))?;
     ParquetRecordBatchReaderBuilder::try_new(handle)
@@ -106,9 +128,8 @@ impl Dataset {
         let mut schema: Option<SchemaRef> = None;
         let mut num_rows = 0;
         for file in &files {
-            let builder = open_file(file)?;
-            num_rows += builder.metadata().file_metadata().num_rows() as u64;
-            let empty = RecordBatch::new_empty(builder.schema().clone());
+            let (rows, empty) = file_shape(file)?;
+            num_rows += rows;
             let normalized = normalize(&empty, Origin { file, first_row: 0 })?.schema();
             match &schema {
                 None => schema = Some(normalized),
@@ -187,7 +208,7 @@ fn check_same_schema(first: &SchemaRef, other: &SchemaRef, first_file: &Path, fi
 pub struct Batches<'a> {
     dataset: &'a Dataset,
     next_file: usize,
-    current: Option<(usize, ParquetRecordBatchReader, u64)>,
+    current: Option<(usize, FileBatches, u64)>,
     /// Every uuid read so far: the file index and row where it was.
     seen: HashMap<String, (usize, u64)>,
 }
@@ -233,7 +254,7 @@ impl Iterator for Batches<'_> {
                     }
                     Some(Err(e)) => {
                         return Some(Err(anyhow::Error::new(e)
-                            .context(format!("{}: cannot read row group (file corrupt or truncated)", file.display()))));
+                            .context(format!("{}: cannot read its rows (file corrupt or truncated)", file.display()))));
                     }
                     None => self.current = None,
                 }
@@ -241,8 +262,7 @@ impl Iterator for Batches<'_> {
             let index = self.next_file;
             let file = self.dataset.files.get(index)?;
             self.next_file += 1;
-            let reader = open_file(file).and_then(|b| Ok(b.with_batch_size(BATCH_ROWS).build()?));
-            match reader {
+            match file_batches(file) {
                 Ok(reader) => self.current = Some((index, reader, 0)),
                 Err(e) => return Some(Err(e)),
             }

@@ -9,7 +9,7 @@
 //! - `recall`: the approximate result against the exact one on a sample of rows.
 //! Both searches give each row a `Neighbourhood`: what the step writes.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -142,6 +142,17 @@ pub struct HnswConfig {
     pub expansion_search: usize,
     /// Rows whose approximate neighbours are checked against exact ones (0: no check).
     pub recall_sample: usize,
+}
+
+impl HnswConfig {
+    /// Refuses settings that build no usable graph, naming the key.
+    pub fn check(&self) -> Result<()> {
+        let limits = [("connectivity", self.connectivity, 2), ("expansion_add", self.expansion_add, 1), ("expansion_search", self.expansion_search, 1)];
+        match limits.iter().find(|(_, value, least)| value < least) {
+            Some((key, value, least)) => bail!("semantic_dedup: hnsw.{key} is {value}; it must be at least {least}"),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Default for HnswConfig {
@@ -310,6 +321,17 @@ mod tests {
         let mut e = Embeddings::new(d);
         e.push(&rows).unwrap();
         (e, pairs)
+    }
+
+    #[test]
+    fn hnsw_settings_that_build_no_graph_are_refused_naming_the_key() {
+        assert!(HnswConfig::default().check().is_ok());
+        for (key, config) in [("connectivity", HnswConfig { connectivity: 1, ..Default::default() }),
+                              ("expansion_add", HnswConfig { expansion_add: 0, ..Default::default() }),
+                              ("expansion_search", HnswConfig { expansion_search: 0, ..Default::default() })] {
+            let err = config.check().unwrap_err().to_string();
+            assert!(err.contains(&format!("hnsw.{key} is")), "{err}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::knn::{Embeddings, Hnsw, HnswConfig, Neighbourhood};
 use super::step::{Duplicates, Step};
 use super::text::{instructions, uuids};
 use crate::model::embed::SentenceEncoder;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use arrow::array::{BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -78,6 +78,10 @@ pub struct SemanticDedup {
 
 impl SemanticDedup {
     pub fn new(config: SemanticDedupConfig) -> Result<Self> {
+        if config.k == 0 {
+            bail!("semantic_dedup: k is 0; it must be at least 1");
+        }
+        config.hnsw.check()?;
         let model = config.model.clone().unwrap_or_else(crate::home::default_embedding_model);
         let device = config.device.resolve(None)?;
         let encoder = SentenceEncoder::load(&model, device)?;
