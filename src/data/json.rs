@@ -96,13 +96,15 @@ mod tests {
             r#"{"question_id": 111, "category": "math", "turns": ["1+1?", "Times 3?"], "reference": ["2", "6"]}"#, "]"));
         let read = |spec: &str| {
             let dataset = Dataset::open(&[spec.to_string()]).unwrap();
-            let batches: Vec<RecordBatch> = dataset.batches().collect::<Result<_>>().unwrap();
+            // Without the uuids, which are derived from the file's name and the row.
+            let batches: Vec<RecordBatch> = dataset.batches().map(|b| b.map(|b| b.project(&[1, 2, 3, 4]).unwrap())).collect::<Result<_>>().unwrap();
+            assert_eq!(dataset.schema.field(0).name(), "uuid");
             (dataset.num_rows, arrow::util::pretty::pretty_format_batches(&batches).unwrap().to_string())
         };
         let (rows, table) = read(&lines);
         assert_eq!(rows, 2);
         assert_eq!(read(&array), (rows, table.clone()), "the array reads as the lines do");
-        assert!(table.contains("uuid") && table.contains("Times 3?") && table.contains("[2, 6]"), "{table}");
+        assert!(table.contains("question_id") && table.contains("Times 3?") && table.contains("[2, 6]"), "{table}");
     }
 
     #[test]
