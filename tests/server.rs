@@ -216,3 +216,39 @@ fn judge_tags_safety_tags_and_eval_run_on_the_server_as_they_do_in_process() {
         assert_eq!(column(&out.join("judgements.parquet"), "judge_grade"), column(&all_local.join("judgements.parquet"), "judge_grade"));
     }
 }
+
+/// MT-Bench's protocol on a question file in its own shape (`question.jsonl`: `question_id`,
+/// `category`, two `turns`, a `reference` for math and reasoning), with the server as judge:
+/// both turns answered (the second after the first answer), each graded on its own, the score
+/// the mean over turns, by turn and by category.
+#[test]
+fn an_mt_bench_question_file_is_answered_and_graded_turn_by_turn_with_the_server_as_judge() {
+    let server = LlamaServer::start(&embedded_model());
+    let dir = tempfile::tempdir().unwrap();
+    let questions = dir.path().join("question.jsonl");
+    std::fs::write(&questions, concat!(
+        r#"{"question_id": 81, "category": "writing", "turns": ["Write one sentence about the sea.", "Rewrite it in five words."]}"#, "\n",
+        r#"{"question_id": 111, "category": "math", "turns": ["What is 3 + 4?", "Multiply that by 5."], "reference": ["7", "35"]}"#, "\n",
+        r#"{"question_id": 101, "category": "reasoning", "turns": ["Is 9 a prime?", "And 11?"], "reference": ["No", "Yes"]}"#, "\n",
+    )).unwrap();
+    let out = dir.path().join("mt-bench");
+    let model = embedded_model();
+    succeeded(magpie(&["eval", "--model", s(&model), "--prompts", s(&questions), "--mode", "grade", "--judge-base-url", &server.url(),
+                       "--max-tokens", "24", "--judge-max-tokens", "48", "--verdict-first", "-o", s(&out)]));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let grade = &summary["grade"];
+    assert_eq!(grade["graded"].as_u64().unwrap() + grade["unparsable"].as_u64().unwrap(), 6, "two turns of three questions: {summary}");
+    assert_eq!(grade["by_turn"].as_array().unwrap().len(), 2, "{summary}");
+    for category in ["math", "reasoning", "writing"] {
+        assert!(grade["by_category"].get(category).is_some(), "{category}: {summary}");
+    }
+    let answers = Dataset::open(&[out.join("answers.parquet").display().to_string()]).unwrap();
+    let batch = answers.batches().next().unwrap().unwrap();
+    let turns = magpie::data::messages::read_turns(batch.column_by_name("messages").unwrap().as_ref(), "role", "content");
+    for conversation in turns {
+        let roles: Vec<String> = conversation.unwrap().into_iter().map(|m| m.role).collect();
+        assert_eq!(roles, ["user", "assistant", "user", "assistant"], "the second question asked after the first answer");
+    }
+    let judgements = out.join("judgements.parquet");
+    assert!(column(&judgements, "judge_grade").iter().all(|t| t.as_deref().is_some_and(|t| t.contains("--- turn 2 ---"))));
+}

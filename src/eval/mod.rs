@@ -1,6 +1,9 @@
 //! `magpie eval`: did training make the model better? The model under test answers an eval set;
 //! a local judge model then compares its answers with a baseline's (AlpacaEval / Arena-Hard
-//! style, in both orders: a win only when both agree) and/or grades them 1–10 (MT-Bench style).
+//! style, in both orders: a win only when both agree) and/or grades each turn 1–10 (MT-Bench's
+//! single-answer grading, with reference answers for math, reasoning and coding; the score is
+//! the mean over turns, reported by turn and category). Prompt files may be parquet, JSON Lines
+//! (MT-Bench's `question.jsonl`) or JSON.
 //!
 //! - `prompts`: eval sets, the embedded default set, answers generated or read from a file.
 //! - `judge`: the judge's prompts and parsers.
@@ -217,8 +220,15 @@ fn judge_pairs(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<Str
     Ok(first.iter().zip(second).map(|(m, b)| Pair::new(m.clone(), b.clone())).collect())
 }
 
+/// Every turn of every prompt graded on its own, as MT-Bench does: math, reasoning and coding
+/// questions against their reference answers when the set has them.
 fn judge_grades(judge: &mut ChatModel, prompts: &[EvalPrompt], answers: &[Vec<String>], verdict_first: bool) -> Result<Vec<Grade>> {
-    let conversations: Vec<_> = prompts.iter().zip(answers).map(|(p, a)| judge::grading(&p.questions, a)).collect();
+    let mut conversations = vec![];
+    for (p, a) in prompts.iter().zip(answers) {
+        let reference: &[String] = if judge::REFERENCE_CATEGORIES.contains(&p.category.as_str()) { &p.reference } else { &[] };
+        conversations.extend((0..p.questions.len().min(a.len())).map(|turn| judge::grading(&p.questions, a, reference, turn)));
+    }
     let prefill = if verdict_first { judge::GRADE_PREFILL } else { "" };
-    Ok(judge.answer(&conversations, prefill)?.into_iter().map(|t| Grade::new(format!("{prefill}{t}"))).collect())
+    let mut texts = judge.answer(&conversations, prefill)?.into_iter().map(|t| format!("{prefill}{t}"));
+    Ok(prompts.iter().zip(answers).map(|(p, a)| Grade::new(texts.by_ref().take(p.questions.len().min(a.len())).collect())).collect())
 }

@@ -21,13 +21,15 @@ use crate::engine::chat::ChatModel;
 static DEFAULT_SET: &[u8] = include_bytes!("../../data/eval/magpie-eval-80.parquet");
 const DEFAULT_SET_NAME: &str = "magpie-eval-80.parquet";
 
-/// One eval prompt: an optional system message and one or more user turns.
+/// One eval prompt: an optional system message, one or more user turns, and reference answers
+/// to them when the set has them (MT-Bench's `reference`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct EvalPrompt {
     pub uuid: String,
     pub category: String,
     pub system: Option<String>,
     pub questions: Vec<String>,
+    pub reference: Vec<String>,
 }
 
 /// The embedded default set, written once into the cache (the reader takes files).
@@ -54,7 +56,11 @@ pub fn read(inputs: &[String], limit: Option<usize>) -> Result<(Vec<EvalPrompt>,
         let categories = ["task_category", "category"].iter().find_map(|c| batch.column_by_name(c).and_then(as_utf8));
         let conversations = match batch.column_by_name("messages") {
             Some(messages) => read_turns(messages.as_ref(), "role", "content"),
-            None => turns(&batch)?,
+            None => texts(&batch, "turns")?.into_iter().map(|row| row.map(|t| t.into_iter().map(|q| Message::new("user", q)).collect())).collect(),
+        };
+        let references = match batch.column_by_name("reference") {
+            Some(_) => texts(&batch, "reference")?,
+            None => vec![None; batch.num_rows()],
         };
         for (row, conversation) in conversations.into_iter().enumerate() {
             let conversation = conversation.unwrap_or_default();
@@ -64,7 +70,8 @@ pub fn read(inputs: &[String], limit: Option<usize>) -> Result<(Vec<EvalPrompt>,
             }
             let category = categories.as_ref().filter(|c| c.is_valid(row)).map_or("all".to_string(), |c| c.value(row).to_string());
             let system = conversation.iter().find(|m| m.role == "system").map(|m| m.content.clone());
-            prompts.push(EvalPrompt { uuid: uuids.value(row).to_string(), category, system, questions });
+            let reference = references[row].clone().unwrap_or_default();
+            prompts.push(EvalPrompt { uuid: uuids.value(row).to_string(), category, system, questions, reference });
         }
     }
     if let Some(limit) = limit {
@@ -76,19 +83,16 @@ pub fn read(inputs: &[String], limit: Option<usize>) -> Result<(Vec<EvalPrompt>,
     Ok((prompts, dataset.files))
 }
 
-/// MT-Bench's `turns`: a list of user turns per row.
-fn turns(batch: &RecordBatch) -> Result<Vec<Option<Vec<Message>>>> {
-    let column = batch.column_by_name("turns").expect("checked");
-    let (DataType::List(_) | DataType::LargeList(_)) = column.data_type() else { bail!("column `turns`: found {}, expected list<string>", column.data_type()) };
-    let list = arrow::compute::cast(column, &DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))))?;
+/// A list-of-strings column per row (MT-Bench's `turns`, the user turns, and `reference`, the
+/// reference answers to them).
+fn texts(batch: &RecordBatch, name: &str) -> Result<Vec<Option<Vec<String>>>> {
+    let column = batch.column_by_name(name).expect("checked");
+    let (DataType::List(_) | DataType::LargeList(_)) = column.data_type() else { bail!("column `{name}`: found {}, expected list<string>", column.data_type()) };
+    let list = arrow::compute::cast(column, &DataType::List(Arc::new(Field::new("item", DataType::Utf8, true))))
+        .with_context(|| format!("column `{name}`: expected list<string>"))?;
     let list = list.as_list::<i32>();
     Ok((0..list.len())
-        .map(|i| {
-            list.is_valid(i).then(|| {
-                let items = list.value(i);
-                items.as_string::<i32>().iter().flatten().map(|t| Message::new("user", t)).collect()
-            })
-        })
+        .map(|i| list.is_valid(i).then(|| list.value(i).as_string::<i32>().iter().flatten().map(str::to_string).collect()))
         .collect())
 }
 

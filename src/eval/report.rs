@@ -4,7 +4,8 @@
 //! unparsable judgements) and charts (win / tie / loss by category, or mean grade by category).
 
 use anyhow::Result;
-use arrow::array::{ArrayRef, Float64Array, RecordBatch, StringArray};
+use arrow::array::{ArrayRef, Float64Array, ListArray, RecordBatch, StringArray};
+use arrow::datatypes::Float64Type;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -31,15 +32,33 @@ impl Pair {
     }
 }
 
-/// One answer graded.
+/// One prompt's answers graded, turn by turn (MT-Bench grades every turn on its own).
 pub struct Grade {
-    pub text: String,
-    pub score: Option<f64>,
+    /// Each turn's judge text and parsed grade.
+    pub turns: Vec<(String, Option<f64>)>,
 }
 
 impl Grade {
-    pub fn new(text: String) -> Grade {
-        Grade { score: parse_grade(&text), text }
+    pub fn new(texts: Vec<String>) -> Grade {
+        Grade { turns: texts.into_iter().map(|t| { let grade = parse_grade(&t); (t, grade) }).collect() }
+    }
+
+    /// The parsed grades of the turns.
+    pub fn scores(&self) -> impl Iterator<Item = f64> + '_ {
+        self.turns.iter().filter_map(|t| t.1)
+    }
+
+    /// The prompt's grade: the mean over its parsed turns.
+    pub fn score(&self) -> Option<f64> {
+        mean(self.scores())
+    }
+
+    /// The judge texts, a turn's under a `--- turn N ---` line when there are several.
+    fn text(&self) -> String {
+        match &self.turns[..] {
+            [(only, _)] => only.clone(),
+            turns => turns.iter().enumerate().map(|(i, t)| format!("--- turn {} ---\n{}", i + 1, t.0)).collect::<Vec<_>>().join("\n\n"),
+        }
     }
 }
 
@@ -81,8 +100,10 @@ pub fn judgements(prompts: &[EvalPrompt], answers: &[Vec<String>], baseline: Opt
         columns.push(("outcome", text(pairs.iter().map(|p| p.outcome.map(|o| o.as_str().to_string())).collect())));
     }
     if let Some(grades) = grades {
-        columns.push(("grade", Arc::new(grades.iter().map(|g| g.score).collect::<Float64Array>())));
-        columns.push(("judge_grade", text(grades.iter().map(|g| Some(g.text.clone())).collect())));
+        columns.push(("grade", Arc::new(grades.iter().map(|g| g.score()).collect::<Float64Array>())));
+        let turns = grades.iter().map(|g| Some(g.turns.iter().map(|t| t.1).collect::<Vec<_>>()));
+        columns.push(("turn_grades", Arc::new(ListArray::from_iter_primitive::<Float64Type, _, _>(turns))));
+        columns.push(("judge_grade", text(grades.iter().map(|g| Some(g.text())).collect())));
     }
     batch(columns)
 }
@@ -92,11 +113,11 @@ pub fn write_parquet(path: &Path, batch: &RecordBatch, provenance: &Provenance) 
     crate::data::write::write_batch(path, batch, Some(provenance))
 }
 
-/// The parsed grades of each category.
+/// The parsed turn grades of each category.
 fn grades_by_category(prompts: &[EvalPrompt], grades: &[Grade]) -> BTreeMap<String, Vec<f64>> {
     let mut by_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for (prompt, grade) in prompts.iter().zip(grades) {
-        by_category.entry(prompt.category.clone()).or_default().extend(grade.score);
+        by_category.entry(prompt.category.clone()).or_default().extend(grade.scores());
     }
     by_category
 }
@@ -147,9 +168,13 @@ pub fn summary(names: &Names, prompts: &[EvalPrompt], answers: &[Vec<String>], b
     }
     if let Some(grades) = grades {
         let by_category = grades_by_category(prompts, grades);
-        let scores: Vec<f64> = grades.iter().filter_map(|g| g.score).collect();
+        // MT-Bench's score: the mean over every graded turn; also by turn and by category.
+        let scores: Vec<f64> = grades.iter().flat_map(|g| g.scores()).collect();
+        let judged: usize = grades.iter().map(|g| g.turns.len()).sum();
+        let turns = grades.iter().map(|g| g.turns.len()).max().unwrap_or(0);
+        let by_turn: Vec<Option<f64>> = (0..turns).map(|t| mean(grades.iter().filter_map(|g| g.turns.get(t).and_then(|x| x.1)))).collect();
         summary["grade"] = json!({
-            "mean": mean(scores.iter().copied()), "graded": scores.len(), "unparsable": grades.len() - scores.len(),
+            "mean": mean(scores.iter().copied()), "graded": scores.len(), "unparsable": judged - scores.len(), "by_turn": by_turn,
             "by_category": by_category.into_iter().map(|(c, s)| (c, json!({"mean": mean(s.iter().copied()), "graded": s.len()}))).collect::<BTreeMap<_, _>>(),
         });
     }
@@ -176,7 +201,7 @@ pub fn headline(summary: &Value) -> String {
         ));
     }
     if let Some(g) = summary.get("grade") {
-        parts.push(format!("mean grade {} over {} answers ({} unparsable)", number(&g["mean"]), g["graded"], g["unparsable"]));
+        parts.push(format!("mean grade {} over {} graded turns ({} unparsable)", number(&g["mean"]), g["graded"], g["unparsable"]));
     }
     format!("magpie eval: {}", parts.join("; "))
 }
