@@ -2,10 +2,9 @@
 //! - an rpath to the venv's libtorch, so `magpie` runs without LD_LIBRARY_PATH, and libtorch_cuda
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
 //! - `src/train/fused_adamw.cpp` (libtorch's fused AdamW), `src/model/flash_attention.cpp`
-//!   (varlen flash attention), `src/train/determinism.cpp` (deterministic mode), `src/model/seeded_random.cpp`
-//!   (seeded random tensors) and `src/train/distributed/c10d.cpp`, the C++ side of the process
-//!   groups (libtorch's c10d), against
-//!   the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
+//!   (varlen flash attention), `src/train/determinism.cpp` (deterministic mode),
+//!   `src/model/seeded_random.cpp` (seeded random tensors) and `src/train/distributed/c10d.cpp`,
+//!   the C++ side of the process groups (libtorch's c10d), against the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
 //!   installed (the `nvidia-*` wheels scripts/setup.sh installs);
 //! - the instruction-set flags of the CPU it was built on (`MAGPIE_BUILD_CPU_FLAGS`): the build is
 //!   native to that CPU, and the binary checks them at start (src/cpu.rs). A portable build sets
@@ -40,8 +39,9 @@ fn main() {
 }
 
 /// Compiles the C++ that calls libtorch where tch has no wrapper: the c10d shim, the fused
-/// AdamW kernel's, varlen flash attention's, deterministic mode's and the seeded samplers. NCCL needs `cuda_runtime.h` with the compiler's `crt/` headers and
-/// `nccl.h`; they are looked for in the wheels beside torch and in `$CUDA_HOME`.
+/// AdamW kernel's, varlen flash attention's, deterministic mode's and the seeded samplers. NCCL
+/// needs `cuda_runtime.h` with the compiler's `crt/` headers and `nccl.h`; they are looked for in
+/// the wheels beside torch and in `$CUDA_HOME`.
 fn compile_c10d(lib_dir: &Path, cuda: bool) {
     const SHIM: &str = "src/train/distributed/c10d.cpp";
     const FUSED_ADAMW: &str = "src/train/fused_adamw.cpp";

@@ -190,6 +190,28 @@ fn synth_multi_turn_with_preference_responses_writes_the_catalogue_columns() {
     assert!(report.contains("responses") && report.contains("items min 2 mean 2.0 max 2"), "{report}");
 }
 
+/// `--ban-first-tokens`: no instruction starts with a banned token (SmolLM2 opens most with one
+/// of these), the redraws are counted; a text of two tokens, and greedy harvesting, are refused.
+#[test]
+fn banned_first_tokens_never_open_an_instruction_and_bad_bans_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("banned");
+    let output = run_synth(&out, &["--instructions-only", "--ban-first-tokens", "I,What,How,Can,Write"]);
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(summary.contains("banned first tokens") && summary.contains("redrawn"), "{summary}");
+    for instruction in column(&out, "instruction") {
+        let first_word = instruction.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("");
+        assert!(!["I", "What", "How", "Can", "Write"].contains(&first_word), "{instruction:?}");
+    }
+    for (flags, message) in [(["--ban-first-tokens", "Hello world"], "is 2 tokens"), (["--temperature", "0"], "needs --temperature above 0")] {
+        let args = synth_args(&dir.path().join("never"), &[&["--ban-first-tokens", "What"], &flags[..]].concat());
+        let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(&args).output().unwrap();
+        assert_eq!(output.status.code(), Some(1));
+        assert!(stderr(&output).contains(message), "{}", stderr(&output));
+    }
+    assert!(!dir.path().join("never").exists());
+}
+
 /// Column `name` of every row of a dataset, as strings (structs and lists as their debug form).
 fn column(dir: &Path, name: &str) -> Vec<String> {
     let dataset = Dataset::open(&[dir.display().to_string()]).unwrap();

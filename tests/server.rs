@@ -59,7 +59,9 @@ fn greedy_synth_on_the_server_matches_in_process_llama_cpp_with_two_turns_and_in
 fn sampled_preference_responses_survive_429_503_and_cut_connections() {
     let server = LlamaServer::start(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
-    let flags = ["--responses", "3", "--response-temperature", "0.8"];
+    // With first tokens banned (SmolLM2's common first words), whose redraws go through the
+    // faults too and draw the same instructions.
+    let flags = ["--responses", "3", "--response-temperature", "0.8", "--ban-first-tokens", "I,What,How,Can,Write"];
     let clean = dir.path().join("clean");
     succeeded(synth(&clean, &[&flags[..], &["--base-url", &server.url()]].concat()));
     let log = dir.path().join("proxy.jsonl");
@@ -69,6 +71,10 @@ fn sampled_preference_responses_survive_429_503_and_cut_connections() {
     let faults = std::fs::read_to_string(&log).unwrap();
     assert!(faults.contains("\"fault\": \"429\"") && faults.contains("\"fault\": \"503\"") && faults.contains("\"fault\": \"cut\""), "{faults}");
     assert_eq!(rows(&faulty), rows(&clean));
+    for (_, messages) in rows(&clean) {
+        let first_word = messages[0].content.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("").to_string();
+        assert!(!["I", "What", "How", "Can", "Write"].contains(&first_word.as_str()), "{:?}", messages[0].content);
+    }
     let responses = responses(&faulty);
     assert_eq!(responses.len(), 6);
     assert!(responses.iter().all(|r| r.len() == 3), "{responses:?}");

@@ -1,9 +1,10 @@
 //! LoRA adapters as PEFT defines and saves them: a low-rank update `scale · B A` beside each
 //! targeted linear layer of the decoder (`LoraConfig`'s `r`, `lora_alpha`, `lora_dropout`,
 //! `target_modules`, `use_rslora`), kept in a store of their own in f32 while the base weights
-//! stay frozen in their dtype, switched off for DPO's reference, saved as
-//! `adapter_model.safetensors` + `adapter_config.json` under PEFT's tensor names, and merged into
-//! full weights (`magpie merge`).
+//! stay frozen in their dtype; switched off, or swapped for their starting copies, for DPO's
+//! reference; saved as `adapter_model.safetensors` + `adapter_config.json` under PEFT's tensor
+//! names; merged into full weights (`magpie merge`). Their random values (A's initialisation,
+//! dropout masks) come from generators seeded for each adapter (`seeded_random.cpp`).
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};

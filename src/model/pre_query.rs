@@ -21,6 +21,16 @@ pub struct Family {
     pub user_append: &'static str,
 }
 
+/// The first tokens Magpie bans by default for a template (`--ban-first-tokens auto`): its
+/// Llama-3.1 scripts mask `#` to `####` at the first step (`de_md_logits_processor_for_llama3_1`),
+/// so that instructions do not open with a markdown heading.
+pub fn default_banned_first_tokens(source: &str) -> &'static [&'static str] {
+    match source {
+        "llama3.1" => &["#", "##", "###", "####"],
+        _ => &[],
+    }
+}
+
 /// docs/upstream.md §1, one row per family.
 pub const FAMILIES: &[Family] = &[
     Family {
@@ -219,6 +229,14 @@ mod tests {
         assert_eq!(derived.stops, ["<|im_end|>", "<|im_start|>"]);
         assert_eq!(derived.user_append, "<|im_start|>user\n");
         assert_eq!(derived.pre_query, family("smollm2").unwrap().pre_query);
+    }
+
+    #[test]
+    fn magpie_bans_markdown_heading_first_tokens_for_llama_3_1_only() {
+        assert_eq!(default_banned_first_tokens("llama3.1"), ["#", "##", "###", "####"]);
+        for other in ["llama3", "qwen2.5", "auto", "raw"] {
+            assert!(default_banned_first_tokens(other).is_empty(), "{other}");
+        }
     }
 
     #[test]

@@ -85,6 +85,9 @@ fn print_summary(stats: &Stats, shard: Shard, seconds: f64, output: &Path) {
     println!("  rows written            {}", stats.rows_written);
     println!("  dropped (empty)         {}", stats.dropped_empty);
     println!("  truncated instructions  {}", stats.truncated_instructions);
+    if stats.redrawn_banned_starts > 0 {
+        println!("  banned first tokens     {} redrawn, {} kept after {} draws", stats.redrawn_banned_starts, stats.kept_banned_starts, super::pipeline::BAN_REDRAWS);
+    }
     println!("  truncated responses     {}", stats.truncated_responses);
     println!("  empty responses         {}", stats.empty_responses);
     println!("  conversations cut short {}", stats.short_conversations);

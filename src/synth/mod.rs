@@ -48,6 +48,13 @@ pub struct SynthArgs {
     #[arg(long, default_value = "auto")]
     pub template: String,
 
+    /// Tokens an instruction may not start with, comma-separated (each one token of the model's
+    /// vocabulary): `auto`, the template's (Magpie's Llama-3.1 scripts ban `#`, `##`, `###`,
+    /// `####`, a markdown heading; other templates none), or `none`. An instruction that starts
+    /// with one is drawn again from another seed, up to 16 times.
+    #[arg(long, default_value = "auto")]
+    pub ban_first_tokens: String,
+
     /// Answer an existing dataset instead of harvesting: parquet files, folders or globs in our
     /// format (Magpie's released files too). Each row's conversation up to its last user turn is
     /// answered by --model; every other column is kept. Every input row is answered (--num is

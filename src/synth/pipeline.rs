@@ -12,7 +12,7 @@ use super::SynthArgs;
 use crate::model::chat_template::ChatTemplate;
 use crate::data::Message;
 use crate::seed::{mix, unit};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 /// Magpie's system prompt for asking follow-up questions (turn 2 and later).
 pub const MULTI_TURN_SYSTEM_PROMPT: &str = "You are a helpful AI assistant. The user will engage in a multi-round conversation with you, asking initial questions and following up with additional related questions. Your goal is to provide thorough, relevant and insightful responses to help the user with their queries.";
@@ -31,6 +31,28 @@ struct Task {
     pre_query_tokens: Vec<u32>,
     stop_strings: Vec<String>,
     stop_token_ids: Vec<u32>,
+    /// Token ids an instruction may not start with (`--ban-first-tokens`).
+    banned_first: Vec<u32>,
+}
+
+/// How often an instruction that starts with a banned token is drawn again.
+pub const BAN_REDRAWS: u64 = 16;
+
+/// `--ban-first-tokens` as token ids, for a template resolved from `source`: `auto` (the
+/// template's default), `none`, or token texts, each one token of the model's vocabulary.
+fn banned_first_tokens(engine: &dyn Engine, spec: &str, source: &str) -> Result<Vec<u32>> {
+    let texts: Vec<String> = match spec {
+        "auto" => template::default_banned_first_tokens(source).iter().map(|s| s.to_string()).collect(),
+        "none" | "" => vec![],
+        list => list.split(',').filter(|t| !t.is_empty()).map(str::to_string).collect(),
+    };
+    texts
+        .iter()
+        .map(|text| match engine.tokenize(text)?[..] {
+            [id] => Ok(id),
+            ref ids => bail!("--ban-first-tokens: `{text}` is {} tokens of this model ({ids:?}), not one", ids.len()),
+        })
+        .collect()
 }
 
 /// Counts for the final summary.
@@ -40,6 +62,10 @@ pub struct Stats {
     pub rows_written: u64,
     pub dropped_empty: u64,
     pub truncated_instructions: u64,
+    /// Instructions drawn again because they started with a banned token (`--ban-first-tokens`),
+    /// and those still starting with one after the last draw.
+    pub redrawn_banned_starts: u64,
+    pub kept_banned_starts: u64,
     pub truncated_responses: u64,
     pub empty_responses: u64,
     pub short_conversations: u64,
@@ -111,7 +137,11 @@ impl<'a> Synthesizer<'a> {
             }
             let stop_token_ids = single_token_ids(engine.as_ref(), &pre_query.stops)?;
             let pre_query_tokens = engine.tokenize(&pre_query.pre_query)?;
-            tasks.push(Task { key, system, weight, pre_query, pre_query_tokens, stop_strings: stops, stop_token_ids });
+            let banned_first = banned_first_tokens(engine.as_ref(), &args.ban_first_tokens, &pre_query.source)?;
+            if !banned_first.is_empty() && args.temperature == 0.0 {
+                bail!("--ban-first-tokens needs --temperature above 0: a greedy instruction is drawn the same every time (pass --ban-first-tokens none)");
+            }
+            tasks.push(Task { key, system, weight, pre_query, pre_query_tokens, stop_strings: stops, stop_token_ids, banned_first });
         }
         let response_stop_ids = single_token_ids(engine.as_ref(), &derived.stops)?;
         let user_append = if tasks[0].pre_query.user_append.is_empty() { derived.user_append.clone() } else { tasks[0].pre_query.user_append.clone() };
@@ -192,6 +222,41 @@ impl<'a> Synthesizer<'a> {
         Ok(completions)
     }
 
+    /// Draws again, from a new seed each time, every instruction whose first token is one of its
+    /// request's `banned` ones, up to [`BAN_REDRAWS`] times. Drawing until the first token is
+    /// allowed samples what masking those tokens at the first step (Magpie's logits processor)
+    /// samples at top-p 1, and it works alike on every engine and server, since it needs only
+    /// the completion's text (tokenised again: its first token).
+    fn redraw_banned_starts(&mut self, requests: &[Request], mut completions: Vec<Completion>, banned: &[Vec<u32>], on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Completion>> {
+        let starts_banned = |engine: &dyn Engine, i: usize, c: &Completion| -> Result<bool> {
+            Ok(!banned[i].is_empty() && engine.tokenize(&c.text)?.first().is_some_and(|t| banned[i].contains(t)))
+        };
+        for attempt in 1..=BAN_REDRAWS {
+            let mut again = vec![];
+            for (i, c) in completions.iter().enumerate() {
+                if starts_banned(self.engine.as_ref(), i, c)? {
+                    again.push(i);
+                }
+            }
+            if again.is_empty() {
+                break;
+            }
+            self.stats.redrawn_banned_starts += again.len() as u64;
+            let redraws: Vec<Request> = again.iter().map(|&i| {
+                let mut request = requests[i].clone();
+                request.sampling.seed = mix(request.sampling.seed ^ mix(attempt));
+                request
+            }).collect();
+            for (i, completion) in again.into_iter().zip(self.generate(&redraws, on_tokens)?) {
+                completions[i] = completion;
+            }
+        }
+        for (i, c) in completions.iter().enumerate() {
+            self.stats.kept_banned_starts += starts_banned(self.engine.as_ref(), i, c)? as u64;
+        }
+        Ok(completions)
+    }
+
     /// Generates the rows `rows` (global row indices). Rows whose first instruction is empty are
     /// dropped and counted.
     pub fn chunk(&mut self, rows: std::ops::Range<u64>, on_tokens: &mut dyn FnMut(usize)) -> Result<Vec<Row>> {
@@ -213,6 +278,8 @@ impl<'a> Synthesizer<'a> {
             })
             .collect();
         let completions = self.generate(&requests, on_tokens)?;
+        let banned: Vec<Vec<u32>> = drafts.iter().map(|d| self.tasks[d.task].banned_first.clone()).collect();
+        let completions = self.redraw_banned_starts(&requests, completions, &banned, on_tokens)?;
         let mut kept = Vec::with_capacity(drafts.len());
         for (mut draft, completion) in drafts.drain(..).zip(completions) {
             let instruction = if self.args.sanitize { sanitize(&completion.text) } else { completion.text.trim().to_string() };

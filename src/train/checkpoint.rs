@@ -6,9 +6,9 @@
 //! newest checkpoint; `--overwrite` starts over in place of a run of ours; anything else in the
 //! way is an error, and nothing magpie did not write is ever removed.
 //!
-//! A checkpoint is a loadable HF model (a PEFT adapter folder with LoRA) plus the optimizer state (`optimizer.safetensors`, or one
-//! `optimizer-rank{R}-of-{N}.safetensors` per rank when sharded: moments, and the fp32 master
-//! weights under mixed precision) and `trainer_state.json` (step, seed, settings), with a manifest
+//! A checkpoint is a loadable HF model (with LoRA, a PEFT adapter folder) plus the optimizer
+//! state (`optimizer.safetensors`, or one `optimizer-rank{R}-of-{N}.safetensors` per rank when
+//! sharded: moments, and the fp32 master weights under mixed precision) and `trainer_state.json` (step, seed, settings), with a manifest
 //! of its own. Resuming refuses other settings, naming them.
 //!
 //! With several ranks the folder must be on a filesystem they share. Each other rank writes its
