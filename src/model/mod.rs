@@ -14,6 +14,7 @@ pub mod attention;
 pub mod chat_template;
 pub mod convert;
 pub mod embed;
+pub mod families;
 pub mod gguf;
 pub mod hf;
 pub mod llama;

@@ -12,7 +12,7 @@ use super::SynthArgs;
 use crate::model::chat_template::ChatTemplate;
 use crate::data::Message;
 use crate::seed::{mix, unit};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 /// Magpie's system prompt for asking follow-up questions (turn 2 and later).
 pub const MULTI_TURN_SYSTEM_PROMPT: &str = "You are a helpful AI assistant. The user will engage in a multi-round conversation with you, asking initial questions and following up with additional related questions. Your goal is to provide thorough, relevant and insightful responses to help the user with their queries.";
@@ -108,7 +108,8 @@ struct Draft {
 pub struct Synthesizer<'a> {
     args: &'a SynthArgs,
     pub engine: Box<dyn Engine>,
-    chat: &'a ChatTemplate,
+    /// The chat template; `None` only for `--instructions-only` runs of one turn, which need none.
+    chat: Option<&'a ChatTemplate>,
     model_name: String,
     tasks: Vec<Task>,
     response_stops: (Vec<String>, Vec<u32>),
@@ -118,18 +119,20 @@ pub struct Synthesizer<'a> {
 
 impl<'a> Synthesizer<'a> {
     pub fn new(args: &'a SynthArgs, info: &'a ModelInfo, engine: Box<dyn Engine>) -> Result<Self> {
-        let chat = info.chat_template.as_ref().with_context(|| {
-            format!("{}: the model ships no chat template, which responses need", info.path.display())
-        })?;
+        let chat = info.chat_template.as_ref();
+        let needs_chat = !args.instructions_only || args.turns > 1 || !args.input.is_empty();
+        if chat.is_none() && needs_chat {
+            bail!("{}: the model ships no chat template, which responses and later turns need: name its family with --template, or pass --instructions-only", info.path.display());
+        }
         let choices: Vec<(Option<String>, Option<String>, f64)> = match (&args.system_prompt, &args.system_prompts) {
             (Some(text), _) => vec![(None, Some(text.clone()), 1.0)],
             (None, Some(list)) => list.iter().map(|p| (Some(p.key.clone()), Some(p.prompt.clone()), p.weight)).collect(),
             (None, None) => vec![(None, None, 1.0)],
         };
-        let derived = template::derive(chat, None)?;
+        let derived = chat.map(|c| template::derive(c, None)).transpose()?;
         let mut tasks = vec![];
         for (key, system, weight) in choices {
-            let pre_query = template::resolve(&args.template, Some(chat), system.as_deref())?;
+            let pre_query = template::resolve(&args.template, chat, system.as_deref())?;
             let mut stops = pre_query.stops.clone();
             stops.push("assistant".into());
             if args.early_stop_newline {
@@ -143,18 +146,26 @@ impl<'a> Synthesizer<'a> {
             }
             tasks.push(Task { key, system, weight, pre_query, pre_query_tokens, stop_strings: stops, stop_token_ids, banned_first });
         }
-        let response_stop_ids = single_token_ids(engine.as_ref(), &derived.stops)?;
-        let user_append = if tasks[0].pre_query.user_append.is_empty() { derived.user_append.clone() } else { tasks[0].pre_query.user_append.clone() };
+        let response_stops = derived.as_ref().map(|d| d.stops.clone()).unwrap_or_default();
+        let response_stop_ids = single_token_ids(engine.as_ref(), &response_stops)?;
+        let user_append = match (&tasks[0].pre_query.user_append, &derived) {
+            (own, Some(d)) if own.is_empty() => d.user_append.clone(),
+            (own, _) => own.clone(),
+        };
         Ok(Synthesizer {
             args,
             engine,
             chat,
             model_name: info.name.clone(),
             tasks,
-            response_stops: (derived.stops, response_stop_ids),
+            response_stops: (response_stops, response_stop_ids),
             user_append,
             stats: Stats::default(),
         })
+    }
+
+    fn chat(&self) -> &'a ChatTemplate {
+        self.chat.expect("Synthesizer::new refuses a run that needs a chat template without one")
     }
 
     pub fn run_info(&self) -> RunInfo {
@@ -369,7 +380,7 @@ impl<'a> Synthesizer<'a> {
             .collect();
         let mut requests = vec![];
         for &i in &open {
-            let prompt = self.chat.render(&drafts[i].messages, true)?;
+            let prompt = self.chat().render(&drafts[i].messages, true)?;
             let seed = mix(drafts[i].seed ^ (turn as u64) << 8 ^ 2);
             requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.response_sampling(self.args.response_temperature, seed) });
         }
@@ -396,7 +407,7 @@ impl<'a> Synthesizer<'a> {
         for &i in &open {
             let mut history = vec![Message::new("system", MULTI_TURN_SYSTEM_PROMPT)];
             history.extend(drafts[i].messages.iter().filter(|m| m.role != "system").cloned());
-            let prompt = self.chat.render(&history, false)? + &self.user_append;
+            let prompt = self.chat().render(&history, false)? + &self.user_append;
             let task = &self.tasks[drafts[i].task];
             let seed = mix(drafts[i].seed ^ (turn as u64) << 8 ^ 1);
             requests.push(Request { prompt: self.engine.tokenize(&prompt)?, sampling: self.instruction_sampling(task, seed) });
@@ -424,7 +435,7 @@ impl<'a> Synthesizer<'a> {
         let mut requests = vec![];
         for draft in drafts.iter() {
             let first_user = draft.messages.iter().position(|m| m.role == "user").expect("every draft has an instruction");
-            let prompt = self.engine.tokenize(&self.chat.render(&draft.messages[..=first_user], true)?)?;
+            let prompt = self.engine.tokenize(&self.chat().render(&draft.messages[..=first_user], true)?)?;
             for k in 0..n {
                 let seed = mix(draft.seed ^ ((k as u64 + 1) << 32) ^ 3);
                 requests.push(Request { prompt: prompt.clone(), sampling: self.response_sampling(self.args.preference_temperature, seed) });

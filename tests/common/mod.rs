@@ -36,6 +36,11 @@ pub fn embedded_model() -> PathBuf {
     home.join("smollm2-135m-instruct-q4_1.gguf")
 }
 
+/// Gemma 3 270M (a GGUF without a chat template), which `scripts/setup.sh --test` puts beside it.
+pub fn gemma_model() -> PathBuf {
+    embedded_model().with_file_name("gemma-3-270m-q4_k_m.gguf")
+}
+
 /// Waits (at most `limit`) until `path` exists, then kills `child` with SIGKILL and reaps it: a
 /// run killed right after it finished a part or a checkpoint.
 pub fn kill_once_exists(child: &mut Child, path: &Path, limit: Duration) {
