@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use arrow::array::RecordBatch;
-use arrow::datatypes::{Schema, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 use std::io::{BufRead, BufReader, Cursor};
 use std::path::Path;
@@ -71,7 +71,7 @@ impl JsonFile {
 
     /// An empty batch of the file's schema (for the normalised schema).
     pub fn empty(&self) -> RecordBatch {
-        RecordBatch::new_empty(Arc::new(Schema::clone(&self.schema)))
+        RecordBatch::new_empty(self.schema.clone())
     }
 }
 

@@ -536,7 +536,6 @@ impl Llama {
         }
     }
 
-
     pub fn final_norm(&self, x: &Tensor) -> Tensor {
         self.norm.forward(x)
     }

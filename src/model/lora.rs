@@ -61,7 +61,7 @@ impl LoraConfig {
             match target {
                 "all-linear" => wanted.extend(LINEAR_MODULES.iter().copied()),
                 module if LINEAR_MODULES.contains(&module) => {
-                    wanted.insert(LINEAR_MODULES.iter().copied().find(|m| *m == module).unwrap());
+                    wanted.insert(module);
                 }
                 other => bail!("target module `{other}` is not a linear layer of a Llama-family model ({}, or all-linear)", LINEAR_MODULES.join(", ")),
             }
@@ -80,6 +80,13 @@ impl LoraConfig {
 
     pub fn targets(&self, module: &str) -> bool {
         self.targets.iter().any(|t| t == module)
+    }
+
+    /// The adapters' elements on a model of config `c`: `r · (inputs + outputs)` per targeted
+    /// module and layer.
+    pub fn parameters(&self, c: &super::LlamaConfig) -> i64 {
+        let per_layer: i64 = module_shapes(c).iter().filter(|(m, _, _)| self.targets(m)).map(|(_, i, o)| self.r * (i + o)).sum();
+        c.num_hidden_layers * per_layer
     }
 
     /// A PEFT `adapter_config.json` from `dir`. Only what magpie computes is accepted: plain
@@ -334,15 +341,11 @@ pub fn is_adapter_dir(dir: &Path) -> bool {
     dir.join(ADAPTER_CONFIG).is_file()
 }
 
-impl LoraConfig {
-    /// The adapters' elements on a model of config `c`: `r · (inputs + outputs)` per targeted
-    /// module and layer.
-    pub fn parameters(&self, c: &super::LlamaConfig) -> i64 {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        let (q, kv) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
-        let shapes = [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)];
-        c.num_hidden_layers * shapes.iter().filter(|(m, _, _)| self.targets(m)).map(|(_, i, o)| self.r * (i + o)).sum::<i64>()
-    }
+/// Each of [`LINEAR_MODULES`] with its `(inputs, outputs)` on a model of config `c`.
+pub fn module_shapes(c: &super::LlamaConfig) -> [(&'static str, i64, i64); 7] {
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (c.num_attention_heads * c.head_dim(), c.kv_heads() * c.head_dim());
+    [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
 }
 
 #[cfg(test)]

@@ -33,9 +33,7 @@ pub fn run(args: &MergeArgs) -> Result<()> {
     let config = LoraConfig::read(&args.adapter)?;
     let inputs = [args.base.clone(), args.adapter.clone()];
     crate::run::check(&args.output, &inputs, &crate::run::Rules { overwrite: args.run.overwrite, resumable: None })?;
-    let loaded = merged(&args.base, &args.adapter, &config)?;
-    let provenance = crate::run::Provenance::new("merge", serde_json::json!({"base": args.base, "adapter": args.adapter, "lora": config}));
-    super::hf::save(&loaded.vs, &loaded.dir, &args.output, &provenance).with_context(|| format!("{}: cannot write the merged model", args.output.display()))?;
+    merge_into(&args.base, &args.adapter, &config, &args.output)?;
     eprintln!("magpie merge: {} + {} -> {}", args.base.display(), args.adapter.display(), args.output.display());
     Ok(())
 }
@@ -55,10 +53,8 @@ pub fn for_inference(dir: &Path) -> Result<PathBuf> {
         return Ok(target);
     }
     eprintln!("magpie: merging the adapter {} into {} (once, into {})", dir.display(), base.display(), target.display());
-    let loaded = merged(&base, dir, &config)?;
-    let provenance = crate::run::Provenance::new("merge", serde_json::json!({"base": base, "adapter": dir, "lora": config}));
     std::fs::create_dir_all(target.parent().expect("a cache entry has a parent")).with_context(|| format!("{}: cannot create", target.display()))?;
-    super::hf::save(&loaded.vs, &loaded.dir, &target, &provenance)?;
+    merge_into(&base, dir, &config, &target)?;
     Ok(target)
 }
 
@@ -91,6 +87,13 @@ fn cache_key(adapter: &Path, base: &Path) -> Result<String> {
         (meta.len(), meta.modified().ok()).hash(&mut hasher);
     }
     Ok(format!("{:016x}", hasher.finish()))
+}
+
+/// Writes `base` with `adapter` merged as the model folder `target`, atomically, with a manifest.
+fn merge_into(base: &Path, adapter: &Path, config: &LoraConfig, target: &Path) -> Result<()> {
+    let loaded = merged(base, adapter, config)?;
+    let provenance = crate::run::Provenance::new("merge", serde_json::json!({"base": base, "adapter": adapter, "lora": config}));
+    super::hf::save(&loaded.vs, &loaded.dir, target, &provenance).with_context(|| format!("{}: cannot write the merged model", target.display()))
 }
 
 /// The base model in its stored dtype on the CPU with the adapter's update added into each

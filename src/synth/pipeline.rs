@@ -242,29 +242,32 @@ impl<'a> Synthesizer<'a> {
         let starts_banned = |engine: &dyn Engine, i: usize, c: &Completion| -> Result<bool> {
             Ok(!banned[i].is_empty() && engine.tokenize(&c.text)?.first().is_some_and(|t| banned[i].contains(t)))
         };
-        for attempt in 1..=BAN_REDRAWS {
-            let mut again = vec![];
-            for (i, c) in completions.iter().enumerate() {
-                if starts_banned(self.engine.as_ref(), i, c)? {
-                    again.push(i);
-                }
+        let mut pending = vec![];
+        for (i, c) in completions.iter().enumerate() {
+            if starts_banned(self.engine.as_ref(), i, c)? {
+                pending.push(i);
             }
-            if again.is_empty() {
+        }
+        for attempt in 1..=BAN_REDRAWS {
+            if pending.is_empty() {
                 break;
             }
-            self.stats.redrawn_banned_starts += again.len() as u64;
-            let redraws: Vec<Request> = again.iter().map(|&i| {
+            self.stats.redrawn_banned_starts += pending.len() as u64;
+            let redraws: Vec<Request> = pending.iter().map(|&i| {
                 let mut request = requests[i].clone();
                 request.sampling.seed = mix(request.sampling.seed ^ mix(attempt));
                 request
             }).collect();
-            for (i, completion) in again.into_iter().zip(self.generate(&redraws, on_tokens)?) {
+            let mut still = vec![];
+            for (i, completion) in pending.into_iter().zip(self.generate(&redraws, on_tokens)?) {
+                if starts_banned(self.engine.as_ref(), i, &completion)? {
+                    still.push(i);
+                }
                 completions[i] = completion;
             }
+            pending = still;
         }
-        for (i, c) in completions.iter().enumerate() {
-            self.stats.kept_banned_starts += starts_banned(self.engine.as_ref(), i, c)? as u64;
-        }
+        self.stats.kept_banned_starts += pending.len() as u64;
         Ok(completions)
     }
 

@@ -144,7 +144,8 @@ pub struct LoraArgs {
     /// Train LoRA adapters (PEFT's format) instead of every weight: the base model stays frozen
     /// in its dtype, only the f32 adapters take gradients and optimizer state, and the model
     /// saved is a PEFT adapter folder (`magpie merge` folds it into full weights). DPO's
-    /// reference is then the policy with its adapters switched off, unless --ref-model is given.
+    /// reference is then the policy as it starts (fresh adapters off, or a frozen copy of the
+    /// --adapter it loaded), unless --ref-model is given.
     #[arg(long, help_heading = "LoRA")]
     pub use_peft: bool,
 

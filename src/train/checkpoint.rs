@@ -8,8 +8,8 @@
 //!
 //! A checkpoint is a loadable HF model (with LoRA, a PEFT adapter folder) plus the optimizer
 //! state (`optimizer.safetensors`, or one `optimizer-rank{R}-of-{N}.safetensors` per rank when
-//! sharded: moments, and the fp32 master weights under mixed precision) and `trainer_state.json` (step, seed, settings), with a manifest
-//! of its own. Resuming refuses other settings, naming them.
+//! sharded: moments, and the fp32 master weights under mixed precision) and `trainer_state.json`
+//! (step, seed, settings), with a manifest of its own. Resuming refuses other settings, naming them.
 //!
 //! With several ranks the folder must be on a filesystem they share. Each other rank writes its
 //! shard into a staging folder beside the checkpoint; once all have (a barrier), rank 0 moves the

@@ -49,10 +49,8 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, 
     let (h, kv, i) = (c.hidden_size as f64, (c.kv_heads() * c.head_dim()) as f64, c.intermediate_size as f64);
     // An adapter keeps its f32 input and its rank-r middle (and a dropout mask) per token.
     let adapter_per_layer_token = lora.map_or(0.0, |l| {
-        let q = (c.num_attention_heads * c.head_dim()) as f64;
-        let inputs = [("q_proj", h), ("k_proj", h), ("v_proj", h), ("o_proj", q), ("gate_proj", h), ("up_proj", h), ("down_proj", i)];
         let mask = if l.dropout > 0.0 { 1.0 } else { 0.0 };
-        inputs.iter().filter(|(m, _)| l.targets(m)).map(|(_, x)| (4.0 + mask) * x + 4.0 * l.r as f64).sum()
+        crate::model::lora::module_shapes(c).iter().filter(|(m, _, _)| l.targets(m)).map(|&(_, x, _)| (4.0 + mask) * x as f64 + 4.0 * l.r as f64).sum()
     });
     let per_layer_token = element * (9.0 * h + 4.0 * kv + 4.0 * i) + adapter_per_layer_token;
     let tokens = work.tokens as f64;
