@@ -155,6 +155,18 @@ dpo() {
   result "$line"
 }
 
+# Padding-free DPO (TRL's padding_free: varlen flash attention over one row) against padded:
+# the same losses to bf16 rounding, and each one's training tokens per second.
+dpo_padding_free() {
+  local mode extra
+  for mode in padded padding-free; do
+    extra=(); if [ "$mode" = padding-free ]; then extra=(--padding-free); fi
+    magpie dpo --model "$W/m135" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 8 --max-steps 6 \
+      --learning-rate 1e-6 --save-steps 0 --precompute-ref-log-probs --bf16 --device "$DEVICE" "${extra[@]}" -o "$W/dpo-$mode" 2> "$LOGS/dpo-$mode.log"
+  done
+  result "losses $(python3 scripts/gpu_check.py compare "$W/dpo-padded" "$W/dpo-padding-free" 1e-2); tok/s padded $(python3 scripts/gpu_check.py rate "$W/dpo-padded"), padding-free $(python3 scripts/gpu_check.py rate "$W/dpo-padding-free")"
+}
+
 master_weights() {
   python3 - "$W" <<'PY'
 import sys
@@ -208,6 +220,7 @@ if part train; then
   step "process group of one" process_group
   if [ "$DEVICE" = cuda ]; then step "throughput 1B bf16" throughput; fi
   step "DPO 6 steps" dpo
+  step "DPO padding-free vs padded" dpo_padding_free
   step "bf16 DPO lr 1e-6" master_weights
   step "resume, full determinism" resume
   step "LoRA CPU vs $DEVICE" lora

@@ -107,7 +107,14 @@ def compare(run_a, run_b, tolerance):
     print(f"max |difference| {worst:.1e} over {len(a)} steps, within {tolerance}: {'ok' if ok else 'FAILED'}")
 
 
+def rate(run):
+    """Training tokens per second over the steps after the first (which compiles and warms up)."""
+    rows = [json.loads(line) for line in open(Path(run) / "metrics.jsonl")]
+    steady = [r for r in rows if "tokens_per_second" in r][1:]
+    print(f"{sum(r['tokens'] for r in steady) / sum(r['tokens'] / r['tokens_per_second'] for r in steady):,.0f}")
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"models": lambda: models(*args), "torch-sft": lambda: torch_sft(args[0], args[1], int(args[2])), "changed": lambda: changed(*args),
-     "losses": lambda: losses(*args), "compare": lambda: compare(*args)}[command]()
+     "losses": lambda: losses(*args), "compare": lambda: compare(*args), "rate": lambda: rate(*args)}[command]()

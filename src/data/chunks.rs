@@ -12,7 +12,7 @@
 //! disjoint parts of one folder.
 
 use super::write::{part_name, write_batch};
-use crate::run::{Opened, Provenance, Resuming, RunDir};
+use crate::run::{Opened, Prepared, Provenance, Resuming, RunDir};
 use anyhow::{Context, Result};
 use arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
@@ -75,16 +75,41 @@ pub struct ChunkedOutput {
     provenance: Provenance,
 }
 
+/// A chunked output checked against the inputs and what is already there, nothing touched yet:
+/// a run that writes two decides both before it removes or claims anything.
+pub struct PreparedChunks {
+    prepared: Prepared,
+    provenance: Provenance,
+}
+
+impl PreparedChunks {
+    /// A finished output with the same settings is there: nothing to do.
+    pub fn is_finished(&self) -> bool {
+        self.prepared.opened == Opened::Finished
+    }
+
+    /// Removes what `--overwrite` replaces and claims the folder (or resumes it).
+    pub fn apply(self) -> Result<ChunkedOutput> {
+        Ok(ChunkedOutput { run: self.prepared.apply()?, provenance: self.provenance })
+    }
+}
+
 impl ChunkedOutput {
-    /// Opens (or creates) `dir` for `command`'s run whose row-determining settings are
-    /// `settings`, after checking it against the inputs and what is already there. `None`: a
-    /// finished output with the same settings, nothing to do.
-    pub fn open(dir: &Path, inputs: &[PathBuf], command: &str, settings: &Value, overwrite: bool) -> Result<Option<Self>> {
+    /// Checks `dir` for `command`'s run whose row-determining settings are `settings` against
+    /// the inputs and what is already there.
+    pub fn prepare(dir: &Path, inputs: &[PathBuf], command: &str, settings: &Value, overwrite: bool) -> Result<PreparedChunks> {
         let prepared = RunDir::prepare(dir, inputs, command, settings, owns, overwrite, Resuming::Always)?;
-        if prepared.opened == Opened::Finished {
+        Ok(PreparedChunks { prepared, provenance: Provenance::new(command, settings) })
+    }
+
+    /// Opens (or creates) `dir` as [`ChunkedOutput::prepare`] checks it. `None`: a finished
+    /// output with the same settings, nothing to do.
+    pub fn open(dir: &Path, inputs: &[PathBuf], command: &str, settings: &Value, overwrite: bool) -> Result<Option<Self>> {
+        let prepared = Self::prepare(dir, inputs, command, settings, overwrite)?;
+        if prepared.is_finished() {
             return Ok(None);
         }
-        Ok(Some(ChunkedOutput { run: prepared.apply()?, provenance: Provenance::new(command, settings) }))
+        prepared.apply().map(Some)
     }
 
     pub fn part_path(&self, chunk: usize) -> PathBuf {

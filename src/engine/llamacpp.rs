@@ -168,16 +168,20 @@ struct Active {
     generated: usize,
 }
 
-fn sampler(sampling: &Sampling) -> LlamaSampler {
-    if sampling.temperature <= 0.0 {
-        return LlamaSampler::greedy();
+/// The sampler of one request: greedy or temperature then top-p, as in transformers and vLLM,
+/// behind the answer's grammar when it has one.
+fn sampler(model: &LlamaModel, sampling: &Sampling) -> Result<LlamaSampler> {
+    let mut chain = vec![];
+    if let Some(answer) = &sampling.json {
+        let grammar = LlamaSampler::grammar(model, &answer.grammar()?, "root").map_err(|e| anyhow!("{}: llama.cpp refused the answer's grammar: {e}", answer.name))?;
+        chain.push(grammar);
     }
-    // Temperature before top-p, as in transformers and vLLM.
-    LlamaSampler::chain_simple([
-        LlamaSampler::temp(sampling.temperature),
-        LlamaSampler::top_p(sampling.top_p, 1),
-        LlamaSampler::dist(sampling.seed as u32),
-    ])
+    if sampling.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        chain.extend([LlamaSampler::temp(sampling.temperature), LlamaSampler::top_p(sampling.top_p, 1), LlamaSampler::dist(sampling.seed as u32)]);
+    }
+    Ok(if chain.len() == 1 { chain.remove(0) } else { LlamaSampler::chain_simple(chain) })
 }
 
 impl LlamaCpp {
@@ -278,7 +282,7 @@ impl Engine for LlamaCpp {
                         }
                         *state = Some(Active {
                             request: next_request,
-                            sampler: sampler(&request.sampling),
+                            sampler: sampler(&self.model, &request.sampling)?,
                             position: request.prompt.len() as i32,
                             logits_index: batch.n_tokens() - 1,
                             bytes: vec![],

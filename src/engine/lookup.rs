@@ -19,6 +19,21 @@ pub struct ModelInfo {
     pub chat_template: Option<ChatTemplate>,
 }
 
+impl ModelInfo {
+    /// The model's own chat template, else that of `family` (a `--template` family name, or a
+    /// step's `template`) when one is named and known; `command` says so in the log.
+    pub fn or_family_template(mut self, family: Option<&str>, command: &str) -> Result<Self> {
+        if self.chat_template.is_none()
+            && let Some(name) = family
+            && let Some(template) = crate::model::families::chat_template(name)
+        {
+            eprintln!("magpie {command}: {} ships no chat template; using the {name} family's", self.path.display());
+            self.chat_template = Some(template?.from_model(&self.path));
+        }
+        Ok(self)
+    }
+}
+
 /// Resolves `--model` (or the embedded default) and reads its metadata.
 pub fn resolve(model: Option<&Path>) -> Result<ModelInfo> {
     let path = match model {

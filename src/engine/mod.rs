@@ -3,6 +3,7 @@
 //! the pre-query prompt is exactly the template's tokens: special tokens parsed, no BOS added.
 //!
 //! - `chat`: a chat model on an engine, answering conversations greedily (judges, eval).
+//! - `json_answer`: a JSON object an answer must be, as a JSON schema and as llama.cpp's grammar.
 //! - `llamacpp`: llama.cpp through `llama-cpp-2`; continuous batching, per-request seeds. The
 //!   default for GGUF files on CPU.
 //! - `lookup`: which model (`--model` or the embedded default) and its chat template.
@@ -11,14 +12,17 @@
 //!   on CPU it runs one sequence at a time.
 
 pub mod chat;
+pub mod json_answer;
 pub mod llamacpp;
 pub mod lookup;
 pub mod mistralrs;
 pub mod openai;
 
 use anyhow::{bail, Result};
+use json_answer::JsonAnswer;
 use serde::Serialize;
 use std::path::Path;
+use std::sync::Arc;
 
 /// How to sample one completion.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +36,8 @@ pub struct Sampling {
     pub stop_strings: Vec<String>,
     /// Generation stops at these tokens, besides the model's own end-of-generation tokens.
     pub stop_token_ids: Vec<u32>,
+    /// The answer must be this JSON object (a grammar on llama.cpp, a JSON schema elsewhere).
+    pub json: Option<Arc<JsonAnswer>>,
 }
 
 /// One prompt to complete.
@@ -245,6 +251,7 @@ mod batch_invariance {
                         seed: 0,
                         stop_strings: vec!["<|im_end|>".into()],
                         stop_token_ids: vec![2],
+                        json: None,
                     },
                 }
             })

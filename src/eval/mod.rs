@@ -51,6 +51,15 @@ pub struct EvalArgs {
     #[arg(long)]
     pub judge: Option<PathBuf>,
 
+    /// The chat template's family (llama3, qwen2.5, gemma, ...) for a `--model` or
+    /// `--baseline` that ships none.
+    #[arg(long)]
+    pub template: Option<String>,
+
+    /// The chat template's family for a `--judge` that ships none.
+    #[arg(long)]
+    pub judge_template: Option<String>,
+
     /// Judge on this OpenAI-compatible server (vLLM, SGLang, llama.cpp's server); the key,
     /// timeout and retries are those of `--api-key-env`, `--request-timeout`, `--request-retries`.
     #[arg(long)]
@@ -172,7 +181,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         Baseline::None => None,
     };
     let judge_server = args.server.server(args.judge_base_url.as_deref(), args.judge_server_model.as_deref());
-    let mut judge = ChatModel::load(args.judge.clone(), args.judge_max_tokens, args.batch_size, judge_server)?;
+    let mut judge = ChatModel::load(args.judge.clone(), args.judge_template.as_deref(), args.judge_max_tokens, args.batch_size, judge_server)?;
     eprintln!("magpie eval: judging {} prompts with {}", prompts.len(), judge.name);
     let pairs = match (&baseline, mode) {
         (Some((_, baseline)), Mode::Pairwise | Mode::Both) => Some(judge_pairs(&mut judge, &prompts, &answers, baseline, args.verdict_first)?),
@@ -204,7 +213,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 /// The name and answers of `model` for every prompt. The name is the path as given: a trained
 /// model's folder is called `model` inside its run.
 fn answer_with(model: &Path, prompts: &[EvalPrompt], args: &EvalArgs, server: Option<ServerOptions>) -> Result<(String, Vec<Vec<String>>)> {
-    let mut chat = ChatModel::load(Some(model.to_path_buf()), args.max_tokens, args.batch_size, server)?;
+    let mut chat = ChatModel::load(Some(model.to_path_buf()), args.template.as_deref(), args.max_tokens, args.batch_size, server)?;
     eprintln!("magpie eval: {} ({}) answers {} prompts", model.display(), chat.engine.name(), prompts.len());
     let answers = prompts::generate(&mut chat, prompts)?;
     Ok((model.display().to_string(), answers))

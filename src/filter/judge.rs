@@ -1,7 +1,11 @@
 //! LLM-judge tags as Magpie's unitag computes them: the judge model reads a rating prompt about
-//! the instruction and answers in JSON. Greedy, with the answer prefilled with `{`; parsing is
-//! tolerant (the first JSON object, else each expected key by pattern); a field that cannot be
-//! read, or holds a value outside its scale, stays null and is counted.
+//! the instruction and answers in JSON, greedily. By default each answer is constrained to the
+//! tag's JSON object (`structured_output`): its keys in the prompt's order, each scale as an
+//! enum, free text bounded to share half the token budget (at about 4 characters a token), so
+//! the answer closes inside `max_tokens`; a grammar on llama.cpp, a JSON schema on mistralrs and
+//! servers. Without it, the answer is prefilled with `{`. Parsing is tolerant either way (the
+//! whole answer as JSON, else its first object, else each expected key by pattern); a field that
+//! cannot be read, or holds a value outside its scale, stays null and is counted.
 //!
 //! - `quality`: `input_quality` (very poor .. excellent) and `quality_explanation`;
 //! - `difficulty`: `difficulty` (very easy .. very hard), `intent`, `knowledge`;
@@ -13,6 +17,7 @@ use super::step::Step;
 use super::text::instructions;
 use crate::data::Message;
 use crate::engine::chat::ChatModel as JudgeModel;
+use crate::engine::json_answer::{JsonAnswer, JsonValue};
 use crate::engine::openai::ServerOptions;
 use anyhow::Result;
 use arrow::array::{ArrayRef, ListBuilder, RecordBatch, StringArray, StringBuilder};
@@ -59,12 +64,30 @@ impl Tag {
             Tag::Category => &[("primary_tag", "task_category", Some(TASK_TAGS))],
         }
     }
+
+    /// The JSON object the answer must be: the keys of the prompt's output format, in its order.
+    fn answer(self, max_tokens: usize) -> JsonAnswer {
+        let scale = |values: &[&str]| JsonValue::OneOf(values.iter().map(|v| v.to_string()).collect());
+        let text = |fields: usize| JsonValue::Text { max_chars: (max_tokens * 2 / fields).max(1) };
+        let keys = match self {
+            Tag::Quality => vec![("explanation", text(1)), ("input_quality", scale(QUALITY_SCALE))],
+            Tag::Difficulty => vec![("intent", text(2)), ("knowledge", text(2)), ("difficulty", scale(DIFFICULTY_SCALE))],
+            Tag::Category => {
+                let others = JsonValue::ListOf { values: TASK_TAGS.iter().map(|t| t.to_string()).collect(), max_items: TASK_TAGS.len() - 1 };
+                vec![("primary_tag", scale(TASK_TAGS)), ("other_tags", others)]
+            }
+        };
+        let name = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
+        JsonAnswer { name, keys: keys.into_iter().map(|(key, value)| (key.to_string(), value)).collect() }
+    }
 }
 
-/// The first JSON object in `text` (which starts after the prefilled `{`), else the expected
-/// keys picked out one by one.
-pub fn parse_answer(text: &str, keys: &[&str]) -> Map<String, Value> {
-    let full = format!("{{{text}");
+/// The answer `full` (prefill included) as a JSON object, else its first JSON object, else the
+/// expected keys picked out one by one.
+pub fn parse_answer(full: &str, keys: &[&str]) -> Map<String, Value> {
+    if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(full.trim()) {
+        return map;
+    }
     if let Some(end) = full.find('}') {
         if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&full[..=end]) {
             return map;
@@ -100,12 +123,19 @@ pub fn on_scale(value: &str, allowed: &[&str]) -> Option<String> {
 pub struct JudgeTagsConfig {
     /// Judge model (GGUF or safetensors directory); default: the embedded SmolLM2.
     pub judge_model: Option<PathBuf>,
+    /// The chat template's family (llama3, qwen2.5, gemma, ...) for a judge model that ships
+    /// none.
+    pub template: Option<String>,
     /// Which tags to ask for.
     pub tags: Vec<Tag>,
     /// Most tokens per judge answer.
     pub max_tokens: usize,
     /// Prompts decoded together (requests in flight on a server).
     pub batch_size: usize,
+    /// Constrain each answer to the tag's JSON object (llama.cpp's grammar in-process and on its
+    /// server, `response_format` with a JSON schema on vLLM and SGLang). `false`: free text with
+    /// `{` prefilled, for a server that refuses structured output.
+    pub structured_output: bool,
     /// Judge on an OpenAI-compatible server (`base_url`, `model`, `api_key_env`,
     /// `request_timeout`, `request_retries`); `judge_model` is then its local tokenizer and
     /// chat template.
@@ -114,20 +144,22 @@ pub struct JudgeTagsConfig {
 
 impl Default for JudgeTagsConfig {
     fn default() -> Self {
-        JudgeTagsConfig { judge_model: None, tags: vec![Tag::Quality, Tag::Difficulty, Tag::Category], max_tokens: 256, batch_size: 32, server: None }
+        JudgeTagsConfig { judge_model: None, template: None, tags: vec![Tag::Quality, Tag::Difficulty, Tag::Category], max_tokens: 256, batch_size: 32, structured_output: true, server: None }
     }
 }
 
 pub struct JudgeTags {
     judge: JudgeModel,
     tags: Vec<Tag>,
+    max_tokens: usize,
+    structured_output: bool,
     failures: BTreeMap<&'static str, u64>,
 }
 
 impl JudgeTags {
     pub fn new(config: JudgeTagsConfig) -> Result<Self> {
-        let judge = JudgeModel::load(config.judge_model, config.max_tokens, config.batch_size, config.server)?;
-        Ok(JudgeTags { judge, tags: config.tags, failures: BTreeMap::new() })
+        let judge = JudgeModel::load(config.judge_model, config.template.as_deref(), config.max_tokens, config.batch_size, config.server)?;
+        Ok(JudgeTags { judge, tags: config.tags, max_tokens: config.max_tokens, structured_output: config.structured_output, failures: BTreeMap::new() })
     }
 }
 
@@ -144,7 +176,10 @@ impl Step for JudgeTags {
                 .iter()
                 .map(|text| vec![Message::new("user", tag.prompt().replace("{input}", text.as_deref().unwrap_or("")))])
                 .collect();
-            let answers = self.judge.answer(&questions, "{")?;
+            let answers = match self.structured_output {
+                true => self.judge.answer_json(&questions, tag.answer(self.max_tokens))?,
+                false => self.judge.answer(&questions, "{")?.into_iter().map(|a| format!("{{{a}")).collect(),
+            };
             let keys: Vec<&str> = tag.fields().iter().map(|f| f.0).chain((tag == Tag::Category).then_some("other_tags")).collect();
             let parsed: Vec<Map<String, Value>> = answers.iter().map(|a| parse_answer(a, &keys)).collect();
             for &(key, column, allowed) in tag.fields() {
@@ -178,7 +213,7 @@ impl Step for JudgeTags {
     }
 
     fn report(&self) -> Value {
-        json!({ "judge": self.judge.name, "parse_failures": self.failures })
+        json!({ "judge": self.judge.name, "structured_output": self.structured_output, "parse_failures": self.failures })
     }
 }
 
@@ -198,20 +233,48 @@ mod tests {
 
     #[test]
     fn good_answers_parse_as_json() {
-        let answer = "\n    \"explanation\": \"Clear and specific.\",\n    \"input_quality\": \"good\"\n}\nextra text";
+        let answer = "{\n    \"explanation\": \"Clear and specific.\",\n    \"input_quality\": \"good\"\n}\nextra text";
         let map = parse_answer(answer, &["explanation", "input_quality"]);
         assert_eq!(map["input_quality"], "good");
         assert_eq!(map["explanation"], "Clear and specific.");
     }
 
     #[test]
+    fn a_constrained_answer_is_read_whole_even_with_a_brace_in_its_text() {
+        let map = parse_answer("{\"explanation\": \"It asks for {x}.\", \"input_quality\": \"poor\"}", &["explanation", "input_quality"]);
+        assert_eq!((map["explanation"].as_str(), map["input_quality"].as_str()), (Some("It asks for {x}."), Some("poor")));
+    }
+
+    #[test]
+    fn each_tag_answers_the_keys_of_its_prompt_in_order_with_its_scale_and_a_bounded_text() {
+        for tag in [Tag::Quality, Tag::Difficulty, Tag::Category] {
+            let answer = tag.answer(256);
+            let keys: Vec<&str> = answer.keys.iter().map(|(k, _)| k.as_str()).collect();
+            let mut at = 0;
+            for key in &keys {
+                let found = tag.prompt()[at..].find(&format!("\"{key}\"")).unwrap_or_else(|| panic!("{tag:?}: {key} not in order"));
+                at += found;
+            }
+            for &(key, _, allowed) in tag.fields() {
+                let value = &answer.keys.iter().find(|(k, _)| k == key).unwrap().1;
+                match (allowed, value) {
+                    (Some(scale), JsonValue::OneOf(values)) => assert_eq!(values, scale),
+                    (None, JsonValue::Text { max_chars }) => assert!(*max_chars <= 512, "{key}: {max_chars}"),
+                    other => panic!("{key}: {other:?}"),
+                }
+            }
+        }
+        assert_eq!(Tag::Difficulty.answer(256).name, "difficulty");
+    }
+
+    #[test]
     fn broken_answers_are_read_key_by_key_or_left_null() {
         // Unclosed object, a trailing comma: not JSON, but the keys are there.
-        let answer = "\"intent\": \"The user wants to sort a list\", \"difficulty\": \"Easy\",";
+        let answer = "{\"intent\": \"The user wants to sort a list\", \"difficulty\": \"Easy\",";
         let map = parse_answer(answer, &["intent", "difficulty", "knowledge"]);
         assert_eq!(on_scale(map["difficulty"].as_str().unwrap(), DIFFICULTY_SCALE).as_deref(), Some("easy"));
         assert!(!map.contains_key("knowledge"));
-        let map = parse_answer("\"primary_tag\": \"<Math>\", \"other_tags\": [\"Reasoning\", \"Nonsense\"]", &["primary_tag", "other_tags"]);
+        let map = parse_answer("{\"primary_tag\": \"<Math>\", \"other_tags\": [\"Reasoning\", \"Nonsense\"]", &["primary_tag", "other_tags"]);
         assert_eq!(on_scale(map["primary_tag"].as_str().unwrap(), TASK_TAGS).as_deref(), Some("Math"));
         assert_eq!(map["other_tags"].as_array().unwrap().len(), 2);
         assert!(parse_answer("I think it is fine.", &["input_quality"]).is_empty());

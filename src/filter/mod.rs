@@ -65,7 +65,8 @@ pub struct FilterArgs {
 
     /// Also write every dropped row, with all its columns plus `drop_step` and `drop_reason`,
     /// as a dataset of its own: a `.parquet` file or a folder (datatrove's exclusion writer).
-    /// Output rows plus rejected rows are the input rows.
+    /// Output rows plus rejected rows are the input rows. With `--shard`, a folder of the same
+    /// chunks as the output's, resumed and finished with it.
     #[arg(long)]
     pub rejected: Option<PathBuf>,
 

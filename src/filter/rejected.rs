@@ -5,7 +5,8 @@
 //! Rows dropped by a later step carry the columns earlier steps added, so the steps' rows come
 //! with different schemas: each schema's rows are spooled to a scratch file as they come, and the
 //! dataset is written at the end with the union of the columns (a column a row never had is
-//! null). Memory holds one batch.
+//! null). Memory holds one batch. A sharded run keeps each chunk's dropped rows in memory and
+//! writes them as that chunk's part of a chunked folder beside the output (`ChunkRejected`).
 
 use super::step::Rejected;
 use crate::data::write::{parquet_writer, Staged};
@@ -39,15 +40,39 @@ impl RejectedRows {
         RejectedRows { scratch: scratch.to_path_buf(), spools: vec![], rows: 0 }
     }
 
+}
+
+/// Where a run keeps the rows its steps drop.
+pub trait KeepRejected {
     /// Adds the rows `step` dropped.
-    pub fn push(&mut self, step: &str, rejected: Rejected) -> Result<()> {
-        let n = rejected.rows.num_rows();
-        let mut fields: Vec<Field> = rejected.rows.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
-        let mut columns = rejected.rows.columns().to_vec();
-        fields.extend([Field::new("drop_step", DataType::Utf8, false), Field::new("drop_reason", DataType::Utf8, false)]);
-        columns.push(Arc::new(StringArray::from(vec![step; n])) as ArrayRef);
-        columns.push(Arc::new(StringArray::from(rejected.reasons)) as ArrayRef);
-        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    fn keep(&mut self, step: &str, rejected: Rejected) -> Result<()>;
+}
+
+/// No `--rejected`: dropped rows are let go.
+impl<T: KeepRejected> KeepRejected for Option<T> {
+    fn keep(&mut self, step: &str, rejected: Rejected) -> Result<()> {
+        match self {
+            Some(rows) => rows.keep(step, rejected),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The dropped rows with their `drop_step` and `drop_reason`.
+fn labelled(step: &str, rejected: Rejected) -> Result<RecordBatch> {
+    let n = rejected.rows.num_rows();
+    let mut fields: Vec<Field> = rejected.rows.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    let mut columns = rejected.rows.columns().to_vec();
+    fields.extend([Field::new("drop_step", DataType::Utf8, false), Field::new("drop_reason", DataType::Utf8, false)]);
+    columns.push(Arc::new(StringArray::from(vec![step; n])) as ArrayRef);
+    columns.push(Arc::new(StringArray::from(rejected.reasons)) as ArrayRef);
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
+impl KeepRejected for RejectedRows {
+    fn keep(&mut self, step: &str, rejected: Rejected) -> Result<()> {
+        let batch = labelled(step, rejected)?;
+        let n = batch.num_rows();
         let index = match self.spools.iter().position(|s| s.schema.fields() == batch.schema().fields()) {
             Some(index) => index,
             None => {
@@ -61,7 +86,9 @@ impl RejectedRows {
         self.rows += n as u64;
         Ok(())
     }
+}
 
+impl RejectedRows {
     /// Writes the rejected dataset for `target` (finished, not yet in place). With no rejected
     /// row it is an empty dataset with the input's columns and the two reasons.
     pub fn finish(self, target: &Path, input_schema: &Schema, provenance: &Provenance) -> Result<Staged> {
@@ -97,6 +124,33 @@ impl RejectedRows {
             }
         }
         writer.finish()
+    }
+}
+
+/// The rows dropped from one chunk of a sharded run (`--shard` with `--rejected`), held in
+/// memory (a chunk's worth at most) and written as the chunk's part of the rejected folder.
+#[derive(Default)]
+pub struct ChunkRejected {
+    batches: Vec<RecordBatch>,
+}
+
+impl KeepRejected for ChunkRejected {
+    fn keep(&mut self, step: &str, rejected: Rejected) -> Result<()> {
+        self.batches.push(labelled(step, rejected)?);
+        Ok(())
+    }
+}
+
+impl ChunkRejected {
+    /// The chunk's rejected part: every chunk's part has the same columns, those of the chunk's
+    /// output (all nullable: a row dropped by an early step lacks the later steps' columns) and
+    /// the two reasons, so the parts make one dataset.
+    pub fn part(self, output: &Schema) -> Result<RecordBatch> {
+        let mut fields: Vec<Field> = output.fields().iter().map(|f| f.as_ref().clone().with_nullable(true)).collect();
+        fields.extend([Field::new("drop_step", DataType::Utf8, true), Field::new("drop_reason", DataType::Utf8, true)]);
+        let schema = Arc::new(Schema::new(fields));
+        let widened = self.batches.iter().map(|batch| widen(batch, &schema)).collect::<Result<Vec<_>>>()?;
+        Ok(arrow::compute::concat_batches(&schema, &widened)?)
     }
 }
 

@@ -51,6 +51,9 @@ pub struct SafetyTagConfig {
     /// Llama-Guard-style model (its own chat template is used when it has one); default: the
     /// embedded SmolLM2.
     pub guard_model: Option<PathBuf>,
+    /// The chat template's family (llama3, qwen2.5, gemma, ...) for a guard model that ships
+    /// none.
+    pub template: Option<String>,
     /// Prompts decoded together (requests in flight on a server).
     pub batch_size: usize,
     /// Run the guard on an OpenAI-compatible server (the keys of `judge_tags`' `server`);
@@ -60,7 +63,7 @@ pub struct SafetyTagConfig {
 
 impl Default for SafetyTagConfig {
     fn default() -> Self {
-        SafetyTagConfig { guard_model: None, batch_size: 32, server: None }
+        SafetyTagConfig { guard_model: None, template: None, batch_size: 32, server: None }
     }
 }
 
@@ -74,7 +77,7 @@ pub struct SafetyTag {
 
 impl SafetyTag {
     pub fn new(config: SafetyTagConfig) -> Result<Self> {
-        let judge = JudgeModel::load(config.guard_model, 16, config.batch_size, config.server)?;
+        let judge = JudgeModel::load(config.guard_model, config.template.as_deref(), 16, config.batch_size, config.server)?;
         let native = judge.chat.source.contains("UNSAFE CONTENT CATEGORIES");
         Ok(SafetyTag { judge, native, failures: 0, unsafe_rows: 0 })
     }

@@ -5,7 +5,12 @@
 //! the manifest. Steps that need the whole dataset (the dedups; `select` with `limit`,
 //! `sort_by`, `shuffle_seed` or `test_ratio`) are refused: they run in a second, unsharded
 //! pass over the sharded output.
+//!
+//! With `--rejected DIR`, the dropped rows go to a second chunked folder of the same chunks:
+//! each chunk writes its rejected part first, then its output part, so a chunk whose output part
+//! is there has both, and the two folders are finished together.
 
+use super::rejected::ChunkRejected;
 use super::step::{self, Counts, Step};
 use super::{FilterPlan, StepConfig};
 use crate::data::Dataset;
@@ -44,11 +49,10 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
             bail!("--shard: {why}, so it cannot run on a shard of the rows; run it in a second, unsharded `magpie filter` over the sharded output");
         }
     }
-    if plan.rejected.is_some() {
-        bail!("--shard cannot be combined with --rejected yet; keep the rows with the steps' `drop: false` and select them in the unsharded pass");
-    }
-    if plan.output.extension().is_some_and(|e| e == "parquet") {
-        bail!("{}: a sharded filter writes a folder of parts (so its shards can share it and resume); give a folder", plan.output.display());
+    for (path, flag) in [(Some(plan.output), "the output"), (plan.rejected, "--rejected")] {
+        if let Some(path) = path.filter(|p| p.extension().is_some_and(|e| e == "parquet")) {
+            bail!("{}: a sharded filter writes {flag} as a folder of parts (so its shards can share it and resume); give a folder", path.display());
+        }
     }
     let input = Dataset::open(plan.inputs)?;
     let inputs = super::input_paths(&input, plan.inputs);
@@ -60,13 +64,29 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
     let settings = json!({ "input": plan.inputs, "files": files, "steps": plan.steps, "chunk_rows": chunk_rows });
     // The models load before the output is claimed: a missing one leaves nothing behind.
     let mut steps = plan.steps.iter().cloned().map(StepConfig::build).collect::<Result<Vec<_>>>()?;
-    let Some(output) = ChunkedOutput::open(plan.output, &inputs, "filter", &settings, plan.overwrite)? else {
+    // Both folders are checked before either is touched.
+    let kept = ChunkedOutput::prepare(plan.output, &inputs, "filter", &settings, plan.overwrite)?;
+    let rejected = match plan.rejected {
+        Some(path) => {
+            let not_in = [inputs.clone(), vec![plan.output.to_path_buf()]].concat();
+            let settings = json!({ "rejected_rows_of": settings, "output": plan.output });
+            Some(ChunkedOutput::prepare(path, &not_in, "filter", &settings, plan.overwrite)?)
+        }
+        None => None,
+    };
+    if kept.is_finished() {
+        if let (Some(path), Some(false)) = (plan.rejected, rejected.as_ref().map(|r| r.is_finished())) {
+            bail!("{}: finished without its rejected rows, which --rejected {} asks for; rerun with --overwrite", plan.output.display(), path.display());
+        }
         println!("filter: {} is already finished with these settings; nothing to do", plan.output.display());
         return Ok(());
-    };
+    }
+    // Finished rejected rows (a run killed between the two manifests) need no more parts.
+    let rejected = rejected.filter(|r| !r.is_finished()).map(|r| r.apply()).transpose()?;
+    let outputs = Outputs { kept: kept.apply()?, rejected };
     let mut counts = vec![Counts::default(); steps.len()];
     let chunks = input.num_rows.div_ceil(chunk_rows as u64) as usize;
-    let todo = |chunk: usize| shard.takes(chunk) && !output.is_done(chunk);
+    let todo = |chunk: usize| shard.takes(chunk) && !outputs.is_done(chunk);
 
     let mut ran = 0;
     let mut pending: Vec<RecordBatch> = vec![];
@@ -81,38 +101,66 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
             filled += take;
             batch = batch.slice(take, batch.num_rows() - take);
             if filled == chunk_rows {
-                ran += run_chunk(&output, chunk, std::mem::take(&mut pending), &mut steps, &mut counts)?;
+                ran += run_chunk(&outputs, chunk, std::mem::take(&mut pending), &mut steps, &mut counts)?;
                 (chunk, filled) = (chunk + 1, 0);
             }
         }
     }
     if filled > 0 {
-        ran += run_chunk(&output, chunk, pending, &mut steps, &mut counts)?;
+        ran += run_chunk(&outputs, chunk, pending, &mut steps, &mut counts)?;
     }
 
     let step_reports = step::reports(&steps, &counts);
     let report = json!({
         "tool": crate::run::tool(), "input": plan.inputs, "output": plan.output, "shard": shard,
-        "chunks": chunks, "chunks_run": ran, "steps": step_reports,
+        "rejected": plan.rejected, "chunks": chunks, "chunks_run": ran, "steps": step_reports,
     });
     crate::run::write_atomically(&report_path, serde_json::to_string_pretty(&report)?.as_bytes())
         .with_context(|| format!("{}: cannot write the report", report_path.display()))?;
     println!("filter: shard {}/{}: {ran} chunk(s) of {chunk_rows} rows run -> {}", shard.index, shard.count, plan.output.display());
     println!("report: {}", report_path.display());
-    if !output.finish_if_complete(chunks)? {
+    if !outputs.finish_if_complete(chunks)? {
         println!("  other shards' chunks are still missing; the dataset is finished when the last shard is done");
     }
     Ok(())
 }
 
-/// Runs the steps over one chunk's rows and writes its part; 0 when the chunk is not this
-/// process's to run (no rows were kept for it).
-fn run_chunk(output: &ChunkedOutput, chunk: usize, batches: Vec<RecordBatch>, steps: &mut [Box<dyn Step>], counts: &mut [Counts]) -> Result<usize> {
+/// The chunked folders a sharded run writes: the kept rows, and the dropped ones when asked.
+struct Outputs {
+    kept: ChunkedOutput,
+    rejected: Option<ChunkedOutput>,
+}
+
+impl Outputs {
+    fn is_done(&self, chunk: usize) -> bool {
+        self.kept.is_done(chunk) && self.rejected.as_ref().is_none_or(|r| r.is_done(chunk))
+    }
+
+    /// Once both folders have every part: the rejected manifest first, as the output's marks
+    /// the run finished.
+    fn finish_if_complete(&self, chunks: usize) -> Result<bool> {
+        if !(0..chunks).all(|c| self.is_done(c)) {
+            return Ok(false);
+        }
+        if let Some(rejected) = &self.rejected {
+            rejected.finish_if_complete(chunks)?;
+        }
+        self.kept.finish_if_complete(chunks)
+    }
+}
+
+/// Runs the steps over one chunk's rows and writes its parts (the rejected one first); 0 when
+/// the chunk is not this process's to run (no rows were kept for it).
+fn run_chunk(outputs: &Outputs, chunk: usize, batches: Vec<RecordBatch>, steps: &mut [Box<dyn Step>], counts: &mut [Counts]) -> Result<usize> {
     let Some(first) = batches.first() else { return Ok(0) };
     let mut batch = arrow::compute::concat_batches(&first.schema(), &batches)?;
+    let mut dropped = outputs.rejected.as_ref().map(|_| ChunkRejected::default());
     for (step, count) in steps.iter_mut().zip(counts.iter_mut()) {
-        batch = step::apply(step, count, batch, &mut None)?;
+        batch = step::apply(step, count, batch, &mut dropped)?;
     }
-    output.write(chunk, &batch)?;
+    if let (Some(rejected), Some(dropped)) = (&outputs.rejected, dropped) {
+        rejected.write(chunk, &dropped.part(&batch.schema())?)?;
+    }
+    outputs.kept.write(chunk, &batch)?;
     Ok(1)
 }

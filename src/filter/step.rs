@@ -10,7 +10,7 @@
 use crate::data::write::Staged;
 use crate::data::{Dataset, DatasetWriter};
 use crate::run::Provenance;
-use super::rejected::RejectedRows;
+use super::rejected::{KeepRejected, RejectedRows};
 use anyhow::{Context, Result};
 use arrow::array::{ArrayRef, BooleanArray, RecordBatch};
 use arrow::datatypes::{Field, Schema};
@@ -220,14 +220,12 @@ pub fn reports(steps: &[Box<dyn Step>], counts: &[Counts]) -> Vec<Value> {
 }
 
 /// Runs one step on `batch`, counting rows in and out, and keeps what it dropped when asked.
-pub fn apply(step: &mut Box<dyn Step>, count: &mut Counts, batch: RecordBatch, dropped: &mut Option<RejectedRows>) -> Result<RecordBatch> {
+pub fn apply(step: &mut Box<dyn Step>, count: &mut Counts, batch: RecordBatch, dropped: &mut dyn KeepRejected) -> Result<RecordBatch> {
     count.rows_in += batch.num_rows() as u64;
     let batch = timed(&mut count.seconds, || step.apply(batch))?;
     count.rows_out += batch.num_rows() as u64;
-    if let Some(rejected) = step.take_rejected()
-        && let Some(rows) = dropped
-    {
-        rows.push(step.name(), rejected)?;
+    if let Some(rejected) = step.take_rejected() {
+        dropped.keep(step.name(), rejected)?;
     }
     Ok(batch)
 }

@@ -222,13 +222,12 @@ impl RmsNorm {
         RmsNorm { weight: param(&vs, "weight", &[size], weights, nn::Init::Const(1.0)), eps }
     }
 
-    /// As transformers: normalise in f32, then scale in the weight's dtype.
+    /// As transformers: normalise in f32 and cast back, then scale by the weight. libtorch's
+    /// `rms_norm` without a weight is that normalisation (computed in f32 for 16-bit inputs and
+    /// cast to the input's dtype), one fused kernel forward and backward on CUDA.
     fn forward(&self, x: &Tensor) -> Tensor {
-        let kind = x.kind();
-        let x32 = x.to_kind(Kind::Float);
-        let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-        let normed = x32 * (variance + self.eps).rsqrt();
-        &self.weight * normed.to_kind(kind)
+        let size = *x.size().last().expect("hidden states have a last dimension");
+        &self.weight * x.rms_norm([size].as_slice(), None::<Tensor>, self.eps)
     }
 }
 

@@ -16,13 +16,7 @@ use std::time::Instant;
 /// The whole `magpie synth` run for this shard.
 pub fn run(plan: &SynthPlan) -> Result<()> {
     let (args, output, shard) = (plan.flags, plan.output.as_path(), plan.shard);
-    let mut info = model::resolve(args.model.as_deref())?;
-    if info.chat_template.is_none()
-        && let Some(family) = crate::model::families::chat_template(&args.template)
-    {
-        eprintln!("magpie synth: {} ships no chat template; using the {} family's", info.path.display(), args.template);
-        info.chat_template = Some(family?.from_model(&info.path));
-    }
+    let info = model::resolve(args.model.as_deref())?.or_family_template(Some(&args.template), "synth")?;
     let engine = engine::open(&info.path, &plan.engine)?;
     let mut synth = Synthesizer::new(args, &info, engine)?;
     let source = if args.input.is_empty() { None } else { Some(InputRows::read(&args.input)?) };

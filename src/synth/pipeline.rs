@@ -213,6 +213,7 @@ impl<'a> Synthesizer<'a> {
             seed,
             stop_strings: task.stop_strings.clone(),
             stop_token_ids: task.stop_token_ids.clone(),
+            json: None,
         }
     }
 
@@ -224,6 +225,7 @@ impl<'a> Synthesizer<'a> {
             seed,
             stop_strings: self.response_stops.0.clone(),
             stop_token_ids: self.response_stops.1.clone(),
+            json: None,
         }
     }
 

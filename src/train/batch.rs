@@ -15,6 +15,11 @@ pub struct Batch {
     /// Where the targets are, as indices into the flattened `[rows * seq]` batch (made on the
     /// host, so that selecting them costs the device no sync).
     pub target_positions: Tensor,
+    /// Which document each target belongs to, numbered in order over the rows (a row of one
+    /// document is its row), for sums per sequence.
+    pub target_documents: Tensor,
+    /// Documents in the batch.
+    pub documents: i64,
     pub examples: Vec<usize>,
     pub tokens: usize,
 }
@@ -54,6 +59,8 @@ impl Batch {
         // Segment bounds over the flattened rows: each document, and each row's padding tail.
         let mut cu_seqlens = vec![0i32];
         let mut tokens = 0;
+        let mut document_of = vec![-1i64; n * width];
+        let mut documents = 0;
         for (r, row) in rows.iter().enumerate() {
             let mut at = r * width;
             for (d, doc) in row.iter().enumerate() {
@@ -64,6 +71,8 @@ impl Batch {
                     positions[at + i] = i as i64;
                     docs[at + i] = d as i64;
                 }
+                document_of[at..at + len].fill(documents);
+                documents += 1;
                 at += len;
                 tokens += len;
                 cu_seqlens.push(at as i32);
@@ -73,15 +82,27 @@ impl Batch {
             }
         }
         let target_positions: Vec<i64> = (0..targets.len() as i64).filter(|&i| targets[i as usize] != -100).collect();
-        let tensor = |v: Vec<i64>| Tensor::from_slice(&v).view([n as i64, width as i64]).to_device(device);
+        let target_documents: Vec<i64> = target_positions.iter().map(|&i| document_of[i as usize]).collect();
+        let tensor = |v: Vec<i64>| upload(Tensor::from_slice(&v).view([n as i64, width as i64]), device);
         let max_len = cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as i64).max().unwrap_or(1);
         let mask = if packed {
-            AttentionMask::Documents { ids: tensor(docs), cu_seqlens: Tensor::from_slice(&cu_seqlens).to_device(device), max_len }
+            AttentionMask::Documents { ids: tensor(docs), cu_seqlens: upload(Tensor::from_slice(&cu_seqlens), device), max_len }
         } else {
             AttentionMask::Causal
         };
-        let target_positions = Tensor::from_slice(&target_positions).to_device(device);
-        Batch { ids: tensor(ids), positions: tensor(positions), mask, targets: tensor(targets), target_positions, examples, tokens }
+        let target_positions = upload(Tensor::from_slice(&target_positions), device);
+        let target_documents = upload(Tensor::from_slice(&target_documents), device);
+        Batch { ids: tensor(ids), positions: tensor(positions), mask, targets: tensor(targets), target_positions, target_documents, documents, examples, tokens }
+    }
+}
+
+/// `host` on `device`. To a GPU through pinned memory, without waiting: the copy queues on the
+/// stream the model's kernels run on, so a micro-batch's upload costs the host no sync (libtorch's
+/// pinned-memory cache keeps the host buffer until the copy is done).
+pub fn upload(host: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => host.pin_memory(device).to_device_(device, host.kind(), true, false),
+        _ => host.to_device(device),
     }
 }
 
@@ -112,6 +133,9 @@ mod tests {
         let bounds: Vec<i32> = cu_seqlens.try_into().unwrap();
         assert_eq!(bounds, [0, 3, 5, 6, 10, 11, 12]);
         assert_eq!(*max_len, 4);
+        assert_eq!(batch.documents, 5);
+        let documents: Vec<i64> = (&batch.target_documents).try_into().unwrap();
+        assert_eq!(documents, [0, 0, 1, 2, 2, 2], "each target (all but a document's last token) names its document");
         let Attend::Mask(mask) = batch.mask.attend(Device::Cpu, Kind::BFloat16) else { panic!("CPU packed rows use a mask") };
         assert!(mask.equal(&mask_of_segments(&bounds, 2, 6)));
     }

@@ -3,8 +3,9 @@
 //! Each pair's prompt is rendered with a generation prompt and each completion is what the full
 //! conversation adds after it. `max_prompt_length` keeps the end of the prompt, then `max_length`
 //! bounds prompt + completion; pairs with nothing of a completion left are dropped and counted.
-//! Chosen and rejected go through one forward pass as a concatenated batch of 2B rows, and a
-//! sequence's log-probability is the sum over its completion tokens.
+//! Chosen and rejected go through one forward pass as a concatenated batch of 2B rows (with
+//! `padding_free`, one row of the 2B sequences back to back, attending within each: no padding),
+//! and a sequence's log-probability is the sum over its completion tokens.
 //!
 //! The reference model is either a frozen copy held during training, or, with
 //! `precompute_ref_log_probs`, one pass over the data before training whose results are cached
@@ -21,7 +22,7 @@ use tch::{Device, Kind, Tensor};
 use crate::model::{load_causal_lm, Llama, Loaded};
 use crate::model::tokenize::ChatTokenizer;
 use super::args::TrainArgs;
-use super::batch::{Batch, Document};
+use super::batch::{upload, Batch, Document};
 use super::lm_head::{loss_of_log_probs, TargetLogProbs};
 use super::driver;
 use super::memory::Workload;
@@ -78,6 +79,13 @@ pub struct DpoArgs {
     /// the dtype and the device), instead of holding a reference model.
     #[arg(long)]
     pub precompute_ref_log_probs: bool,
+
+    /// TRL's `padding_free`: each micro-batch's chosen and rejected sequences go back to back in
+    /// one row, each attending only within itself (positions restart per sequence), so no token
+    /// is padding. On CUDA in bf16 this is varlen flash attention; elsewhere a per-sequence mask
+    /// over the whole row, whose size grows as the square of the micro-batch's tokens.
+    #[arg(long)]
+    pub padding_free: bool,
 }
 
 /// The loss's settings.
@@ -102,9 +110,9 @@ impl SequenceStats {
     /// target count, and of its targets' mean logits.
     fn of(values: &TargetLogProbs) -> Self {
         SequenceStats {
-            logps: values.per_row(&values.logps),
-            tokens: values.per_row(&Tensor::ones_like(&values.logps)),
-            logit_sums: values.per_row(&values.mean_logits.detach()),
+            logps: values.per_document(&values.logps),
+            tokens: values.per_document(&Tensor::ones_like(&values.logps)),
+            logit_sums: values.per_document(&values.mean_logits.detach()),
         }
     }
 }
@@ -217,6 +225,7 @@ pub struct DpoObjective {
     pub reference: Reference,
     pub loss: LossConfig,
     pub pad_id: i64,
+    pub padding_free: bool,
 }
 
 impl DpoObjective {
@@ -230,7 +239,7 @@ impl DpoObjective {
             Reference::StartingPolicy => halves(policy.as_started(|| reference_logps(policy, batch))),
             Reference::Precomputed(cached) => {
                 let rows: Vec<[f64; 2]> = batch.examples.iter().map(|&e| cached[split.index()][e]).collect();
-                let column = |k: usize| Tensor::from_slice(&rows.iter().map(|r| r[k] as f32).collect::<Vec<_>>()).to_device(device);
+                let column = |k: usize| upload(Tensor::from_slice(&rows.iter().map(|r| r[k] as f32).collect::<Vec<_>>()), device);
                 Ok((column(0), column(1)))
             }
             Reference::None => Ok((Tensor::zeros([n], (Kind::Float, device)), Tensor::zeros([n], (Kind::Float, device)))),
@@ -249,12 +258,13 @@ impl Objective for DpoObjective {
 
     fn collate(&self, split: Split, examples: &[usize], device: Device) -> Result<Batch> {
         let pairs = &self.pairs[split.index()];
-        let rows: Vec<Vec<&Document>> = examples
-            .iter()
-            .map(|&e| vec![&pairs[e].chosen])
-            .chain(examples.iter().map(|&e| vec![&pairs[e].rejected]))
-            .collect();
-        Ok(Batch::from_rows(&rows, self.pad_id, false, examples.to_vec(), device))
+        // The chosen sequences, then the rejected: the documents' order, whatever the rows.
+        let sequences = examples.iter().map(|&e| &pairs[e].chosen).chain(examples.iter().map(|&e| &pairs[e].rejected));
+        let rows: Vec<Vec<&Document>> = match self.padding_free {
+            true => vec![sequences.collect()],
+            false => sequences.map(|d| vec![d]).collect(),
+        };
+        Ok(Batch::from_rows(&rows, self.pad_id, self.padding_free, examples.to_vec(), device))
     }
 
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, split: Split) -> Result<(Tensor, Metrics)> {
@@ -317,7 +327,8 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         also_reads: vec![reference_dir.clone()],
         settings: json!({"beta": args.beta, "loss_type": args.loss_type, "label_smoothing": args.label_smoothing,
                          "simpo_gamma": args.simpo_gamma, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
-                         "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs}),
+                         "ref_model": reference_dir, "precompute_ref_log_probs": args.precompute_ref_log_probs,
+                         "padding_free": args.padding_free}),
     };
     let summary = driver::run(command, |rows, plan| {
         let (device, dtype) = (plan.device, plan.precision.dtype);
@@ -333,7 +344,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
             rows.null_rows
         );
         let loss = LossConfig { loss_type: args.loss_type, beta: args.beta, label_smoothing: args.label_smoothing, simpo_gamma: args.simpo_gamma };
-        let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id };
+        let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id, padding_free: args.padding_free };
         if lora_reference {
             // The reference is the policy as it starts: no second model.
             let mut policy = driver::load_policy(plan)?;
@@ -351,7 +362,8 @@ pub fn run(args: &DpoArgs) -> Result<()> {
         }
         objective.reference = match (args.loss_type, args.precompute_ref_log_probs) {
             (LossType::Simpo, _) => Reference::None,
-            (_, true) => Reference::Precomputed(precomputed_reference(&objective, &objective.pairs, plan, &reference_dir)?),
+            // The layout is in the key: padded and padding-free log-probs differ by rounding.
+            (_, true) => Reference::Precomputed(precomputed_reference(&objective, &(&objective.pairs, args.padding_free), plan, &reference_dir)?),
             (_, false) => {
                 let mut reference = load_causal_lm(&reference_dir, device, dtype)?;
                 reference.vs.freeze();
@@ -425,7 +437,7 @@ mod tests {
             })
             .collect();
         let loss = LossConfig { loss_type, beta: json["beta"].as_f64().unwrap(), label_smoothing, simpo_gamma: json["simpo_gamma"].as_f64().unwrap() };
-        (DpoObjective { pairs: [pairs, vec![]], reference, loss, pad_id: 0 }, json)
+        (DpoObjective { pairs: [pairs, vec![]], reference, loss, pad_id: 0, padding_free: false }, json)
     }
 
     fn metrics_of(objective: &DpoObjective) -> std::collections::BTreeMap<String, f64> {
@@ -439,20 +451,27 @@ mod tests {
         Reference::Live(tiny("tiny-qwen2"))
     }
 
+    /// Padded, and padding-free (the pairs' sequences back to back in one row, which is only
+    /// right if no sequence attends to another and positions restart).
     #[test]
-    fn loss_and_metrics_equal_the_pytorch_formulas_for_every_loss_type() {
+    fn loss_and_metrics_equal_the_pytorch_formulas_for_every_loss_type_padded_or_padding_free() {
         for (name, loss_type) in [("sigmoid", LossType::Sigmoid), ("ipo", LossType::Ipo), ("hinge", LossType::Hinge), ("robust", LossType::Robust), ("simpo", LossType::Simpo)] {
             let (_, json) = fixture_objective(loss_type, 0.0, Reference::None);
             let want = &json["results"][name];
-            let reference = if loss_type == LossType::Simpo { Reference::None } else { live_reference() };
-            let (objective, _) = fixture_objective(loss_type, want["label_smoothing"].as_f64().unwrap(), reference);
-            let got = metrics_of(&objective);
-            for (key, value) in want.as_object().unwrap() {
-                if key == "label_smoothing" {
-                    continue;
+            for padding_free in [false, true] {
+                let reference = if loss_type == LossType::Simpo { Reference::None } else { live_reference() };
+                let (mut objective, _) = fixture_objective(loss_type, want["label_smoothing"].as_f64().unwrap(), reference);
+                objective.padding_free = padding_free;
+                let batch = objective.collate(Split::Train, &[0, 1], Device::Cpu).unwrap();
+                assert_eq!((batch.ids.size()[0], batch.documents), (if padding_free { 1 } else { 4 }, 4));
+                let got = metrics_of(&objective);
+                for (key, value) in want.as_object().unwrap() {
+                    if key == "label_smoothing" {
+                        continue;
+                    }
+                    let (got, want) = (got[key] / 2.0, value.as_f64().unwrap());
+                    assert!((got - want).abs() <= 1e-5 * want.abs() + 1e-7, "{name} {key} (padding-free {padding_free}): ours {got}, PyTorch {want}");
                 }
-                let (got, want) = (got[key] / 2.0, value.as_f64().unwrap());
-                assert!((got - want).abs() <= 1e-5 * want.abs() + 1e-7, "{name} {key}: ours {got}, PyTorch {want}");
             }
         }
     }

@@ -29,13 +29,12 @@ const CHUNK_LOGITS: i64 = 1 << 27;
 
 /// What the head's loss holds at its peak for `tokens` targets, in bytes (the `--dry-run` plan):
 /// one chunk's f32 logits and their gradient in the weights' dtype, `G_W` in f32 and then in the
-/// weights' dtype, a chunk's `G_W` in the weights' dtype and (below f32) its f32 copy, and the
-/// targets' hidden states with `G_h`. A frozen head (`head_trains` false: LoRA) has no `G_W`.
+/// weights' dtype, a chunk's `G_W` in the weights' dtype (added into the f32 `G_W` in place), and
+/// the targets' hidden states with `G_h`. A frozen head (`head_trains` false: LoRA) has no `G_W`.
 pub fn peak_bytes(vocab: i64, hidden: i64, tokens: i64, element: f64, head_trains: bool) -> f64 {
     let chunk = (CHUNK_LOGITS / vocab).max(1).min(tokens.max(1)) as f64 * vocab as f64;
     let weight = if head_trains { (vocab * hidden) as f64 } else { 0.0 };
-    let chunk_weight_gradient = element + if element < 4.0 { 4.0 } else { 0.0 };
-    chunk * (4.0 + element) + weight * (4.0 + element + chunk_weight_gradient) + 2.0 * (tokens * hidden) as f64 * element
+    chunk * (4.0 + element) + weight * (4.0 + 2.0 * element) + 2.0 * (tokens * hidden) as f64 * element
 }
 
 /// Log-probabilities of a batch's targets, one entry per target, in row-major order.
@@ -44,15 +43,16 @@ pub struct TargetLogProbs {
     pub logps: Tensor,
     /// `[targets]` the mean logit over the vocabulary at each target (TRL's `logits/*`).
     pub mean_logits: Tensor,
-    /// `[targets]` the batch row of each target.
-    rows: Tensor,
-    batch_rows: i64,
+    /// `[targets]` the document of each target (`Batch::target_documents`).
+    documents: Tensor,
+    count: i64,
 }
 
 impl TargetLogProbs {
-    /// `values` (one per target) summed per batch row, `[rows]`.
-    pub fn per_row(&self, values: &Tensor) -> Tensor {
-        Tensor::zeros([self.batch_rows], (Kind::Float, values.device())).index_add(0, &self.rows, &values.to_kind(Kind::Float))
+    /// `values` (one per target) summed per document of the batch, `[documents]` (per row when
+    /// each row is one document).
+    pub fn per_document(&self, values: &Tensor) -> Tensor {
+        Tensor::zeros([self.count], (Kind::Float, values.device())).index_add(0, &self.documents, &values.to_kind(Kind::Float))
     }
 }
 
@@ -62,8 +62,8 @@ struct Head<'a> {
     hidden: Tensor,
     weight: &'a Tensor,
     targets: Tensor,
-    rows: Tensor,
-    batch_rows: i64,
+    documents: Tensor,
+    count: i64,
     chunk: i64,
 }
 
@@ -75,8 +75,8 @@ impl<'a> Head<'a> {
         Head {
             hidden: hidden.reshape([batch_rows * seq, width]).index_select(0, at),
             targets: batch.targets.view([-1]).index_select(0, at),
-            rows: at.floor_divide_scalar(seq),
-            batch_rows,
+            documents: batch.target_documents.shallow_clone(),
+            count: batch.documents,
             chunk: (chunk_logits / weight.size()[0]).max(1),
             weight,
         }
@@ -109,8 +109,9 @@ impl<'a> Head<'a> {
             let d_logits = logits.to_kind(self.weight.kind());
             grad_hidden.narrow(0, start, len).copy_(&d_logits.matmul(&self.weight.detach()));
             if let Some(grad_weight) = grad_weight {
+                // Added in place, widened element by element: no f32 copy of the chunk's G_W.
                 let d_weight = d_logits.tr().matmul(&self.hidden.detach().narrow(0, start, len));
-                *grad_weight += d_weight.to_kind(Kind::Float);
+                let _ = grad_weight.g_add_(&d_weight);
             }
         })
     }
@@ -133,7 +134,7 @@ impl<'a> Head<'a> {
     }
 
     fn target_log_probs(&self, logps: Tensor, mean_logits: Tensor) -> TargetLogProbs {
-        TargetLogProbs { logps, mean_logits, rows: self.rows.shallow_clone(), batch_rows: self.batch_rows }
+        TargetLogProbs { logps, mean_logits, documents: self.documents.shallow_clone(), count: self.count }
     }
 }
 
@@ -291,8 +292,8 @@ mod tests {
         let want = gradients(&loaded, want_loss);
         let mut seen = None;
         let loss = loss_of_log_probs_in_chunks(&loaded.model, &hidden(), &batch, 4 * 256, |lp| {
-            seen = Some((lp.per_row(&lp.logps).detach(), lp.mean_logits.detach()));
-            loss_of(lp.per_row(&lp.logps))
+            seen = Some((lp.per_document(&lp.logps).detach(), lp.mean_logits.detach()));
+            loss_of(lp.per_document(&lp.logps))
         });
         let (per_row, mean_logits) = seen.expect("loss_of ran");
         assert!((loss.double_value(&[]) - want_value).abs() < 1e-5);

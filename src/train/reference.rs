@@ -22,7 +22,7 @@ use crate::model::{load_causal_lm, Llama};
 pub fn reference_logps(model: &Llama, batch: &Batch) -> Tensor {
     tch::no_grad(|| {
         let values = target_log_probs(model, &model.hidden_states(&batch.inputs()), batch);
-        values.per_row(&values.logps)
+        values.per_document(&values.logps)
     })
 }
 

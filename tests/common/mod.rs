@@ -193,3 +193,15 @@ pub fn rows(dir: &Path) -> Vec<(String, Vec<Message>)> {
     rows
 }
 
+/// A plain parquet file's string column (no dataset normalisation).
+pub fn column_of(path: &Path, name: &str) -> Vec<String> {
+    let file = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+    let mut values = vec![];
+    for batch in reader {
+        let batch = batch.unwrap();
+        let array = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        values.extend((0..array.len()).map(|i| arrow::util::display::array_value_to_string(array, i).unwrap()));
+    }
+    values
+}

@@ -13,6 +13,10 @@
 //!   so a rerun reproduces where the server honours seeds. Several responses per instruction are
 //!   separate requests with their own seeds (not `n`), so each is the same as on the other
 //!   engines and survives a resume.
+//! - **Constrained answers** (a judge's JSON): `response_format` with the JSON schema, which
+//!   vLLM and SGLang apply, and `grammar`, the GBNF that llama.cpp makes of the same schema, which
+//!   llama.cpp's server applies (it reads `response_format` only on chat completions). Each
+//!   server ignores the other's field.
 //! - **Throughput.** Up to `--max-num-seqs` requests are in flight at once; that is what lets
 //!   the server batch.
 //! - **Faults**: see `client`.
@@ -202,7 +206,7 @@ impl OpenAi {
     ///   text, and the log says so.
     fn probe(&mut self) -> Result<()> {
         let prompt = self.tokenizer.encode("Hello")?;
-        let greedy_token = super::Sampling { temperature: 0.0, top_p: 1.0, max_tokens: 1, seed: 0, stop_strings: vec![], stop_token_ids: vec![] };
+        let greedy_token = super::Sampling { temperature: 0.0, top_p: 1.0, max_tokens: 1, seed: 0, stop_strings: vec![], stop_token_ids: vec![], json: None };
         let probe = |engine: &Self, retries| {
             let body = engine.body(&prompt, &greedy_token)?;
             engine.runtime.block_on(engine.client.post_with_retries("/completions", &body, retries))
@@ -248,6 +252,12 @@ impl OpenAi {
         }
         if !sampling.stop_token_ids.is_empty() {
             body["stop_token_ids"] = json!(sampling.stop_token_ids);
+        }
+        if let Some(answer) = &sampling.json {
+            // The schema for vLLM and SGLang; llama.cpp's server reads `response_format` only on
+            // chat completions, and takes the grammar instead.
+            body["response_format"] = answer.response_format();
+            body["grammar"] = json!(answer.grammar()?);
         }
         match self.form {
             PromptForm::TokenIds => body["prompt"] = json!(prompt),
