@@ -263,35 +263,37 @@ impl Engine for LlamaCpp {
         let mut last_token: Vec<LlamaToken> = vec![LlamaToken(0); slots];
         loop {
             batch.clear();
+            // The running sequences' next tokens first, then new prompts in the room they leave
+            // (prompts admitted first could leave the running sequences none).
             for (slot, state) in active.iter_mut().enumerate() {
-                match state {
-                    Some(a) => {
-                        batch.add(last_token[slot], a.position, &[slot as i32], true)?;
-                        a.position += 1;
-                        a.logits_index = batch.n_tokens() - 1;
-                    }
-                    None if next_request < requests.len() => {
-                        let request = &requests[next_request];
-                        if batch.n_tokens() as usize + request.prompt.len() > batch_tokens {
-                            continue; // no room in this step; the slot is filled next step
-                        }
-                        ctx.clear_kv_cache_seq(Some(slot as u32), None, None)?;
-                        let last = request.prompt.len().saturating_sub(1);
-                        for (position, &token) in request.prompt.iter().enumerate() {
-                            batch.add(LlamaToken(token as i32), position as i32, &[slot as i32], position == last)?;
-                        }
-                        *state = Some(Active {
-                            request: next_request,
-                            sampler: sampler(&self.model, &request.sampling)?,
-                            position: request.prompt.len() as i32,
-                            logits_index: batch.n_tokens() - 1,
-                            bytes: vec![],
-                            generated: 0,
-                        });
-                        next_request += 1;
-                    }
-                    None => {}
+                if let Some(a) = state {
+                    batch.add(last_token[slot], a.position, &[slot as i32], true)?;
+                    a.position += 1;
+                    a.logits_index = batch.n_tokens() - 1;
                 }
+            }
+            for (slot, state) in active.iter_mut().enumerate() {
+                if state.is_some() || next_request == requests.len() {
+                    continue;
+                }
+                let request = &requests[next_request];
+                if batch.n_tokens() as usize + request.prompt.len() > batch_tokens {
+                    continue; // no room in this step; the slot is filled next step
+                }
+                ctx.clear_kv_cache_seq(Some(slot as u32), None, None)?;
+                let last = request.prompt.len().saturating_sub(1);
+                for (position, &token) in request.prompt.iter().enumerate() {
+                    batch.add(LlamaToken(token as i32), position as i32, &[slot as i32], position == last)?;
+                }
+                *state = Some(Active {
+                    request: next_request,
+                    sampler: sampler(&self.model, &request.sampling)?,
+                    position: request.prompt.len() as i32,
+                    logits_index: batch.n_tokens() - 1,
+                    bytes: vec![],
+                    generated: 0,
+                });
+                next_request += 1;
             }
             if batch.n_tokens() == 0 {
                 break;

@@ -291,6 +291,30 @@ mod batch_invariance {
         assert_eq!(batched, alone, "llama.cpp kernels: {kernels}");
     }
 
+    /// Sequences that finish together leave slots that new prompts fill while the others keep
+    /// running: the step's batch must hold both (it once admitted two long prompts first and
+    /// overflowed with the running sequences' tokens). 18 prompts of 253 tokens on 16 slots of a
+    /// 512-token step: in step 9 slots 0 and 1 have finished together, and the two next prompts
+    /// (506 tokens) would leave no room for the 10 running sequences' tokens.
+    #[test]
+    fn llamacpp_refills_finished_slots_beside_running_sequences_without_overflowing_the_batch() {
+        let options = EngineOptions { choice: EngineChoice::Llamacpp, batch_size: 16, threads: 2, kv_tokens: 16 * 512, gpu_memory_utilization: 0.9, cuda: false, server: None };
+        let mut engine = open(&test_model(), &options).unwrap();
+        let text = "The history of the river town is long, and its people tell it often. ".repeat(16);
+        let requests: Vec<Request> = (0..18)
+            .map(|i| {
+                let mut prompt = engine.tokenize(&format!("{i}. {text}")).unwrap();
+                prompt.truncate(253); // two fill a 512-token step; two beside 13 running do not
+                let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens: 8, seed: 0, stop_strings: vec![], stop_token_ids: vec![], json: None };
+                Request { prompt, sampling }
+            })
+            .collect();
+        assert!(requests.iter().all(|r| r.prompt.len() == 253), "{}", requests[0].prompt.len());
+        let completions = engine.generate(&requests, &mut |_| {}).unwrap();
+        assert_eq!(completions.len(), 18);
+        assert!(engine.widest_batch() > 8, "the slots were refilled while others ran: {}", engine.widest_batch());
+    }
+
     /// mistralrs 0.8.1 batches wrongly on CPU, so its CPU engine sends one request at a time: the
     /// batched path is not exercised here (scripts/gpu-check.sh checks it on CUDA, through the
     /// binary). This pins the workaround: a batch call goes one sequence at a time and keeps
