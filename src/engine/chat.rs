@@ -47,8 +47,8 @@ impl ChatModel {
     }
 
     /// Greedy answers to `conversations`, each constrained to be the JSON object `answer`.
-    pub fn answer_json(&mut self, conversations: &[Vec<Message>], answer: JsonAnswer) -> Result<Vec<String>> {
-        let sampling = Sampling { json: Some(Arc::new(answer)), ..self.sampling.clone() };
+    pub fn answer_json(&mut self, conversations: &[Vec<Message>], answer: &Arc<JsonAnswer>) -> Result<Vec<String>> {
+        let sampling = Sampling { json: Some(answer.clone()), ..self.sampling.clone() };
         self.complete(conversations, "", sampling)
     }
 

@@ -173,7 +173,7 @@ struct Active {
 fn sampler(model: &LlamaModel, sampling: &Sampling) -> Result<LlamaSampler> {
     let mut chain = vec![];
     if let Some(answer) = &sampling.json {
-        let grammar = LlamaSampler::grammar(model, &answer.grammar()?, "root").map_err(|e| anyhow!("{}: llama.cpp refused the answer's grammar: {e}", answer.name))?;
+        let grammar = LlamaSampler::grammar(model, answer.grammar(), "root").map_err(|e| anyhow!("{}: llama.cpp refused the answer's grammar: {e}", answer.name))?;
         chain.push(grammar);
     }
     if sampling.temperature <= 0.0 {

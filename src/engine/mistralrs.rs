@@ -91,7 +91,7 @@ impl MistralRs {
             return_logprobs: false,
             is_streaming: false,
             id: runner.next_request_id(),
-            constraint: sampling.json.as_ref().map_or(Constraint::None, |answer| Constraint::JsonSchema(answer.schema())),
+            constraint: sampling.json.as_ref().map_or(Constraint::None, |answer| Constraint::JsonSchema(answer.schema().clone())),
             suffix: None,
             tools: None,
             tool_choice: None,

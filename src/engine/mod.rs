@@ -304,7 +304,7 @@ mod batch_invariance {
         let requests: Vec<Request> = (0..18)
             .map(|i| {
                 let mut prompt = engine.tokenize(&format!("{i}. {text}")).unwrap();
-                prompt.truncate(253); // two fill a 512-token step; two beside 13 running do not
+                prompt.truncate(253); // two fill a 512-token step alone, not beside running sequences
                 let sampling = Sampling { temperature: 0.0, top_p: 1.0, max_tokens: 8, seed: 0, stop_strings: vec![], stop_token_ids: vec![], json: None };
                 Request { prompt, sampling }
             })

@@ -66,7 +66,7 @@ impl Tag {
     }
 
     /// The JSON object the answer must be: the keys of the prompt's output format, in its order.
-    fn answer(self, max_tokens: usize) -> JsonAnswer {
+    fn answer(self, max_tokens: usize) -> Result<JsonAnswer> {
         let scale = |values: &[&str]| JsonValue::OneOf(values.iter().map(|v| v.to_string()).collect());
         let text = |fields: usize| JsonValue::Text { max_chars: (max_tokens * 2 / fields).max(1) };
         let keys = match self {
@@ -78,7 +78,7 @@ impl Tag {
             }
         };
         let name = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
-        JsonAnswer { name, keys: keys.into_iter().map(|(key, value)| (key.to_string(), value)).collect() }
+        JsonAnswer::new(&name, keys.into_iter().map(|(key, value)| (key.to_string(), value)).collect())
     }
 }
 
@@ -150,8 +150,8 @@ impl Default for JudgeTagsConfig {
 
 pub struct JudgeTags {
     judge: JudgeModel,
-    tags: Vec<Tag>,
-    max_tokens: usize,
+    /// Each tag, with the JSON object its answer must be when `structured_output` is on.
+    tags: Vec<(Tag, Option<Arc<JsonAnswer>>)>,
     structured_output: bool,
     failures: BTreeMap<&'static str, u64>,
 }
@@ -159,7 +159,9 @@ pub struct JudgeTags {
 impl JudgeTags {
     pub fn new(config: JudgeTagsConfig) -> Result<Self> {
         let judge = JudgeModel::load(config.judge_model, config.template.as_deref(), config.max_tokens, config.batch_size, config.server)?;
-        Ok(JudgeTags { judge, tags: config.tags, max_tokens: config.max_tokens, structured_output: config.structured_output, failures: BTreeMap::new() })
+        let answer = |tag: Tag| config.structured_output.then(|| tag.answer(config.max_tokens).map(Arc::new)).transpose();
+        let tags = config.tags.iter().map(|&tag| Ok((tag, answer(tag)?))).collect::<Result<_>>()?;
+        Ok(JudgeTags { judge, tags, structured_output: config.structured_output, failures: BTreeMap::new() })
     }
 }
 
@@ -171,14 +173,14 @@ impl Step for JudgeTags {
     fn apply(&mut self, batch: RecordBatch) -> Result<RecordBatch> {
         let texts = instructions(&batch);
         let mut batch = batch;
-        for tag in self.tags.clone() {
+        for (tag, answer) in self.tags.clone() {
             let questions: Vec<Vec<Message>> = texts
                 .iter()
                 .map(|text| vec![Message::new("user", tag.prompt().replace("{input}", text.as_deref().unwrap_or("")))])
                 .collect();
-            let answers = match self.structured_output {
-                true => self.judge.answer_json(&questions, tag.answer(self.max_tokens))?,
-                false => self.judge.answer(&questions, "{")?.into_iter().map(|a| format!("{{{a}")).collect(),
+            let answers = match &answer {
+                Some(answer) => self.judge.answer_json(&questions, answer)?,
+                None => self.judge.answer(&questions, "{")?.into_iter().map(|a| format!("{{{a}")).collect(),
             };
             let keys: Vec<&str> = tag.fields().iter().map(|f| f.0).chain((tag == Tag::Category).then_some("other_tags")).collect();
             let parsed: Vec<Map<String, Value>> = answers.iter().map(|a| parse_answer(a, &keys)).collect();
@@ -248,7 +250,7 @@ mod tests {
     #[test]
     fn each_tag_answers_the_keys_of_its_prompt_in_order_with_its_scale_and_a_bounded_text() {
         for tag in [Tag::Quality, Tag::Difficulty, Tag::Category] {
-            let answer = tag.answer(256);
+            let answer = tag.answer(256).unwrap();
             let keys: Vec<&str> = answer.keys.iter().map(|(k, _)| k.as_str()).collect();
             let mut at = 0;
             for key in &keys {
@@ -264,7 +266,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(Tag::Difficulty.answer(256).name, "difficulty");
+        assert_eq!(Tag::Difficulty.answer(256).unwrap().name, "difficulty");
     }
 
     #[test]

@@ -40,6 +40,42 @@ impl RejectedRows {
         RejectedRows { scratch: scratch.to_path_buf(), spools: vec![], rows: 0 }
     }
 
+    /// Writes the rejected dataset for `target` (finished, not yet in place). With no rejected
+    /// row it is an empty dataset with the input's columns and the two reasons.
+    pub fn finish(self, target: &Path, input_schema: &Schema, provenance: &Provenance) -> Result<Staged> {
+        let mut files = vec![];
+        let mut union: Vec<Field> = vec![];
+        for spool in self.spools {
+            spool.writer.close().with_context(|| format!("{}: cannot write", spool.path.display()))?;
+            for field in spool.schema.fields() {
+                match union.iter().find(|f| f.name() == field.name()) {
+                    Some(seen) if seen.data_type() != field.data_type() => bail!(
+                        "--rejected: column `{}` is {} in some dropped rows and {} in others",
+                        field.name(),
+                        seen.data_type(),
+                        field.data_type()
+                    ),
+                    Some(_) => {}
+                    None => union.push(field.as_ref().clone().with_nullable(true)),
+                }
+            }
+            files.push(spool.path);
+        }
+        if union.is_empty() {
+            union = input_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            union.extend([Field::new("drop_step", DataType::Utf8, true), Field::new("drop_reason", DataType::Utf8, true)]);
+        }
+        let schema = Arc::new(Schema::new(union));
+        let mut writer = DatasetWriter::create(target, schema.clone(), provenance)?;
+        for file in files {
+            let opened = File::open(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(opened)?.build()?;
+            for batch in reader {
+                writer.write(&widen(&batch?, &schema)?)?;
+            }
+        }
+        writer.finish()
+    }
 }
 
 /// Where a run keeps the rows its steps drop.
@@ -85,45 +121,6 @@ impl KeepRejected for RejectedRows {
         self.spools[index].writer.write(&batch).with_context(|| format!("{}: cannot write", self.spools[index].path.display()))?;
         self.rows += n as u64;
         Ok(())
-    }
-}
-
-impl RejectedRows {
-    /// Writes the rejected dataset for `target` (finished, not yet in place). With no rejected
-    /// row it is an empty dataset with the input's columns and the two reasons.
-    pub fn finish(self, target: &Path, input_schema: &Schema, provenance: &Provenance) -> Result<Staged> {
-        let mut files = vec![];
-        let mut union: Vec<Field> = vec![];
-        for spool in self.spools {
-            spool.writer.close().with_context(|| format!("{}: cannot write", spool.path.display()))?;
-            for field in spool.schema.fields() {
-                match union.iter().find(|f| f.name() == field.name()) {
-                    Some(seen) if seen.data_type() != field.data_type() => bail!(
-                        "--rejected: column `{}` is {} in some dropped rows and {} in others",
-                        field.name(),
-                        seen.data_type(),
-                        field.data_type()
-                    ),
-                    Some(_) => {}
-                    None => union.push(field.as_ref().clone().with_nullable(true)),
-                }
-            }
-            files.push(spool.path);
-        }
-        if union.is_empty() {
-            union = input_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
-            union.extend([Field::new("drop_step", DataType::Utf8, true), Field::new("drop_reason", DataType::Utf8, true)]);
-        }
-        let schema = Arc::new(Schema::new(union));
-        let mut writer = DatasetWriter::create(target, schema.clone(), provenance)?;
-        for file in files {
-            let opened = File::open(&file).with_context(|| format!("{}: cannot read", file.display()))?;
-            let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(opened)?.build()?;
-            for batch in reader {
-                writer.write(&widen(&batch?, &schema)?)?;
-            }
-        }
-        writer.finish()
     }
 }
 

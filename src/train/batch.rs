@@ -59,8 +59,8 @@ impl Batch {
         // Segment bounds over the flattened rows: each document, and each row's padding tail.
         let mut cu_seqlens = vec![0i32];
         let mut tokens = 0;
-        let mut document_of = vec![-1i64; n * width];
-        let mut documents = 0;
+        // Documents are laid out in flat order, so their targets come in target_positions' order.
+        let (mut target_documents, mut documents) = (vec![], 0);
         for (r, row) in rows.iter().enumerate() {
             let mut at = r * width;
             for (d, doc) in row.iter().enumerate() {
@@ -71,7 +71,7 @@ impl Batch {
                     positions[at + i] = i as i64;
                     docs[at + i] = d as i64;
                 }
-                document_of[at..at + len].fill(documents);
+                target_documents.extend(doc.targets.iter().filter(|&&t| t != -100).map(|_| documents));
                 documents += 1;
                 at += len;
                 tokens += len;
@@ -82,7 +82,6 @@ impl Batch {
             }
         }
         let target_positions: Vec<i64> = (0..targets.len() as i64).filter(|&i| targets[i as usize] != -100).collect();
-        let target_documents: Vec<i64> = target_positions.iter().map(|&i| document_of[i as usize]).collect();
         let tensor = |v: Vec<i64>| upload(Tensor::from_slice(&v).view([n as i64, width as i64]), device);
         let max_len = cu_seqlens.windows(2).map(|w| (w[1] - w[0]) as i64).max().unwrap_or(1);
         let mask = if packed {

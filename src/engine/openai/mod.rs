@@ -257,7 +257,7 @@ impl OpenAi {
             // The schema for vLLM and SGLang; llama.cpp's server reads `response_format` only on
             // chat completions, and takes the grammar instead.
             body["response_format"] = answer.response_format();
-            body["grammar"] = json!(answer.grammar()?);
+            body["grammar"] = json!(answer.grammar());
         }
         match self.form {
             PromptForm::TokenIds => body["prompt"] = json!(prompt),
