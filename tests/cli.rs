@@ -102,6 +102,14 @@ fn dry_run_prints_the_memory_plan_from_the_config_alone_and_writes_nothing() {
         }
         assert_eq!(plan.contains("reference model"), stage == "dpo", "{plan}");
     }
+    // The seed's recipe (`device: cuda`, `gradient_checkpointing: auto`) plans on a machine
+    // without its GPU too, and says what auto decided.
+    let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/llama3.1-8b-magpie-sft.yaml");
+    let output = magpie(&["sft", "--recipe", recipe.to_str().unwrap(), "--model", fixture("tiny-llama").to_str().unwrap(), "-i", "not-read",
+                          "-o", out.to_str().unwrap(), "--dry-run", "8"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let plan = String::from_utf8_lossy(&output.stdout);
+    assert!(plan.starts_with("gradient checkpointing auto: "), "{plan}");
     assert!(!out.exists());
 }
 

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::memory::Checkpointing;
 use super::optim::Schedule;
 use crate::flags::{DeviceChoice, OutputFlags};
 
@@ -111,9 +112,11 @@ pub struct TrainArgs {
     #[arg(long)]
     pub full_determinism: bool,
 
-    /// Recompute each block in the backward pass instead of keeping its activations.
-    #[arg(long)]
-    pub gradient_checkpointing: bool,
+    /// Recompute each block in the backward pass instead of keeping its activations (about a
+    /// third more compute). `auto`: off where the memory plan (`--dry-run`) without it fits in
+    /// 90% of the device's memory, on otherwise. The flag alone means true.
+    #[arg(long, value_name = "true|false|auto", num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub gradient_checkpointing: Checkpointing,
 
     #[command(flatten)]
     #[serde(flatten)]

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use super::args::TrainArgs;
 use super::checkpoint;
 use super::examples::{read_rows, TrainingRows};
-use super::memory::Workload;
+use super::memory::{self, Workload};
 use super::objective::Objective;
 use super::plan::TrainPlan;
 use super::trainer::{self, Summary};
@@ -40,7 +40,12 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
     if let Some(processes) = args.dry_run_processes()? {
         let config = crate::model::ModelDir::open(&args.model)?.config;
         let lora = args.lora_plan()?.map(|l| l.config);
-        print!("{}", super::memory::render(&config, args.precision(), args.gradient_checkpointing, processes as i64, &command.workload, lora.as_ref()));
+        // `auto` decides for this machine's device; a login node without the run's GPU plans too.
+        let device = args.device.resolve(None).ok();
+        let (recompute, why) = memory::resolve(args.gradient_checkpointing, &config, args.precision(), processes as i64, &command.workload,
+                                               lora.as_ref(), device, device.and_then(memory::device_memory));
+        print!("{}{}", why.map_or(String::new(), |why| why + "\n"),
+               memory::render(&config, args.precision(), recompute, processes as i64, &command.workload, lora.as_ref()));
         return Ok(None);
     }
     if args.full_determinism {
@@ -49,9 +54,16 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
         let state = if super::determinism::enabled() { "on" } else { "off" };
         eprintln!("full determinism: libtorch's deterministic algorithms {state}, CUBLAS_WORKSPACE_CONFIG={workspace}");
     }
-    let plan = args.plan()?;
+    let mut plan = args.plan()?;
     tch::manual_seed(plan.seed as i64);
-    crate::model::ModelDir::open(&plan.model)?; // a missing model is named before anything else
+    let config = crate::model::ModelDir::open(&plan.model)?.config; // a missing model is named before anything else
+    let lora = plan.lora.as_ref().map(|l| &l.config);
+    let (recompute, why) = memory::resolve(args.gradient_checkpointing, &config, plan.precision, plan.world.size as i64, &command.workload,
+                                           lora, Some(plan.device), memory::device_memory(plan.device));
+    plan.recompute = recompute;
+    if let Some(why) = why.filter(|_| plan.world.is_main()) {
+        eprintln!("{why}");
+    }
     let rows = read_rows(&plan.inputs, command.columns, plan.eval_ratio, plan.seed)?;
     let mut inputs = rows.files.clone();
     inputs.push(plan.model.clone());

@@ -9,11 +9,13 @@
 //! Attention is assumed to keep no T×T matrix (the fused kernels on CUDA). The vocabulary head
 //! holds one chunk of logits at a time and the head's gradient (`lm_head::peak_bytes`). The CUDA
 //! context and allocator slack (a GB or two) come on top.
+//!
+//! `--gradient-checkpointing auto` asks this plan whether the run fits without recomputation.
 
 use crate::model::lora::LoraConfig;
 use crate::model::LlamaConfig;
 use super::plan::Precision;
-use super::distributed::zero::BUCKET_ELEMENTS;
+use super::distributed::zero::{BUCKET_ELEMENTS, IN_FLIGHT_BUCKETS};
 use super::optim::SLICE_ELEMENTS;
 
 /// What one micro-batch of the run holds besides the policy.
@@ -81,11 +83,12 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, 
     if world > 1 {
         // Sharded, micro-batches are reduced one at a time into these (ZeRO-2 style).
         rows.push(("f32 gradient shards", 4.0 * trained / world as f64));
-        // The largest bucket's f32 gradients for the all-reduce and its gather in the weights'
-        // dtype; a parameter larger than a bucket (the embeddings) is a bucket of its own.
+        // The buckets in flight: their f32 gradients for the reduce-scatter, or their gather in
+        // the weights' dtype. A parameter larger than the window (the embeddings) flies alone.
+        let window = IN_FLIGHT_BUCKETS * BUCKET_ELEMENTS;
         let largest = match lora {
-            Some(_) => BUCKET_ELEMENTS.min(trained as i64) as f64,
-            None => BUCKET_ELEMENTS.min(n as i64).max(c.vocab_size * c.hidden_size) as f64,
+            Some(_) => window.min(trained as i64) as f64,
+            None => window.min(n as i64).max(c.vocab_size * c.hidden_size) as f64,
         };
         rows.push(("communication buckets", largest * (4.0 + trained_element)));
     } else if bf16 && fp32_state && !f32_sums && lora.is_none() {
@@ -98,6 +101,80 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, 
     rows.push(("activations", activations));
     rows.push(("vocabulary head (chunked)", super::lm_head::peak_bytes(c.vocab_size, c.hidden_size, work.tokens, element, lora.is_none())));
     rows
+}
+
+/// When to recompute each block in the backward pass (`--gradient-checkpointing`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpointing {
+    Off,
+    On,
+    /// Off where the plan without it fits the device ([`AUTO_FILL`]).
+    Auto,
+}
+
+impl std::str::FromStr for Checkpointing {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "true" | "on" => Ok(Checkpointing::On),
+            "false" | "off" => Ok(Checkpointing::Off),
+            "auto" => Ok(Checkpointing::Auto),
+            _ => Err(format!("expected true, false or auto, not `{text}`")),
+        }
+    }
+}
+
+/// The share of the device's memory the plan without checkpointing may fill for `auto` to leave
+/// it off; the rest is for the CUDA context, the allocator's slack and what the plan leaves out.
+pub const AUTO_FILL: f64 = 0.9;
+
+/// Whether to recompute on `device` (with `capacity` bytes of memory, if known; no device: a
+/// `--dry-run` on a machine without the run's GPU): `auto` plans the
+/// run without checkpointing and recomputes only if that does not fit, or the capacity is
+/// unknown. For `auto`, also the line that says why.
+#[allow(clippy::too_many_arguments)]
+pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, world: i64, work: &Workload, lora: Option<&LoraConfig>,
+               device: Option<tch::Device>, capacity: Option<f64>) -> (bool, Option<String>) {
+    match choice {
+        Checkpointing::On => (true, None),
+        Checkpointing::Off => (false, None),
+        Checkpointing::Auto => {
+            let without: f64 = plan(c, precision, false, world, work, lora).iter().map(|r| r.1).sum();
+            let on = capacity.is_none_or(|capacity| without > AUTO_FILL * capacity);
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            let device = device.map_or("the run's device (not on this machine)".to_string(), |d| format!("{d:?}"));
+            let why = match capacity {
+                Some(capacity) => format!("the plan without it, {:.1} GiB, {} {:.0}% of {device}'s {:.1} GiB", gib(without),
+                                          if on { "exceeds" } else { "fits in" }, AUTO_FILL * 100.0, gib(capacity)),
+                None => format!("the memory of {device} is unknown; without it the plan is {:.1} GiB", gib(without)),
+            };
+            (on, Some(format!("gradient checkpointing auto: {}: {why}", if on { "on" } else { "off" })))
+        }
+    }
+}
+
+/// Bytes of memory `device` has: its GPU's total as the NVIDIA driver reports it (the smallest of
+/// the GPUs `nvidia-smi` lists), or on CPU the memory available now (/proc/meminfo).
+pub fn device_memory(device: tch::Device) -> Option<f64> {
+    if device.is_cuda() {
+        let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"]).output().ok()?;
+        smallest_gpu_memory(&String::from_utf8_lossy(&out.stdout))
+    } else {
+        available_memory(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    }
+}
+
+/// `nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits`: MiB a line.
+fn smallest_gpu_memory(listing: &str) -> Option<f64> {
+    listing.lines().filter_map(|l| l.trim().parse::<f64>().ok()).map(|mib| mib * (1u64 << 20) as f64).reduce(f64::min)
+}
+
+/// /proc/meminfo's `MemAvailable:  N kB`.
+fn available_memory(meminfo: &str) -> Option<f64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    Some(line.trim().trim_end_matches("kB").trim().parse::<f64>().ok()? * 1024.0)
 }
 
 /// The plan as a table, with its total, in GiB.
@@ -149,6 +226,36 @@ mod tests {
         let accumulating = rows(1, 16);
         assert!((gb(&accumulating, "f32 gradient sums") - 32.1).abs() < 0.1 && gb(&accumulating, "optimizer step slices") == 0.0);
         assert_eq!(gb(&rows(8, 16), "f32 gradient sums"), 0.0, "sharded runs reduce each micro-batch into the shards instead");
+    }
+
+    /// The seed's SFT micro-batch (8192 tokens) fits eight 141 GB H200s without recomputation,
+    /// not eight 80 GB H100s, nor one H200.
+    #[test]
+    fn auto_checkpointing_is_off_only_where_the_plan_without_it_fits_the_device() {
+        let args = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16", "--gradient-checkpointing=auto"]);
+        assert_eq!(args.gradient_checkpointing, Checkpointing::Auto);
+        let work = Workload { tokens: 8192, reference_model: false, micro_batches: 32 };
+        let (h200, h100) = (smallest_gpu_memory("143771\n143771\n"), smallest_gpu_memory("81559\n"));
+        let cuda = Some(tch::Device::Cuda(0));
+        let decide = |world, capacity| resolve(args.gradient_checkpointing, &llama_8b(), args.precision(), world, &work, None, cuda, capacity);
+        let (on, why) = decide(8, h200);
+        assert!(!on, "{why:?}");
+        assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB"));
+        assert!(decide(8, h100).0 && decide(1, h200).0);
+        assert!(decide(8, None).0, "an unknown capacity recomputes");
+        assert_eq!(resolve(Checkpointing::Off, &llama_8b(), args.precision(), 1, &work, None, cuda, None), (false, None));
+        assert_eq!(available_memory("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048.0 * 1024.0));
+    }
+
+    #[test]
+    fn the_checkpointing_flag_alone_is_true_and_takes_false_or_auto() {
+        let parse = |extra: &[&str]| parse_for_test(["--model", "m", "-i", "x", "-o", "y"].into_iter().chain(extra.iter().copied())).gradient_checkpointing;
+        assert_eq!(parse(&[]), Checkpointing::Off);
+        assert_eq!(parse(&["--gradient-checkpointing"]), Checkpointing::On);
+        assert_eq!(parse(&["--gradient-checkpointing", "--bf16"]), Checkpointing::On);
+        assert_eq!(parse(&["--gradient-checkpointing=false"]), Checkpointing::Off);
+        assert_eq!(parse(&["--gradient-checkpointing", "auto"]), Checkpointing::Auto);
+        assert_eq!("maybe".parse::<Checkpointing>().unwrap_err(), "expected true, false or auto, not `maybe`");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tch::{Device, Kind};
 
 use super::args::TrainArgs;
 use super::distributed::{Launch, World};
+use super::memory::Checkpointing;
 use super::optim::Schedule;
 use crate::model::lora::LoraConfig;
 
@@ -176,7 +177,8 @@ impl TrainArgs {
             eval_every: (self.eval_steps > 0).then_some(self.eval_steps),
             logging_steps: self.logging_steps.max(1),
             precision: self.precision(),
-            recompute: self.gradient_checkpointing,
+            // `auto` is decided by the driver, against the model's memory plan.
+            recompute: self.gradient_checkpointing == Checkpointing::On,
             lora: self.lora_plan()?,
             world,
             device,

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -31,9 +32,15 @@ struct Group {
 using magpie::guarded;
 using magpie::set_error;
 
-void wait(Group* group, const c10::intrusive_ptr<c10d::Work>& work) {
-  work->wait(group->timeout);
-}
+// A collective started and not yet waited for, with the tensors it reads and writes.
+struct Pending {
+  c10::intrusive_ptr<c10d::Work> work;
+  std::vector<at::Tensor> tensors;
+};
+
+// Without a timeout: a timed WorkNCCL::wait busy-blocks the CPU, and NCCL's watchdog (and Gloo,
+// from the options) already fail a collective that outlives the group's timeout.
+void wait(const c10::intrusive_ptr<c10d::Work>& work) { work->wait(); }
 
 }  // namespace
 
@@ -84,24 +91,45 @@ int magpie_c10d_all_reduce_sum(void* handle, at::Tensor* tensor, char* err, size
     c10d::AllreduceOptions options;
     options.reduceOp = c10d::ReduceOp::SUM;
     options.timeout = group->timeout;
-    wait(group, group->backend->allreduce(tensors, options));
+    wait(group->backend->allreduce(tensors, options));
   });
 }
 
-// Concatenates every rank's `input` (each the same size) into `output`, in rank order.
-int magpie_c10d_all_gather(void* handle, at::Tensor* output, at::Tensor* input, char* err, size_t len) {
+// Starts summing `input` (world × the output's elements) over the ranks, leaving in `output`
+// this rank's slice of the sum; `magpie_c10d_wait` completes it.
+int magpie_c10d_reduce_scatter_sum_start(void* handle, at::Tensor* output, at::Tensor* input, void** pending, char* err, size_t len) {
   return guarded(err, len, [&] {
     auto group = static_cast<Group*>(handle);
-    int world = group->backend->getSize();
-    auto chunk = input->numel();
-    TORCH_CHECK(output->numel() == chunk * world, "all_gather: the output holds ", output->numel(), " elements, not ", chunk * world);
-    std::vector<std::vector<at::Tensor>> outputs(1);
-    for (int r = 0; r < world; r++) outputs[0].push_back(output->view({-1}).narrow(0, r * chunk, chunk));
-    std::vector<at::Tensor> inputs{input->view({-1})};
+    auto world = group->backend->getSize();
+    TORCH_CHECK(input->numel() == output->numel() * world, "reduce_scatter: the input holds ", input->numel(), " elements, not ",
+                output->numel() * world);
+    c10d::ReduceScatterOptions options;
+    options.reduceOp = c10d::ReduceOp::SUM;
+    options.timeout = group->timeout;
+    auto work = group->backend->_reduce_scatter_base(*output, *input, options);
+    *pending = new Pending{work, {*output, *input}};
+  });
+}
+
+// Starts concatenating every rank's `input` (each the same size) into the flat `output`, in rank
+// order; `magpie_c10d_wait` completes it.
+int magpie_c10d_all_gather_start(void* handle, at::Tensor* output, at::Tensor* input, void** pending, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    auto group = static_cast<Group*>(handle);
+    auto world = group->backend->getSize();
+    TORCH_CHECK(output->numel() == input->numel() * world, "all_gather: the output holds ", output->numel(), " elements, not ",
+                input->numel() * world);
     c10d::AllgatherOptions options;
     options.timeout = group->timeout;
-    wait(group, group->backend->allgather(outputs, inputs, options));
+    auto work = group->backend->_allgather_base(*output, *input, options);
+    *pending = new Pending{work, {*output, *input}};
   });
+}
+
+// Waits for a started collective and frees it, whether it succeeded or not.
+int magpie_c10d_wait(void* pending, char* err, size_t len) {
+  std::unique_ptr<Pending> owned(static_cast<Pending*>(pending));
+  return guarded(err, len, [&] { wait(owned->work); });
 }
 
 }  // extern "C"

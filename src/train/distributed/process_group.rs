@@ -14,7 +14,11 @@ unsafe extern "C" {
                        out: *mut *mut c_void, err: *mut c_char, len: usize) -> c_int;
     fn magpie_c10d_free(group: *mut c_void);
     fn magpie_c10d_all_reduce_sum(group: *mut c_void, tensor: *const C_tensor, err: *mut c_char, len: usize) -> c_int;
-    fn magpie_c10d_all_gather(group: *mut c_void, output: *const C_tensor, input: *const C_tensor, err: *mut c_char, len: usize) -> c_int;
+    fn magpie_c10d_reduce_scatter_sum_start(group: *mut c_void, output: *const C_tensor, input: *const C_tensor, pending: *mut *mut c_void,
+                                            err: *mut c_char, len: usize) -> c_int;
+    fn magpie_c10d_all_gather_start(group: *mut c_void, output: *const C_tensor, input: *const C_tensor, pending: *mut *mut c_void,
+                                    err: *mut c_char, len: usize) -> c_int;
+    fn magpie_c10d_wait(pending: *mut c_void, err: *mut c_char, len: usize) -> c_int;
 }
 
 /// This process's membership of the group; leaving it (drop) closes the connections.
@@ -53,10 +57,26 @@ impl ProcessGroup {
         checked(&self.failure("all-reduce"), |err, len| unsafe { magpie_c10d_all_reduce_sum(self.handle, tensor.as_ptr(), err, len) })
     }
 
-    /// Fills `output` (contiguous, `size` times `input`'s elements) with every rank's `input`,
-    /// in rank order.
-    pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
-        checked(&self.failure("all-gather"), |err, len| unsafe { magpie_c10d_all_gather(self.handle, output.as_ptr(), input.as_ptr(), err, len) })
+    /// Starts summing `input` (contiguous, `size` times `output`'s elements) over the ranks;
+    /// once waited for, `output` holds this rank's slice of the sum (slice `rank` of `size`).
+    pub fn reduce_scatter_sum(&self, output: &Tensor, input: &Tensor) -> Result<Pending<'_>> {
+        self.start("reduce-scatter", |pending, err, len| unsafe {
+            magpie_c10d_reduce_scatter_sum_start(self.handle, output.as_ptr(), input.as_ptr(), pending, err, len)
+        })
+    }
+
+    /// Starts filling the flat `output` (contiguous, `size` times `input`'s elements) with every
+    /// rank's `input`, in rank order.
+    pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<Pending<'_>> {
+        self.start("all-gather", |pending, err, len| unsafe {
+            magpie_c10d_all_gather_start(self.handle, output.as_ptr(), input.as_ptr(), pending, err, len)
+        })
+    }
+
+    fn start(&self, what: &'static str, call: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> c_int) -> Result<Pending<'_>> {
+        let mut handle = std::ptr::null_mut();
+        checked(&self.failure(what), |err, len| call(&mut handle, err, len))?;
+        Ok(Pending { handle, group: self, what })
     }
 
     /// Returns once every rank has called it (an all-reduce whose result is read).
@@ -75,8 +95,81 @@ impl ProcessGroup {
     }
 }
 
+/// A collective on its way: the tensors it was given are the backend's until [`Pending::wait`]
+/// returns (dropping it unwaited waits too).
+#[must_use = "a collective's result is there only once it is waited for"]
+pub struct Pending<'g> {
+    handle: *mut c_void,
+    group: &'g ProcessGroup,
+    what: &'static str,
+}
+
+impl Pending<'_> {
+    pub fn wait(mut self) -> Result<()> {
+        let handle = std::mem::replace(&mut self.handle, std::ptr::null_mut());
+        checked(&self.group.failure(self.what), |err, len| unsafe { magpie_c10d_wait(handle, err, len) })
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            let mut err = [0 as c_char; 256];
+            // Only unwinding drops one unwaited; the error that started it is the one to report.
+            let _ = unsafe { magpie_c10d_wait(self.handle, err.as_mut_ptr(), err.len()) };
+        }
+    }
+}
+
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         unsafe { magpie_c10d_free(self.handle) }
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// Runs `body(rank)` on two ranks of a Gloo group over localhost threads.
+    pub fn on_two_ranks<T: Send>(port: u16, body: impl Fn(&ProcessGroup) -> T + Sync) -> Vec<T> {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let body = &body;
+                    s.spawn(move || body(&ProcessGroup::join("127.0.0.1", port, rank, 2, Device::Cpu, Duration::from_secs(60)).unwrap()))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn reduce_scatter_gives_each_rank_its_slice_of_the_sum_and_all_gather_concatenates_flat() {
+        let results = on_two_ranks(29616, |group| {
+            let rank = group.rank as f64;
+            // Rank r sends [r, r+1, ..., r+5] (f32); the sum is [1, 3, 5, 7, 9, 11].
+            let input = Tensor::arange(6, (Kind::Float, Device::Cpu)).g_add_scalar(rank);
+            let mine = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+            group.reduce_scatter_sum(&mine, &input).unwrap().wait().unwrap();
+            // Both gathers in flight at once, in bf16 as the weights are.
+            let gathered = Tensor::zeros([6], (Kind::BFloat16, Device::Cpu));
+            let again = Tensor::zeros([6], (Kind::BFloat16, Device::Cpu));
+            let sent = mine.to_kind(Kind::BFloat16);
+            let first = group.all_gather(&gathered, &sent).unwrap();
+            let second = group.all_gather(&again, &sent).unwrap();
+            first.wait().unwrap();
+            second.wait().unwrap();
+            let wrong = group.all_gather(&Tensor::zeros([5], (Kind::BFloat16, Device::Cpu)), &sent).err().map(|e| format!("{e:#}"));
+            (Vec::<f64>::try_from(mine).unwrap(), Vec::<f64>::try_from(gathered.to_kind(Kind::Float)).unwrap(), gathered.equal(&again), wrong)
+        });
+        let sum = [1.0, 3.0, 5.0, 7.0, 9.0, 11.0];
+        for (rank, (mine, gathered, same, wrong)) in results.into_iter().enumerate() {
+            assert_eq!(mine, sum[rank * 3..rank * 3 + 3]);
+            assert_eq!(gathered, sum);
+            assert!(same);
+            let wrong = wrong.expect("an output of the wrong size is refused");
+            assert!(wrong.contains("all_gather: the output holds 5 elements, not 6"), "{wrong}");
+        }
     }
 }

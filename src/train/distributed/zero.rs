@@ -5,32 +5,40 @@
 //!
 //! The parameters, sorted by name as [`AdamW`](crate::train::optim::AdamW) keeps them, are laid
 //! end to end and cut into buckets of about [`BUCKET_ELEMENTS`] (whole parameters each). A step:
-//! 1. each bucket's gradients are flattened (f32) and all-reduced, one bucket at a time, and the
-//!    rank keeps its contiguous chunk of the sum;
+//! 1. each bucket's gradients are flattened (f32) and reduce-scattered, so the rank receives its
+//!    contiguous chunk of the sum;
 //! 2. the global gradient norm is the all-reduced sum of the chunks' squares; clipping scales the
 //!    chunks;
 //! 3. the rank applies AdamW (`AdamConfig::update`, the fused kernel the single-process optimizer
 //!    uses, on each parameter's segment of the chunk) to its master chunk;
-//! 4. each bucket's updated chunks are all-gathered in the weights' dtype and copied into the
-//!    weights, so every rank holds the same model.
+//! 4. each bucket's updated chunks are all-gathered, in the weights' dtype, into one flat buffer
+//!    and copied into the weights, so every rank holds the same model.
+//!
+//! The collectives are asynchronous and pipelined: up to [`IN_FLIGHT_BUCKETS`] buckets' worth of
+//! elements are in flight while the next bucket is flattened (1) or updated (3).
 //!
 //! With bf16 weights and several micro-batches a step, step 1 runs after every micro-batch and
 //! adds into the f32 chunks instead (ZeRO-2's gradient reduction), so micro-batch gradients are
 //! summed in f32 without a full-size f32 copy on each rank.
 //!
-//! The reduction waits for the backward pass to end (tch exposes no gradient hooks to overlap it).
+//! The reduction starts once the backward pass has ended: tch exposes no gradient hooks, so it
+//! cannot start a bucket's reduce-scatter as the backward frees that bucket's gradients.
 
 use anyhow::{bail, Result};
+use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
 
-use super::process_group::ProcessGroup;
+use super::process_group::{Pending, ProcessGroup};
 use crate::train::fused;
 use crate::train::optim::{clip_coefficient, read_state, trainable, zero_grads, AdamConfig, Optimizer};
 
-/// About 128 MB of f32 gradients per all-reduce.
+/// About 128 MB of f32 gradients per reduce-scatter.
 pub const BUCKET_ELEMENTS: i64 = 1 << 25;
+/// Buckets' worth of elements whose collectives may be in flight at once: one bucket
+/// communicates while the next is flattened or updated.
+pub const IN_FLIGHT_BUCKETS: i64 = 2;
 
 pub struct ShardedAdamW<'a> {
     config: AdamConfig,
@@ -39,6 +47,8 @@ pub struct ShardedAdamW<'a> {
     /// The trainable weights, sorted by name.
     params: Vec<(String, Tensor)>,
     buckets: Vec<Bucket>,
+    /// Elements of the collectives in flight at most (a bucket larger than that flies alone).
+    flight_elements: i64,
     /// Reduce every micro-batch into the f32 gradient shards (ZeRO-2 style), so that bf16
     /// micro-batch gradients are summed in f32 without a full-size f32 copy on each rank.
     reduce_each_micro_batch: bool,
@@ -86,23 +96,56 @@ impl<'a> ShardedAdamW<'a> {
             buckets.push(Bucket::new(&params, start..end, fp32_state, group));
             start = end;
         }
-        ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets, reduce_each_micro_batch: f32_sums }
+        let flight_elements = IN_FLIGHT_BUCKETS * bucket_elements;
+        ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets, flight_elements, reduce_each_micro_batch: f32_sums }
+    }
+
+    /// Reduce-scatters every bucket's gradients into its f32 chunk, or adds them to it (`add`).
+    fn reduce_gradients(&mut self, add: bool) -> Result<()> {
+        let (params, group) = (&self.params, self.group);
+        pipelined(&mut self.buckets, |b| b.elements(group), self.flight_elements, |b| b.start_reduce(params, group, add), |b, sent| b.received(sent, add))
+    }
+
+    /// Gathers every bucket's chunks into the weights, after `update` (if any) changes the chunk.
+    fn gather_weights(&mut self, mut update: impl FnMut(&Bucket) -> Result<()>) -> Result<()> {
+        let (params, group) = (&self.params, self.group);
+        pipelined(
+            &mut self.buckets,
+            |b| b.elements(group),
+            self.flight_elements,
+            |b| {
+                update(b)?;
+                b.start_gather(params, group)
+            },
+            |b, sent| b.gathered(params, sent),
+        )
     }
 
     /// Bytes this rank's optimizer holds between steps (gradient shards, master weights, moments)
-    /// and, at most at once, during one (a bucket's reduce and gather buffers).
+    /// and, at most at once, during one (the reduce or gather buffers of the buckets in flight).
     #[cfg(test)]
     pub fn allocated_bytes(&self) -> (i64, i64) {
         let bytes = |t: &Tensor| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64;
         let kept = self.buckets.iter().map(|b| bytes(&b.grad) + bytes(&b.master) + bytes(&b.exp_avg) + bytes(&b.exp_avg_sq)).sum::<i64>();
-        let world = self.group.size as i64;
-        let transient = self.buckets.iter().map(|b| {
-            let weight_kind = self.params[b.params.start].1.kind();
-            let gather = b.chunk * world * weight_kind.elt_size_in_bytes() as i64
-                + if b.master.kind() == weight_kind { 0 } else { b.chunk * weight_kind.elt_size_in_bytes() as i64 };
-            (b.chunk * world * 4).max(gather)
-        });
-        (kept, transient.max().unwrap_or(0))
+        // (elements, bytes of the reduce, bytes of the gather) of each bucket.
+        let mut buffers: Vec<(i64, i64, i64)> = self.buckets.iter().map(|b| {
+            let weight_element = self.params[b.params.start].1.kind().elt_size_in_bytes() as i64;
+            let received = if self.reduce_each_micro_batch { b.chunk * 4 } else { 0 };
+            let cast = if b.master.kind() == self.params[b.params.start].1.kind() { 0 } else { b.chunk * weight_element };
+            (b.elements(self.group), b.elements(self.group) * 4 + received, b.elements(self.group) * weight_element + cast)
+        }).collect();
+        let mut peak = 0;
+        for phase in [|b: &(i64, i64, i64)| b.1, |b: &(i64, i64, i64)| b.2] {
+            let (flying, most) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+            let start = |b: &(i64, i64, i64)| {
+                flying.set(flying.get() + phase(b));
+                most.set(most.get().max(flying.get()));
+                Ok(phase(b))
+            };
+            pipelined(&mut buffers, |b| b.0, self.flight_elements, start, |_, sent| Ok(flying.set(flying.get() - sent))).unwrap();
+            peak = peak.max(most.get());
+        }
+        (kept, peak)
     }
 
     fn state_file(&self) -> String {
@@ -138,31 +181,59 @@ impl Bucket {
         Bucket { params: range, offsets, chunk, grad: zeros(Kind::Float), exp_avg: zeros(kind), exp_avg_sq: zeros(kind), master, segments }
     }
 
-    /// All-reduces the bucket's gradients and keeps this rank's chunk of the sum, or adds it to
-    /// the chunk (`add`: one micro-batch of several).
-    fn reduce(&mut self, params: &[(String, Tensor)], group: &ProcessGroup, add: bool) -> Result<()> {
-        let flat = Tensor::zeros([self.chunk * group.size as i64], (Kind::Float, self.grad.device()));
+    /// Elements of the bucket's flat layout over all ranks (padded to a multiple of the world).
+    fn elements(&self, group: &ProcessGroup) -> i64 {
+        self.chunk * group.size as i64
+    }
+
+    /// Starts reduce-scattering the bucket's gradients (flattened into f32): into this rank's
+    /// chunk, or, to be added to it (`add`: one micro-batch of several), into a buffer of its own.
+    fn start_reduce<'g>(&self, params: &[(String, Tensor)], group: &'g ProcessGroup, add: bool) -> Result<(Pending<'g>, Tensor)> {
+        let flat = Tensor::zeros([self.elements(group)], (Kind::Float, self.grad.device()));
         for ((_, value), &offset) in params[self.params.clone()].iter().zip(&self.offsets) {
             let grad = value.grad();
             if grad.defined() {
                 flat.narrow(0, offset, value.numel() as i64).copy_(&grad.view([-1]));
             }
         }
-        group.all_reduce_sum(&flat)?;
-        let mine = flat.narrow(0, group.rank as i64 * self.chunk, self.chunk);
+        let mine = if add { Tensor::empty([self.chunk], (Kind::Float, self.grad.device())) } else { self.grad.shallow_clone() };
+        Ok((group.reduce_scatter_sum(&mine, &flat)?, mine))
+    }
+
+    /// Completes [`Bucket::start_reduce`].
+    fn received(&mut self, (pending, mine): (Pending<'_>, Tensor), add: bool) -> Result<()> {
+        pending.wait()?;
         if add {
             let _ = self.grad.g_add_(&mine);
-        } else {
-            self.grad.copy_(&mine);
         }
         Ok(())
     }
 
-    /// Gathers every rank's updated chunk into the weights.
-    fn gather(&self, params: &[(String, Tensor)], group: &ProcessGroup) -> Result<()> {
+    /// Applies AdamW to this rank's master chunk.
+    fn update(&self, config: &AdamConfig, lr: f64, steps: i64) -> Result<()> {
+        let kind = self.exp_avg.kind();
+        for decay in [true, false] {
+            let mut group = fused::Group::default();
+            for s in self.segments.iter().filter(|s| s.decay == decay) {
+                let part = |t: &Tensor| t.narrow(0, s.at, s.len);
+                group.push(part(&self.master), part(&self.grad).to_kind(kind), part(&self.exp_avg), part(&self.exp_avg_sq));
+            }
+            config.update(&group, decay, lr, steps)?;
+        }
+        Ok(())
+    }
+
+    /// Starts gathering every rank's chunk of the master weights, in the weights' dtype, into
+    /// one flat buffer.
+    fn start_gather<'g>(&self, params: &[(String, Tensor)], group: &'g ProcessGroup) -> Result<(Pending<'g>, Tensor)> {
         let kind = params[self.params.start].1.kind();
-        let flat = Tensor::empty([self.chunk * group.size as i64], (kind, self.master.device()));
-        group.all_gather(&flat, &self.master.to_kind(kind))?;
+        let flat = Tensor::empty([self.elements(group)], (kind, self.master.device()));
+        Ok((group.all_gather(&flat, &self.master.to_kind(kind))?, flat))
+    }
+
+    /// Completes [`Bucket::start_gather`]: copies the gathered chunks into the weights.
+    fn gathered(&self, params: &[(String, Tensor)], (pending, flat): (Pending<'_>, Tensor)) -> Result<()> {
+        pending.wait()?;
         for ((_, value), &offset) in params[self.params.clone()].iter().zip(&self.offsets) {
             value.shallow_clone().copy_(&flat.narrow(0, offset, value.numel() as i64).view(value.size().as_slice()));
         }
@@ -172,6 +243,34 @@ impl Bucket {
     fn state(&self, index: usize) -> [(String, Tensor); 3] {
         [("master", &self.master), ("exp_avg", &self.exp_avg), ("exp_avg_sq", &self.exp_avg_sq)].map(|(name, t)| (format!("{name}.{index}"), t.shallow_clone()))
     }
+}
+
+/// Whether a collective of `size` elements may start beside `flying` ones of `elements` in all:
+/// within `limit`, or alone.
+fn admits(flying: usize, elements: i64, size: i64, limit: i64) -> bool {
+    flying == 0 || elements + size <= limit
+}
+
+/// Runs `start` on each item in order, and `done` on each in the same order, with at most `limit`
+/// elements (`size`) started and not yet done.
+fn pipelined<B, T>(items: &mut [B], size: impl Fn(&B) -> i64, limit: i64, mut start: impl FnMut(&B) -> Result<T>,
+                   mut done: impl FnMut(&mut B, T) -> Result<()>) -> Result<()> {
+    let mut flying: VecDeque<(usize, T)> = VecDeque::new();
+    let mut elements = 0;
+    for i in 0..items.len() {
+        let wanted = size(&items[i]);
+        while !admits(flying.len(), elements, wanted, limit) {
+            let (j, started) = flying.pop_front().expect("admits a collective when none is in flight");
+            elements -= size(&items[j]);
+            done(&mut items[j], started)?;
+        }
+        flying.push_back((i, start(&items[i])?));
+        elements += wanted;
+    }
+    while let Some((j, started)) = flying.pop_front() {
+        done(&mut items[j], started)?;
+    }
+    Ok(())
 }
 
 impl Optimizer for ShardedAdamW<'_> {
@@ -190,7 +289,7 @@ impl Optimizer for ShardedAdamW<'_> {
         if !self.reduce_each_micro_batch {
             return Ok(());
         }
-        tch::no_grad(|| self.buckets.iter_mut().try_for_each(|bucket| bucket.reduce(&self.params, self.group, true)))?;
+        tch::no_grad(|| self.reduce_gradients(true))?;
         zero_grads(self.params.iter().map(|(_, value)| value));
         Ok(())
     }
@@ -198,9 +297,7 @@ impl Optimizer for ShardedAdamW<'_> {
     fn finish_gradients(&mut self, max_norm: Option<f64>) -> Result<Tensor> {
         tch::no_grad(|| {
             if !self.reduce_each_micro_batch {
-                for bucket in &mut self.buckets {
-                    bucket.reduce(&self.params, self.group, false)?;
-                }
+                self.reduce_gradients(false)?;
             }
             let squares: Vec<Tensor> = self.buckets.iter().map(|b| b.grad.square().sum(Kind::Float)).collect();
             let total = Tensor::stack(&squares, 0).sum(Kind::Float);
@@ -218,21 +315,8 @@ impl Optimizer for ShardedAdamW<'_> {
 
     fn step(&mut self, lr: f64) -> Result<()> {
         self.steps += 1;
-        tch::no_grad(|| {
-            for bucket in &mut self.buckets {
-                let kind = bucket.exp_avg.kind();
-                for decay in [true, false] {
-                    let mut group = fused::Group::default();
-                    for s in bucket.segments.iter().filter(|s| s.decay == decay) {
-                        let part = |t: &Tensor| t.narrow(0, s.at, s.len);
-                        group.push(part(&bucket.master), part(&bucket.grad).to_kind(kind), part(&bucket.exp_avg), part(&bucket.exp_avg_sq));
-                    }
-                    self.config.update(&group, decay, lr, self.steps)?;
-                }
-                bucket.gather(&self.params, self.group)?;
-            }
-            Ok(())
-        })
+        let (config, steps) = (self.config, self.steps);
+        tch::no_grad(|| self.gather_weights(|bucket| bucket.update(&config, lr, steps)))
     }
 
     fn steps(&self) -> i64 {
@@ -257,15 +341,15 @@ impl Optimizer for ShardedAdamW<'_> {
         }
         self.steps = steps;
         // The weights come from the checkpoint's bf16 model; the fp32 masters are more precise.
-        tch::no_grad(|| self.buckets.iter().try_for_each(|b| b.gather(&self.params, self.group)))
+        tch::no_grad(|| self.gather_weights(|_| Ok(())))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::distributed::process_group::tests::on_two_ranks;
     use crate::train::optim::AdamW;
-    use std::time::Duration;
     use tch::Device;
 
     /// Weights of several shapes (matrices decayed, vectors not), the same in every call.
@@ -303,19 +387,6 @@ mod tests {
         params.into_iter().map(|(_, v)| v.to_kind(Kind::Float)).collect()
     }
 
-    /// Runs `body(rank)` on two ranks of a Gloo group over localhost threads.
-    fn on_two_ranks<T: Send>(port: u16, body: impl Fn(&ProcessGroup) -> T + Sync) -> Vec<T> {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..2)
-                .map(|rank| {
-                    let body = &body;
-                    s.spawn(move || body(&ProcessGroup::join("127.0.0.1", port, rank, 2, Device::Cpu, Duration::from_secs(60)).unwrap()))
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
-    }
-
     #[test]
     fn sharded_state_over_two_ranks_equals_the_unsharded_state() {
         let vs = weights(Kind::Float);
@@ -332,13 +403,17 @@ mod tests {
             let buckets: Vec<_> = sharded.buckets.iter().map(|b| (names[b.params.clone()].to_vec(), b.chunk, b.exp_avg.copy(), b.exp_avg_sq.copy())).collect();
             (group.rank as i64, got, buckets)
         });
-        let reduced_each_micro_batch = on_two_ranks(29614, |group| {
-            let vs = weights(Kind::Float);
-            train(&mut ShardedAdamW::new(&vs, 0.1, true, true, group, 24), &vs, group.rank, 2)
-        });
-        for got in &reduced_each_micro_batch {
-            for (g, w) in got.iter().zip(&want) {
-                assert!(g.allclose(w, 1e-6, 1e-7, false), "reduced a micro-batch at a time: {g} vs {w}");
+        // Each micro-batch reduced into the f32 shards; and buckets of 12, one parameter each,
+        // with two buckets' collectives in flight at once (`pipelined`'s test).
+        for (port, f32_sums, bucket) in [(29614, true, 24), (29615, false, 12), (29617, true, 12)] {
+            let runs = on_two_ranks(port, |group| {
+                let vs = weights(Kind::Float);
+                train(&mut ShardedAdamW::new(&vs, 0.1, true, f32_sums, group, bucket), &vs, group.rank, 2)
+            });
+            for got in &runs {
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(g.allclose(w, 1e-6, 1e-7, false), "f32 sums {f32_sums}, buckets of {bucket}: {g} vs {w}");
+                }
             }
         }
         for (rank, got, buckets) in &results {
@@ -360,6 +435,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn pipelined_collectives_stay_within_the_limit_and_finish_in_order() {
+        let mut sizes = vec![15i64, 7, 16, 3];
+        let events = std::cell::RefCell::new(vec![]);
+        let start = |size: &i64| {
+            events.borrow_mut().push(format!("start {size}"));
+            Ok(*size)
+        };
+        pipelined(&mut sizes, |s| *s, 24, start, |_, size| Ok(events.borrow_mut().push(format!("done {size}")))).unwrap();
+        let want = ["start 15", "start 7", "done 15", "start 16", "done 7", "start 3", "done 16", "done 3"];
+        assert_eq!(events.into_inner(), want);
+        // A collective larger than the limit flies alone.
+        assert!(admits(0, 0, 100, 24) && !admits(1, 3, 100, 24));
     }
 
     #[test]
