@@ -21,6 +21,7 @@ pub mod exact;
 pub mod heuristics;
 pub mod judge;
 pub mod knn;
+pub mod lsh;
 pub mod minhash;
 pub mod rejected;
 pub mod reward;
