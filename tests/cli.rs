@@ -263,7 +263,7 @@ fn synth_input_answers_another_models_instructions_keeps_their_columns_and_resum
     // Killed (SIGKILL) after its first part, then rerun: the same rows, none lost or doubled.
     let killed = dir.path().join("killed");
     let mut child = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-    kill_once_exists(&mut child, &killed.join("part-00000.parquet"), Duration::from_secs(300));
+    kill_once_exists(&mut child, &killed.join("part-00000.parquet"), Duration::from_secs(600));
     assert!(!killed.join(".magpie-manifest.json").exists(), "the run finished before the kill");
     let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&killed)).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
@@ -298,7 +298,7 @@ fn synth_resumes_after_kill_without_losing_or_duplicating_rows() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    kill_once_exists(&mut child, &resumed.join("part-00001.parquet"), Duration::from_secs(120));
+    kill_once_exists(&mut child, &resumed.join("part-00001.parquet"), Duration::from_secs(600));
     let finished: Vec<_> = std::fs::read_dir(&resumed).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).collect();
     assert!(finished.len() < 4, "the run finished before the kill: {finished:?}");
 

@@ -140,7 +140,7 @@ fn a_killed_synth_is_refused_by_filter_and_accepted_once_resumed() {
     let args = synth_args(&out);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = spawn(&args);
-    kill_once_exists(&mut child, &out.join("part-00000.parquet"), Duration::from_secs(120));
+    kill_once_exists(&mut child, &out.join("part-00000.parquet"), Duration::from_secs(600));
     assert!(!out.join(".magpie-manifest.json").exists(), "the run finished before the kill");
     let filtered = dir.path().join("filtered");
     let output = magpie(&["filter", "-i", s(&out), "-o", s(&filtered), "--steps", EXACT]);
@@ -183,7 +183,7 @@ fn a_killed_sft_is_refused_downstream_and_resumes_and_dpo_caches_outside_the_dat
     let args = ["sft", "--model", s(&model), "-i", s(&data), "-o", s(&sft), "--max-length", "96", "--per-device-train-batch-size", "1",
         "--max-steps", "3", "--save-steps", "1", "--save-total-limit", "1", "--device", "cpu"];
     let mut child = spawn(&args);
-    kill_once_exists(&mut child, &sft.join("checkpoint-1"), Duration::from_secs(300));
+    kill_once_exists(&mut child, &sft.join("checkpoint-1"), Duration::from_secs(600));
     assert!(!sft.join("model").exists() && !sft.join(".magpie-manifest.json").exists(), "the run finished before the kill");
     // The next stage finds no model; a plain rerun is told to --resume; --resume finishes.
     refused(dir.path(), &["dpo", "--model", s(&sft.join("model")), "-i", s(&fixture("ultrafeedback-armorm.parquet")), "-o", s(&dir.path().join("dpo"))], "model directory not found");

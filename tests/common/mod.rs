@@ -41,11 +41,16 @@ pub fn gemma_model() -> PathBuf {
     embedded_model().with_file_name("gemma-3-270m-q4_k_m.gguf")
 }
 
-/// Waits (at most `limit`) until `path` exists, then kills `child` with SIGKILL and reaps it: a
-/// run killed right after it finished a part or a checkpoint.
+/// Waits until `path` exists, then kills `child` with SIGKILL and reaps it: a run killed right
+/// after it finished a part or a checkpoint. `limit` only guards against a hang (the test suite
+/// runs tests side by side on two cores, so it is generous); a child that exits first fails.
 pub fn kill_once_exists(child: &mut Child, path: &Path, limit: Duration) {
     let started = Instant::now();
     while !path.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(path.exists(), "the run exited ({status}) before writing {}", path.display());
+            return; // it wrote the path and ended between the two checks
+        }
         assert!(started.elapsed() < limit, "{} not written within {limit:?}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
