@@ -43,7 +43,7 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
         // `auto` decides for this machine's device; a login node without the run's GPU plans too.
         let device = args.device.resolve(None).ok();
         let (recompute, why) = memory::resolve(args.gradient_checkpointing, &config, args.precision(), processes as i64, &command.workload,
-                                               lora.as_ref(), device, device.and_then(memory::device_memory));
+                                               lora.as_ref(), device, || device.and_then(memory::device_memory));
         print!("{}{}", why.map_or(String::new(), |why| why + "\n"),
                memory::render(&config, args.precision(), recompute, processes as i64, &command.workload, lora.as_ref()));
         return Ok(None);
@@ -59,7 +59,7 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
     let config = crate::model::ModelDir::open(&plan.model)?.config; // a missing model is named before anything else
     let lora = plan.lora.as_ref().map(|l| &l.config);
     let (recompute, why) = memory::resolve(args.gradient_checkpointing, &config, plan.precision, plan.world.size as i64, &command.workload,
-                                           lora, Some(plan.device), memory::device_memory(plan.device));
+                                           lora, Some(plan.device), || memory::device_memory(plan.device));
     plan.recompute = recompute;
     if let Some(why) = why.filter(|_| plan.world.is_main()) {
         eprintln!("{why}");

@@ -130,20 +130,20 @@ impl std::str::FromStr for Checkpointing {
 /// it off; the rest is for the CUDA context, the allocator's slack and what the plan leaves out.
 pub const AUTO_FILL: f64 = 0.9;
 
-/// Whether to recompute on `device` (with `capacity` bytes of memory, if known; no device: a
-/// `--dry-run` on a machine without the run's GPU): `auto` plans the
-/// run without checkpointing and recomputes only if that does not fit, or the capacity is
-/// unknown. For `auto`, also the line that says why.
+/// Whether to recompute on `device` (no device: a `--dry-run` on a machine without the run's
+/// GPU): `auto` plans the run without checkpointing and recomputes only if that does not fit in
+/// `capacity` (the device's bytes, asked for only by `auto`), or the capacity is unknown. For
+/// `auto`, also the line that says why.
 #[allow(clippy::too_many_arguments)]
 pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, world: i64, work: &Workload, lora: Option<&LoraConfig>,
-               device: Option<tch::Device>, capacity: Option<f64>) -> (bool, Option<String>) {
+               device: Option<tch::Device>, capacity: impl FnOnce() -> Option<f64>) -> (bool, Option<String>) {
     match choice {
         Checkpointing::On => (true, None),
         Checkpointing::Off => (false, None),
         Checkpointing::Auto => {
             let without: f64 = plan(c, precision, false, world, work, lora).iter().map(|r| r.1).sum();
+            let capacity = capacity();
             let on = capacity.is_none_or(|capacity| without > AUTO_FILL * capacity);
-            let gib = |b: f64| b / (1u64 << 30) as f64;
             let device = device.map_or("the run's device (not on this machine)".to_string(), |d| format!("{d:?}"));
             let why = match capacity {
                 Some(capacity) => format!("the plan without it, {:.1} GiB, {} {:.0}% of {device}'s {:.1} GiB", gib(without),
@@ -177,10 +177,13 @@ fn available_memory(meminfo: &str) -> Option<f64> {
     Some(line.trim().trim_end_matches("kB").trim().parse::<f64>().ok()? * 1024.0)
 }
 
+fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
+}
+
 /// The plan as a table, with its total, in GiB.
 pub fn render(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> String {
     let rows = plan(c, precision, recompute, world, work, lora);
-    let gib = |b: f64| b / (1u64 << 30) as f64;
     let mut text = format!(
         "memory plan per rank: {:.2}B parameters{}, {}, {} tokens a micro-batch, {}{}\n",
         parameters(c) as f64 / 1e9,
@@ -237,13 +240,14 @@ mod tests {
         let work = Workload { tokens: 8192, reference_model: false, micro_batches: 32 };
         let (h200, h100) = (smallest_gpu_memory("143771\n143771\n"), smallest_gpu_memory("81559\n"));
         let cuda = Some(tch::Device::Cuda(0));
-        let decide = |world, capacity| resolve(args.gradient_checkpointing, &llama_8b(), args.precision(), world, &work, None, cuda, capacity);
+        let decide = |world, capacity| resolve(args.gradient_checkpointing, &llama_8b(), args.precision(), world, &work, None, cuda, || capacity);
         let (on, why) = decide(8, h200);
         assert!(!on, "{why:?}");
         assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB"));
         assert!(decide(8, h100).0 && decide(1, h200).0);
         assert!(decide(8, None).0, "an unknown capacity recomputes");
-        assert_eq!(resolve(Checkpointing::Off, &llama_8b(), args.precision(), 1, &work, None, cuda, None), (false, None));
+        let off = resolve(Checkpointing::Off, &llama_8b(), args.precision(), 1, &work, None, cuda, || panic!("asked the device's memory for `false`"));
+        assert_eq!(off, (false, None));
         assert_eq!(available_memory("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048.0 * 1024.0));
     }
 

@@ -129,10 +129,11 @@ impl<'a> ShardedAdamW<'a> {
         let kept = self.buckets.iter().map(|b| bytes(&b.grad) + bytes(&b.master) + bytes(&b.exp_avg) + bytes(&b.exp_avg_sq)).sum::<i64>();
         // (elements, bytes of the reduce, bytes of the gather) of each bucket.
         let mut buffers: Vec<(i64, i64, i64)> = self.buckets.iter().map(|b| {
-            let weight_element = self.params[b.params.start].1.kind().elt_size_in_bytes() as i64;
+            let (weight_kind, elements) = (self.params[b.params.start].1.kind(), b.elements(self.group));
+            let weight_element = weight_kind.elt_size_in_bytes() as i64;
             let received = if self.reduce_each_micro_batch { b.chunk * 4 } else { 0 };
-            let cast = if b.master.kind() == self.params[b.params.start].1.kind() { 0 } else { b.chunk * weight_element };
-            (b.elements(self.group), b.elements(self.group) * 4 + received, b.elements(self.group) * weight_element + cast)
+            let cast = if b.master.kind() == weight_kind { 0 } else { b.chunk * weight_element };
+            (elements, elements * 4 + received, elements * weight_element + cast)
         }).collect();
         let mut peak = 0;
         for phase in [|b: &(i64, i64, i64)| b.1, |b: &(i64, i64, i64)| b.2] {
