@@ -10,6 +10,8 @@
 # Random vectors are the hard case for a graph index (every distance is near 2), so the recall
 # here is a floor for real sentence embeddings.
 #   scripts/bench/filter-1m.sh [ROWS] [KNN_ROWS]     (KNN_ROWS 0: the steps only)
+#   KNN_HNSW='{"connectivity": 8, "expansion_add": 32, "expansion_search": 16}' sets the graph
+#   (semantic_dedup's `hnsw` keys, as JSON over the defaults).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../env.sh"
 cd "$MAGPIE_ROOT"

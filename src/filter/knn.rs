@@ -2,8 +2,8 @@
 //! one row-major `f32` buffer (4 x d bytes a row).
 //! - `exact`: blocked matrix products with a top-k per block, on the encoder's device (CPU or
 //!   CUDA). A block holds at most `BLOCK_ELEMENTS` similarities, so 1M x 1M runs in 1 GiB blocks.
-//! - `approximate`: an HNSW graph (usearch) over int8 copies of the rows (d bytes a row plus
-//!   the graph), built in parallel. Candidates are re-ranked with exact `f32` distances, and the
+//! - `approximate`: an HNSW graph (usearch) over copies of the rows in `quantization`'s scalar
+//!   (int8: d bytes a row, f16: 2 x d) plus the graph, built in parallel. Candidates are re-ranked with exact `f32` distances, and the
 //!   search widens (16, 64, 256, then k) only while every neighbour it found is a near
 //!   duplicate, so rows without duplicates cost one small search. The near duplicates the graph
 //!   misses, `lsh`'s buckets add.
@@ -145,8 +145,30 @@ pub struct HnswConfig {
     pub expansion_add: usize,
     /// Candidates kept while searching (ef; raised to the search's width when that is larger).
     pub expansion_search: usize,
+    /// The scalar the graph keeps its copies of the rows in.
+    pub quantization: Quantization,
     /// Rows whose approximate neighbours are checked against exact ones (0: no check).
     pub recall_sample: usize,
+}
+
+/// The graph's copy of a row: usearch scales a unit row by 127 into int8 (about 6 levels a
+/// component for 384-d rows); f16 keeps 11 bits.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantization {
+    I8,
+    F16,
+    F32,
+}
+
+impl Quantization {
+    fn scalar(self) -> usearch::ScalarKind {
+        match self {
+            Quantization::I8 => usearch::ScalarKind::I8,
+            Quantization::F16 => usearch::ScalarKind::F16,
+            Quantization::F32 => usearch::ScalarKind::F32,
+        }
+    }
 }
 
 impl HnswConfig {
@@ -162,7 +184,7 @@ impl HnswConfig {
 
 impl Default for HnswConfig {
     fn default() -> Self {
-        HnswConfig { connectivity: 16, expansion_add: 128, expansion_search: 64, recall_sample: 1000 }
+        HnswConfig { connectivity: 16, expansion_add: 128, expansion_search: 64, quantization: Quantization::I8, recall_sample: 1000 }
     }
 }
 
@@ -178,7 +200,7 @@ impl<'e> Hnsw<'e> {
         let options = usearch::IndexOptions {
             dimensions: e.dimensions,
             metric: usearch::MetricKind::L2sq,
-            quantization: usearch::ScalarKind::I8,
+            quantization: config.quantization.scalar(),
             connectivity: config.connectivity,
             expansion_add: config.expansion_add,
             expansion_search: config.expansion_search,
@@ -190,7 +212,7 @@ impl<'e> Hnsw<'e> {
         Ok(Hnsw { index, embeddings: e })
     }
 
-    /// Bytes the index holds (int8 rows and graph), beside the `f32` embeddings.
+    /// Bytes the index holds (quantized rows and graph), beside the `f32` embeddings.
     pub fn memory_bytes(&self) -> usize {
         self.index.memory_usage()
     }
@@ -245,23 +267,27 @@ impl<'e> Hnsw<'e> {
         Ok(found)
     }
 
-    /// `found` against exact kNN on `sample` rows spread evenly over the data: the share of the
-    /// exact near duplicates among the k nearest that were found (the neighbours that decide the
-    /// output), and the share of rows whose nearest neighbour was found.
+    /// `found` against exact kNN on `sample` rows spread over the data: the share of the exact
+    /// near duplicates among the k nearest that were found (the neighbours that decide the
+    /// output), the share of rows whose nearest neighbour was found, and how much farther the
+    /// nearest found is than the true nearest (mean relative excess of `min_neighbor_distance`).
     pub fn recall(&self, found: &[Found], k: usize, sample: usize, device: Device) -> Value {
         let n = self.embeddings.len();
         let sample = sample.min(n);
         if sample == 0 {
             return json!(null);
         }
-        let rows: Vec<usize> = (0..sample).map(|s| s * n / sample).collect();
+        let rows = sample_rows(n, sample);
         let exact = exact_lists(self.embeddings, &rows, k, device);
-        let (mut wanted, mut hits, mut nearest) = (0usize, 0usize, 0usize);
+        let (mut wanted, mut hits, mut nearest, mut excess) = (0usize, 0usize, 0usize, 0f64);
         for (&row, truth) in rows.iter().zip(&exact) {
             let truth_near: Vec<usize> = truth.iter().take_while(|p| p.0 < REPEAT_DISTANCE).map(|p| p.1).collect();
             wanted += truth_near.len();
             hits += truth_near.iter().filter(|&&j| found[row].near.iter().any(|p| p.1 == j)).count();
             // A tie at the nearest distance counts as found.
+            if let (Some(t), Some(a)) = (truth.first(), found[row].nearest) {
+                excess += (a.0 - t.0) / t.0.max(1e-12);
+            }
             nearest += match (truth.first(), found[row].nearest) {
                 (Some(t), Some(a)) => (a.0 - t.0 <= 1e-6) as usize,
                 (None, None) => 1,
@@ -273,8 +299,19 @@ impl<'e> Hnsw<'e> {
             "near_duplicates": if wanted == 0 { 1.0 } else { hits as f64 / wanted as f64 },
             "near_duplicates_exact": wanted,
             "nearest": nearest as f64 / sample as f64,
+            "nearest_distance_excess": excess / sample as f64,
         })
     }
+}
+
+/// `sample` rows of `0..n`, one from each of `sample` equal stretches at a hashed offset: spread
+/// over the data, and never in step with a period in it (evenly spaced rows of data where every
+/// fifth row is a copy would all be copies).
+fn sample_rows(n: usize, sample: usize) -> Vec<usize> {
+    (0..sample).map(|s| {
+        let (start, end) = (s * n / sample, (s + 1) * n / sample);
+        start + (crate::seed::mix(s as u64) % (end - start) as u64) as usize
+    }).collect()
 }
 
 /// What a search keeps of a row: its nearest other row and its near duplicates
@@ -380,6 +417,16 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn recall_samples_one_row_a_stretch_out_of_step_with_a_period_in_the_data() {
+        let rows = sample_rows(1000, 100);
+        assert!(rows.iter().enumerate().all(|(s, &r)| (s * 10..s * 10 + 10).contains(&r)), "{rows:?}");
+        let fifths = rows.iter().filter(|&&r| r % 5 == 0).count();
+        assert!((5..=40).contains(&fifths), "{fifths} of 100 sampled rows are multiples of 5");
+        assert_eq!(sample_rows(7, 7), (0..7).collect::<Vec<_>>());
+        assert_eq!(sample_rows(1000, 100), rows);
+    }
+
+    #[test]
     fn a_single_row_has_no_neighbours() {
         let e = embeddings(&[1.0, 0.0], 2);
         let alone = [Neighbourhood { nearest: None, near: 0, earliest: None }];
@@ -405,6 +452,19 @@ pub(crate) mod tests {
         let truth = exact(&e, 500, Device::Cpu);
         let same = found.iter().zip(&truth).filter(|(a, b)| (a.near, a.earliest) == (b.near, b.earliest) && (a.nearest.unwrap() - b.nearest.unwrap()).abs() < 1e-5).count();
         assert!(same as f64 >= 0.9 * 5000.0, "{same} of 5000 rows as exact");
+    }
+
+    #[test]
+    fn an_f16_graph_joins_every_planted_pair_and_holds_two_bytes_a_component() {
+        let (e, pairs) = planted(2000, 384, 3);
+        let int8 = Hnsw::build(&e, &HnswConfig::default()).unwrap();
+        let config: HnswConfig = serde_json::from_str(r#"{"quantization": "f16"}"#).unwrap();
+        let f16 = Hnsw::build(&e, &config).unwrap();
+        let found = neighbourhoods(&f16.search_all(500).unwrap());
+        assert!(pairs.iter().all(|&(a, b)| found[b].earliest.is_some() && found[b].earliest == found[a].earliest));
+        let (wide, narrow) = (f16.index.serialized_length(), int8.index.serialized_length());
+        assert!(wide >= narrow + 2000 * 384, "{wide} bytes against int8's {narrow}");
+        assert!(serde_json::from_str::<HnswConfig>(r#"{"quantization": "int4"}"#).unwrap_err().to_string().contains("unknown variant `int4`"));
     }
 
     #[test]
@@ -440,7 +500,8 @@ pub(crate) mod tests {
 }
 
 /// Times the kNN on random unit vectors with planted near duplicates:
-/// `scripts/bench/filter-1m.sh` runs it (KNN_ROWS, KNN_INDEX=exact|hnsw).
+/// `scripts/bench/filter-1m.sh` runs it (KNN_ROWS, KNN_INDEX=exact|hnsw, KNN_HNSW: the `hnsw`
+/// config as JSON, over the defaults).
 #[cfg(test)]
 mod bench {
     use super::*;
@@ -453,7 +514,7 @@ mod bench {
         let (e, pairs) = tests::planted(rows, 384, 0);
         let start = std::time::Instant::now();
         let (found, detail) = if index == "hnsw" {
-            let config = HnswConfig::default();
+            let config: HnswConfig = serde_json::from_str(&std::env::var("KNN_HNSW").unwrap_or_else(|_| "{}".into())).expect("KNN_HNSW");
             let hnsw = Hnsw::build(&e, &config).unwrap();
             let built = start.elapsed().as_secs_f64();
             let lists = hnsw.search_all(500).unwrap();
@@ -464,7 +525,7 @@ mod bench {
             let recall_seconds = recall_start.elapsed().as_secs_f64();
             let lsh_start = std::time::Instant::now(); // the search's lsh part, again on its own
             let _ = crate::filter::lsh::near_lists(&e, 500);
-            let detail = format!("build_seconds={built:.1} search_seconds={searched:.1} (of which lsh_seconds={:.1}) index_bytes={} recall={recall} recall_seconds={recall_seconds:.1}",
+            let detail = format!("hnsw={} build_seconds={built:.1} search_seconds={searched:.1} (of which lsh_seconds={:.1}) index_bytes={} recall={recall} recall_seconds={recall_seconds:.1}", serde_json::to_string(&config).unwrap(),
                                  lsh_start.elapsed().as_secs_f64(), hnsw.memory_bytes());
             (found, detail)
         } else {
