@@ -3,10 +3,10 @@
 //! - `exact`: blocked matrix products with a top-k per block, on the encoder's device (CPU or
 //!   CUDA). A block holds at most `BLOCK_ELEMENTS` similarities, so 1M x 1M runs in 1 GiB blocks.
 //! - `approximate`: an HNSW graph (usearch) over copies of the rows in `quantization`'s scalar
-//!   (int8: d bytes a row, f16: 2 x d) plus the graph, built in parallel. Candidates are re-ranked with exact `f32` distances, and the
-//!   search widens (16, 64, 256, then k) only while every neighbour it found is a near
-//!   duplicate, so rows without duplicates cost one small search. The near duplicates the graph
-//!   misses, `lsh`'s buckets add.
+//!   (int8: d bytes a row, f16: 2 x d) plus the graph, built in parallel. Candidates are
+//!   re-ranked with exact `f32` distances, and the search widens (16, 64, 256, then k) only
+//!   while every neighbour it found is a near duplicate, so rows without duplicates cost one
+//!   small search. The near duplicates the graph misses, `lsh`'s buckets add.
 //! - `recall`: the approximate result against the exact one on a sample of rows.
 //! Both searches give each row a `Neighbourhood`: what the step writes.
 
@@ -284,12 +284,11 @@ impl<'e> Hnsw<'e> {
             let truth_near: Vec<usize> = truth.iter().take_while(|p| p.0 < REPEAT_DISTANCE).map(|p| p.1).collect();
             wanted += truth_near.len();
             hits += truth_near.iter().filter(|&&j| found[row].near.iter().any(|p| p.1 == j)).count();
-            // A tie at the nearest distance counts as found.
-            if let (Some(t), Some(a)) = (truth.first(), found[row].nearest) {
-                excess += (a.0 - t.0) / t.0.max(1e-12);
-            }
             nearest += match (truth.first(), found[row].nearest) {
-                (Some(t), Some(a)) => (a.0 - t.0 <= 1e-6) as usize,
+                (Some(t), Some(a)) => {
+                    excess += (a.0 - t.0) / t.0.max(1e-12);
+                    (a.0 - t.0 <= 1e-6) as usize // a tie at the nearest distance counts as found
+                }
                 (None, None) => 1,
                 _ => 0,
             };
