@@ -2,7 +2,7 @@
 # Builds `magpie --features cuda` (mistralrs with PagedAttention, llama.cpp with every layer on the
 # GPU, tch on the CUDA torch wheel) on a machine with no GPU and no system CUDA:
 #   scripts/build-cuda.sh            # -> $MAGPIE_CACHE/target-cuda13.0-sm90/release/magpie
-#   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh      # A100 instead of H100 (one architecture a build)
+#   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh      # A100 instead of H100/H200 (one architecture a build)
 # - The CUDA compiler, headers and libraries come from PyPI wheels (nvidia-cuda-nvcc, -runtime,
 #   -cublas, -curand, -nvrtc, -crt, -cccl, -nvvm; CUDA 13.0, which driver 580 supports) in their
 #   own venv, $MAGPIE_CACHE/cuda-13.0, laid out as a CUDA root.

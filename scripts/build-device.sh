@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds `magpie` on this (CPU) machine for the GPU machine the device tool lends: an H100 with
+# Builds `magpie` on this (CPU) machine for the GPU machine the device tool lends: an H200 with
 # python3, torch 2.11 + CUDA 13.0 and no Rust, no network, and another CPU than this one.
 #   scripts/build-device.sh    # -> device-bin/{magpie.xz,tokenizer/}, device-tests/magpie-tests.xz
 # - against torch 2.11 (a second venv; tch 0.26 expects 2.13, so the version check is bypassed
@@ -72,6 +72,9 @@ mkdir -p "$MAGPIE_ROOT/device-tests"
 # (cargo names it by its absolute path: the target dir is outside the copied tree)
 strip -o "$DEVICE/magpie-tests" "$tests"
 xz -T0 -9 -c "$DEVICE/magpie-tests" > "$MAGPIE_ROOT/device-tests/magpie-tests.xz"
+# The embedding check's encoder without its weights (gpu_check.py encoder draws random ones).
+rm -rf "$MAGPIE_ROOT/device-tests/encoder" && mkdir -p "$MAGPIE_ROOT/device-tests/encoder"
+find "$MAGPIE_HOME/all-minilm-l6-v2" -maxdepth 1 -type f ! -name '*.safetensors' ! -name '*.bin' -exec cp {} "$MAGPIE_ROOT/device-tests/encoder/" \;
 # SmolLM2's tokenizer and chat template for the random-weight models gpu-check.sh makes.
 rm -rf "$DEVICE/smollm2" "$MAGPIE_ROOT/device-bin/tokenizer" && mkdir -p "$MAGPIE_ROOT/device-bin/tokenizer"
 "$MAGPIE_BIN" convert -o "$DEVICE/smollm2"

@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# The GPU checks of the training and synthesis issues (#11, #12, #14), in one run on the GPU machine
-# the device tool lends (an H100, no network, no Rust, no fonts; python3 with torch 2.11,
-# transformers, pyarrow). Needs what scripts/build-device.sh puts in ./device-bin (git ignores it):
-#   device-bin/magpie.xz  device-bin/tokenizer/{tokenizer.json,...}  device-tests/magpie-tests.xz
+# The GPU checks of training, synthesis and filtering, on the GPU machine the device tool lends
+# (an H200, no network, no Rust, no fonts; python3 with torch 2.11, transformers, pyarrow). Needs
+# what scripts/build-device.sh puts in ./device-bin and ./device-tests (git ignores them):
+#   device-bin/magpie.xz  device-bin/tokenizer/{tokenizer.json,...}
+#   device-tests/magpie-tests.xz  device-tests/encoder/{tokenizer.json,config.json,...}
 # then on the device:  scripts/gpu-check.sh device-bin     # under 8 minutes; the table at the end
 # GPU_CHECK_PARTS picks parts: "train synth" (the default; one call carrying device-bin) and
 # "units" (a second call carrying device-tests: each binary is ~42 MB, a call carries 64 MiB).
-# 0. units: the library's CUDA unit tests (`on_cuda_*`: varlen flash attention per document, the
-#    chunked vocabulary loss and its gradients), from device-tests/ (GPU_CHECK_TESTS);
+# 0. units, from device-tests/ (GPU_CHECK_TESTS): the library's CUDA unit tests (`on_cuda_*`:
+#    varlen flash attention per document, the chunked vocabulary loss and its gradients, the exact
+#    kNN against the CPU's); semantic dedup's exact kNN on 1M random 384-d vectors with planted
+#    near duplicates on the GPU (seconds, planted pairs joined); semantic dedup's embedding on the
+#    GPU (an all-MiniLM-L6-v2-shaped encoder, random weights) on 100,000 corpus instructions,
+#    rows/s against sentence-transformers' encode written out in transformers;
 # 1. parity: SFT, SmolLM2-135M shape, random weights, f32, 4 steps: losses on CPU vs CUDA (1e-3);
 # 2. NCCL at world size 1 (torchrun's variables): the same losses as without a process group;
 # 3. throughput: SFT, Llama-3.2-1B shape, bf16, packing, 4 x 2048 tokens, against a PyTorch eager
 #    loop (transformers + SDPA + fused AdamW, bf16) on the same model: tok/s, ratio, MFU
-#    (6 N tok/s over 989 TFLOP/s), peak GPU memory;
+#    (6 N tok/s over 989 TFLOP/s), peak GPU memory; then whether fusing q/k/v into one matmul
+#    and gate/up into another would pay (PyTorch alone, 1B and 8B layer shapes, forward + backward);
 # 4. DPO, 6 steps on CUDA with precomputed reference log-probs;
 # 5. bf16 DPO at lr 1e-6, 3 steps: the share of weights the saved model changed;
 # 5b. resume after kill -9, bf16 packed SFT: bit for bit with --full-determinism, and the
@@ -26,8 +32,8 @@
 # 7. batch invariance on CUDA: greedy answers to 64 prompts alone and 64 at a time, on llama.cpp
 #    and on mistralrs (whose CPU batching mixes up sequences, see src/engine/mistralrs.rs): how
 #    many differ, and how many batched answers are another prompt's.
-# GPU_CHECK_DEVICE=cpu rehearses steps 1-2 and 4-7 on a CPU machine at a small scale (MAGPIE=path
-# picks a binary).
+# GPU_CHECK_DEVICE=cpu rehearses every step but the 1B throughput on a CPU machine at a small scale
+# (MAGPIE=path picks a binary, GPU_CHECK_TESTS=folder the test binary's).
 #
 # The device time is short, so one failing step does not end the run: each step runs in a shell of
 # its own, and a failure becomes a FAILED line (with its log's last lines) in the summary. Every
@@ -82,15 +88,44 @@ say "magpie doctor"
 magpie doctor > "$LOGS/doctor.log" 2>&1 || true
 grep -iE "cuda|libtorch|gpu" "$LOGS/doctor.log" | head -8 || true
 
+TESTS=${GPU_CHECK_TESTS:-device-tests}
+# lib_tests ARGS: the library's test binary (unpacked once) with ARGS, under the time limit.
+lib_tests() {
+  [ -x "$W/magpie-tests" ] || { xz -dc "$TESTS/magpie-tests.xz" > "$W/magpie-tests.part" && chmod +x "$W/magpie-tests.part" && mv "$W/magpie-tests.part" "$W/magpie-tests"; }
+  CARGO_MANIFEST_DIR="$PWD" timeout "$LIMIT" "$W/magpie-tests" "$@"
+}
+
 units() {
-  xz -dc "${GPU_CHECK_TESTS:-device-tests}/magpie-tests.xz" > "$W/magpie-tests"
-  chmod +x "$W/magpie-tests"
-  CARGO_MANIFEST_DIR="$PWD" timeout "$LIMIT" "$W/magpie-tests" on_cuda --test-threads 1 > "$LOGS/units.log" 2>&1
+  lib_tests on_cuda --test-threads 1 > "$LOGS/units.log" 2>&1
   tail -8 "$LOGS/units.log"
   line=$(grep -E "^test result" "$LOGS/units.log" | tail -1)
   result "$line"
 }
-if part units; then step "CUDA unit tests" units; fi
+
+# semantic dedup's exact kNN on the device over precomputed vectors (the CPU's figures with
+# `index: hnsw` are in docs/benchmarks.md).
+knn_exact() {
+  KNN_ROWS=$knn_rows KNN_INDEX=exact KNN_DEVICE=$DEVICE lib_tests knn_seconds_for_rows_in_env --ignored --nocapture --test-threads 1 > "$LOGS/knn.log" 2>&1
+  result "$(grep -m1 "^knn index=" "$LOGS/knn.log")"
+}
+
+# semantic dedup's embedding on the device, against the same encoder in transformers.
+embedding() {
+  python3 scripts/gpu_check.py encoder "$TESTS/encoder" "$W/encoder" > "$LOGS/encoder.log" 2>&1
+  python3 scripts/bench/filter_corpus.py "$W/embed-corpus.parquet" "$embed_rows"
+  EMBED_MODEL="$W/encoder" EMBED_CORPUS="$W/embed-corpus.parquet" EMBED_DEVICE=$DEVICE \
+    lib_tests semantic_dedup_seconds_on_the_corpus_in_env --ignored --nocapture --test-threads 1 > "$LOGS/embed.log" 2>&1
+  ours=$(grep -m1 "^semantic_dedup " "$LOGS/embed.log")
+  theirs=$(timeout "$LIMIT" python3 scripts/gpu_check.py embed "$W/encoder" "$W/embed-corpus.parquet" "$DEVICE" 64 2> "$LOGS/embed-transformers.log")
+  result "magpie: ${ours#semantic_dedup }; $theirs"
+}
+
+if [ "$DEVICE" = cuda ]; then knn_rows=1000000 embed_rows=100000; else knn_rows=20000 embed_rows=2000; fi
+if part units; then
+  step "CUDA unit tests" units
+  step "kNN exact on $DEVICE" knn_exact
+  step "embedding on $DEVICE" embedding
+fi
 
 sft() {
   magpie sft --model "$W/m135" -i "$W/sft.parquet" --max-length 512 --per-device-train-batch-size 4 --max-steps 4 --learning-rate 1e-4 \
@@ -146,6 +181,10 @@ print(f"magpie {ours:,.0f} tok/s (MFU {6 * n * ours / 989e12:.1%}), PyTorch eage
 PY
 )
   result "$line"
+}
+
+fusion() {
+  result "$(timeout "$LIMIT" python3 scripts/gpu_check.py fusion "$DEVICE" "$([ "$DEVICE" = cuda ] && echo 8192 || echo 256)" 2> "$LOGS/fusion.log")"
 }
 
 dpo() {
@@ -219,6 +258,7 @@ if part train; then
   step "parity CPU vs $DEVICE" parity
   step "process group of one" process_group
   if [ "$DEVICE" = cuda ]; then step "throughput 1B bf16" throughput; fi
+  step "q/k/v, gate/up fused" fusion
   step "DPO 6 steps" dpo
   step "DPO padding-free vs padded" dpo_padding_free
   step "bf16 DPO lr 1e-6" master_weights

@@ -6,6 +6,9 @@ pyarrow, and no network):
     python3 scripts/gpu_check.py changed A B                  # how many weights differ
     python3 scripts/gpu_check.py losses RUN                   # a run's logged losses
     python3 scripts/gpu_check.py compare RUN_A RUN_B TOL      # two runs' losses step by step
+    python3 scripts/gpu_check.py encoder SRC OUT              # a random-weight encoder of SRC's shape
+    python3 scripts/gpu_check.py embed MODEL CORPUS DEVICE BATCH   # sentence-transformers' encode, rows/s
+    python3 scripts/gpu_check.py fusion DEVICE [TOKENS]      # q/k/v and gate/up: separate vs fused matmuls
 
 `models` writes OUT/m135 (SmolLM2-135M's shape), OUT/m1b (Llama-3.2-1B's shape; not with `small`),
 both with random weights and the SmolLM2 tokenizer, OUT/sft.parquet (256 synthetic conversations) and
@@ -114,7 +117,86 @@ def rate(run):
     print(f"{sum(r['tokens'] for r in steady) / sum(r['tokens'] / r['tokens_per_second'] for r in steady):,.0f}")
 
 
+def encoder(src, out):
+    """A BERT of all-MiniLM-L6-v2's shape with random weights (a call cannot carry the real 90 MB),
+    with SRC's tokenizer and sentence-transformers files: rows/s does not depend on the weights."""
+    import torch
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    BertModel(BertConfig.from_pretrained(src)).save_pretrained(out)
+    for f in Path(src).iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "config.json":
+            shutil.copy(f, Path(out) / f.name)
+
+
+def embed(model_dir, corpus, device, batch):
+    """sentence-transformers' `encode` of a mean-pooling BERT, written out in transformers (the GPU
+    machine has no sentence-transformers): the texts longest first, batches of BATCH truncated at
+    the model's max_seq_length, mean pooling over the attention mask, L2-normalised, each batch
+    copied to the host. Prints rows/s."""
+    import torch
+    import pyarrow.parquet as pq
+    from transformers import AutoModel, AutoTokenizer
+    texts = pq.read_table(corpus, columns=["instruction"]).column("instruction").to_pylist()
+    settings = Path(model_dir) / "sentence_bert_config.json"
+    max_length = json.load(open(settings))["max_seq_length"] if settings.exists() else 256
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModel.from_pretrained(model_dir).to(device).eval()
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    batch = int(batch)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(texts), batch):
+            enc = tok([texts[i] for i in order[b:b + batch]], padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1).cpu()
+    seconds = time.perf_counter() - start
+    print(f"transformers (sentence-transformers' encode) device={device} rows={len(texts)} seconds={seconds:.1f} rows_per_second={len(texts) / seconds:.0f}")
+
+
+def fusion(device, tokens=8192):
+    """Whether one matmul for q, k and v (and one for gate and up) beats separate ones: forward and
+    backward of a decoder layer's input projections in bf16 at Llama-3.2-1B's and Llama-3.1-8B's
+    shapes, TOKENS tokens, timed over 10 repeats after 3 warm-ups. Prints the fused time over the
+    separate time for each shape (below 1: fusing is faster)."""
+    import torch
+    tokens = int(tokens)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    shapes = {"1B": (2048, 512, 8192), "8B": (4096, 1024, 14336)}
+    parts = []
+    for name, (hidden, kv, inner) in shapes.items():
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+        groups = {"qkv": [hidden, kv, kv], "gate_up": [inner, inner]}
+        for group, outs in groups.items():
+            separate = [torch.randn(o, hidden, device=device, dtype=dtype, requires_grad=True) for o in outs]
+            fused = torch.randn(sum(outs), hidden, device=device, dtype=dtype, requires_grad=True)
+
+            def run_separate():
+                ys = [x @ w.t() for w in separate]
+                torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+
+            def run_fused():
+                ys = (x @ fused.t()).split(outs, dim=-1)
+                torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
+
+            timing = {}
+            for label, fn in [("separate", run_separate), ("fused", run_fused)]:
+                for _ in range(3):
+                    fn()
+                sync()
+                start = time.perf_counter()
+                for _ in range(10):
+                    fn()
+                sync()
+                timing[label] = (time.perf_counter() - start) / 10
+            parts.append(f"{name} {group} {timing['fused'] / timing['separate']:.3f} ({timing['separate'] * 1e3:.2f} ms separate)")
+    print(f"fused / separate, forward + backward, {tokens} tokens, {dtype}: " + "; ".join(parts))
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     {"models": lambda: models(*args), "torch-sft": lambda: torch_sft(args[0], args[1], int(args[2])), "changed": lambda: changed(*args),
-     "losses": lambda: losses(*args), "compare": lambda: compare(*args), "rate": lambda: rate(*args)}[command]()
+     "losses": lambda: losses(*args), "compare": lambda: compare(*args), "rate": lambda: rate(*args),
+     "encoder": lambda: encoder(*args), "embed": lambda: embed(*args), "fusion": lambda: fusion(*args)}[command]()

@@ -53,8 +53,8 @@ pub enum Command {
 /// Clap's own errors (and `--help`) come back as a `clap::Error` for `main` to print and exit
 /// with.
 pub fn parse(argv: impl IntoIterator<Item = OsString>) -> Result<Cli> {
-    let argv = crate::recipe::expand(&Cli::command(), argv.into_iter().collect())?;
-    Ok(Cli::try_parse_from(argv)?)
+    let expanded = crate::recipe::expand(&Cli::command(), argv.into_iter().collect())?;
+    Ok(Cli::try_parse_from(&expanded.argv).map_err(|error| expanded.attribute(error))?)
 }
 
 #[cfg(test)]

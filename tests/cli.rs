@@ -53,7 +53,7 @@ fn recipe_values_are_checked_by_the_flag_parser_and_overridden_by_the_command_li
     std::fs::write(&recipe, "num: lots\n").unwrap();
     let output = magpie(&["synth", "--recipe", recipe.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("invalid value 'lots' for '--num <NUM>'"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("r.yaml: key `num`: invalid value 'lots'"), "{}", stderr(&output));
     // The command line wins, so the bad recipe value is never parsed (and synth goes on to ask
     // for the output it lacks).
     let output = magpie(&["synth", "--recipe", recipe.to_str().unwrap(), "--num", "3"]);

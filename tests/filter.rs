@@ -130,6 +130,7 @@ fn filter_recipe_with_a_misspelt_step_key_fails_and_writes_nothing() {
     let input = fixture("magpie-released.parquet");
     let output = magpie(&["filter", "--recipe", recipe.to_str().unwrap(), "-i", input.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("bad.yaml: key `steps`: invalid value '"), "{}", stderr(&output));
     assert!(stderr(&output).contains("unknown field `treshold`"), "{}", stderr(&output));
     assert!(!out.exists());
 }

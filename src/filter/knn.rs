@@ -499,7 +499,8 @@ pub(crate) mod tests {
 
 /// Times the kNN on random unit vectors with planted near duplicates:
 /// `scripts/bench/filter-1m.sh` runs it (KNN_ROWS, KNN_INDEX=exact|hnsw, KNN_HNSW: the `hnsw`
-/// config as JSON, over the defaults).
+/// config as JSON, over the defaults), and `scripts/gpu-check.sh` with KNN_DEVICE=cuda (where
+/// the exact products and the recall check run; cpu by default).
 #[cfg(test)]
 mod bench {
     use super::*;
@@ -509,6 +510,7 @@ mod bench {
     fn knn_seconds_for_rows_in_env() {
         let rows: usize = std::env::var("KNN_ROWS").ok().and_then(|r| r.parse().ok()).unwrap_or(100_000);
         let index = std::env::var("KNN_INDEX").unwrap_or_else(|_| "exact".into());
+        let device = std::env::var("KNN_DEVICE").unwrap_or_else(|_| "cpu".into()).parse::<crate::flags::DeviceChoice>().expect("KNN_DEVICE").resolve(None).unwrap();
         let (e, pairs) = tests::planted(rows, 384, 0);
         let start = std::time::Instant::now();
         let (found, detail) = if index == "hnsw" {
@@ -518,7 +520,7 @@ mod bench {
             let lists = hnsw.search_all(500).unwrap();
             let searched = start.elapsed().as_secs_f64() - built;
             let recall_start = std::time::Instant::now();
-            let recall = hnsw.recall(&lists, 500, config.recall_sample, Device::Cpu);
+            let recall = hnsw.recall(&lists, 500, config.recall_sample, device);
             let found = neighbourhoods(&lists);
             let recall_seconds = recall_start.elapsed().as_secs_f64();
             let lsh_start = std::time::Instant::now(); // the search's lsh part, again on its own
@@ -527,7 +529,7 @@ mod bench {
                                  lsh_start.elapsed().as_secs_f64(), hnsw.memory_bytes());
             (found, detail)
         } else {
-            (exact(&e, 500, Device::Cpu), String::new())
+            (exact(&e, 500, device), format!("device={device:?}"))
         };
         let joined = pairs.iter().filter(|&&(a, b)| found[b].earliest.is_some() && found[b].earliest == found[a].earliest).count();
         println!("knn index={index} rows={rows} k=500 planted_pairs_joined={joined}/{} {detail} total_seconds={:.1}", pairs.len(), start.elapsed().as_secs_f64());

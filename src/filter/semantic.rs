@@ -177,3 +177,29 @@ impl Step for SemanticDedup {
     }
 }
 
+
+/// Times semantic dedup's embedding and exact kNN, the step's own code, on a corpus:
+/// `scripts/gpu-check.sh` runs it on the GPU (EMBED_MODEL: an encoder folder, EMBED_CORPUS: a
+/// parquet file with `uuid` and `instruction`, EMBED_DEVICE: cpu or cuda).
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn semantic_dedup_seconds_on_the_corpus_in_env() {
+        let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+        let device = var("EMBED_DEVICE").parse().expect("EMBED_DEVICE");
+        let mut step = SemanticDedup::new(SemanticDedupConfig { model: Some(var("EMBED_MODEL").into()), device, ..Default::default() }).unwrap();
+        let corpus = std::fs::File::open(var("EMBED_CORPUS")).expect("EMBED_CORPUS");
+        let mut rows = 0;
+        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(corpus).unwrap().build().unwrap() {
+            let batch = batch.unwrap();
+            rows += batch.num_rows();
+            step.scan(&batch).unwrap();
+        }
+        step.finish_scan().unwrap();
+        let knn = step.figures["knn_seconds"].as_f64().unwrap();
+        println!("semantic_dedup device={device} rows={rows} embed_seconds={:.1} rows_per_second={:.0} knn_seconds={knn:.1}", step.embed_seconds, rows as f64 / step.embed_seconds);
+    }
+}
