@@ -106,7 +106,7 @@ units() {
 # `index: hnsw` are in docs/benchmarks.md).
 knn_exact() {
   KNN_ROWS=$knn_rows KNN_INDEX=exact KNN_DEVICE=$DEVICE lib_tests knn_seconds_for_rows_in_env --ignored --nocapture --test-threads 1 > "$LOGS/knn.log" 2>&1
-  result "$(grep -m1 "^knn index=" "$LOGS/knn.log")"
+  result "$(grep -o -m1 "knn index=.*" "$LOGS/knn.log")"
 }
 
 # semantic dedup's embedding on the device, against the same encoder in transformers.
@@ -115,7 +115,8 @@ embedding() {
   python3 scripts/bench/filter_corpus.py "$W/embed-corpus.parquet" "$embed_rows"
   EMBED_MODEL="$W/encoder" EMBED_CORPUS="$W/embed-corpus.parquet" EMBED_DEVICE=$DEVICE \
     lib_tests semantic_dedup_seconds_on_the_corpus_in_env --ignored --nocapture --test-threads 1 > "$LOGS/embed.log" 2>&1
-  ours=$(grep -m1 "^semantic_dedup " "$LOGS/embed.log")
+  # (the test harness prints the test's name on the same line first)
+  ours=$(grep -o -m1 "semantic_dedup device=.*" "$LOGS/embed.log")
   theirs=$(timeout "$LIMIT" python3 scripts/gpu_check.py embed "$W/encoder" "$W/embed-corpus.parquet" "$DEVICE" 64 2> "$LOGS/embed-transformers.log")
   result "magpie: ${ours#semantic_dedup }; $theirs"
 }
