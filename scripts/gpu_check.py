@@ -157,14 +157,14 @@ def embed(model_dir, corpus, device, batch):
 
 def fusion(device, tokens=8192):
     """Whether one matmul for q, k and v (and one for gate and up) beats separate ones: forward and
-    backward of a decoder layer's input projections in bf16 at Llama-3.2-1B's and Llama-3.1-8B's
-    shapes, TOKENS tokens, timed over 10 repeats after 3 warm-ups. Prints the fused time over the
-    separate time for each shape (below 1: fusing is faster)."""
+    backward of a decoder layer's input projections (bf16 on CUDA, f32 on the CPU) at SmolLM2-135M's,
+    Llama-3.2-1B's and Llama-3.1-8B's shapes, TOKENS tokens, timed over 10 repeats after 3 warm-ups.
+    Prints the fused time over the separate time for each shape (below 1: fusing is faster)."""
     import torch
     tokens = int(tokens)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    shapes = {"1B": (2048, 512, 8192), "8B": (4096, 1024, 14336)}
+    shapes = {"135M": (576, 192, 1536), "1B": (2048, 512, 8192), "8B": (4096, 1024, 14336)}
     parts = []
     for name, (hidden, kv, inner) in shapes.items():
         x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
