@@ -101,14 +101,22 @@ pub fn venv_python() -> PathBuf {
     python
 }
 
-/// A child process that is killed and reaped when dropped.
+/// A child process that is killed and reaped when dropped, and with it its process group when it
+/// leads one (`in_own_group`): a server that forks workers, as vLLM does, leaves none behind.
 pub struct Background(pub Child);
 
 impl Drop for Background {
     fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).stderr(Stdio::null()).status();
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// `command` set to start its process in a process group of its own, which `Background` kills
+/// whole.
+fn in_own_group(command: &mut Command) -> &mut Command {
+    std::os::unix::process::CommandExt::process_group(command, 0)
 }
 
 /// True when `GET url` answers with status 200 (plain HTTP on 127.0.0.1).
@@ -169,7 +177,7 @@ impl Server {
 
     /// Starts `command` (serving on `port`) and waits until `/v1/models` answers.
     fn ready(name: &str, mut command: Command, port: u16, within: Duration) -> Self {
-        let mut process = Background(command.stdout(Stdio::null()).spawn().unwrap_or_else(|e| panic!("start {name}: {e}")));
+        let mut process = Background(in_own_group(command.stdout(Stdio::null())).spawn().unwrap_or_else(|e| panic!("start {name}: {e}")));
         let started = Instant::now();
         while !http_ok(port, "/v1/models") {
             assert!(process.0.try_wait().unwrap().is_none(), "{name} exited before it answered");
