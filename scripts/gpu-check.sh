@@ -18,7 +18,7 @@
 # 3. throughput: SFT, Llama-3.2-1B shape, bf16, packing, 4 x 2048 tokens, against a PyTorch eager
 #    loop (transformers + SDPA + fused AdamW, bf16) on the same model: tok/s, ratio, MFU
 #    (6 N tok/s over 989 TFLOP/s), peak GPU memory; then whether fusing q/k/v into one matmul
-#    and gate/up into another would pay (PyTorch alone, 1B and 8B layer shapes, forward + backward);
+#    and gate/up into another would pay (PyTorch alone, 135M, 1B and 8B layer shapes, forward + backward);
 # 4. DPO, 6 steps on CUDA with precomputed reference log-probs;
 # 5. bf16 DPO at lr 1e-6, 3 steps: the share of weights the saved model changed;
 # 5b. resume after kill -9, bf16 packed SFT: bit for bit with --full-determinism, and the
