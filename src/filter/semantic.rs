@@ -177,7 +177,6 @@ impl Step for SemanticDedup {
     }
 }
 
-
 /// Times semantic dedup's embedding and exact kNN, the step's own code, on a corpus:
 /// `scripts/gpu-check.sh` runs it on the GPU (EMBED_MODEL: an encoder folder, EMBED_CORPUS: a
 /// parquet file with `uuid` and `instruction`, EMBED_DEVICE: cpu or cuda).
@@ -191,9 +190,9 @@ mod bench {
         let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
         let device = var("EMBED_DEVICE").parse().expect("EMBED_DEVICE");
         let mut step = SemanticDedup::new(SemanticDedupConfig { model: Some(var("EMBED_MODEL").into()), device, ..Default::default() }).unwrap();
-        let corpus = std::fs::File::open(var("EMBED_CORPUS")).expect("EMBED_CORPUS");
+        let corpus = crate::data::Dataset::open(&[var("EMBED_CORPUS")]).expect("EMBED_CORPUS");
         let mut rows = 0;
-        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(corpus).unwrap().build().unwrap() {
+        for batch in corpus.batches() {
             let batch = batch.unwrap();
             rows += batch.num_rows();
             step.scan(&batch).unwrap();
