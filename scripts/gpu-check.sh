@@ -37,7 +37,10 @@
 #
 # The device time is short, so one failing step does not end the run: each step runs in a shell of
 # its own, and a failure becomes a FAILED line (with its log's last lines) in the summary. Every
-# command has a time limit (GPU_CHECK_LIMIT seconds, 240). The summary and the logs are written
+# command has a time limit (GPU_CHECK_LIMIT seconds, 240), and the whole run a budget
+# (GPU_CHECK_BUDGET seconds, 540, counted from the start, unpacking included: inside a device
+# call's 10 minutes): no command runs past it, and once less than 30 s is left the remaining steps
+# are SKIPPED lines, so the call always comes back with the figures it has. The summary and the logs are written
 # as the steps finish into $OUT/gpu-check (the device tool brings $OUT back, also after a time-out),
 # or into the work folder without $OUT.
 set -euo pipefail
@@ -45,6 +48,9 @@ BIN_DIR=${1:-device-bin}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 PARTS=${GPU_CHECK_PARTS:-train synth}
 LIMIT=${GPU_CHECK_LIMIT:-240}
+BUDGET=${GPU_CHECK_BUDGET:-540}
+# The time limit of the next command: GPU_CHECK_LIMIT, or what is left of the budget if less.
+limit() { local left=$(( BUDGET - SECONDS )); echo $(( left < LIMIT ? (left > 1 ? left : 1) : LIMIT )); }
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
@@ -54,7 +60,7 @@ mkdir -p "$LOGS"
 export MAGPIE_CACHE="$W/cache"
 if [ -n "${MAGPIE:-}" ]; then BIN=$MAGPIE; elif [ -f "$BIN_DIR/magpie.xz" ]; then xz -dc "$BIN_DIR/magpie.xz" > "$W/magpie" && chmod +x "$W/magpie" && BIN="$W/magpie"; fi
 [ -n "${BIN:-}" ] || { echo "no binary: $BIN_DIR/magpie.xz is missing (scripts/build-device.sh makes it) and MAGPIE is unset" >&2; exit 1; }
-magpie() { timeout "$LIMIT" "$BIN" "$@"; }
+magpie() { timeout "$(limit)" "$BIN" "$@"; }
 torch_lib=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 # cuBLAS, cuRAND and NVRTC for the CUDA engines: the torch wheel's nvidia/cu13/lib.
 cuda_lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
@@ -72,6 +78,7 @@ step() {
   STEP=$1
   errors="$LOGS/${STEP//[^A-Za-z0-9.]/-}.stderr"
   say "$STEP"
+  if [ $(( BUDGET - SECONDS )) -lt 30 ]; then result "SKIPPED (the ${BUDGET} s budget is spent)"; return; fi
   touch "$W/step-start"
   ( set -euo pipefail; "${@:2}" ) 2> "$errors" &
   wait $! || status=$?
@@ -79,7 +86,7 @@ step() {
   if [ "$status" != 0 ]; then
     log=$errors
     [ -s "$log" ] || log=$(find "$LOGS" -name '*.log' -size +0 -newer "$W/step-start" -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
-    if [ "$status" = 124 ]; then status="124: over GPU_CHECK_LIMIT, $LIMIT s"; fi
+    if [ "$status" = 124 ]; then status="124: over GPU_CHECK_LIMIT ($LIMIT s) or the budget ($BUDGET s)"; fi
     result "FAILED (exit $status${log:+; $(basename "$log"): $(tail -3 "$log" | tr '\n' ' ' | cut -c1-300)})"
   fi
 }
@@ -92,7 +99,7 @@ TESTS=${GPU_CHECK_TESTS:-device-tests}
 # lib_tests ARGS: the library's test binary (unpacked once) with ARGS, under the time limit.
 lib_tests() {
   [ -x "$W/magpie-tests" ] || { xz -dc "$TESTS/magpie-tests.xz" > "$W/magpie-tests.part" && chmod +x "$W/magpie-tests.part" && mv "$W/magpie-tests.part" "$W/magpie-tests"; }
-  CARGO_MANIFEST_DIR="$PWD" timeout "$LIMIT" "$W/magpie-tests" "$@"
+  CARGO_MANIFEST_DIR="$PWD" timeout "$(limit)" "$W/magpie-tests" "$@"
 }
 
 units() {
@@ -111,13 +118,13 @@ knn_exact() {
 
 # semantic dedup's embedding on the device, against the same encoder in transformers.
 embedding() {
-  python3 scripts/gpu_check.py encoder "$TESTS/encoder" "$W/encoder" > "$LOGS/encoder.log" 2>&1
-  python3 scripts/bench/filter_corpus.py "$W/embed-corpus.parquet" "$embed_rows"
+  timeout "$(limit)" python3 scripts/gpu_check.py encoder "$TESTS/encoder" "$W/encoder" > "$LOGS/encoder.log" 2>&1
+  timeout "$(limit)" python3 scripts/bench/filter_corpus.py "$W/embed-corpus.parquet" "$embed_rows"
   EMBED_MODEL="$W/encoder" EMBED_CORPUS="$W/embed-corpus.parquet" EMBED_DEVICE=$DEVICE \
     lib_tests semantic_dedup_seconds_on_the_corpus_in_env --ignored --nocapture --test-threads 1 > "$LOGS/embed.log" 2>&1
   # (the test harness prints the test's name on the same line first)
   ours=$(grep -o -m1 "semantic_dedup device=.*" "$LOGS/embed.log")
-  theirs=$(timeout "$LIMIT" python3 scripts/gpu_check.py embed "$W/encoder" "$W/embed-corpus.parquet" "$DEVICE" 64 2> "$LOGS/embed-transformers.log")
+  theirs=$(timeout "$(limit)" python3 scripts/gpu_check.py embed "$W/encoder" "$W/embed-corpus.parquet" "$DEVICE" 64 2> "$LOGS/embed-transformers.log")
   result "magpie: ${ours#semantic_dedup }; $theirs"
 }
 
@@ -162,7 +169,7 @@ with_smi() {
 }
 
 throughput() {
-  with_smi "$LOGS/smi-torch.txt" timeout "$LIMIT" python3 scripts/gpu_check.py torch-sft "$W/m1b" "$W/sft.parquet" 12 > "$LOGS/torch.json" 2> "$LOGS/torch-sft.log"
+  with_smi "$LOGS/smi-torch.txt" timeout "$(limit)" python3 scripts/gpu_check.py torch-sft "$W/m1b" "$W/sft.parquet" 12 > "$LOGS/torch.json" 2> "$LOGS/torch-sft.log"
   with_smi "$LOGS/smi.txt" magpie sft --model "$W/m1b" -i "$W/sft.parquet" --bf16 --packing --max-length 2048 --per-device-train-batch-size 4 \
     --max-steps 12 --learning-rate 1e-5 --lr-scheduler-type constant --save-steps 0 --logging-steps 4 --device cuda -o "$W/sft-1b" 2> "$LOGS/sft-1b.log"
   cp "$W/sft-1b/metrics.jsonl" "$LOGS/sft-1b-metrics.jsonl"
@@ -175,17 +182,28 @@ t = json.load(open(f"{logs}/torch.json"))
 steady = [json.loads(l) for l in open(f"{logs}/sft-1b-metrics.jsonl") if '"grad_norm"' in l][1:]
 ours = sum(r["tokens"] for r in steady) / sum(r["tokens"] / r["tokens_per_second"] for r in steady)
 n = t["parameters"]
+seconds = sum(r["tokens"] / r["tokens_per_second"] for r in steady)
+# The loop's own MFU (metrics.jsonl, 6 x matrix parameters x tokens over the GPU's peak), time
+# weighted over the steady steps; PyTorch's by the same formula, through the tok/s ratio.
+if all("mfu" in r for r in steady):
+    mfu = sum(r["mfu"] * r["tokens"] / r["tokens_per_second"] for r in steady) / seconds
+else:
+    mfu = 6 * n * ours / 989.4e12
+torch_mfu = mfu * t["tok_per_s"] / ours
 peak = lambda name: max(int(x) for x in open(f"{logs}/{name}").read().split()) / 1024
-print(f"magpie {ours:,.0f} tok/s (MFU {6 * n * ours / 989e12:.1%}), PyTorch eager {t['tok_per_s']:,.0f} tok/s (MFU {6 * n * t['tok_per_s'] / 989e12:.1%}): "
-      f"{ours / t['tok_per_s']:.2f}x; peak GPU memory (nvidia-smi) magpie {peak('smi.txt'):.1f} GiB, PyTorch {peak('smi-torch.txt'):.1f} GiB "
-      f"({t['peak_gib']:.1f} GiB allocated); N = {n / 1e9:.2f}B")
+ratio, ours_peak, torch_peak = ours / t["tok_per_s"], peak("smi.txt"), peak("smi-torch.txt")
+goal = lambda met: "met" if met else "MISSED"
+print(f"magpie {ours:,.0f} tok/s (MFU {mfu:.1%}), PyTorch eager {t['tok_per_s']:,.0f} tok/s (MFU {torch_mfu:.1%}): "
+      f"{ratio:.2f}x; peak GPU memory (nvidia-smi) magpie {ours_peak:.1f} GiB, PyTorch {torch_peak:.1f} GiB "
+      f"({t['peak_gib']:.1f} GiB allocated); N = {n / 1e9:.2f}B. Goals: >= 1.2x {goal(ratio >= 1.2)}, "
+      f"MFU >= 40% {goal(mfu >= 0.4)}, peak <= PyTorch's {goal(ours_peak <= torch_peak)}")
 PY
 )
   result "$line"
 }
 
 fusion() {
-  result "$(timeout "$LIMIT" python3 scripts/gpu_check.py fusion "$DEVICE" "$([ "$DEVICE" = cuda ] && echo 8192 || echo 256)" 2> "$LOGS/fusion.log")"
+  result "$(timeout "$(limit)" python3 scripts/gpu_check.py fusion "$DEVICE" "$([ "$DEVICE" = cuda ] && echo 8192 || echo 256)" 2> "$LOGS/fusion.log")"
 }
 
 dpo() {
@@ -254,7 +272,7 @@ lora() {
 
 if part train; then
   say "models and data (random weights, SmolLM2 tokenizer)"
-  python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1 ||
+  timeout "$(limit)" python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1 ||
     { tail -5 "$LOGS/models.log"; STEP="training models" result "FAILED: see models.log"; exit 1; }
   step "parity CPU vs $DEVICE" parity
   step "process group of one" process_group
@@ -280,14 +298,14 @@ synth_rate() {
 
 # The same lengths and batch size (see gpu_check_synth.py).
 synth_transformers() {
-  timeout "$LIMIT" python3 scripts/gpu_check_synth.py hf-generate "$W/s1b" "$hf_prompts" "$seqs" > "$LOGS/hf-generate.txt" 2> "$LOGS/hf-generate.log"
+  timeout "$(limit)" python3 scripts/gpu_check_synth.py hf-generate "$W/s1b" "$hf_prompts" "$seqs" > "$LOGS/hf-generate.txt" 2> "$LOGS/hf-generate.log"
   line=$(tail -1 "$LOGS/hf-generate.txt")
   result "$line"
 }
 
 # batch_invariance ENGINE MODEL: greedy answers to 64 synthesised instructions, alone and 64 at a time.
 batch_invariance() {
-  [ -f "$W/prompts.parquet" ] || python3 scripts/gpu_check_synth.py prompts "$W/prompts.parquet" 64 "$W/synth-llamacpp" "$W/synth-mistralrs"
+  [ -f "$W/prompts.parquet" ] || timeout "$(limit)" python3 scripts/gpu_check_synth.py prompts "$W/prompts.parquet" 64 "$W/synth-llamacpp" "$W/synth-mistralrs"
   for n in 1 64; do
     magpie synth --input "$W/prompts.parquet" --model "$2" --engine "$1" --response-temperature 0 --response-max-tokens 64 \
       --max-num-seqs $n -o "$W/greedy-$1-$n" > /dev/null 2> "$LOGS/greedy-$1-$n.log"
@@ -298,7 +316,7 @@ batch_invariance() {
 
 if part synth; then
   say "synthesis model: random weights ($size), safetensors and F16 GGUF"
-  python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1 ||
+  timeout "$(limit)" python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1 ||
     { tail -5 "$LOGS/synth-models.log"; STEP="synthesis models" result "FAILED: see synth-models.log"; exit 1; }
   tail -1 "$LOGS/synth-models.log"
   step "synth llama.cpp" synth_rate llamacpp "$W/s1b.gguf"

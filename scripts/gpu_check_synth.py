@@ -1,4 +1,4 @@
-"""The synthesis side of scripts/gpu-check.sh (issue #14), on the GPU machine (python3 with torch,
+"""The synthesis side of scripts/gpu-check.sh, on the GPU machine (python3 with torch,
 transformers and safetensors; no network, no llama.cpp tools):
 
     python3 scripts/gpu_check_synth.py models TOKENIZER_DIR OUT [small]   # OUT/s1b and OUT/s1b.gguf

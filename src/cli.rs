@@ -1,7 +1,7 @@
 //! The command line: one subcommand per stage, each args struct owned by its stage's module so
 //! the library can be driven without the CLI. `--recipe FILE.yaml` is spliced in by `recipe`.
 
-use crate::{data::inspect::InspectArgs, doctor::DoctorArgs, eval::EvalArgs, filter::FilterArgs, model::convert::ConvertArgs, model::merge::MergeArgs, synth::SynthArgs, train::{DpoArgs, SftArgs}};
+use magpie::{data::inspect::InspectArgs, doctor::DoctorArgs, eval::EvalArgs, filter::FilterArgs, model::convert::ConvertArgs, model::merge::MergeArgs, synth::SynthArgs, train::{DpoArgs, SftArgs}};
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use std::ffi::OsString;

@@ -16,9 +16,10 @@
 //! - `home` (model and cache folders), `seed` (deterministic randomness), `cpu` (what this CPU
 //!   can run), `plot` (PNG charts with an embedded font), `doctor`, `torch_ffi` (the C++ shims'
 //!   error convention).
-//! - `cli` and `recipe`: the command line and YAML recipes.
+//!
+//! The command line (`cli`, `recipe`: flags and YAML recipes) is the binary's, in `main.rs`, above
+//! every stage.
 
-pub mod cli;
 pub mod cpu;
 pub mod data;
 pub mod doctor;
@@ -30,7 +31,6 @@ pub mod home;
 pub mod model;
 pub mod run;
 pub mod plot;
-pub mod recipe;
 pub mod seed;
 pub mod synth;
 pub mod torch_ffi;
@@ -48,6 +48,33 @@ mod layers {
     /// The floor, lowest first: a floor module may use only the ones before it (tests aside).
     const FLOOR: &[&str] = &["seed", "cpu", "home", "torch_ffi", "flags", "run", "plot", "data", "model", "engine", "doctor"];
 
+    /// The first names of every `crate::` path in `code`: `crate::a::b` gives `a`, and
+    /// `crate::{a::b, c::{d, e}}` gives `a` and `c`.
+    fn crate_roots(code: &str) -> Vec<String> {
+        let name = |text: &str| text.trim_start().chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>();
+        let mut roots = vec![];
+        for (at, _) in code.match_indices("crate::") {
+            let rest = &code[at + "crate::".len()..];
+            let Some(list) = rest.strip_prefix('{') else {
+                roots.push(name(rest));
+                continue;
+            };
+            // The list's items at depth 0, each starting after `{` or a comma at depth 0.
+            let mut depth = 0;
+            roots.push(name(list));
+            for (i, c) in list.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => roots.push(name(&list[i + 1..])),
+                    _ => {}
+                }
+            }
+        }
+        roots
+    }
+
     /// `(file, module)` for every `crate::<module>` path to one of `modules` in the non-test code
     /// of the files under `src/<folder>` (or `src/<folder>.rs`).
     fn uses_of(folder: &str, modules: &[&str]) -> Vec<(String, String)> {
@@ -61,10 +88,9 @@ mod layers {
             } else if path.extension().is_some_and(|e| e == "rs") {
                 let text = std::fs::read_to_string(&path).unwrap();
                 let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or("");
-                for module in modules {
-                    if code.contains(&format!("crate::{module}::")) || code.contains(&format!("crate::{module};")) || code.contains(&format!("crate::{{{module}")) {
-                        found.push((path.display().to_string(), module.to_string()));
-                    }
+                let roots = crate_roots(code);
+                for module in modules.iter().filter(|m| roots.iter().any(|r| r == *m)) {
+                    found.push((path.display().to_string(), module.to_string()));
                 }
             }
         }
@@ -73,6 +99,22 @@ mod layers {
 
     fn stage_paths(folder: &str) -> Vec<(String, String)> {
         uses_of(folder, STAGES)
+    }
+
+    #[test]
+    fn crate_paths_are_read_inside_braced_lists() {
+        let code = "use crate::{data::x, eval::{A, B}, train::{DpoArgs, SftArgs}};\nuse crate::synth;\nfn f() { crate::filter::run() }";
+        assert_eq!(crate_roots(code), ["data", "eval", "train", "synth", "filter"]);
+    }
+
+    /// Every module of the library is a stage or on the floor, so none escapes the checks below.
+    #[test]
+    fn every_library_module_is_a_stage_or_on_the_floor() {
+        let lib = include_str!("lib.rs");
+        for line in lib.lines().filter_map(|l| l.strip_prefix("pub mod ")) {
+            let module = line.trim_end_matches(';');
+            assert!(STAGES.contains(&module) || FLOOR.contains(&module), "lib.rs declares `{module}`, neither a stage nor on the floor");
+        }
     }
 
     #[test]

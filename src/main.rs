@@ -1,6 +1,9 @@
 //! The `magpie` binary: parse the command line, dispatch to the library, map errors to exit codes.
 
-use magpie::cli::{self, Command};
+mod cli;
+mod recipe;
+
+use cli::Command;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -179,7 +179,7 @@ mod tests {
     #[test]
     fn a_value_out_of_its_flags_range_is_an_error_naming_the_recipe_file_and_key() {
         let (error, recipe) = usage_error(&["synth"], "num: 4\ntemperature: -1\n");
-        let why = crate::flags::temperature("-1").unwrap_err();
+        let why = magpie::flags::temperature("-1").unwrap_err();
         assert_eq!(error, format!("error: recipe {}: key `temperature`: invalid value '-1' for '--temperature <TEMPERATURE>': {why}\n", recipe.display()));
         // Typed on the command line, the same value is clap's own error, naming the flag.
         let typed = crate::cli::parse(["magpie", "synth", "--temperature=-1"].map(OsString::from)).err().unwrap();

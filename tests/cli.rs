@@ -7,7 +7,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{column_of, converted_smollm2, embedded_model, fixture, kill_once_exists, magpie, rows, stderr};
+use common::{column_of, converted_smollm2, dataset_column, embedded_model, fixture, kill_once_exists, magpie, rows, stderr};
 
 #[test]
 fn inspect_shows_rows_schema_stats_and_samples() {
@@ -208,7 +208,7 @@ fn banned_first_tokens_never_open_an_instruction_and_bad_bans_are_refused() {
     let output = run_synth(&out, &["--instructions-only", "--ban-first-tokens", "I,What,How,Can,Write"]);
     let summary = String::from_utf8_lossy(&output.stdout);
     assert!(summary.contains("banned first tokens") && summary.contains("redrawn"), "{summary}");
-    for instruction in column(&out, "instruction") {
+    for instruction in dataset_column(&out, "instruction").into_iter().map(Option::unwrap_or_default) {
         let first_word = instruction.split(|c: char| !c.is_alphanumeric()).next().unwrap_or("");
         assert!(!["I", "What", "How", "Can", "Write"].contains(&first_word), "{instruction:?}");
     }
@@ -219,18 +219,6 @@ fn banned_first_tokens_never_open_an_instruction_and_bad_bans_are_refused() {
         assert!(stderr(&output).contains(message), "{}", stderr(&output));
     }
     assert!(!dir.path().join("never").exists());
-}
-
-/// Column `name` of every row of a dataset, as strings (structs and lists as their debug form).
-fn column(dir: &Path, name: &str) -> Vec<String> {
-    let dataset = Dataset::open(&[dir.display().to_string()]).unwrap();
-    let mut values = vec![];
-    for batch in dataset.batches() {
-        let batch = batch.unwrap();
-        let array = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
-        values.extend((0..array.len()).map(|i| arrow::util::display::array_value_to_string(array, i).unwrap()));
-    }
-    values
 }
 
 #[test]
@@ -248,13 +236,13 @@ fn synth_input_answers_another_models_instructions_keeps_their_columns_and_resum
     let whole = dir.path().join("answered");
     let output = Command::new(env!("CARGO_BIN_EXE_magpie")).args(args(&whole)).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(column(&whole, "uuid"), column(&harvest, "uuid"));
-    assert_eq!(column(&whole, "instruction"), column(&harvest, "instruction"), "the first model's instructions");
-    assert_eq!(column(&whole, "gen_input_configs"), column(&harvest, "gen_input_configs"), "the harvest's settings are kept");
-    for config in column(&whole, "gen_response_configs") {
+    assert_eq!(dataset_column(&whole, "uuid"), dataset_column(&harvest, "uuid"));
+    assert_eq!(dataset_column(&whole, "instruction"), dataset_column(&harvest, "instruction"), "the first model's instructions");
+    assert_eq!(dataset_column(&whole, "gen_input_configs"), dataset_column(&harvest, "gen_input_configs"), "the harvest's settings are kept");
+    for config in dataset_column(&whole, "gen_response_configs").into_iter().map(Option::unwrap_or_default) {
         assert!(config.contains("engine: mistralrs") && config.contains("response_generator: smollm2"), "{config}");
     }
-    for config in column(&harvest, "gen_response_configs") {
+    for config in dataset_column(&harvest, "gen_response_configs").into_iter().map(Option::unwrap_or_default) {
         assert!(config.contains("engine: llamacpp"), "{config}");
     }
     let answered = rows(&whole);
@@ -275,7 +263,7 @@ fn synth_input_answers_another_models_instructions_keeps_their_columns_and_resum
     let output = magpie(&["synth", "--input", fixture("magpie-released.parquet").to_str().unwrap(), "--responses", "2", "--response-max-tokens", "16",
                           "--max-tokens", "16", "--threads", "2", "-o", released.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(column(&released, "source_notes"), column(&fixture("magpie-released.parquet"), "source_notes"));
+    assert_eq!(dataset_column(&released, "source_notes"), dataset_column(&fixture("magpie-released.parquet"), "source_notes"));
     for batch in Dataset::open(&[released.display().to_string()]).unwrap().batches() {
         let batch = batch.unwrap();
         let responses = arrow::array::AsArray::as_list::<i32>(batch.column_by_name("responses").unwrap().as_ref());
@@ -302,8 +290,13 @@ fn synth_resumes_after_kill_without_losing_or_duplicating_rows() {
     let finished: Vec<_> = std::fs::read_dir(&resumed).unwrap().flatten().map(|e| e.file_name().into_string().unwrap()).filter(|n| n.ends_with(".parquet") && !n.starts_with('.')).collect();
     assert!(finished.len() < 4, "the run finished before the kill: {finished:?}");
 
-    let output = run_synth(&resumed, &[]);
-    assert!(String::from_utf8_lossy(&output.stderr).contains("resuming") || String::from_utf8_lossy(&output.stdout).contains("rows written"));
+    // The rerun resumes: the parts finished before the kill are kept as they were, not redone.
+    let kept: Vec<_> = finished.iter().map(|name| (name, std::fs::read(resumed.join(name)).unwrap(), std::fs::metadata(resumed.join(name)).unwrap().modified().unwrap())).collect();
+    run_synth(&resumed, &[]);
+    for (name, bytes, modified) in kept {
+        assert_eq!(std::fs::metadata(resumed.join(name)).unwrap().modified().unwrap(), modified, "{name} was written again");
+        assert_eq!(std::fs::read(resumed.join(name)).unwrap(), bytes, "{name} changed");
+    }
     assert_eq!(rows(&resumed), expected);
 }
 
@@ -354,8 +347,6 @@ fn rerunning_into_an_output_with_other_settings_is_refused() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("holds a finished synth run with other settings (args.seed)"), "{}", stderr(&output));
 }
-
-// ---- filter ----
 
 // ---- eval on the embedded SmolLM2 ----
 

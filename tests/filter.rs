@@ -189,7 +189,7 @@ fn semantic_dedup_with_hnsw_marks_the_rows_exact_knn_marks_and_reports_its_recal
 }
 
 #[test]
-fn judge_and_safety_tags_run_the_embedded_model_and_every_constrained_scale_parses() {
+fn judge_and_safety_tags_run_the_embedded_model_and_every_constrained_judge_scale_parses() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("judged.parquet");
     let input = fixture("magpie-released.parquet");

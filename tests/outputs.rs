@@ -111,14 +111,13 @@ fn a_killed_filter_leaves_nothing_finished_and_a_rerun_sweeps_its_temporaries() 
     std::fs::write(stale.join("part-00000.parquet"), b"half").unwrap();
     let steps = r#"[{"step": "semantic_dedup"}, {"step": "exact_dedup"}]"#;
     let mut child = spawn(&["filter", "-i", s(&input), "-o", s(&out), "--steps", steps]);
-    std::thread::sleep(Duration::from_millis(400));
-    child.kill().unwrap();
-    child.wait().unwrap();
-    if out.exists() {
-        assert!(out.join(".magpie-manifest.json").is_file(), "a killed filter left an unfinished output");
-    } else {
-        assert_eq!(magpie(&["inspect", s(&out)]).status.code(), Some(1), "the next stage refuses what is not there");
-    }
+    // Killed mid-run: the steps' scratch folder is made before the first step and removed once
+    // the output is staged, so while it exists nothing is finished.
+    let scratch = dir.path().join(format!(".out.filter-scratch.magpie-tmp-{}", child.id()));
+    kill_once_exists(&mut child, &scratch, Duration::from_secs(600));
+    assert!(!out.exists(), "a killed filter left an output");
+    assert!(scratch.is_dir(), "the kill came after the steps");
+    assert_eq!(magpie(&["inspect", s(&out)]).status.code(), Some(1), "the next stage refuses what is not there");
     let output = magpie(&["filter", "-i", s(&input), "-o", s(&out), "--steps", steps, "--overwrite"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(magpie(&["inspect", s(&out)]).status.success());

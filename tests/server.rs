@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 mod common;
-use common::{converted_smollm2, embedded_model, fault_proxy, fixture, magpie, rows, s, stderr, Server};
+use common::{converted_smollm2, dataset_column, embedded_model, fault_proxy, fixture, magpie, rows, s, stderr, Server};
 
 /// An API key that must reach the server and appear nowhere else.
 const KEY: &str = "sk-magpie-test-0f3c9a7e51d2";
@@ -177,19 +177,6 @@ fn responses(dir: &Path) -> Vec<Vec<String>> {
     rows.into_iter().map(|(_, r)| r).collect()
 }
 
-/// A string column of a dataset, row by row.
-fn column(path: &Path, name: &str) -> Vec<Option<String>> {
-    use arrow::array::AsArray;
-    let dataset = Dataset::open(&[path.display().to_string()]).unwrap();
-    let mut values = vec![];
-    for batch in dataset.batches() {
-        let batch = batch.unwrap();
-        let column = arrow::compute::cast(batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")), &arrow::datatypes::DataType::Utf8).unwrap();
-        values.extend(column.as_string::<i32>().iter().map(|v| v.map(str::to_string)));
-    }
-    values
-}
-
 /// Filter's judge and safety tags on the server give the in-process tags; eval's judge can be
 /// the server while the answers are local, and the other way round.
 #[test]
@@ -205,7 +192,7 @@ fn judge_tags_safety_tags_and_eval_run_on_the_server_as_they_do_in_process() {
     succeeded(magpie(&["filter", "-i", s(&input), "-o", s(&remote), "--steps", &on_server]));
     succeeded(magpie(&["filter", "-i", s(&input), "-o", s(&local), "--steps", r#"[{"step": "judge_tags", "max_tokens": 48}, {"step": "safety_tag"}]"#]));
     for name in ["input_quality", "quality_explanation", "difficulty", "intent", "task_category", "llama_guard_2"] {
-        assert_eq!(column(&remote, name), column(&local, name), "{name}");
+        assert_eq!(dataset_column(&remote, name), dataset_column(&local, name), "{name}");
     }
 
     let model = embedded_model();
@@ -219,8 +206,8 @@ fn judge_tags_safety_tags_and_eval_run_on_the_server_as_they_do_in_process() {
     let remote_judge = eval("remote-judge", &["--judge-base-url", &server.url()]);
     let remote_answers = eval("remote-answers", &["--base-url", &server.url()]);
     for out in [&remote_judge, &remote_answers] {
-        assert_eq!(column(&out.join("judgements.parquet"), "answer"), column(&all_local.join("judgements.parquet"), "answer"));
-        assert_eq!(column(&out.join("judgements.parquet"), "judge_grade"), column(&all_local.join("judgements.parquet"), "judge_grade"));
+        assert_eq!(dataset_column(&out.join("judgements.parquet"), "answer"), dataset_column(&all_local.join("judgements.parquet"), "answer"));
+        assert_eq!(dataset_column(&out.join("judgements.parquet"), "judge_grade"), dataset_column(&all_local.join("judgements.parquet"), "judge_grade"));
     }
 }
 
@@ -257,7 +244,7 @@ fn an_mt_bench_question_file_is_answered_and_graded_turn_by_turn_with_the_server
         assert_eq!(roles, ["user", "assistant", "user", "assistant"], "the second question asked after the first answer");
     }
     let judgements = out.join("judgements.parquet");
-    assert!(column(&judgements, "judge_grade").iter().all(|t| t.as_deref().is_some_and(|t| t.contains("--- turn 2 ---"))));
+    assert!(dataset_column(&judgements, "judge_grade").iter().all(|t| t.as_deref().is_some_and(|t| t.contains("--- turn 2 ---"))));
 }
 
 /// judge_tags' report for a filter run on the fixture with `steps`: its `parse_failures`.

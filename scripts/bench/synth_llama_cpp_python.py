@@ -8,8 +8,7 @@ are switched off. Prints one JSON line.
 import argparse, json, time
 from llama_cpp import Llama
 
-PRE_QUERY = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
-STOPS = ["<|im_end|>", "<|im_start|>", "assistant", "\n"]
+from smollm2_pre_query import PRE_QUERY, STOPS
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)

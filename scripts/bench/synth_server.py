@@ -9,8 +9,7 @@ import argparse, asyncio, json, resource, time
 import urllib.request
 from openai import AsyncOpenAI
 
-PRE_QUERY = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
-STOPS = ["<|im_end|>", "<|im_start|>", "assistant", "\n"]
+from smollm2_pre_query import PRE_QUERY, STOPS
 
 p = argparse.ArgumentParser()
 p.add_argument("--base-url", required=True)

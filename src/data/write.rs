@@ -81,6 +81,7 @@ impl DatasetWriter {
     }
 
     /// Rolls over to a new part every `rows` rows (directory outputs only).
+    #[cfg(test)]
     pub fn with_part_rows(mut self, rows: usize) -> Self {
         if self.part_rows.is_some() {
             self.part_rows = Some(rows.max(1));

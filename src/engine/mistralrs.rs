@@ -42,27 +42,25 @@ impl MistralRs {
             .build()?;
         let local = |p: &Path| p.to_str().map(str::to_string).with_context(|| format!("{}: path is not UTF-8", p.display()));
         let paged_attention = options.cuda.then(|| paged_attention(options)).transpose()?;
+        // The same settings on either builder: two types with the same methods.
+        macro_rules! build {
+            ($builder:expr) => {{
+                let builder = $builder.with_token_source(TokenSource::None).with_max_num_seqs(options.batch_size.max(1));
+                match paged_attention {
+                    Some(config) => builder.with_paged_attn(config),
+                    None => builder.with_force_cpu(),
+                }
+                .build()
+                .await
+            }};
+        }
         let model = runtime.block_on(async {
             if path.is_file() {
                 let dir = path.parent().context("GGUF file has no parent directory")?;
                 let file = path.file_name().context("GGUF path has no file name")?.to_string_lossy().into_owned();
-                let mut builder = GgufModelBuilder::new(local(dir)?, vec![file])
-                    .with_token_source(TokenSource::None)
-                    .with_max_num_seqs(options.batch_size.max(1));
-                builder = match paged_attention {
-                    Some(config) => builder.with_paged_attn(config),
-                    None => builder.with_force_cpu(),
-                };
-                builder.build().await
+                build!(GgufModelBuilder::new(local(dir)?, vec![file]))
             } else {
-                let mut builder = TextModelBuilder::new(local(path)?)
-                    .with_token_source(TokenSource::None)
-                    .with_max_num_seqs(options.batch_size.max(1));
-                builder = match paged_attention {
-                    Some(config) => builder.with_paged_attn(config),
-                    None => builder.with_force_cpu(),
-                };
-                builder.build().await
+                build!(TextModelBuilder::new(local(path)?))
             }
         });
         let model = model.map_err(|e| anyhow!("{}: mistralrs could not load this model: {e:#}", path.display()))?;

@@ -483,7 +483,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn exact_knn_on_cuda_finds_the_neighbours_of_the_cpu() {
+    fn on_cuda_the_exact_knn_finds_the_neighbours_of_the_cpu() {
         if !tch::Cuda::is_available() {
             eprintln!("skipped: no CUDA device");
             return;

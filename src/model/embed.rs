@@ -170,6 +170,7 @@ mod tests {
     fn a_missing_embedding_model_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let error = SentenceEncoder::load(dir.path(), tch::Device::Cpu).err().unwrap().to_string();
+        assert!(error.starts_with(&dir.path().display().to_string()), "{error}");
         assert!(error.contains("embedding model incomplete (config.json is missing)"), "{error}");
     }
 }

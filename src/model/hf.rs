@@ -204,7 +204,7 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
 
 /// `config.json` as a saved model carries it: the original fields, a top-level `rope_theta`, and
 /// the dtype the weights were written in.
-pub fn saved_config(raw: &serde_json::Value, config: &LlamaConfig, kind: Kind) -> serde_json::Value {
+fn saved_config(raw: &serde_json::Value, config: &LlamaConfig, kind: Kind) -> serde_json::Value {
     let mut out = raw.clone();
     out["rope_theta"] = serde_json::json!(config.rope_theta());
     if let Some(params) = raw.get("rope_parameters") {

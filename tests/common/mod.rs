@@ -238,3 +238,17 @@ pub fn column_of(path: &Path, name: &str) -> Vec<String> {
     }
     values
 }
+
+/// Column `name` of every row of a dataset as magpie reads it, as text (structs and lists in
+/// arrow's display form), `None` for a null.
+pub fn dataset_column(path: &Path, name: &str) -> Vec<Option<String>> {
+    use arrow::array::Array;
+    let dataset = Dataset::open(&[path.display().to_string()]).unwrap();
+    let mut values = vec![];
+    for batch in dataset.batches() {
+        let batch = batch.unwrap();
+        let array = batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}"));
+        values.extend((0..array.len()).map(|i| array.is_valid(i).then(|| arrow::util::display::array_value_to_string(array, i).unwrap())));
+    }
+    values
+}

@@ -169,13 +169,16 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_cap_with_jitter_below_it() {
-        for attempt in 0..20 {
-            let ceiling = BACKOFF_BASE.saturating_mul(1 << attempt.min(16)).min(BACKOFF_CAP);
-            assert!(backoff(attempt, "x") <= ceiling);
+        // The ceiling of each attempt's wait: 250 ms doubling, capped at 8 s.
+        let ceilings_ms = [250, 500, 1000, 2000, 4000, 8000, 8000, 8000];
+        for (attempt, ceiling) in ceilings_ms.into_iter().enumerate() {
+            let ceiling = Duration::from_millis(ceiling);
+            let waits: Vec<Duration> = (0..64).map(|i| backoff(attempt as u32, &i.to_string())).collect();
+            assert!(waits.iter().all(|w| *w <= ceiling), "attempt {attempt}: {waits:?}");
+            // Jittered over the whole range: some wait above half the ceiling (so above the
+            // attempt before's ceiling while doubling), and not all alike.
+            assert!(waits.iter().any(|w| *w > ceiling / 2) && waits.iter().any(|w| *w != waits[0]), "attempt {attempt}: {waits:?}");
         }
-        assert_eq!(BACKOFF_BASE.saturating_mul(1 << 2), Duration::from_secs(1));
-        let waits: Vec<Duration> = (0..16).map(|i| backoff(6, &i.to_string())).collect();
-        assert!(waits.iter().any(|w| *w > Duration::from_secs(1)) && waits.iter().any(|w| *w != waits[0]), "{waits:?}");
     }
 
     #[test]
