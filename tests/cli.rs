@@ -102,6 +102,10 @@ fn dry_run_prints_the_memory_plan_from_the_config_alone_and_writes_nothing() {
         }
         assert_eq!(plan.contains("reference model"), stage == "dpo", "{plan}");
     }
+    // Some blocks recomputed: tiny Llama has two.
+    let output = magpie(&["sft", "--model", fixture("tiny-llama").to_str().unwrap(), "-i", "not-read", "-o", out.to_str().unwrap(),
+                          "--gradient-checkpointing", "1", "--dry-run", "8"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains(", gradient checkpointing of 1 of 2 blocks\n"), "{}", stderr(&output));
     // The seed's recipe (`device: cuda`, `gradient_checkpointing: auto`) plans on a machine
     // without its GPU too, and says what auto decided.
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/llama3.1-8b-magpie-sft.yaml");

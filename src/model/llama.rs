@@ -16,6 +16,9 @@ use super::attention::{Attend, AttentionMask};
 use super::lora::{Adapter, LoraConfig, Switch};
 use std::sync::Arc;
 
+mod recompute;
+pub use recompute::{spread, Recompute};
+
 /// The `config.json` fields the architecture needs. Older and newer spellings are both read:
 /// `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
 #[derive(Debug, Clone, Deserialize)]
@@ -344,14 +347,6 @@ enum Head {
     Score(Tensor),
 }
 
-/// What the recomputing backward of gradient checkpointing keeps from the forward pass.
-pub struct Recompute {
-    top: Tensor,
-    block_inputs: Vec<Tensor>,
-    rope: (Tensor, Tensor),
-    attend: Attend,
-}
-
 /// transformers' `initializer_range` for embeddings and heads.
 const NORMAL_002: nn::Init = nn::Init::Randn { mean: 0., stdev: 0.02 };
 
@@ -496,43 +491,8 @@ impl Llama {
     /// The final-norm hidden states, `[batch, seq, hidden]`.
     pub fn hidden_states(&self, inputs: &Inputs) -> Tensor {
         let (rope, attend) = (self.rope(inputs.positions, self.kind()), inputs.mask.attend(self.device(), self.kind()));
-        let x = self.blocks(self.embed(inputs.ids), &rope, &attend, |_| {});
+        let x = self.layers.iter().fold(self.embed(inputs.ids), |x, layer| layer.forward(&x, &rope, &attend));
         self.final_norm(&x)
-    }
-
-    /// The decoder blocks over `x`, handing each block's input to `keep` first.
-    fn blocks(&self, mut x: Tensor, rope: &(Tensor, Tensor), attend: &Attend, mut keep: impl FnMut(&Tensor)) -> Tensor {
-        for layer in &self.layers {
-            keep(&x);
-            x = layer.forward(&x, rope, attend);
-        }
-        x
-    }
-
-    /// Gradient checkpointing, first half: the blocks run without graphs and only their inputs
-    /// are kept. Returns the final hidden states (a leaf that takes a gradient: compute the loss
-    /// on it) and what [`Llama::backward_by_recompute`] needs.
-    pub fn forward_for_recompute(&self, inputs: &Inputs) -> (Tensor, Recompute) {
-        let (rope, attend) = (self.rope(inputs.positions, self.kind()), inputs.mask.attend(self.device(), self.kind()));
-        let mut block_inputs = vec![];
-        let last = tch::no_grad(|| self.blocks(self.embed(inputs.ids), &rope, &attend, |x| block_inputs.push(x.shallow_clone())));
-        let top = last.detach().set_requires_grad(true);
-        (self.final_norm(&top), Recompute { top, block_inputs, rope, attend })
-    }
-
-    /// Gradient checkpointing, second half, after the loss's backward: each block is recomputed
-    /// with its graph during its own backward pass, last block first, down to the embeddings.
-    pub fn backward_by_recompute(&self, inputs: &Inputs, saved: Recompute) {
-        let mut grad = saved.top.grad();
-        for (layer, x) in self.layers.iter().zip(saved.block_inputs).rev() {
-            let x = x.detach().set_requires_grad(true);
-            let y = layer.forward(&x, &saved.rope, &saved.attend);
-            (y * &grad).sum(Kind::Float).backward();
-            grad = x.grad();
-        }
-        if self.embed_tokens.requires_grad() {
-            (self.embed(inputs.ids) * grad).sum(Kind::Float).backward();
-        }
     }
 
     pub fn final_norm(&self, x: &Tensor) -> Tensor {

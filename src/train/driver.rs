@@ -60,7 +60,7 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
     let lora = plan.lora.as_ref().map(|l| &l.config);
     let (recompute, why) = memory::resolve(args.gradient_checkpointing, &config, plan.precision, plan.world.size as i64, &command.workload,
                                            lora, Some(plan.device), || memory::device_memory(plan.device));
-    plan.recompute = recompute;
+    plan.recomputed_blocks = recompute;
     if let Some(why) = why.filter(|_| plan.world.is_main()) {
         eprintln!("{why}");
     }

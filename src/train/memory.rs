@@ -5,12 +5,13 @@
 //!
 //! Activations are counted per token and layer from the tensors autograd keeps in our Llama block
 //! (9 of hidden size, 4 of the key/value width, 4 of the MLP width, in the compute dtype); with
-//! gradient checkpointing each layer keeps only its input, and one layer is recomputed at a time.
+//! gradient checkpointing a recomputed layer keeps only its input, and one layer is recomputed at
+//! a time.
 //! Attention is assumed to keep no T×T matrix (the fused kernels on CUDA). The vocabulary head
 //! holds one chunk of logits at a time and the head's gradient (`lm_head::peak_bytes`). The CUDA
 //! context and allocator slack (a GB or two) come on top.
 //!
-//! `--gradient-checkpointing auto` asks this plan whether the run fits without recomputation.
+//! `--gradient-checkpointing auto` asks this plan how few blocks the run can recompute and fit.
 
 use crate::model::lora::LoraConfig;
 use crate::model::LlamaConfig;
@@ -39,9 +40,10 @@ pub fn parameters(c: &LlamaConfig) -> i64 {
     c.num_hidden_layers * layer + embeddings + h
 }
 
-/// Bytes on each rank, by part. With `lora`, the base weights are frozen and only the f32
+/// Bytes on each rank, by part, with `recomputed` blocks run again in the backward pass (all of
+/// them past the block count). With `lora`, the base weights are frozen and only the f32
 /// adapters have gradients and optimizer state.
-pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> Vec<(&'static str, f64)> {
+pub fn plan(c: &LlamaConfig, precision: Precision, recomputed: usize, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> Vec<(&'static str, f64)> {
     let n = parameters(c) as f64;
     let bf16 = precision.dtype == tch::Kind::BFloat16;
     let element = if bf16 { 2.0 } else { 4.0 };
@@ -57,11 +59,9 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, 
     let per_layer_token = element * (9.0 * h + 4.0 * kv + 4.0 * i) + adapter_per_layer_token;
     let tokens = work.tokens as f64;
     let layers = c.num_hidden_layers as f64;
-    let activations = if recompute {
-        tokens * (layers * element * h + per_layer_token)
-    } else {
-        tokens * layers * per_layer_token
-    };
+    let recomputed = recomputed.min(c.num_hidden_layers as usize) as f64;
+    let recomputing = if recomputed > 0.0 { per_layer_token } else { 0.0 };
+    let activations = tokens * ((layers - recomputed) * per_layer_token + recomputed * element * h + recomputing);
     // What trains: every weight, or the f32 adapters.
     let (trained, trained_element, state_element) = match lora {
         Some(l) => (l.parameters(c) as f64, 4.0, 4.0),
@@ -109,8 +109,10 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, 
 pub enum Checkpointing {
     Off,
     On,
-    /// Off where the plan without it fits the device ([`AUTO_FILL`]).
+    /// The fewest blocks whose plan fits the device ([`AUTO_FILL`]).
     Auto,
+    /// This many blocks, spread over the depth.
+    Blocks(usize),
 }
 
 impl std::str::FromStr for Checkpointing {
@@ -121,7 +123,7 @@ impl std::str::FromStr for Checkpointing {
             "true" | "on" => Ok(Checkpointing::On),
             "false" | "off" => Ok(Checkpointing::Off),
             "auto" => Ok(Checkpointing::Auto),
-            _ => Err(format!("expected true, false or auto, not `{text}`")),
+            _ => text.parse().map(Checkpointing::Blocks).map_err(|_| format!("expected true, false, auto or a number of blocks, not `{text}`")),
         }
     }
 }
@@ -130,27 +132,40 @@ impl std::str::FromStr for Checkpointing {
 /// it off; the rest is for the CUDA context, the allocator's slack and what the plan leaves out.
 pub const AUTO_FILL: f64 = 0.9;
 
-/// Whether to recompute on `device` (no device: a `--dry-run` on a machine without the run's
-/// GPU): `auto` plans the run without checkpointing and recomputes only if that does not fit in
-/// `capacity` (the device's bytes, asked for only by `auto`), or the capacity is unknown. For
-/// `auto`, also the line that says why.
+/// How many blocks to recompute on `device` (no device: a `--dry-run` on a machine without the
+/// run's GPU): `auto` takes the fewest whose plan fits in [`AUTO_FILL`] of `capacity` (the
+/// device's bytes, asked for only by `auto`), none where the plan without checkpointing fits, and
+/// all where even that does not fit or the capacity is unknown. For `auto`, also the line that
+/// says why.
 #[allow(clippy::too_many_arguments)]
 pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, world: i64, work: &Workload, lora: Option<&LoraConfig>,
-               device: Option<tch::Device>, capacity: impl FnOnce() -> Option<f64>) -> (bool, Option<String>) {
+               device: Option<tch::Device>, capacity: impl FnOnce() -> Option<f64>) -> (usize, Option<String>) {
+    let blocks = c.num_hidden_layers as usize;
     match choice {
-        Checkpointing::On => (true, None),
-        Checkpointing::Off => (false, None),
+        Checkpointing::On => (blocks, None),
+        Checkpointing::Off => (0, None),
+        Checkpointing::Blocks(count) => (count.min(blocks), None),
         Checkpointing::Auto => {
-            let without: f64 = plan(c, precision, false, world, work, lora).iter().map(|r| r.1).sum();
-            let capacity = capacity();
-            let on = capacity.is_none_or(|capacity| without > AUTO_FILL * capacity);
+            let total = |recomputed| plan(c, precision, recomputed, world, work, lora).iter().map(|r| r.1).sum::<f64>();
             let device = device.map_or("the run's device (not on this machine)".to_string(), |d| format!("{d:?}"));
-            let why = match capacity {
-                Some(capacity) => format!("the plan without it, {:.1} GiB, {} {:.0}% of {device}'s {:.1} GiB", gib(without),
-                                          if on { "exceeds" } else { "fits in" }, AUTO_FILL * 100.0, gib(capacity)),
-                None => format!("the memory of {device} is unknown; without it the plan is {:.1} GiB", gib(without)),
+            let (recomputed, why) = match capacity() {
+                None => (blocks, format!("the memory of {device} is unknown; without it the plan is {:.1} GiB", gib(total(0)))),
+                Some(capacity) => {
+                    let room = format!("{:.0}% of {device}'s {:.1} GiB", AUTO_FILL * 100.0, gib(capacity));
+                    match (0..=blocks).find(|&k| total(k) <= AUTO_FILL * capacity) {
+                        Some(0) => (0, format!("the plan without it, {:.1} GiB, fits in {room}", gib(total(0)))),
+                        Some(k) => (k, format!("the plan without it, {:.1} GiB, exceeds {room}; with {k} blocks recomputed, the fewest that fit, {:.1} GiB",
+                                               gib(total(0)), gib(total(k)))),
+                        None => (blocks, format!("even with every block recomputed the plan, {:.1} GiB, exceeds {room}", gib(total(blocks)))),
+                    }
+                }
             };
-            (on, Some(format!("gradient checkpointing auto: {}: {why}", if on { "on" } else { "off" })))
+            let state = match recomputed {
+                0 => "off".to_string(),
+                k if k == blocks => "on".to_string(),
+                k => format!("{k} of {blocks} blocks"),
+            };
+            (recomputed, Some(format!("gradient checkpointing auto: {state}: {why}")))
         }
     }
 }
@@ -182,8 +197,9 @@ fn gib(bytes: f64) -> f64 {
 }
 
 /// The plan as a table, with its total, in GiB.
-pub fn render(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> String {
-    let rows = plan(c, precision, recompute, world, work, lora);
+pub fn render(c: &LlamaConfig, precision: Precision, recomputed: usize, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> String {
+    let rows = plan(c, precision, recomputed, world, work, lora);
+    let blocks = c.num_hidden_layers as usize;
     let mut text = format!(
         "memory plan per rank: {:.2}B parameters{}, {}, {} tokens a micro-batch, {}{}\n",
         parameters(c) as f64 / 1e9,
@@ -191,7 +207,11 @@ pub fn render(c: &LlamaConfig, precision: Precision, recompute: bool, world: i64
         if world > 1 { format!("{world} ranks (optimizer state sharded)") } else { "1 process".to_string() },
         work.tokens,
         if precision.dtype == tch::Kind::BFloat16 { "bf16" } else { "f32" },
-        if recompute { ", gradient checkpointing" } else { "" }
+        match recomputed.min(blocks) {
+            0 => String::new(),
+            k if k == blocks => ", gradient checkpointing".to_string(),
+            k => format!(", gradient checkpointing of {k} of {blocks} blocks"),
+        }
     );
     for (part, bytes) in &rows {
         text += &format!("  {part:<32} {:>8.2} GiB\n", gib(*bytes));
@@ -214,7 +234,7 @@ mod tests {
     fn llama_3_1_8b_has_its_published_parameter_count_and_fits_eight_80gb_gpus_only_sharded() {
         assert_eq!(parameters(&llama_8b()), 8_030_261_248);
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
-        let rows = |world, micro_batches| plan(&llama_8b(), precision, true, world, &Workload { tokens: 8192, reference_model: false, micro_batches }, None);
+        let rows = |world, micro_batches| plan(&llama_8b(), precision, 32, world, &Workload { tokens: 8192, reference_model: false, micro_batches }, None);
         let gb = |rows: &[(&str, f64)], part: &str| rows.iter().filter(|r| part.is_empty() || r.0 == part).map(|r| r.1).sum::<f64>() / 1e9;
         let (one, eight) = (rows(1, 1), rows(8, 1));
         // 16 GB weights + 16 GB gradients + 96 GB fp32 state on one GPU; 12 GB of state each on eight.
@@ -231,35 +251,66 @@ mod tests {
         assert_eq!(gb(&rows(8, 16), "f32 gradient sums"), 0.0, "sharded runs reduce each micro-batch into the shards instead");
     }
 
-    /// The seed's SFT micro-batch (8192 tokens) fits eight 141 GB H200s without recomputation,
-    /// not eight 80 GB H100s, nor one H200.
+    /// The seed's SFT micro-batch (8192 tokens) fits eight 141 GB H200s without recomputation;
+    /// on eight 80 GB H100s some blocks, not all, are recomputed, the fewest that fit; one H200
+    /// recomputes all (and still does not fit).
     #[test]
-    fn auto_checkpointing_is_off_only_where_the_plan_without_it_fits_the_device() {
+    fn auto_checkpointing_recomputes_the_fewest_blocks_that_fit_the_device() {
         let args = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16", "--gradient-checkpointing=auto"]);
         assert_eq!(args.gradient_checkpointing, Checkpointing::Auto);
         let work = Workload { tokens: 8192, reference_model: false, micro_batches: 32 };
         let (h200, h100) = (smallest_gpu_memory("143771\n143771\n"), smallest_gpu_memory("81559\n"));
         let cuda = Some(tch::Device::Cuda(0));
         let decide = |world, capacity| resolve(args.gradient_checkpointing, &llama_8b(), args.precision(), world, &work, None, cuda, || capacity);
-        let (on, why) = decide(8, h200);
-        assert!(!on, "{why:?}");
+        let (recomputed, why) = decide(8, h200);
+        assert_eq!(recomputed, 0, "{why:?}");
         assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB"));
-        assert!(decide(8, h100).0 && decide(1, h200).0);
-        assert!(decide(8, None).0, "an unknown capacity recomputes");
+        let (recomputed, why) = decide(8, h100);
+        assert!(recomputed > 0 && recomputed < 32, "{why:?}");
+        let total = |k| plan(&llama_8b(), args.precision(), k, 8, &work, None).iter().map(|r| r.1).sum::<f64>();
+        let room = AUTO_FILL * h100.unwrap();
+        assert!(total(recomputed) <= room && total(recomputed - 1) > room, "the fewest that fit: {why:?}");
+        let why = why.unwrap();
+        assert!(why.contains(&format!("auto: {recomputed} of 32 blocks:")) && why.contains(&format!("with {recomputed} blocks recomputed, the fewest that fit")), "{why}");
+        assert_eq!(decide(1, h200).0, 32);
+        assert_eq!(decide(8, None).0, 32, "an unknown capacity recomputes every block");
         let off = resolve(Checkpointing::Off, &llama_8b(), args.precision(), 1, &work, None, cuda, || panic!("asked the device's memory for `false`"));
-        assert_eq!(off, (false, None));
+        assert_eq!(off, (0, None));
         assert_eq!(available_memory("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048.0 * 1024.0));
     }
 
+    /// Each recomputed block trades its activations for its input: the plan falls block by block
+    /// from none to all.
     #[test]
-    fn the_checkpointing_flag_alone_is_true_and_takes_false_or_auto() {
+    fn the_plan_falls_with_each_recomputed_block() {
+        let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
+        let work = Workload { tokens: 8192, reference_model: false, micro_batches: 1 };
+        let activations = |k| plan(&llama_8b(), precision, k, 8, &work, None).iter().find(|r| r.0 == "activations").unwrap().1;
+        // One block alone saves nothing: its recomputation holds a block's activations again.
+        assert!(activations(1) > activations(0));
+        for k in 2..=32 {
+            assert!(activations(k) < activations(k - 1), "{k}");
+        }
+        assert_eq!(activations(32), activations(99));
+        // One block's share: its activations less the input it keeps instead.
+        let per_block = activations(2) - activations(3);
+        assert!((per_block - (activations(0) / 32.0 - 8192.0 * 2.0 * 4096.0)).abs() < 1.0, "{per_block}");
+    }
+
+    #[test]
+    fn the_checkpointing_flag_alone_is_true_and_takes_false_auto_or_a_number_of_blocks() {
         let parse = |extra: &[&str]| parse_for_test(["--model", "m", "-i", "x", "-o", "y"].into_iter().chain(extra.iter().copied())).gradient_checkpointing;
         assert_eq!(parse(&[]), Checkpointing::Off);
         assert_eq!(parse(&["--gradient-checkpointing"]), Checkpointing::On);
         assert_eq!(parse(&["--gradient-checkpointing", "--bf16"]), Checkpointing::On);
         assert_eq!(parse(&["--gradient-checkpointing=false"]), Checkpointing::Off);
         assert_eq!(parse(&["--gradient-checkpointing", "auto"]), Checkpointing::Auto);
-        assert_eq!("maybe".parse::<Checkpointing>().unwrap_err(), "expected true, false or auto, not `maybe`");
+        assert_eq!(parse(&["--gradient-checkpointing", "12"]), Checkpointing::Blocks(12));
+        assert_eq!("maybe".parse::<Checkpointing>().unwrap_err(), "expected true, false, auto or a number of blocks, not `maybe`");
+        let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y"]).precision();
+        let work = Workload { tokens: 1, reference_model: false, micro_batches: 1 };
+        let blocks = |choice| resolve(choice, &llama_8b(), precision, 1, &work, None, None, || panic!("asked the device's memory")).0;
+        assert_eq!((blocks(Checkpointing::Blocks(12)), blocks(Checkpointing::Blocks(99)), blocks(Checkpointing::On)), (12, 32, 32));
     }
 
     #[test]
@@ -267,7 +318,7 @@ mod tests {
         let lora = LoraConfig::new(16, 32.0, 0.05, &["all-linear".to_string()], false).unwrap();
         assert_eq!(lora.parameters(&llama_8b()), 41_943_040, "PEFT's print_trainable_parameters for r 16 on all linear layers");
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
-        let rows = plan(&llama_8b(), precision, true, 1, &Workload { tokens: 8192, reference_model: false, micro_batches: 16 }, Some(&lora));
+        let rows = plan(&llama_8b(), precision, 32, 1, &Workload { tokens: 8192, reference_model: false, micro_batches: 16 }, Some(&lora));
         let gb = |part: &str| rows.iter().filter(|r| part.is_empty() || r.0 == part).map(|r| r.1).sum::<f64>() / 1e9;
         assert!(gb("") < 30.0, "{:.1} GB", gb(""));
         assert_eq!(gb("fp32 master weights"), 0.0, "frozen base weights have no master copy");

@@ -37,8 +37,9 @@ pub struct TrainPlan {
     /// Log every N optimizer steps (at least 1).
     pub logging_steps: usize,
     pub precision: Precision,
-    /// Recompute each block in the backward pass (gradient checkpointing).
-    pub recompute: bool,
+    /// How many blocks run again in the backward pass (gradient checkpointing), spread over the
+    /// depth: 0 none, past the block count all.
+    pub recomputed_blocks: usize,
     /// LoRA adapters instead of full fine-tuning.
     pub lora: Option<LoraPlan>,
     /// The ranks training together (one without a launcher).
@@ -178,7 +179,7 @@ impl TrainArgs {
             logging_steps: self.logging_steps.max(1),
             precision: self.precision(),
             // `auto` is decided by the driver, against the model's memory plan.
-            recompute: self.gradient_checkpointing == Checkpointing::On,
+            recomputed_blocks: if self.gradient_checkpointing == Checkpointing::On { usize::MAX } else { 0 },
             lora: self.lora_plan()?,
             world,
             device,

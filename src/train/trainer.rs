@@ -88,20 +88,21 @@ fn rank_slice(examples: &[usize], rank: usize, world: usize) -> &[usize] {
 }
 
 /// Forward and backward of one micro-batch; returns the summed metrics. With gradient
-/// checkpointing, block inputs are kept without graphs and each block is recomputed during its
-/// own backward pass, last block first.
-pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch, scale: f64, checkpointing: bool) -> Result<Metrics> {
+/// checkpointing of `recomputed_blocks` blocks (spread over the depth), those keep only their
+/// inputs and run again during the backward pass.
+pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch, scale: f64, recomputed_blocks: usize) -> Result<Metrics> {
     let inputs = batch.inputs();
-    if !checkpointing {
+    if recomputed_blocks == 0 {
         let hidden = model.hidden_states(&inputs);
         let (loss, metrics) = objective.loss(model, &hidden, batch, Split::Train)?;
         (loss * scale).backward();
         return Ok(metrics);
     }
-    let (hidden, saved) = model.forward_for_recompute(&inputs);
+    let recompute = crate::model::llama::spread(model.config.num_hidden_layers as usize, recomputed_blocks);
+    let (hidden, saved) = model.forward_for_recompute(&inputs, &recompute);
     let (loss, metrics) = objective.loss(model, &hidden, batch, Split::Train)?;
     (loss * scale).backward();
-    model.backward_by_recompute(&inputs, saved);
+    model.backward_by_recompute(saved);
     Ok(metrics)
 }
 
@@ -287,7 +288,7 @@ impl<'a> Trainer<'a> {
             self.loaded.model.set_dropout(objective.dropout().then_some(stream));
             let batch = objective.collate(Split::Train, rank_slice(examples, world.rank, world.size), device)?;
             tokens += batch.tokens;
-            objective::accumulate(&mut sums, forward_backward(objective, &self.loaded.model, &batch, 1.0 / weight, self.plan.recompute)?);
+            objective::accumulate(&mut sums, forward_backward(objective, &self.loaded.model, &batch, 1.0 / weight, self.plan.recomputed_blocks)?);
             self.opt.accumulate()?;
         }
         self.loaded.model.set_dropout(None);
@@ -512,19 +513,23 @@ mod tests {
     }
 
     #[test]
-    fn gradient_checkpointing_gives_the_same_gradients() {
+    fn gradient_checkpointing_of_some_or_all_blocks_gives_the_same_gradients() {
         let objective = objective();
         let batch = objective.collate(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
-        let grads = |checkpointing: bool| {
+        let grads = |recomputed_blocks: usize| {
             let loaded = tiny("tiny-llama");
-            forward_backward(&objective, &loaded.model, &batch, 0.1, checkpointing).unwrap();
+            forward_backward(&objective, &loaded.model, &batch, 0.1, recomputed_blocks).unwrap();
             let mut vars: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             vars.into_iter().map(|(n, t)| (n, t.grad().copy())).collect::<Vec<_>>()
         };
-        for ((name, a), (_, b)) in grads(false).iter().zip(grads(true)) {
-            let diff = (a - &b).abs().max().double_value(&[]);
-            assert!(diff < 1e-6, "{name}: {diff}");
+        let plain = grads(0);
+        // One of tiny Llama's two blocks, both, and past the count (all).
+        for recomputed in [1, 2, 9] {
+            for ((name, a), (_, b)) in plain.iter().zip(grads(recomputed)) {
+                let diff = (a - &b).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "{recomputed} blocks, {name}: {diff}");
+            }
         }
     }
 
@@ -542,7 +547,7 @@ mod tests {
         let mut want: Option<Vec<Tensor>> = None;
         for batch in &batches {
             opt.zero_grad();
-            forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, false).unwrap();
+            forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, 0).unwrap();
             want = Some(match want {
                 None => grads(),
                 Some(sum) => sum.iter().zip(grads()).map(|(a, b)| a + b).collect(),
@@ -553,7 +558,7 @@ mod tests {
             let mut opt = AdamW::new(&loaded.vs, 0.0, true, f32_sums);
             opt.zero_grad();
             for batch in &batches {
-                forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, false).unwrap();
+                forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, 0).unwrap();
                 opt.accumulate().unwrap();
             }
             let got: Vec<Tensor> = if f32_sums { (0..names.len()).map(|i| opt.gradient_sum(i).to_kind(Kind::Double)).collect() } else { grads() };

@@ -492,7 +492,7 @@ mod tests {
             (sharded.allocated_bytes(), loaded.dir.config.clone())
         });
         let precision = Precision { dtype: Kind::BFloat16, fp32_state: true };
-        let rows = plan(&results[0].1, precision, false, 2, &Workload { tokens: 64, reference_model: false, micro_batches: 4 }, None);
+        let rows = plan(&results[0].1, precision, 0, 2, &Workload { tokens: 64, reference_model: false, micro_batches: 4 }, None);
         let optimizer: f64 = rows.iter().filter(|(part, _)| !matches!(*part, "weights" | "gradients" | "activations" | "vocabulary head (chunked)")).map(|r| r.1).sum();
         for ((kept, transient), _) in &results {
             assert!(*kept > 0 && *transient > 0);
