@@ -73,12 +73,13 @@ result() { printf '%-28s %s\n' "$STEP" "$1" | tee -a "$LOGS/summary.txt"; }
 # step NAME FUNCTION [ARGS]: runs one check, NAME being its summary line's label, with errexit in a
 # shell of its own, its stderr kept in NAME.stderr. A failure is a summary line naming the exit
 # status and the end of that file, or of the newest log the step wrote; the next step runs.
+# STEP_OK says whether it passed (steps that need its files look).
 step() {
   local status=0 log errors
-  STEP=$1
+  STEP=$1 STEP_OK=false
   errors="$LOGS/${STEP//[^A-Za-z0-9.]/-}.stderr"
   say "$STEP"
-  if [ $(( BUDGET - SECONDS )) -lt 30 ]; then result "SKIPPED (the ${BUDGET} s budget is spent)"; return; fi
+  if [ $(( BUDGET - SECONDS )) -lt 30 ]; then result "SKIPPED (the ${BUDGET} s budget is spent)"; return 0; fi
   touch "$W/step-start"
   ( set -euo pipefail; "${@:2}" ) 2> "$errors" &
   wait $! || status=$?
@@ -88,6 +89,8 @@ step() {
     [ -s "$log" ] || log=$(find "$LOGS" -name '*.log' -size +0 -newer "$W/step-start" -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
     if [ "$status" = 124 ]; then status="124: over GPU_CHECK_LIMIT ($LIMIT s) or the budget ($BUDGET s)"; fi
     result "FAILED (exit $status${log:+; $(basename "$log"): $(tail -3 "$log" | tr '\n' ' ' | cut -c1-300)})"
+  else
+    STEP_OK=true
   fi
 }
 
@@ -177,8 +180,8 @@ throughput() {
 import json, sys
 logs = sys.argv[1]
 t = json.load(open(f"{logs}/torch.json"))
-# Lines at steps 4, 8 and 12, each over the steps since the one before: steps 5-12 (the baseline
-# times steps 3-12, each synchronised).
+# Logged at steps 4, 8 and 12, each line with its own step's tokens and seconds: steps 8 and 12
+# (the baseline times steps 3-12, each synchronised).
 steady = [json.loads(l) for l in open(f"{logs}/sft-1b-metrics.jsonl") if '"grad_norm"' in l][1:]
 ours = sum(r["tokens"] for r in steady) / sum(r["tokens"] / r["tokens_per_second"] for r in steady)
 n = t["parameters"]
@@ -270,10 +273,14 @@ lora() {
   result "sft: $(python3 scripts/gpu_check.py compare "$W/lora-cpu" "$W/lora-dev" 1e-3); dpo bf16 losses $(losses "$W/lora-dpo")"
 }
 
+training_models() {
+  python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1
+}
+
 if part train; then
-  say "models and data (random weights, SmolLM2 tokenizer)"
-  timeout "$(limit)" python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1 ||
-    { tail -5 "$LOGS/models.log"; STEP="training models" result "FAILED: see models.log"; exit 1; }
+  step "training models" training_models
+fi
+if part train && $STEP_OK; then
   step "parity CPU vs $DEVICE" parity
   step "process group of one" process_group
   if [ "$DEVICE" = cuda ]; then step "throughput 1B bf16" throughput; fi
@@ -314,11 +321,15 @@ batch_invariance() {
   result "$line"
 }
 
-if part synth; then
-  say "synthesis model: random weights ($size), safetensors and F16 GGUF"
-  timeout "$(limit)" python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1 ||
-    { tail -5 "$LOGS/synth-models.log"; STEP="synthesis models" result "FAILED: see synth-models.log"; exit 1; }
+synthesis_models() {
+  python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1
   tail -1 "$LOGS/synth-models.log"
+}
+
+if part synth; then
+  step "synthesis models ($size)" synthesis_models
+fi
+if part synth && $STEP_OK; then
   step "synth llama.cpp" synth_rate llamacpp "$W/s1b.gguf"
   step "synth mistralrs" synth_rate mistralrs "$W/s1b"
   step "transformers generate" synth_transformers

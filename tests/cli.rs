@@ -102,10 +102,14 @@ fn dry_run_prints_the_memory_plan_from_the_config_alone_and_writes_nothing() {
         }
         assert_eq!(plan.contains("reference model"), stage == "dpo", "{plan}");
     }
-    // Some blocks recomputed: tiny Llama has two.
-    let output = magpie(&["sft", "--model", fixture("tiny-llama").to_str().unwrap(), "-i", "not-read", "-o", out.to_str().unwrap(),
-                          "--gradient-checkpointing", "1", "--dry-run", "8"]);
-    assert!(String::from_utf8_lossy(&output.stdout).contains(", gradient checkpointing of 1 of 2 blocks\n"), "{}", stderr(&output));
+    // Some of Llama-3.1-8B's 32 blocks recomputed (its config.json is all a dry run reads).
+    let llama_8b = dir.path().join("llama-3.1-8b");
+    std::fs::create_dir(&llama_8b).unwrap();
+    std::fs::write(llama_8b.join("config.json"), r#"{"model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0}"#).unwrap();
+    let output = magpie(&["sft", "--model", llama_8b.to_str().unwrap(), "-i", "not-read", "-o", out.to_str().unwrap(), "--bf16",
+                          "--gradient-checkpointing", "12", "--dry-run", "8"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains(", gradient checkpointing of 12 of 32 blocks\n"), "{}", stderr(&output));
     // The seed's recipe (`device: cuda`, `gradient_checkpointing: auto`) plans on a machine
     // without its GPU too, and says what auto decided.
     let recipe = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes/llama3.1-8b-magpie-sft.yaml");

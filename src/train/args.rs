@@ -113,9 +113,9 @@ pub struct TrainArgs {
     pub full_determinism: bool,
 
     /// Recompute each block in the backward pass instead of keeping its activations (about a
-    /// third more compute). A number N: N blocks, spread over the depth. `auto`: the fewest
-    /// blocks whose memory plan (`--dry-run`) fits in 90% of the device's memory (none where the
-    /// plan without it fits). The flag alone means true.
+    /// third more compute). A number N (2 or more): N blocks, spread over the depth. `auto`: the
+    /// fewest blocks whose memory plan (`--dry-run`) fits in 90% of the device's memory (none
+    /// where the plan without it fits). The flag alone means true.
     #[arg(long, value_name = "true|false|auto|N", num_args = 0..=1, default_value = "false", default_missing_value = "true")]
     pub gradient_checkpointing: Checkpointing,
 

@@ -123,6 +123,7 @@ impl std::str::FromStr for Checkpointing {
             "true" | "on" => Ok(Checkpointing::On),
             "false" | "off" => Ok(Checkpointing::Off),
             "auto" => Ok(Checkpointing::Auto),
+            "1" => Err("1 block alone saves nothing (its recomputation holds a block's activations again): give 2 or more".to_string()),
             _ => text.parse().map(Checkpointing::Blocks).map_err(|_| format!("expected true, false, auto or a number of blocks, not `{text}`")),
         }
     }
@@ -307,6 +308,7 @@ mod tests {
         assert_eq!(parse(&["--gradient-checkpointing", "auto"]), Checkpointing::Auto);
         assert_eq!(parse(&["--gradient-checkpointing", "12"]), Checkpointing::Blocks(12));
         assert_eq!("maybe".parse::<Checkpointing>().unwrap_err(), "expected true, false, auto or a number of blocks, not `maybe`");
+        assert!("1".parse::<Checkpointing>().unwrap_err().contains("saves nothing"));
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y"]).precision();
         let work = Workload { tokens: 1, reference_model: false, micro_batches: 1 };
         let blocks = |choice| resolve(choice, &llama_8b(), precision, 1, &work, None, None, || panic!("asked the device's memory")).0;

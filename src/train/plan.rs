@@ -179,7 +179,11 @@ impl TrainArgs {
             logging_steps: self.logging_steps.max(1),
             precision: self.precision(),
             // `auto` is decided by the driver, against the model's memory plan.
-            recomputed_blocks: if self.gradient_checkpointing == Checkpointing::On { usize::MAX } else { 0 },
+            recomputed_blocks: match self.gradient_checkpointing {
+                Checkpointing::On => usize::MAX,
+                Checkpointing::Blocks(count) => count,
+                Checkpointing::Off | Checkpointing::Auto => 0,
+            },
             lora: self.lora_plan()?,
             world,
             device,

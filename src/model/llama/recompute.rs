@@ -81,6 +81,50 @@ impl Llama {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::llama::{default_positions, LlamaConfig, Weights};
+    use crate::model::tests::{fill_deterministic, fixture};
+    use crate::model::AttentionMask;
+    use tch::{nn, Device};
+
+    /// Every weight's gradient after the backward of the logits' squares, recomputing the blocks
+    /// `recompute` marks (`None`: the plain backward), on tiny Llama made four blocks deep.
+    fn gradients(recompute: Option<&[bool]>) -> Vec<(String, Tensor)> {
+        let text = std::fs::read_to_string(fixture("tiny-llama").join("config.json")).unwrap().replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 4");
+        let config = LlamaConfig::from_json(&text).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = Llama::causal_lm(&vs.root(), &config, Weights::Random).unwrap();
+        fill_deterministic(&vs);
+        let ids = Tensor::from_slice(&[1i64, 5, 9, 200, 17, 3, 40, 41]).view([2, 4]);
+        let positions = default_positions(2, 4, Device::Cpu);
+        let inputs = Inputs { ids: &ids, positions: &positions, mask: &AttentionMask::Causal };
+        match recompute {
+            Some(recompute) => {
+                let (hidden, saved) = model.forward_for_recompute(&inputs, recompute);
+                model.logits(&hidden).square().sum(Kind::Float).backward();
+                model.backward_by_recompute(saved);
+            }
+            None => model.forward(&inputs).square().sum(Kind::Float).backward(),
+        }
+        let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(n, v)| (n, v.grad().copy())).collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        named
+    }
+
+    /// Kept blocks between recomputed ones, at the bottom (the embeddings' graph) and at the top
+    /// (the loss's), and recomputed ones side by side.
+    #[test]
+    fn any_pattern_of_recomputed_blocks_gives_the_plain_backwards_gradients() {
+        let plain = gradients(None);
+        assert!(plain.iter().all(|(_, g)| g.defined()) && plain.len() > 30);
+        let patterns = [[true, false, true, false], [false, true, false, true], [true, false, false, true], [false, false, true, false],
+                        [true, true, false, true], [true; 4]];
+        for pattern in patterns {
+            for ((name, a), (_, b)) in plain.iter().zip(gradients(Some(&pattern))) {
+                let diff = (a - &b).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "{pattern:?} {name}: {diff}");
+            }
+        }
+    }
 
     #[test]
     fn spread_marks_the_count_evenly() {
