@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{converted_smollm2 as converted, fixture, kill_once_exists, magpie, refused, s, snapshot, stderr};
+use common::{converted_smollm2 as converted, fixture, kill_once_exists, magpie, refused, s, snapshot, stderr, venv_python};
 
 fn spawn(args: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_magpie")).args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap()
@@ -104,12 +104,15 @@ fn a_failed_report_write_leaves_no_finished_looking_dataset() {
 fn a_killed_filter_leaves_nothing_finished_and_a_rerun_sweeps_its_temporaries() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let input = fixture("magpie-released.parquet");
+    // 50,000 rows (the filter benchmark's corpus), so the run is seconds long.
+    let input = dir.path().join("corpus.parquet");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/bench/filter_corpus.py");
+    assert!(Command::new(venv_python()).arg(script).args([s(&input), "50000"]).status().unwrap().success());
     // A stale temporary from a run that died (its process id is long gone).
     let stale = dir.path().join(".out.magpie-tmp-999999999");
     std::fs::create_dir(&stale).unwrap();
     std::fs::write(stale.join("part-00000.parquet"), b"half").unwrap();
-    let steps = r#"[{"step": "semantic_dedup"}, {"step": "exact_dedup"}]"#;
+    let steps = r#"[{"step": "exact_dedup"}, {"step": "minhash_dedup"}, {"step": "heuristics"}]"#;
     let mut child = spawn(&["filter", "-i", s(&input), "-o", s(&out), "--steps", steps]);
     // Killed mid-run: the steps' scratch folder is made before the first step and removed once
     // the output is staged, so while it exists nothing is finished.
