@@ -4,7 +4,7 @@
 # what scripts/build-device.sh puts in ./device-bin and ./device-tests (git ignores them):
 #   device-bin/magpie.xz  device-bin/tokenizer/{tokenizer.json,...}
 #   device-tests/magpie-tests.xz  device-tests/encoder/{tokenizer.json,config.json,...}
-# then on the device:  scripts/gpu-check.sh device-bin     # under 8 minutes; the table at the end
+# then on the device:  scripts/gpu-check.sh device-bin     # 9 minutes at most; the table at the end
 # GPU_CHECK_PARTS picks parts: "train synth" (the default; one call carrying device-bin) and
 # "units" (a second call carrying device-tests: each binary is ~42 MB, a call carries 64 MiB).
 # 0. units, from device-tests/ (GPU_CHECK_TESTS): the library's CUDA unit tests (`on_cuda_*`:
@@ -33,7 +33,8 @@
 #    and on mistralrs (whose CPU batching mixes up sequences, see src/engine/mistralrs.rs): how
 #    many differ, and how many batched answers are another prompt's.
 # GPU_CHECK_DEVICE=cpu rehearses every step but the 1B throughput on a CPU machine at a small scale
-# (MAGPIE=path picks a binary, GPU_CHECK_TESTS=folder the test binary's).
+# (MAGPIE=path picks a binary, GPU_CHECK_TESTS=folder the test binary's; GPU_CHECK_BUDGET=3600 lets
+# a CPU reach every step).
 #
 # The device time is short, so one failing step does not end the run: each step runs in a shell of
 # its own, and a failure becomes a FAILED line (with its log's last lines) in the summary. Every
