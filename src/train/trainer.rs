@@ -87,9 +87,8 @@ fn rank_slice(examples: &[usize], rank: usize, world: usize) -> &[usize] {
     &examples[(rank * per_rank).min(examples.len())..((rank + 1) * per_rank).min(examples.len())]
 }
 
-/// Forward and backward of one micro-batch; returns the summed metrics. With gradient
-/// checkpointing of `recomputed_blocks` blocks (spread over the depth), those keep only their
-/// inputs and run again during the backward pass.
+/// Forward and backward of one micro-batch; returns the summed metrics. `recomputed_blocks`
+/// blocks (spread over the depth) keep only their inputs and run again in the backward pass.
 pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch, scale: f64, recomputed_blocks: usize) -> Result<Metrics> {
     let inputs = batch.inputs();
     if recomputed_blocks == 0 {
@@ -524,8 +523,7 @@ mod tests {
             vars.into_iter().map(|(n, t)| (n, t.grad().copy())).collect::<Vec<_>>()
         };
         let plain = grads(0);
-        // One of tiny Llama's two blocks, both, and past the count (all).
-        for recomputed in [1, 2, 9] {
+        for recomputed in [1, 2, 9] { // one of tiny Llama's two blocks, both, past the count (all)
             for ((name, a), (_, b)) in plain.iter().zip(grads(recomputed)) {
                 let diff = (a - &b).abs().max().double_value(&[]);
                 assert!(diff < 1e-6, "{recomputed} blocks, {name}: {diff}");
