@@ -62,14 +62,14 @@ impl Llama {
     /// recomputed block just below it directly, else through the graph of the kept blocks below
     /// (and the embeddings).
     pub fn backward_by_recompute(&self, saved: Recompute) {
+        let Recompute { mut blocks, rope, attend } = saved;
         let mut handed_down: Option<Tensor> = None;
-        let below: Vec<Option<usize>> = std::iter::once(None).chain(saved.blocks.iter().map(|b| Some(b.index))).collect();
-        for (Saved { index, input, output }, below) in saved.blocks.into_iter().zip(below).rev() {
+        while let Some(Saved { index, input, output }) = blocks.pop() {
             let grad = handed_down.take().unwrap_or_else(|| output.grad());
             let x = input.detach().set_requires_grad(true);
-            let y = self.layers[index].forward(&x, &saved.rope, &saved.attend);
+            let y = self.layers[index].forward(&x, &rope, &attend);
             (y * grad).sum(Kind::Float).backward();
-            if index > 0 && below == Some(index - 1) {
+            if blocks.last().is_some_and(|below| below.index + 1 == index) {
                 handed_down = Some(x.grad());
             } else if input.requires_grad() {
                 (input * x.grad()).sum(Kind::Float).backward();
