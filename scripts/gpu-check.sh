@@ -41,9 +41,9 @@
 # command has a time limit (GPU_CHECK_LIMIT seconds, 240), and the whole run a budget
 # (GPU_CHECK_BUDGET seconds, 540, counted from the start, unpacking included: inside a device
 # call's 10 minutes): no command runs past it, and once less than 30 s is left the remaining steps
-# are SKIPPED lines, so the call always comes back with the figures it has. The summary and the logs are written
-# as the steps finish into $OUT/gpu-check (the device tool brings $OUT back, also after a time-out),
-# or into the work folder without $OUT.
+# are SKIPPED lines, so the call always comes back with the figures it has. The summary and the
+# logs are written as the steps finish into $OUT/gpu-check (the device tool brings $OUT back, also
+# after a time-out), or into the work folder without $OUT.
 set -euo pipefail
 BIN_DIR=${1:-device-bin}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
@@ -275,7 +275,7 @@ lora() {
 }
 
 training_models() {
-  python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1
+  timeout "$(limit)" python3 scripts/gpu_check.py models "$BIN_DIR/tokenizer" "$W" "$([ "$DEVICE" = cuda ] && echo full || echo small)" > "$LOGS/models.log" 2>&1
 }
 
 if part train; then
@@ -323,7 +323,7 @@ batch_invariance() {
 }
 
 synthesis_models() {
-  python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1
+  timeout "$(limit)" python3 scripts/gpu_check_synth.py models "$BIN_DIR/tokenizer" "$W" "$size" > "$LOGS/synth-models.log" 2>&1
   tail -1 "$LOGS/synth-models.log"
 }
 
