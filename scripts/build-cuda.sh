@@ -15,7 +15,9 @@
 # - The binary's rpath names the project venv's nvidia/cu13/lib, where the torch wheel keeps
 #   cuBLAS, cuRAND and NVRTC; the GPU machine's driver provides libcuda.so.1.
 # Overrides: CUDA_COMPUTE_CAP (90), MAGPIE_TORCH_VENV (the venv whose torch tch links against;
-# default the project's), MAGPIE_CUDA_SRC (the tree to build; default this checkout), extra
+# default the project's), MAGPIE_CUDA_SRC (the tree to build; default this checkout),
+# MAGPIE_FEATURES (cargo features, `cuda`; empty leaves out the generation engines' CUDA kernels,
+# as scripts/build-device.sh does for the unit tests: training's CUDA is libtorch's), extra
 # arguments go to cargo. CI does not run this (it needs no GPU but takes an hour cold on 2 cores).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
@@ -71,5 +73,5 @@ export GGML_NATIVE=OFF GGML_AVX=ON GGML_AVX2=ON GGML_FMA=ON GGML_F16C=ON
 say "nvcc $(nvcc --version | grep -oE 'release [0-9.]+'), sm_$CUDA_COMPUTE_CAP, torch from $TORCH_VENV, target $CARGO_TARGET_DIR"
 say "building (cold: about an hour on 2 cores: the CUDA kernels of llama.cpp, candle and mistralrs)"
 # MAGPIE_CARGO=test builds the test binaries instead (`cargo test --no-run`), as build-device.sh does.
-(cd "$SRC" && cargo "${MAGPIE_CARGO:-build}" --release --features cuda "$@")
+(cd "$SRC" && cargo "${MAGPIE_CARGO:-build}" --release --features "${MAGPIE_FEATURES-cuda}" "$@")
 say "built in $CARGO_TARGET_DIR/release"

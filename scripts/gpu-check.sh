@@ -1,18 +1,13 @@
 #!/usr/bin/env bash
 # The GPU checks of training, synthesis and filtering, on the GPU machine the device tool lends
 # (an H200, no network, no Rust, no fonts; python3 with torch 2.11, transformers, pyarrow). Needs
-# what scripts/build-device.sh puts in ./device-bin and ./device-tests (git ignores them):
-#   device-bin/magpie.xz  device-bin/tokenizer/{tokenizer.json,...}
-#   device-tests/magpie-tests.xz  device-tests/encoder/{tokenizer.json,config.json,...}
+# what scripts/build-device.sh puts in ./device-bin (git ignores it; one device call carries it):
+#   device-bin/magpie.xz  device-bin/magpie-tests.xz  device-bin/tokenizer/  device-bin/encoder/
 # then on the device:  scripts/gpu-check.sh device-bin     # 9 minutes at most; the table at the end
-# GPU_CHECK_PARTS picks parts: "train synth" (the default; one call carrying device-bin) and
-# "units" (a second call carrying device-tests: each binary is ~42 MB, a call carries 64 MiB).
-# 0. units, from device-tests/ (GPU_CHECK_TESTS): the library's CUDA unit tests (`on_cuda_*`:
-#    varlen flash attention per document, the chunked vocabulary loss and its gradients, the exact
-#    kNN against the CPU's); semantic dedup's exact kNN on 1M random 384-d vectors with planted
-#    near duplicates on the GPU (seconds, planted pairs joined); semantic dedup's embedding on the
-#    GPU (an all-MiniLM-L6-v2-shaped encoder, random weights) on 100,000 corpus instructions,
-#    rows/s against sentence-transformers' encode written out in transformers;
+# GPU_CHECK_PARTS picks parts: "units train filter synth" (the default: all of them, in this order).
+# 0. units, from magpie-tests.xz (in the folder GPU_CHECK_TESTS, device-bin by default): the
+#    library's CUDA unit tests (`on_cuda_*`: varlen flash attention per document, the chunked
+#    vocabulary loss and its gradients, the exact kNN against the CPU's);
 # 1. parity: SFT, SmolLM2-135M shape, random weights, f32, 4 steps: losses on CPU vs CUDA (1e-3);
 # 2. NCCL at world size 1 (torchrun's variables): the same losses as without a process group;
 # 3. throughput: SFT, Llama-3.2-1B shape, bf16, packing, 4 x 2048 tokens, against a PyTorch eager
@@ -25,6 +20,10 @@
 #    difference without it (the tolerance a resumed GPU run keeps);
 # 5c. LoRA: SFT with adapters on all linear layers, CUDA (gradient checkpointing) vs CPU, f32,
 #    dropout 0 (1e-3); a bf16 LoRA DPO's losses with its adapters-off reference;
+# 5d. filter: semantic dedup's exact kNN on 1M random 384-d vectors with planted near duplicates
+#    on the GPU (seconds, planted pairs joined); its embedding on the GPU (an all-MiniLM-L6-v2-shaped
+#    encoder, random weights) of 100,000 corpus instructions, rows/s against sentence-transformers'
+#    encode written out in transformers;
 # 6. synthesis: 2,000 instructions + responses with a random-weight 1B-class model (Llama-3.2-1B's
 #    shape, SmolLM2's vocabulary) on mistralrs (safetensors, PagedAttention) and llama.cpp (the same
 #    weights as F16 GGUF, written by gpu_check_synth.py), tok/s against transformers' batched
@@ -47,7 +46,7 @@
 set -euo pipefail
 BIN_DIR=${1:-device-bin}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-PARTS=${GPU_CHECK_PARTS:-train synth}
+PARTS=${GPU_CHECK_PARTS:-units train filter synth}
 LIMIT=${GPU_CHECK_LIMIT:-240}
 BUDGET=${GPU_CHECK_BUDGET:-540}
 # The time limit of the next command: GPU_CHECK_LIMIT, or what is left of the budget if less.
@@ -99,7 +98,7 @@ say "magpie doctor"
 magpie doctor > "$LOGS/doctor.log" 2>&1 || true
 grep -iE "cuda|libtorch|gpu" "$LOGS/doctor.log" | head -8 || true
 
-TESTS=${GPU_CHECK_TESTS:-device-tests}
+TESTS=${GPU_CHECK_TESTS:-$BIN_DIR}
 # lib_tests ARGS: the library's test binary (unpacked once) with ARGS, under the time limit.
 lib_tests() {
   [ -x "$W/magpie-tests" ] || { xz -dc "$TESTS/magpie-tests.xz" > "$W/magpie-tests.part" && chmod +x "$W/magpie-tests.part" && mv "$W/magpie-tests.part" "$W/magpie-tests"; }
@@ -135,8 +134,6 @@ embedding() {
 if [ "$DEVICE" = cuda ]; then knn_rows=1000000 embed_rows=100000; else knn_rows=20000 embed_rows=2000; fi
 if part units; then
   step "CUDA unit tests" units
-  step "kNN exact on $DEVICE" knn_exact
-  step "embedding on $DEVICE" embedding
 fi
 
 sft() {
@@ -291,6 +288,11 @@ if part train && $STEP_OK; then
   step "bf16 DPO lr 1e-6" master_weights
   step "resume, full determinism" resume
   step "LoRA CPU vs $DEVICE" lora
+fi
+
+if part filter; then
+  step "kNN exact on $DEVICE" knn_exact
+  step "embedding on $DEVICE" embedding
 fi
 
 if [ "$DEVICE" = cuda ]; then size=full num=2000 seqs=256 hf_prompts=1024; else size=small num=16 seqs=8 hf_prompts=16; fi
