@@ -16,8 +16,8 @@ use super::attention::{Attend, AttentionMask};
 use super::lora::{Adapter, LoraConfig, Switch};
 use std::sync::Arc;
 
-mod recompute;
-pub use recompute::{spread, Recompute};
+mod blockwise;
+pub use blockwise::{spread, Blockwise};
 
 /// The `config.json` fields the architecture needs. Older and newer spellings are both read:
 /// `rope_theta`/`rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
@@ -463,6 +463,12 @@ impl Llama {
             }
         }
         self.adapters = None;
+    }
+
+    /// The block a weight of the model or of its adapters belongs to, by name
+    /// (`model.layers.3.mlp.up_proj.weight`: 3); none for the embeddings, final norm and head.
+    pub fn block_of(name: &str) -> Option<usize> {
+        name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
     }
 
     pub fn device(&self) -> Device {

@@ -226,6 +226,8 @@ pub struct DpoObjective {
     pub loss: LossConfig,
     pub pad_id: i64,
     pub padding_free: bool,
+    /// Logits a chunk of the vocabulary head holds (`memory::Fit`).
+    pub head_chunk_logits: i64,
 }
 
 impl DpoObjective {
@@ -273,7 +275,7 @@ impl Objective for DpoObjective {
         let half = |t: &Tensor, k: i64| t.narrow(0, k * n, n);
         // The loss's parts, kept for the metrics (which detach them).
         let mut parts = None;
-        let loss = loss_of_log_probs(model, hidden, batch, |values| {
+        let loss = loss_of_log_probs(model, hidden, batch, self.head_chunk_logits, |values| {
             let stats = SequenceStats::of(values);
             let (len_c, len_r) = (half(&stats.tokens, 0), half(&stats.tokens, 1));
             let out = pair_losses(&self.loss, (&half(&stats.logps, 0), &half(&stats.logps, 1)), (&ref_c, &ref_r), (&len_c, &len_r));
@@ -344,7 +346,8 @@ pub fn run(args: &DpoArgs) -> Result<()> {
             rows.null_rows
         );
         let loss = LossConfig { loss_type: args.loss_type, beta: args.beta, label_smoothing: args.label_smoothing, simpo_gamma: args.simpo_gamma };
-        let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id, padding_free: args.padding_free };
+        let mut objective = DpoObjective { pairs: [train_pairs, eval_pairs], reference: Reference::None, loss, pad_id: tokenizer.pad_id, padding_free: args.padding_free,
+                                          head_chunk_logits: plan.fit.head_chunk_logits };
         if lora_reference {
             // The reference is the policy as it starts: no second model.
             let mut policy = driver::load_policy(plan)?;
@@ -392,6 +395,7 @@ pub fn run(args: &DpoArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::lm_head::DEFAULT_CHUNK_LOGITS;
     use crate::train::reference::{cache_key, compute_reference, read_cache, write_cache};
     use crate::train::distributed::World;
     use crate::data::Message;
@@ -437,7 +441,7 @@ mod tests {
             })
             .collect();
         let loss = LossConfig { loss_type, beta: json["beta"].as_f64().unwrap(), label_smoothing, simpo_gamma: json["simpo_gamma"].as_f64().unwrap() };
-        (DpoObjective { pairs: [pairs, vec![]], reference, loss, pad_id: 0, padding_free: false }, json)
+        (DpoObjective { pairs: [pairs, vec![]], reference, loss, pad_id: 0, padding_free: false, head_chunk_logits: DEFAULT_CHUNK_LOGITS }, json)
     }
 
     fn metrics_of(objective: &DpoObjective) -> std::collections::BTreeMap<String, f64> {

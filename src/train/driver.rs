@@ -42,10 +42,10 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
         let lora = args.lora_plan()?.map(|l| l.config);
         // `auto` decides for this machine's device; a login node without the run's GPU plans too.
         let device = args.device.resolve(None).ok();
-        let (recompute, why) = memory::resolve(args.gradient_checkpointing, &config, args.precision(), processes as i64, &command.workload,
-                                               lora.as_ref(), device, || device.and_then(memory::device_memory));
+        let (fit, why) = memory::resolve(args.gradient_checkpointing, &config, args.precision(), processes as i64, &command.workload,
+                                         lora.as_ref(), device, || device.and_then(memory::device_memory));
         print!("{}{}", why.map_or(String::new(), |why| why + "\n"),
-               memory::render(&config, args.precision(), recompute, processes as i64, &command.workload, lora.as_ref()));
+               memory::render(&config, args.precision(), fit, processes as i64, &command.workload, lora.as_ref()));
         return Ok(None);
     }
     if args.full_determinism {
@@ -58,9 +58,9 @@ pub fn run<O: Objective>(command: Command, build: impl FnOnce(TrainingRows, &Tra
     tch::manual_seed(plan.seed as i64);
     let config = crate::model::ModelDir::open(&plan.model)?.config; // a missing model is named before anything else
     let lora = plan.lora.as_ref().map(|l| &l.config);
-    let (recompute, why) = memory::resolve(args.gradient_checkpointing, &config, plan.precision, plan.world.size as i64, &command.workload,
-                                           lora, Some(plan.device), || memory::device_memory(plan.device));
-    plan.recomputed_blocks = recompute;
+    let (fit, why) = memory::resolve(args.gradient_checkpointing, &config, plan.precision, plan.world.size as i64, &command.workload,
+                                     lora, Some(plan.device), || memory::device_memory(plan.device));
+    plan.fit = fit;
     if let Some(why) = why.filter(|_| plan.world.is_main()) {
         eprintln!("{why}");
     }

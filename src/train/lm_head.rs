@@ -23,18 +23,28 @@ use tch::{Kind, Tensor};
 use super::batch::Batch;
 use crate::model::Llama;
 
-/// How many logits (tokens × vocabulary) one chunk holds: 2²⁷ f32 values, 512 MiB (about 1,000
-/// tokens of Llama 3's vocabulary).
-const CHUNK_LOGITS: i64 = 1 << 27;
+/// How many logits (tokens × vocabulary) one chunk holds unless the memory plan allows more:
+/// 2²⁷ f32 values, 512 MiB (about 1,000 tokens of Llama 3's vocabulary).
+pub const DEFAULT_CHUNK_LOGITS: i64 = 1 << 27;
+/// The most a chunk holds: 2³⁰ f32 values, 4 GiB (8,371 tokens of Llama 3's vocabulary, the
+/// seed's micro-batch in one chunk). Each chunk adds its `G_W` into the f32 sum, so fewer,
+/// larger chunks rewrite it fewer times (Llama 3's is 2.1 GB).
+pub const LARGEST_CHUNK_LOGITS: i64 = 1 << 30;
 
-/// What the head's loss holds at its peak for `tokens` targets, in bytes (the `--dry-run` plan):
-/// one chunk's f32 logits and their gradient in the weights' dtype, `G_W` in f32 and then in the
-/// weights' dtype, a chunk's `G_W` in the weights' dtype (added into the f32 `G_W` in place), and
-/// the targets' hidden states with `G_h`. A frozen head (`head_trains` false: LoRA) has no `G_W`.
-pub fn peak_bytes(vocab: i64, hidden: i64, tokens: i64, element: f64, head_trains: bool) -> f64 {
-    let chunk = (CHUNK_LOGITS / vocab).max(1).min(tokens.max(1)) as f64 * vocab as f64;
+/// What the head's loss holds at its peak for `tokens` targets in chunks of `chunk_logits`, in
+/// bytes (the `--dry-run` plan): one chunk's f32 logits and their gradient in the weights' dtype,
+/// `G_W` in f32 and then in the weights' dtype, a chunk's `G_W` in the weights' dtype (added
+/// into the f32 `G_W` in place), and the targets' hidden states with `G_h`. A frozen head
+/// (`head_trains` false: LoRA) has no `G_W`.
+pub fn peak_bytes(vocab: i64, hidden: i64, tokens: i64, element: f64, head_trains: bool, chunk_logits: i64) -> f64 {
+    let chunk = chunk_tokens(chunk_logits, vocab).min(tokens.max(1)) as f64 * vocab as f64;
     let weight = if head_trains { (vocab * hidden) as f64 } else { 0.0 };
     chunk * (4.0 + element) + weight * (4.0 + 2.0 * element) + 2.0 * (tokens * hidden) as f64 * element
+}
+
+/// Targets a chunk of `chunk_logits` logits holds (at least one).
+pub fn chunk_tokens(chunk_logits: i64, vocab: i64) -> i64 {
+    (chunk_logits / vocab).max(1)
 }
 
 /// Log-probabilities of a batch's targets, one entry per target, in row-major order.
@@ -77,7 +87,7 @@ impl<'a> Head<'a> {
             targets: batch.targets.view([-1]).index_select(0, at),
             documents: batch.target_documents.shallow_clone(),
             count: batch.documents,
-            chunk: (chunk_logits / weight.size()[0]).max(1),
+            chunk: chunk_tokens(chunk_logits, weight.size()[0]),
             weight,
         }
     }
@@ -138,13 +148,10 @@ impl<'a> Head<'a> {
     }
 }
 
-/// Summed next-token cross-entropy over the batch's targets, computed in f32, with gradients into
-/// `hidden` and the head when `hidden` is part of a graph.
-pub fn summed_cross_entropy(model: &Llama, hidden: &Tensor, batch: &Batch) -> Tensor {
-    summed_cross_entropy_in_chunks(model, hidden, batch, CHUNK_LOGITS)
-}
-
-fn summed_cross_entropy_in_chunks(model: &Llama, hidden: &Tensor, batch: &Batch, chunk_logits: i64) -> Tensor {
+/// Summed next-token cross-entropy over the batch's targets, computed in f32 in chunks of
+/// `chunk_logits` logits, with gradients into `hidden` and the head when `hidden` is part of a
+/// graph.
+pub fn summed_cross_entropy(model: &Llama, hidden: &Tensor, batch: &Batch, chunk_logits: i64) -> Tensor {
     let head = Head::new(model, hidden, batch, chunk_logits);
     let mut loss = Tensor::zeros([], (Kind::Float, hidden.device()));
     let mut grads = hidden.requires_grad().then(|| head.zero_gradients());
@@ -164,7 +171,7 @@ fn summed_cross_entropy_in_chunks(model: &Llama, hidden: &Tensor, batch: &Batch,
 
 /// The targets' log-probabilities, outside any graph (evaluation, reference models).
 pub fn target_log_probs(model: &Llama, hidden: &Tensor, batch: &Batch) -> TargetLogProbs {
-    first_pass(&Head::new(model, hidden, batch, CHUNK_LOGITS)).0
+    first_pass(&Head::new(model, hidden, batch, DEFAULT_CHUNK_LOGITS)).0
 }
 
 /// The log-probs, and each chunk's log Σ exp(logits) for a second pass to reuse.
@@ -182,13 +189,10 @@ fn first_pass(head: &Head) -> (TargetLogProbs, Vec<Tensor>) {
 }
 
 /// `loss_of(log-probs)`, with gradients into `hidden` and the head when `hidden` is part of a
-/// graph. `loss_of` sees log-probs that require grad (a leaf), and may return any function of
-/// them (and keep what it computed from them, detaching it).
-pub fn loss_of_log_probs(model: &Llama, hidden: &Tensor, batch: &Batch, loss_of: impl FnOnce(&TargetLogProbs) -> Tensor) -> Tensor {
-    loss_of_log_probs_in_chunks(model, hidden, batch, CHUNK_LOGITS, loss_of)
-}
-
-fn loss_of_log_probs_in_chunks(model: &Llama, hidden: &Tensor, batch: &Batch, chunk_logits: i64, loss_of: impl FnOnce(&TargetLogProbs) -> Tensor) -> Tensor {
+/// graph, in chunks of `chunk_logits` logits. `loss_of` sees log-probs that require grad (a
+/// leaf), and may return any function of them (and keep what it computed from them, detaching
+/// it).
+pub fn loss_of_log_probs(model: &Llama, hidden: &Tensor, batch: &Batch, chunk_logits: i64, loss_of: impl FnOnce(&TargetLogProbs) -> Tensor) -> Tensor {
     let head = Head::new(model, hidden, batch, chunk_logits);
     let (values, lses) = first_pass(&head);
     if !hidden.requires_grad() {
@@ -270,11 +274,11 @@ mod tests {
         let want_value = want_loss.double_value(&[]);
         let want = gradients(&loaded, want_loss * 0.25);
         // 256-token vocabulary, 3 tokens a chunk: 4 chunks over the 10 targets, the last short.
-        let loss = summed_cross_entropy_in_chunks(&loaded.model, &hidden(), &batch, 3 * 256);
+        let loss = summed_cross_entropy(&loaded.model, &hidden(), &batch, 3 * 256);
         assert!((loss.double_value(&[]) - want_value).abs() < 1e-5, "{} vs {want_value}", loss.double_value(&[]));
         assert_same_gradients(&gradients(&loaded, loss * 0.25), &want);
         // Outside a graph (evaluation): the same value, nothing to differentiate.
-        let eval = tch::no_grad(|| summed_cross_entropy_in_chunks(&loaded.model, &hidden(), &batch, 3 * 256));
+        let eval = tch::no_grad(|| summed_cross_entropy(&loaded.model, &hidden(), &batch, 3 * 256));
         assert!(!eval.requires_grad() && (eval.double_value(&[]) - want_value).abs() < 1e-5);
     }
 
@@ -291,7 +295,7 @@ mod tests {
         let want_value = want_loss.double_value(&[]);
         let want = gradients(&loaded, want_loss);
         let mut seen = None;
-        let loss = loss_of_log_probs_in_chunks(&loaded.model, &hidden(), &batch, 4 * 256, |lp| {
+        let loss = loss_of_log_probs(&loaded.model, &hidden(), &batch, 4 * 256, |lp| {
             seen = Some((lp.per_document(&lp.logps).detach(), lp.mean_logits.detach()));
             loss_of(lp.per_document(&lp.logps))
         });

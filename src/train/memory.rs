@@ -11,10 +11,13 @@
 //! holds one chunk of logits at a time and the head's gradient (`lm_head::peak_bytes`). The CUDA
 //! context and allocator slack (a GB or two) come on top.
 //!
-//! `--gradient-checkpointing auto` asks this plan how few blocks the run can recompute and fit.
+//! The plan also sizes the run to its device ([`Fit`]): `--gradient-checkpointing auto` asks it
+//! how few blocks the run can recompute and fit, and the vocabulary head takes chunks as large as
+//! the room left allows.
 
 use crate::model::lora::LoraConfig;
 use crate::model::LlamaConfig;
+use super::lm_head::{self, DEFAULT_CHUNK_LOGITS, LARGEST_CHUNK_LOGITS};
 use super::plan::Precision;
 use super::distributed::zero::{BUCKET_ELEMENTS, IN_FLIGHT_BUCKETS};
 use super::optim::SLICE_ELEMENTS;
@@ -40,10 +43,25 @@ pub fn parameters(c: &LlamaConfig) -> i64 {
     c.num_hidden_layers * layer + embeddings + h
 }
 
-/// Bytes on each rank, by part, with `recomputed` blocks run again in the backward pass (all of
-/// them past the block count). With `lora`, the base weights are frozen and only the f32
-/// adapters have gradients and optimizer state.
-pub fn plan(c: &LlamaConfig, precision: Precision, recomputed: usize, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> Vec<(&'static str, f64)> {
+/// How a run fits its device: the blocks it runs again in the backward pass (gradient
+/// checkpointing, spread over the depth: 0 none, past the block count all), and the logits one
+/// chunk of the vocabulary head holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fit {
+    pub recomputed_blocks: usize,
+    pub head_chunk_logits: i64,
+}
+
+impl Fit {
+    /// `blocks` recomputed, the head in chunks of the default size.
+    pub fn recomputing(blocks: usize) -> Fit {
+        Fit { recomputed_blocks: blocks, head_chunk_logits: DEFAULT_CHUNK_LOGITS }
+    }
+}
+
+/// Bytes on each rank, by part, for `fit`. With `lora`, the base weights are frozen and only the
+/// f32 adapters have gradients and optimizer state.
+pub fn plan(c: &LlamaConfig, precision: Precision, fit: Fit, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> Vec<(&'static str, f64)> {
     let n = parameters(c) as f64;
     let bf16 = precision.dtype == tch::Kind::BFloat16;
     let element = if bf16 { 2.0 } else { 4.0 };
@@ -59,7 +77,7 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recomputed: usize, world: i64
     let per_layer_token = element * (9.0 * h + 4.0 * kv + 4.0 * i) + adapter_per_layer_token;
     let tokens = work.tokens as f64;
     let layers = c.num_hidden_layers as f64;
-    let recomputed = recomputed.min(c.num_hidden_layers as usize) as f64;
+    let recomputed = fit.recomputed_blocks.min(c.num_hidden_layers as usize) as f64;
     let recomputing = if recomputed > 0.0 { per_layer_token } else { 0.0 };
     let activations = tokens * ((layers - recomputed) * per_layer_token + recomputed * element * h + recomputing);
     // What trains: every weight, or the f32 adapters.
@@ -99,7 +117,8 @@ pub fn plan(c: &LlamaConfig, precision: Precision, recomputed: usize, world: i64
         rows.push(("reference model", n * element));
     }
     rows.push(("activations", activations));
-    rows.push(("vocabulary head (chunked)", super::lm_head::peak_bytes(c.vocab_size, c.hidden_size, work.tokens, element, lora.is_none())));
+    let head = lm_head::peak_bytes(c.vocab_size, c.hidden_size, work.tokens, element, lora.is_none(), fit.head_chunk_logits);
+    rows.push(("vocabulary head (chunked)", head));
     rows
 }
 
@@ -129,31 +148,39 @@ impl std::str::FromStr for Checkpointing {
     }
 }
 
-/// The share of the device's memory the plan without checkpointing may fill for `auto` to leave
-/// it off; the rest is for the CUDA context, the allocator's slack and what the plan leaves out.
+/// The share of the device's memory the plan may fill: for `auto` to leave checkpointing off, and
+/// for the vocabulary head's chunks to grow; the rest is for the CUDA context, the allocator's
+/// slack and what the plan leaves out.
 pub const AUTO_FILL: f64 = 0.9;
 
-/// How many blocks to recompute on `device` (no device: a `--dry-run` on a machine without the
-/// run's GPU): `auto` takes the fewest whose plan fits in [`AUTO_FILL`] of `capacity` (the
-/// device's bytes, asked for only by `auto`), none where the plan without checkpointing fits, and
-/// all where even that does not fit or the capacity is unknown. For `auto`, also the line that
-/// says why.
+/// How the run fits `device` (no device: a `--dry-run` on a machine without the run's GPU), whose
+/// memory `capacity` gives (asked for by `auto` and on a GPU). Checkpointing: `auto` takes the
+/// fewest blocks whose plan fits in [`AUTO_FILL`] of the capacity, none where the plan without
+/// checkpointing fits, and all where even that does not fit or the capacity is unknown. The head,
+/// on a GPU, once the blocks are chosen: the largest chunk, halving from
+/// [`LARGEST_CHUNK_LOGITS`], whose plan fits in that share; the default where none does, and on
+/// the CPU, whose available memory changes from run to run (the chunk sets the order of the
+/// head's sums, which a resumed run must repeat). For `auto`, also the line that says why.
 #[allow(clippy::too_many_arguments)]
 pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, world: i64, work: &Workload, lora: Option<&LoraConfig>,
-               device: Option<tch::Device>, capacity: impl FnOnce() -> Option<f64>) -> (usize, Option<String>) {
+               device: Option<tch::Device>, capacity: impl FnOnce() -> Option<f64>) -> (Fit, Option<String>) {
     let blocks = c.num_hidden_layers as usize;
-    match choice {
+    let on_gpu = device.is_some_and(|d| d.is_cuda());
+    let capacity = if device.is_some() && (on_gpu || choice == Checkpointing::Auto) { capacity() } else { None };
+    let total = |fit: Fit| plan(c, precision, fit, world, work, lora).iter().map(|r| r.1).sum::<f64>();
+    let fits = |fit: Fit| capacity.is_some_and(|capacity| total(fit) <= AUTO_FILL * capacity);
+    let (recomputed, why) = match choice {
         Checkpointing::On => (blocks, None),
         Checkpointing::Off => (0, None),
         Checkpointing::Blocks(count) => (count.min(blocks), None),
         Checkpointing::Auto => {
-            let total = |recomputed| plan(c, precision, recomputed, world, work, lora).iter().map(|r| r.1).sum::<f64>();
+            let total = |k| total(Fit::recomputing(k));
             let device = device.map_or("the run's device (not on this machine)".to_string(), |d| format!("{d:?}"));
-            let (recomputed, why) = match capacity() {
+            let (recomputed, why) = match capacity {
                 None => (blocks, format!("the memory of {device} is unknown; without it the plan is {:.1} GiB", gib(total(0)))),
                 Some(capacity) => {
                     let room = format!("{:.0}% of {device}'s {:.1} GiB", AUTO_FILL * 100.0, gib(capacity));
-                    match (0..=blocks).find(|&k| total(k) <= AUTO_FILL * capacity) {
+                    match (0..=blocks).find(|&k| fits(Fit::recomputing(k))) {
                         Some(0) => (0, format!("the plan without it, {:.1} GiB, fits in {room}", gib(total(0)))),
                         Some(k) => (k, format!("the plan without it, {:.1} GiB, exceeds {room}; with {k} blocks recomputed, the fewest that fit, {:.1} GiB",
                                                gib(total(0)), gib(total(k)))),
@@ -168,7 +195,12 @@ pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, wor
             };
             (recomputed, Some(format!("gradient checkpointing auto: {state}: {why}")))
         }
-    }
+    };
+    let head_chunk_logits = std::iter::successors(Some(LARGEST_CHUNK_LOGITS), |&chunk| Some(chunk / 2))
+        .take_while(|&chunk| on_gpu && chunk > DEFAULT_CHUNK_LOGITS)
+        .find(|&chunk| fits(Fit { recomputed_blocks: recomputed, head_chunk_logits: chunk }))
+        .unwrap_or(DEFAULT_CHUNK_LOGITS);
+    (Fit { recomputed_blocks: recomputed, head_chunk_logits }, why)
 }
 
 /// Bytes of memory `device` has: its GPU's total as the NVIDIA driver reports it (the smallest of
@@ -198,17 +230,18 @@ fn gib(bytes: f64) -> f64 {
 }
 
 /// The plan as a table, with its total, in GiB.
-pub fn render(c: &LlamaConfig, precision: Precision, recomputed: usize, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> String {
-    let rows = plan(c, precision, recomputed, world, work, lora);
+pub fn render(c: &LlamaConfig, precision: Precision, fit: Fit, world: i64, work: &Workload, lora: Option<&LoraConfig>) -> String {
+    let rows = plan(c, precision, fit, world, work, lora);
     let blocks = c.num_hidden_layers as usize;
     let mut text = format!(
-        "memory plan per rank: {:.2}B parameters{}, {}, {} tokens a micro-batch, {}{}\n",
+        "memory plan per rank: {:.2}B parameters{}, {}, {} tokens a micro-batch ({} a vocabulary-head chunk), {}{}\n",
         parameters(c) as f64 / 1e9,
         lora.map_or(String::new(), |l| format!(" (frozen; LoRA r {} on {}: {:.1}M trained)", l.r, l.targets.join(","), l.parameters(c) as f64 / 1e6)),
         if world > 1 { format!("{world} ranks (optimizer state sharded)") } else { "1 process".to_string() },
         work.tokens,
+        lm_head::chunk_tokens(fit.head_chunk_logits, c.vocab_size).min(work.tokens.max(1)),
         if precision.dtype == tch::Kind::BFloat16 { "bf16" } else { "f32" },
-        match recomputed.min(blocks) {
+        match fit.recomputed_blocks.min(blocks) {
             0 => String::new(),
             k if k == blocks => ", gradient checkpointing".to_string(),
             k => format!(", gradient checkpointing of {k} of {blocks} blocks"),
@@ -235,7 +268,7 @@ mod tests {
     fn llama_3_1_8b_has_its_published_parameter_count_and_fits_eight_80gb_gpus_only_sharded() {
         assert_eq!(parameters(&llama_8b()), 8_030_261_248);
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
-        let rows = |world, micro_batches| plan(&llama_8b(), precision, 32, world, &Workload { tokens: 8192, reference_model: false, micro_batches }, None);
+        let rows = |world, micro_batches| plan(&llama_8b(), precision, Fit::recomputing(32), world, &Workload { tokens: 8192, reference_model: false, micro_batches }, None);
         let gb = |rows: &[(&str, f64)], part: &str| rows.iter().filter(|r| part.is_empty() || r.0 == part).map(|r| r.1).sum::<f64>() / 1e9;
         let (one, eight) = (rows(1, 1), rows(8, 1));
         // 16 GB weights + 16 GB gradients + 96 GB fp32 state on one GPU; 12 GB of state each on eight.
@@ -263,21 +296,63 @@ mod tests {
         let (h200, h100) = (smallest_gpu_memory("143771\n143771\n"), smallest_gpu_memory("81559\n"));
         let cuda = Some(tch::Device::Cuda(0));
         let decide = |world, capacity| resolve(args.gradient_checkpointing, &llama_8b(), args.precision(), world, &work, None, cuda, || capacity);
-        let (recomputed, why) = decide(8, h200);
-        assert_eq!(recomputed, 0, "{why:?}");
+        let (fit, why) = decide(8, h200);
+        assert_eq!(fit.recomputed_blocks, 0, "{why:?}");
         assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB"));
-        let (recomputed, why) = decide(8, h100);
+        let (fit, why) = decide(8, h100);
+        let recomputed = fit.recomputed_blocks;
         assert_eq!(recomputed, 22, "docs/guide/training.md's figure: {why:?}");
-        let total = |k| plan(&llama_8b(), args.precision(), k, 8, &work, None).iter().map(|r| r.1).sum::<f64>();
+        let total = |k| plan(&llama_8b(), args.precision(), Fit::recomputing(k), 8, &work, None).iter().map(|r| r.1).sum::<f64>();
         let room = AUTO_FILL * h100.unwrap();
         assert!(total(recomputed) <= room && total(recomputed - 1) > room, "the fewest that fit: {why:?}");
         let why = why.unwrap();
         assert!(why.contains(&format!("auto: {recomputed} of 32 blocks:")) && why.contains(&format!("with {recomputed} blocks recomputed, the fewest that fit")), "{why}");
-        assert_eq!(decide(1, h200).0, 32);
-        assert_eq!(decide(8, None).0, 32, "an unknown capacity recomputes every block");
-        let off = resolve(Checkpointing::Off, &llama_8b(), args.precision(), 1, &work, None, cuda, || panic!("asked the device's memory for `false`"));
-        assert_eq!(off, (0, None));
+        assert_eq!(decide(1, h200).0.recomputed_blocks, 32);
+        assert_eq!(decide(8, None).0, Fit::recomputing(32), "an unknown capacity recomputes every block, the head in default chunks");
+        let off = resolve(Checkpointing::Off, &llama_8b(), args.precision(), 1, &work, None, None, || panic!("asked the memory of no device"));
+        assert_eq!(off, (Fit::recomputing(0), None));
         assert_eq!(available_memory("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048.0 * 1024.0));
+    }
+
+    /// With room left once the blocks are chosen, the head's chunks grow (up to the seed's whole
+    /// micro-batch in one chunk on eight H200s), never to the cost of a recomputed block.
+    #[test]
+    fn the_vocabulary_head_takes_the_largest_chunk_the_room_allows() {
+        let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
+        let work = Workload { tokens: 8192, reference_model: false, micro_batches: 32 };
+        let cuda = Some(tch::Device::Cuda(0));
+        let total = |fit| plan(&llama_8b(), precision, fit, 8, &work, None).iter().map(|r| r.1).sum::<f64>();
+        for (gpu, mib) in [("H200", 143771.0), ("H100", 81559.0), ("24 GB", 24564.0)] {
+            let capacity = mib * (1u64 << 20) as f64;
+            let (fit, _) = resolve(Checkpointing::Auto, &llama_8b(), precision, 8, &work, None, cuda, || Some(capacity));
+            let (recomputed, chunk) = (fit.recomputed_blocks, fit.head_chunk_logits);
+            assert!(chunk >= DEFAULT_CHUNK_LOGITS && chunk <= LARGEST_CHUNK_LOGITS && (chunk & (chunk - 1)) == 0, "{gpu}: {chunk}");
+            let room = AUTO_FILL * capacity;
+            if total(fit) <= room {
+                let larger = Fit { recomputed_blocks: recomputed, head_chunk_logits: chunk * 2 };
+                assert!(chunk == LARGEST_CHUNK_LOGITS || total(larger) > room, "{gpu}: a larger chunk fits too");
+            } else {
+                assert_eq!(chunk, DEFAULT_CHUNK_LOGITS, "{gpu}: nothing fits, the default chunk");
+            }
+            match gpu {
+                "H200" => assert_eq!((recomputed, chunk), (0, LARGEST_CHUNK_LOGITS), "the micro-batch's 8,192 targets in one chunk"),
+                "H100" => assert!(recomputed == 22 && chunk < LARGEST_CHUNK_LOGITS, "{fit:?}"),
+                _ => assert_eq!(fit, Fit::recomputing(32), "does not fit at all"),
+            }
+        }
+        let unknown = resolve(Checkpointing::Auto, &llama_8b(), precision, 8, &work, None, None, || None).0;
+        assert_eq!(unknown.head_chunk_logits, DEFAULT_CHUNK_LOGITS, "no device, no capacity: the default");
+        // On the CPU the chunk stays the default whatever the room, and only `auto` asks for it.
+        let cpu = Some(tch::Device::Cpu);
+        let roomy = resolve(Checkpointing::Auto, &llama_8b(), precision, 8, &work, None, cpu, || Some(1e15)).0;
+        assert_eq!(roomy, Fit::recomputing(0));
+        let off = resolve(Checkpointing::Off, &llama_8b(), precision, 8, &work, None, cpu, || panic!("asked the CPU's memory for `false`")).0;
+        assert_eq!(off, Fit::recomputing(0));
+        // The plan counts the chunk: one of 8,192 targets holds 8× the logits of the default's 1,046.
+        let head = |chunk| plan(&llama_8b(), precision, Fit { recomputed_blocks: 0, head_chunk_logits: chunk }, 8, &work, None)
+            .iter().find(|r| r.0 == "vocabulary head (chunked)").unwrap().1;
+        let logits_bytes = |tokens: f64| tokens * 128_256.0 * 6.0;
+        assert!((head(LARGEST_CHUNK_LOGITS) - head(DEFAULT_CHUNK_LOGITS) - (logits_bytes(8192.0) - logits_bytes(1046.0))).abs() < 1.0);
     }
 
     /// Each recomputed block trades its activations for its input: the plan falls block by block
@@ -286,7 +361,7 @@ mod tests {
     fn the_plan_falls_with_each_recomputed_block() {
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
         let work = Workload { tokens: 8192, reference_model: false, micro_batches: 1 };
-        let activations = |k| plan(&llama_8b(), precision, k, 8, &work, None).iter().find(|r| r.0 == "activations").unwrap().1;
+        let activations = |k| plan(&llama_8b(), precision, Fit::recomputing(k), 8, &work, None).iter().find(|r| r.0 == "activations").unwrap().1;
         // One block alone saves nothing: its recomputation holds a block's activations again.
         assert!(activations(1) > activations(0));
         for k in 2..=32 {
@@ -311,7 +386,7 @@ mod tests {
         assert!("1".parse::<Checkpointing>().unwrap_err().contains("saves nothing"));
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y"]).precision();
         let work = Workload { tokens: 1, reference_model: false, micro_batches: 1 };
-        let blocks = |choice| resolve(choice, &llama_8b(), precision, 1, &work, None, None, || panic!("asked the device's memory")).0;
+        let blocks = |choice| resolve(choice, &llama_8b(), precision, 1, &work, None, None, || panic!("asked the device's memory")).0.recomputed_blocks;
         assert_eq!((blocks(Checkpointing::Blocks(12)), blocks(Checkpointing::Blocks(99)), blocks(Checkpointing::On)), (12, 32, 32));
     }
 
@@ -320,7 +395,7 @@ mod tests {
         let lora = LoraConfig::new(16, 32.0, 0.05, &["all-linear".to_string()], false).unwrap();
         assert_eq!(lora.parameters(&llama_8b()), 41_943_040, "PEFT's print_trainable_parameters for r 16 on all linear layers");
         let precision = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16"]).precision();
-        let rows = plan(&llama_8b(), precision, 32, 1, &Workload { tokens: 8192, reference_model: false, micro_batches: 16 }, Some(&lora));
+        let rows = plan(&llama_8b(), precision, Fit::recomputing(32), 1, &Workload { tokens: 8192, reference_model: false, micro_batches: 16 }, Some(&lora));
         let gb = |part: &str| rows.iter().filter(|r| part.is_empty() || r.0 == part).map(|r| r.1).sum::<f64>() / 1e9;
         assert!(gb("") < 30.0, "{:.1} GB", gb(""));
         assert_eq!(gb("fp32 master weights"), 0.0, "frozen base weights have no master copy");

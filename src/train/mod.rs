@@ -2,7 +2,7 @@
 //! `crate::model` (the decoder, Hugging Face directories, chat tokenisation).
 //!
 //! - `trainer`: the loop SFT and DPO share, over `plan` (the flags read once: `args` into a
-//!   `TrainPlan`), `objective`, `batch`,
+//!   `TrainPlan`), `objective`, `batch`, `backward` (one micro-batch, in one piece or block by block),
 //!   `optim` (AdamW with fp32 master weights, schedules), `checkpoint` (the run's folder,
 //!   checkpoints, resume) and `metrics` (metrics.jsonl and the PNG plots, drawn by `crate::plot`).
 //! - `distributed`: data parallelism over processes (torchrun/Slurm, c10d, ZeRO-1 AdamW).
@@ -17,6 +17,7 @@
 //! - `dpo`: the DPO objective (TRL's losses and metrics, reference models).
 
 pub mod args;
+pub mod backward;
 pub mod batch;
 pub mod checkpoint;
 pub mod determinism;

@@ -28,6 +28,16 @@ pub trait Optimizer {
     /// After each micro-batch's backward pass: moves its gradients into the optimizer's f32
     /// sums, when it keeps them ([`GradientSums`]).
     fn accumulate(&mut self) -> Result<()>;
+    /// Whether it starts reducing a block's gradients during the backward pass, as soon as
+    /// [`Optimizer::block_done`] says they are final.
+    fn reduces_during_backward(&self) -> bool {
+        false
+    }
+    /// During a micro-batch's backward pass, top block first: block `index`'s weights have their
+    /// final gradients.
+    fn block_done(&mut self, _index: usize) -> Result<()> {
+        Ok(())
+    }
     fn step(&mut self, lr: f64) -> Result<()>;
     /// Completed optimizer steps (the bias corrections' t).
     fn steps(&self) -> i64;

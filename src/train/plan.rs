@@ -11,7 +11,7 @@ use tch::{Device, Kind};
 
 use super::args::TrainArgs;
 use super::distributed::{Launch, World};
-use super::memory::Checkpointing;
+use super::memory::{Checkpointing, Fit};
 use super::optim::Schedule;
 use crate::model::lora::LoraConfig;
 
@@ -37,9 +37,9 @@ pub struct TrainPlan {
     /// Log every N optimizer steps (at least 1).
     pub logging_steps: usize,
     pub precision: Precision,
-    /// How many blocks run again in the backward pass (gradient checkpointing), spread over the
-    /// depth: 0 none, past the block count all.
-    pub recomputed_blocks: usize,
+    /// Blocks run again in the backward pass and the vocabulary head's chunk: from the flag here,
+    /// then sized to the device by the driver (`memory::resolve`).
+    pub fit: Fit,
     /// LoRA adapters instead of full fine-tuning.
     pub lora: Option<LoraPlan>,
     /// The ranks training together (one without a launcher).
@@ -179,11 +179,11 @@ impl TrainArgs {
             logging_steps: self.logging_steps.max(1),
             precision: self.precision(),
             // `auto` is decided by the driver, against the model's memory plan.
-            recomputed_blocks: match self.gradient_checkpointing {
+            fit: Fit::recomputing(match self.gradient_checkpointing {
                 Checkpointing::On => usize::MAX,
                 Checkpointing::Blocks(count) => count,
                 Checkpointing::Off | Checkpointing::Auto => 0,
-            },
+            }),
             lora: self.lora_plan()?,
             world,
             device,

@@ -86,10 +86,12 @@ pub struct SftObjective {
     rows: [Vec<Vec<usize>>; 2],
     packed: bool,
     pad_id: i64,
+    /// Logits a chunk of the vocabulary head holds (`memory::Fit`).
+    head_chunk_logits: i64,
 }
 
 impl SftObjective {
-    pub fn new(train: Vec<Document>, eval: Vec<Document>, packing: bool, max_length: usize, pad_id: i64) -> Self {
+    pub fn new(train: Vec<Document>, eval: Vec<Document>, packing: bool, max_length: usize, pad_id: i64, head_chunk_logits: i64) -> Self {
         let rows = |docs: &[Document]| -> Vec<Vec<usize>> {
             if packing {
                 pack(&docs.iter().map(|d| d.ids.len()).collect::<Vec<_>>(), max_length)
@@ -98,7 +100,7 @@ impl SftObjective {
             }
         };
         let rows = [rows(&train), rows(&eval)];
-        SftObjective { documents: [train, eval], rows, packed: packing, pad_id }
+        SftObjective { documents: [train, eval], rows, packed: packing, pad_id, head_chunk_logits }
     }
 
 }
@@ -120,7 +122,7 @@ impl Objective for SftObjective {
     }
 
     fn loss(&self, model: &Llama, hidden: &Tensor, batch: &Batch, _split: Split) -> Result<(Tensor, Metrics)> {
-        let loss = summed_cross_entropy(model, hidden, batch);
+        let loss = summed_cross_entropy(model, hidden, batch, self.head_chunk_logits);
         let metrics = Metrics::from([("loss", loss.detach())]);
         Ok((loss, metrics))
     }
@@ -146,7 +148,7 @@ pub fn run(args: &SftArgs) -> Result<()> {
         let [train, eval] = rows.splits.map(|rows| rows.into_iter().map(|mut columns| columns.remove(0)).collect::<Vec<_>>());
         let (train_docs, train_dropped) = tokenize(&tokenizer, &train, args.max_length)?;
         let (eval_docs, eval_dropped) = tokenize(&tokenizer, &eval, args.max_length)?;
-        let objective = SftObjective::new(train_docs, eval_docs, args.packing, args.max_length, tokenizer.pad_id);
+        let objective = SftObjective::new(train_docs, eval_docs, args.packing, args.max_length, tokenizer.pad_id, plan.fit.head_chunk_logits);
         eprintln!(
             "magpie sft: {} train / {} eval conversations ({} dropped: no assistant token within max_length; {} dropped: null messages), {} train rows{}",
             train.len() - train_dropped,

@@ -20,7 +20,7 @@ use std::time::Instant;
 use tch::Tensor;
 
 use super::plan::TrainPlan;
-use super::batch::Batch;
+use super::backward::forward_backward;
 use super::checkpoint;
 use super::metrics::{write_plots, MetricsLog};
 use super::objective::{self, Metrics, Objective, Split};
@@ -85,24 +85,6 @@ impl Steps {
 fn rank_slice(examples: &[usize], rank: usize, world: usize) -> &[usize] {
     let per_rank = examples.len().div_ceil(world);
     &examples[(rank * per_rank).min(examples.len())..((rank + 1) * per_rank).min(examples.len())]
-}
-
-/// Forward and backward of one micro-batch; returns the summed metrics. `recomputed_blocks`
-/// blocks (spread over the depth) keep only their inputs and run again in the backward pass.
-pub fn forward_backward(objective: &dyn Objective, model: &Llama, batch: &Batch, scale: f64, recomputed_blocks: usize) -> Result<Metrics> {
-    let inputs = batch.inputs();
-    if recomputed_blocks == 0 {
-        let hidden = model.hidden_states(&inputs);
-        let (loss, metrics) = objective.loss(model, &hidden, batch, Split::Train)?;
-        (loss * scale).backward();
-        return Ok(metrics);
-    }
-    let recompute = crate::model::llama::spread(model.config.num_hidden_layers as usize, recomputed_blocks);
-    let (hidden, saved) = model.forward_for_recompute(&inputs, &recompute);
-    let (loss, metrics) = objective.loss(model, &hidden, batch, Split::Train)?;
-    (loss * scale).backward();
-    model.backward_by_recompute(saved);
-    Ok(metrics)
 }
 
 /// Loss and metrics over the whole eval split, weighted means, under `eval_` names. The ranks
@@ -287,7 +269,12 @@ impl<'a> Trainer<'a> {
             self.loaded.model.set_dropout(objective.dropout().then_some(stream));
             let batch = objective.collate(Split::Train, rank_slice(examples, world.rank, world.size), device)?;
             tokens += batch.tokens;
-            objective::accumulate(&mut sums, forward_backward(objective, &self.loaded.model, &batch, 1.0 / weight, self.plan.recomputed_blocks)?);
+            // A sharded optimizer starts reducing each block's gradients once they are final.
+            let early = self.opt.reduces_during_backward();
+            let opt = &mut self.opt;
+            let mut block_done = |block: usize| opt.block_done(block);
+            let block_done = early.then_some(&mut block_done as &mut dyn FnMut(usize) -> Result<()>);
+            objective::accumulate(&mut sums, forward_backward(objective, &self.loaded.model, &batch, 1.0 / weight, self.plan.fit.recomputed_blocks, block_done)?);
             self.opt.accumulate()?;
         }
         self.loaded.model.set_dropout(None);
@@ -348,10 +335,10 @@ fn first_non_finite_weight(vs: &tch::nn::VarStore) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::tests::{fixture, tiny};
-    use crate::train::batch::Document;
+    use crate::train::batch::{Batch, Document};
     use crate::train::checkpoint::checkpoint_dirs;
     use crate::train::sft::SftObjective;
     use crate::train::args::parse_for_test;
@@ -366,11 +353,11 @@ mod tests {
     }
 
     /// Twelve short documents over the tiny vocabulary, half of each a target.
-    fn objective() -> SftObjective {
+    pub(crate) fn objective() -> SftObjective {
         let docs = (0..12)
             .map(|i| Document::from_labels((0..6 + i % 5).map(|t| ((i * 31 + t * 7) % 250 + 1) as i64).collect(), |t| t >= 3))
             .collect();
-        SftObjective::new(docs, vec![], false, 64, 0)
+        SftObjective::new(docs, vec![], false, 64, 0, crate::train::lm_head::DEFAULT_CHUNK_LOGITS)
     }
 
     fn metrics(output: &Path) -> Vec<Value> {
@@ -511,26 +498,6 @@ mod tests {
         assert!(!out.path().join("model").exists() && !out.path().join(crate::run::MANIFEST).exists());
     }
 
-    #[test]
-    fn gradient_checkpointing_of_some_or_all_blocks_gives_the_same_gradients() {
-        let objective = objective();
-        let batch = objective.collate(Split::Train, &[0, 1, 2], Device::Cpu).unwrap();
-        let grads = |recomputed_blocks: usize| {
-            let loaded = tiny("tiny-llama");
-            forward_backward(&objective, &loaded.model, &batch, 0.1, recomputed_blocks).unwrap();
-            let mut vars: Vec<(String, Tensor)> = loaded.vs.variables().into_iter().collect();
-            vars.sort_by(|a, b| a.0.cmp(&b.0));
-            vars.into_iter().map(|(n, t)| (n, t.grad().copy())).collect::<Vec<_>>()
-        };
-        let plain = grads(0);
-        for recomputed in [1, 2, 9] { // one of tiny Llama's two blocks, both, past the count (all)
-            for ((name, a), (_, b)) in plain.iter().zip(grads(recomputed)) {
-                let diff = (a - &b).abs().max().double_value(&[]);
-                assert!(diff < 1e-6, "{recomputed} blocks, {name}: {diff}");
-            }
-        }
-    }
-
     /// Sixteen bf16 micro-batches: the optimizer's sum of their gradients is their f32 sum (a
     /// bf16 running sum is off by about 1e-3 relative).
     #[test]
@@ -545,7 +512,7 @@ mod tests {
         let mut want: Option<Vec<Tensor>> = None;
         for batch in &batches {
             opt.zero_grad();
-            forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, 0).unwrap();
+            forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, 0, None).unwrap();
             want = Some(match want {
                 None => grads(),
                 Some(sum) => sum.iter().zip(grads()).map(|(a, b)| a + b).collect(),
@@ -556,7 +523,7 @@ mod tests {
             let mut opt = AdamW::new(&loaded.vs, 0.0, true, f32_sums);
             opt.zero_grad();
             for batch in &batches {
-                forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, 0).unwrap();
+                forward_backward(&objective, &loaded.model, batch, 1.0 / 16.0, 0, None).unwrap();
                 opt.accumulate().unwrap();
             }
             let got: Vec<Tensor> = if f32_sums { (0..names.len()).map(|i| opt.gradient_sum(i).to_kind(Kind::Double)).collect() } else { grads() };

@@ -1,14 +1,13 @@
-//! The backward pass block by block, top block first. Each block's output is cut from the graph
-//! of the blocks above (a leaf that takes their gradient), so a block's weights have their final
-//! gradients as soon as its own backward pass is done: a sharded optimizer reduces them then,
-//! while the blocks below still compute. Chosen blocks also run without their graph in the
-//! forward pass, keeping only their input, and run again in the backward pass (gradient
-//! checkpointing): [`spread`] picks them evenly over the depth, `--gradient-checkpointing auto`
-//! the fewest that fit the device. A block that keeps its graph holds its activations, a
-//! recomputed one its input and the cost of a second forward pass. Per block, not per
-//! sub-layer: the MLP holds four fifths of a Llama-3.1-8B block's weights and most of its matrix
-//! work, so recomputing MLPs alone would cost most of a whole recompute for about two thirds of
-//! the saving.
+//! The backward pass block by block, top block first. Each block's output reaches the block above
+//! as a leaf cut from the graph, which takes that block's gradient, so a block's weights have their
+//! final gradients as soon as its own backward pass is done: a sharded optimizer reduces them then,
+//! while the blocks below still compute. Chosen blocks also run without their graph in the forward
+//! pass, keeping only their input, and run again in the backward pass (gradient checkpointing):
+//! [`spread`] picks them evenly over the depth, `--gradient-checkpointing auto` the fewest that fit
+//! the device. A block that keeps its graph holds its activations, a recomputed one its input and
+//! the cost of a second forward pass. Per block, not per sub-layer: the MLP holds four fifths of a
+//! Llama-3.1-8B block's weights and most of its matrix work, so recomputing MLPs alone would cost
+//! most of a whole recompute for about two thirds of the saving.
 
 use anyhow::Result;
 use tch::{Kind, Tensor};
@@ -45,8 +44,8 @@ pub struct Blockwise {
 }
 
 impl Llama {
-    /// The forward pass with every block cut from the graph of the blocks above, and the blocks
-    /// `recompute` marks run without graphs. Returns the final hidden states (compute the loss on
+    /// The forward pass with every block's input a leaf cut from the graph of the blocks below,
+    /// and the blocks `recompute` marks run without graphs. Returns the final hidden states (compute the loss on
     /// them and run its backward pass, then [`Llama::backward_blockwise`]) and what the backward
     /// pass needs.
     pub fn forward_blockwise(&self, inputs: &Inputs, recompute: &[bool]) -> (Tensor, Blockwise) {

@@ -4,8 +4,10 @@
 //! - [`Launch`]: who this process is, from the launcher's environment.
 //! - [`World`]: the ranks training together (one, with no process group, when not launched so).
 //! - `process_group`: the c10d process group (`c10d.cpp`).
-//! - `zero`: AdamW with its state sharded over the ranks (ZeRO-1).
+//! - `zero`: AdamW with its state sharded over the ranks (ZeRO-1), over `flight` (collectives
+//!   in flight within a window).
 
+mod flight;
 pub mod process_group;
 pub mod zero;
 

@@ -17,20 +17,23 @@
 //! The collectives are asynchronous and pipelined: up to [`IN_FLIGHT_BUCKETS`] buckets' worth of
 //! elements are in flight while the next bucket is flattened (1) or updated (3).
 //!
-//! With bf16 weights and several micro-batches a step, step 1 runs after every micro-batch and
+//! With bf16 weights and several micro-batches a step, step 1 runs for every micro-batch and
 //! adds into the f32 chunks instead (ZeRO-2's gradient reduction), so micro-batch gradients are
-//! summed in f32 without a full-size f32 copy on each rank.
-//!
-//! The reduction starts once the backward pass has ended: tch exposes no gradient hooks, so it
-//! cannot start a bucket's reduce-scatter as the backward frees that bucket's gradients.
+//! summed in f32 without a full-size f32 copy on each rank. Then the reduction overlaps the
+//! backward pass: it runs block by block, top first (`train::backward`), and a bucket's
+//! reduce-scatter starts as soon as the blocks its parameters belong to are done (tch exposes
+//! no gradient hooks; the blockwise backward pass stands in for them). Every rank runs the same
+//! blocks in the same order, so the collectives start in the same order on every rank. The
+//! embeddings, the final norm and the head are reduced after the backward pass.
 
 use anyhow::{bail, Result};
-use std::collections::VecDeque;
 use std::ops::Range;
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
 
+use super::flight::{pipelined, Flight};
 use super::process_group::{Pending, ProcessGroup};
+use crate::model::Llama;
 use crate::train::fused;
 use crate::train::optim::{clip_coefficient, read_state, trainable, zero_grads, AdamConfig, Optimizer};
 
@@ -52,6 +55,13 @@ pub struct ShardedAdamW<'a> {
     /// Reduce every micro-batch into the f32 gradient shards (ZeRO-2 style), so that bf16
     /// micro-batch gradients are summed in f32 without a full-size f32 copy on each rank.
     reduce_each_micro_batch: bool,
+    /// Each parameter's block (`Llama::block_of`), whose backward pass makes its gradient final.
+    blocks: Vec<Option<usize>>,
+    /// The reduction under way: which parameters have their final gradients, which buckets'
+    /// reduce-scatters have started, and those in flight (with their receiving buffers).
+    final_params: Vec<bool>,
+    started: Vec<bool>,
+    reduction: Flight<(usize, (Pending<'a>, Tensor))>,
 }
 
 /// Consecutive parameters reduced and gathered together, and this rank's chunk of them.
@@ -97,13 +107,40 @@ impl<'a> ShardedAdamW<'a> {
             start = end;
         }
         let flight_elements = IN_FLIGHT_BUCKETS * bucket_elements;
-        ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets, flight_elements, reduce_each_micro_batch: f32_sums }
+        let blocks = params.iter().map(|(name, _)| Llama::block_of(name)).collect();
+        let (final_params, started) = (vec![false; params.len()], vec![false; buckets.len()]);
+        ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets, flight_elements, reduce_each_micro_batch: f32_sums,
+                       blocks, final_params, started, reduction: Flight::new(flight_elements) }
     }
 
-    /// Reduce-scatters every bucket's gradients into its f32 chunk, or adds them to it (`add`).
+    /// Starts, in layout order, the reduce-scatter of every bucket not yet started whose
+    /// parameters all have their final gradients, completing the oldest in flight to make room:
+    /// into the f32 chunks, or to be added to them (`add`).
+    fn start_final_buckets(&mut self, add: bool) -> Result<()> {
+        for b in 0..self.buckets.len() {
+            if self.started[b] || !self.buckets[b].params.clone().all(|p| self.final_params[p]) {
+                continue;
+            }
+            let size = self.buckets[b].elements(self.group);
+            let buckets = &mut self.buckets;
+            self.reduction.make_room(size, |(j, sent)| buckets[j].received(sent, add))?;
+            let sent = self.buckets[b].start_reduce(&self.params, self.group, add)?;
+            self.reduction.push(size, (b, sent));
+            self.started[b] = true;
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatters the gradients of every bucket not yet started and waits for all of them:
+    /// every bucket's gradients are then in its f32 chunk, or added to it (`add`).
     fn reduce_gradients(&mut self, add: bool) -> Result<()> {
-        let (params, group) = (&self.params, self.group);
-        pipelined(&mut self.buckets, |b| b.elements(group), self.flight_elements, |b| b.start_reduce(params, group, add), |b, sent| b.received(sent, add))
+        self.final_params.fill(true);
+        self.start_final_buckets(add)?;
+        let buckets = &mut self.buckets;
+        self.reduction.finish(|(j, sent)| buckets[j].received(sent, add))?;
+        self.final_params.fill(false);
+        self.started.fill(false);
+        Ok(())
     }
 
     /// Gathers every bucket's chunks into the weights, after `update` (if any) changes the chunk.
@@ -246,34 +283,6 @@ impl Bucket {
     }
 }
 
-/// Whether a collective of `size` elements may start beside `flying` ones of `elements` in all:
-/// within `limit`, or alone.
-fn admits(flying: usize, elements: i64, size: i64, limit: i64) -> bool {
-    flying == 0 || elements + size <= limit
-}
-
-/// Runs `start` on each item in order, and `done` on each in the same order, with at most `limit`
-/// elements (`size`) started and not yet done.
-fn pipelined<B, T>(items: &mut [B], size: impl Fn(&B) -> i64, limit: i64, mut start: impl FnMut(&B) -> Result<T>,
-                   mut done: impl FnMut(&mut B, T) -> Result<()>) -> Result<()> {
-    let mut flying: VecDeque<(usize, T)> = VecDeque::new();
-    let mut elements = 0;
-    for i in 0..items.len() {
-        let wanted = size(&items[i]);
-        while !admits(flying.len(), elements, wanted, limit) {
-            let (j, started) = flying.pop_front().expect("admits a collective when none is in flight");
-            elements -= size(&items[j]);
-            done(&mut items[j], started)?;
-        }
-        flying.push_back((i, start(&items[i])?));
-        elements += wanted;
-    }
-    while let Some((j, started)) = flying.pop_front() {
-        done(&mut items[j], started)?;
-    }
-    Ok(())
-}
-
 impl Optimizer for ShardedAdamW<'_> {
     fn zero_grad(&mut self) {
         zero_grads(self.params.iter().map(|(_, value)| value));
@@ -284,8 +293,23 @@ impl Optimizer for ShardedAdamW<'_> {
         }
     }
 
-    /// With `f32_sums`: reduces this micro-batch into the gradient shards and zeroes the weights'
-    /// gradients for the next one.
+    /// With f32 sums, the reduction overlaps the backward pass.
+    fn reduces_during_backward(&self) -> bool {
+        self.reduce_each_micro_batch
+    }
+
+    /// Starts the reduce-scatters of the buckets this block's gradients complete.
+    fn block_done(&mut self, index: usize) -> Result<()> {
+        for (p, block) in self.blocks.iter().enumerate() {
+            if *block == Some(index) {
+                self.final_params[p] = true;
+            }
+        }
+        tch::no_grad(|| self.start_final_buckets(true))
+    }
+
+    /// With `f32_sums`: reduces this micro-batch into the gradient shards (the buckets its
+    /// backward pass has not started) and zeroes the weights' gradients for the next one.
     fn accumulate(&mut self) -> Result<()> {
         if !self.reduce_each_micro_batch {
             return Ok(());
@@ -438,19 +462,45 @@ mod tests {
         }
     }
 
+    /// Summing micro-batches in f32, the reduction starts during the backward pass: the top
+    /// block's buckets once it is done, the rest after; the gradient shards are those of
+    /// reducing after the backward pass.
     #[test]
-    fn pipelined_collectives_stay_within_the_limit_and_finish_in_order() {
-        let mut sizes = vec![15i64, 7, 16, 3];
-        let events = std::cell::RefCell::new(vec![]);
-        let start = |size: &i64| {
-            events.borrow_mut().push(format!("start {size}"));
-            Ok(*size)
-        };
-        pipelined(&mut sizes, |s| *s, 24, start, |_, size| Ok(events.borrow_mut().push(format!("done {size}")))).unwrap();
-        let want = ["start 15", "start 7", "done 15", "start 16", "done 7", "start 3", "done 16", "done 3"];
-        assert_eq!(events.into_inner(), want);
-        // A collective larger than the limit flies alone.
-        assert!(admits(0, 0, 100, 24) && !admits(1, 3, 100, 24));
+    fn the_reduction_overlaps_the_blockwise_backward_and_gives_the_same_shards() {
+        use crate::train::backward::forward_backward;
+        use crate::train::objective::{Objective, Split};
+        let results = on_two_ranks(29618, |group| {
+            let objective = crate::train::trainer::tests::objective();
+            let shards = |overlap: bool| {
+                let loaded = crate::model::tests::tiny("tiny-llama");
+                let mut sharded = ShardedAdamW::new(&loaded.vs, 0.0, true, true, group, 4096);
+                assert!(sharded.reduces_during_backward());
+                sharded.zero_grad();
+                let mut started = vec![];
+                for m in 0..2 {
+                    let batch = objective.collate(Split::Train, &[2 * m + group.rank], Device::Cpu).unwrap();
+                    let mut block_done = |block: usize| -> Result<()> {
+                        sharded.block_done(block)?;
+                        started.push((block, sharded.started.iter().filter(|s| **s).count()));
+                        Ok(())
+                    };
+                    let block_done = overlap.then_some(&mut block_done as &mut dyn FnMut(usize) -> Result<()>);
+                    forward_backward(&objective, &loaded.model, &batch, 0.5, 0, block_done).unwrap();
+                    sharded.accumulate().unwrap();
+                }
+                (sharded.buckets.iter().map(|b| b.grad.copy()).collect::<Vec<_>>(), started, sharded.buckets.len())
+            };
+            (shards(false), shards(true))
+        });
+        for ((after, _, _), (during, started, buckets)) in results {
+            // A bucket started before its gradients were final would hold part of them.
+            for (a, b) in after.iter().zip(&during) {
+                assert!(a.allclose(b, 1e-5, 1e-7, false), "{a} vs {b}");
+            }
+            // Tiny Llama's top block, then the lower one, each micro-batch.
+            assert_eq!(started.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 0, 1, 0]);
+            assert!(started[0].1 > 0 && started[1].1 > started[0].1 && started[1].1 < buckets, "{started:?} of {buckets} buckets");
+        }
     }
 
     #[test]
@@ -483,7 +533,7 @@ mod tests {
     /// largest bucket's reduce or gather buffers.
     #[test]
     fn the_memory_plan_covers_what_the_sharded_optimizer_allocates() {
-        use crate::train::memory::{plan, Workload};
+        use crate::train::memory::{plan, Fit, Workload};
         use crate::train::plan::Precision;
         let results = on_two_ranks(29613, |group| {
             let mut loaded = crate::model::tests::tiny("tiny-llama");
@@ -492,7 +542,7 @@ mod tests {
             (sharded.allocated_bytes(), loaded.dir.config.clone())
         });
         let precision = Precision { dtype: Kind::BFloat16, fp32_state: true };
-        let rows = plan(&results[0].1, precision, 0, 2, &Workload { tokens: 64, reference_model: false, micro_batches: 4 }, None);
+        let rows = plan(&results[0].1, precision, Fit::recomputing(0), 2, &Workload { tokens: 64, reference_model: false, micro_batches: 4 }, None);
         let optimizer: f64 = rows.iter().filter(|(part, _)| !matches!(*part, "weights" | "gradients" | "activations" | "vocabulary head (chunked)")).map(|r| r.1).sum();
         for ((kept, transient), _) in &results {
             assert!(*kept > 0 && *transient > 0);
