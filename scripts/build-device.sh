@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Builds `magpie` on this (CPU) machine for the GPU machine the device tool lends: an H200 with
 # python3, torch 2.11 + CUDA 13.0 and no Rust, no network, and another CPU than this one.
-#   scripts/build-device.sh    # -> device-bin/{magpie.xz,magpie-tests.xz,tokenizer/,encoder/}
+#   scripts/build-device.sh    # -> device-bin/{binaries.tar.xz,tokenizer/,encoder/}
 # - against torch 2.11 (a second venv; tch 0.26 expects 2.13, so the version check is bypassed
 #   and torch-sys is patched: the 15 generated wrappers torch 2.11 lacks are removed);
 # - with CUDA (scripts/build-cuda.sh: CUDA 13.0 from PyPI wheels, sm_90, x86-64-v3, no AMX), so
 #   one binary serves the training and the synthesis checks; it shares build-cuda.sh's target
 #   dir (only torch-sys, tch and magpie differ);
-# - the library's unit tests likewise but without the `cuda` feature: the CUDA unit tests are
-#   libtorch's, and leaving out the generation engines' CUDA kernels keeps both binaries within
-#   what one device call carries (64 MiB), stripped and xz-compressed.
+# - the library's unit tests likewise but without the `cuda` feature (the CUDA unit tests are
+#   libtorch's: the generation engines' CUDA kernels are left out);
+# - both stripped into one xz archive whose dictionary spans both, so the code they share is
+#   carried once: a device call carries at most 64 MiB, working tree included.
 # scripts/gpu-check.sh runs them there in one call (carry device-bin). Not a runtime path: users build with
 # scripts/setup.sh. It builds a copy of the working tree, so the patch leaves Cargo.lock alone.
 set -euo pipefail
@@ -65,21 +66,23 @@ patch="patch.crates-io.torch-sys.path=\"$patched\""
 MAGPIE_CARGO=test MAGPIE_FEATURES='' "$MAGPIE_ROOT/scripts/build-cuda.sh" --config "$patch" --lib --no-run 2> "$DEVICE/test-build.log" || { cat "$DEVICE/test-build.log" >&2; exit 1; }
 tests=$(grep -oE 'Executable unittests src/lib.rs \(([^)]*)\)' "$DEVICE/test-build.log" | sed -E 's/.*\((.*)\)/\1/' | tail -1)
 CARGO_TARGET_DIR=${MAGPIE_CUDA_TARGET:-$MAGPIE_CACHE/target-cuda13.0-sm${CUDA_COMPUTE_CAP:-90}}
-mkdir -p "$MAGPIE_ROOT/device-bin"
-strip -o "$DEVICE/magpie" "$CARGO_TARGET_DIR/release/magpie"
-xz -T0 -9 -c "$DEVICE/magpie" > "$MAGPIE_ROOT/device-bin/magpie.xz"
+rm -rf "$DEVICE/binaries" "$MAGPIE_ROOT/device-bin" && mkdir -p "$DEVICE/binaries" "$MAGPIE_ROOT/device-bin"
+strip -o "$DEVICE/binaries/magpie" "$CARGO_TARGET_DIR/release/magpie"
 # (cargo names it by its absolute path: the target dir is outside the copied tree)
-strip -o "$DEVICE/magpie-tests" "$tests"
-xz -T0 -9 -c "$DEVICE/magpie-tests" > "$MAGPIE_ROOT/device-bin/magpie-tests.xz"
+strip -o "$DEVICE/binaries/magpie-tests" "$tests"
+# The test binary first: the CUDA binary's code, ahead of its kernels in the file, then finds the
+# same code within the dictionary's reach.
+say "compressing both binaries into one archive (a few minutes: one 256 MiB dictionary, one thread)"
+tar -C "$DEVICE/binaries" -cf - magpie-tests magpie | xz -9e --lzma2=dict=256MiB -c > "$MAGPIE_ROOT/device-bin/binaries.tar.xz"
 # The embedding check's encoder without its weights (gpu_check.py encoder draws random ones).
-rm -rf "$MAGPIE_ROOT/device-bin/encoder" && mkdir -p "$MAGPIE_ROOT/device-bin/encoder"
+mkdir -p "$MAGPIE_ROOT/device-bin/encoder"
 find "$MAGPIE_HOME/all-minilm-l6-v2" -maxdepth 1 -type f ! -name '*.safetensors' ! -name '*.bin' -exec cp {} "$MAGPIE_ROOT/device-bin/encoder/" \;
 # SmolLM2's tokenizer and chat template for the random-weight models gpu-check.sh makes.
-rm -rf "$DEVICE/smollm2" "$MAGPIE_ROOT/device-bin/tokenizer" && mkdir -p "$MAGPIE_ROOT/device-bin/tokenizer"
+rm -rf "$DEVICE/smollm2" && mkdir -p "$MAGPIE_ROOT/device-bin/tokenizer"
 "$MAGPIE_BIN" convert -o "$DEVICE/smollm2"
 cp "$DEVICE"/smollm2/{tokenizer.json,tokenizer_config.json} "$MAGPIE_ROOT/device-bin/tokenizer/"
 cp "$DEVICE"/smollm2/{special_tokens_map.json,chat_template.jinja} "$MAGPIE_ROOT/device-bin/tokenizer/" 2>/dev/null || true
 # A device call carries the working tree and the carried folder, 64 MiB in all.
 carried=$(( $(du -sb "$MAGPIE_ROOT/device-bin" | cut -f1) + $(git -C "$MAGPIE_ROOT" ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1) ))
-say "device-bin: $(du -h "$MAGPIE_ROOT"/device-bin/*.xz | tr '\t\n' ' ')- $((carried >> 20)) MiB with the working tree; run: scripts/gpu-check.sh device-bin"
+say "device-bin/binaries.tar.xz: $(du -h "$MAGPIE_ROOT/device-bin/binaries.tar.xz" | cut -f1); $((carried >> 20)) MiB with the working tree; run: scripts/gpu-check.sh device-bin"
 [ "$carried" -lt $((64 << 20)) ] || { echo "device-bin and the working tree hold $((carried >> 20)) MiB, more than the 64 MiB a device call carries" >&2; exit 1; }

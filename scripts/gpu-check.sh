@@ -2,12 +2,12 @@
 # The GPU checks of training, synthesis and filtering, on the GPU machine the device tool lends
 # (an H200, no network, no Rust, no fonts; python3 with torch 2.11, transformers, pyarrow). Needs
 # what scripts/build-device.sh puts in ./device-bin (git ignores it; one device call carries it):
-#   device-bin/magpie.xz  device-bin/magpie-tests.xz  device-bin/tokenizer/  device-bin/encoder/
+#   device-bin/binaries.tar.xz (magpie, magpie-tests)  device-bin/tokenizer/  device-bin/encoder/
 # then on the device:  scripts/gpu-check.sh device-bin     # 9 minutes at most; the table at the end
 # GPU_CHECK_PARTS picks parts: "units train filter synth" (the default: all of them, in this order).
-# 0. units, from magpie-tests.xz (in the folder GPU_CHECK_TESTS, device-bin by default): the
-#    library's CUDA unit tests (`on_cuda_*`: varlen flash attention per document, the chunked
-#    vocabulary loss and its gradients, the exact kNN against the CPU's);
+# 0. units, from the library's test binary (magpie-tests): its CUDA unit tests (`on_cuda_*`:
+#    varlen flash attention per document, the chunked vocabulary loss and its gradients, the
+#    exact kNN against the CPU's);
 # 1. parity: SFT, SmolLM2-135M shape, random weights, f32, 4 steps: losses on CPU vs CUDA (1e-3);
 # 2. NCCL at world size 1 (torchrun's variables): the same losses as without a process group;
 # 3. throughput: SFT, Llama-3.2-1B shape, bf16, packing, 4 x 2048 tokens, against a PyTorch eager
@@ -32,8 +32,8 @@
 #    and on mistralrs (whose CPU batching mixes up sequences, see src/engine/mistralrs.rs): how
 #    many differ, and how many batched answers are another prompt's.
 # GPU_CHECK_DEVICE=cpu rehearses every step but the 1B throughput on a CPU machine at a small scale
-# (MAGPIE=path picks a binary, GPU_CHECK_TESTS=folder the test binary's; GPU_CHECK_BUDGET=3600 lets
-# a CPU reach every step).
+# (MAGPIE=path picks the binary and MAGPIE_TESTS=path the test binary instead of the archive's;
+# GPU_CHECK_BUDGET=3600 lets a CPU reach every step).
 #
 # The device time is short, so one failing step does not end the run: each step runs in a shell of
 # its own, and a failure becomes a FAILED line (with its log's last lines) in the summary. Every
@@ -58,8 +58,12 @@ LOGS=${OUT:+$OUT/gpu-check}
 LOGS=${LOGS:-$W/logs}
 mkdir -p "$LOGS"
 export MAGPIE_CACHE="$W/cache"
-if [ -n "${MAGPIE:-}" ]; then BIN=$MAGPIE; elif [ -f "$BIN_DIR/magpie.xz" ]; then xz -dc "$BIN_DIR/magpie.xz" > "$W/magpie" && chmod +x "$W/magpie" && BIN="$W/magpie"; fi
-[ -n "${BIN:-}" ] || { echo "no binary: $BIN_DIR/magpie.xz is missing (scripts/build-device.sh makes it) and MAGPIE is unset" >&2; exit 1; }
+# Both binaries in one archive: they share most of their code, so one xz dictionary over both
+# carries it once.
+if [ -f "$BIN_DIR/binaries.tar.xz" ]; then xz -dc "$BIN_DIR/binaries.tar.xz" | tar -C "$W" -x; fi
+BIN=${MAGPIE:-$W/magpie}
+TESTS_BIN=${MAGPIE_TESTS:-$W/magpie-tests}
+[ -x "$BIN" ] || { echo "no binary: $BIN_DIR/binaries.tar.xz is missing (scripts/build-device.sh makes it) and MAGPIE is unset" >&2; exit 1; }
 magpie() { timeout "$(limit)" "$BIN" "$@"; }
 torch_lib=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 # cuBLAS, cuRAND and NVRTC for the CUDA engines: the torch wheel's nvidia/cu13/lib.
@@ -98,11 +102,9 @@ say "magpie doctor"
 magpie doctor > "$LOGS/doctor.log" 2>&1 || true
 grep -iE "cuda|libtorch|gpu" "$LOGS/doctor.log" | head -8 || true
 
-TESTS=${GPU_CHECK_TESTS:-$BIN_DIR}
-# lib_tests ARGS: the library's test binary (unpacked once) with ARGS, under the time limit.
+# lib_tests ARGS: the library's test binary with ARGS, under the time limit.
 lib_tests() {
-  [ -x "$W/magpie-tests" ] || { xz -dc "$TESTS/magpie-tests.xz" > "$W/magpie-tests.part" && chmod +x "$W/magpie-tests.part" && mv "$W/magpie-tests.part" "$W/magpie-tests"; }
-  CARGO_MANIFEST_DIR="$PWD" timeout "$(limit)" "$W/magpie-tests" "$@"
+  CARGO_MANIFEST_DIR="$PWD" timeout "$(limit)" "$TESTS_BIN" "$@"
 }
 
 units() {
@@ -121,7 +123,7 @@ knn_exact() {
 
 # semantic dedup's embedding on the device, against the same encoder in transformers.
 embedding() {
-  timeout "$(limit)" python3 scripts/gpu_check.py encoder "$TESTS/encoder" "$W/encoder" > "$LOGS/encoder.log" 2>&1
+  timeout "$(limit)" python3 scripts/gpu_check.py encoder "$BIN_DIR/encoder" "$W/encoder" > "$LOGS/encoder.log" 2>&1
   timeout "$(limit)" python3 scripts/bench/filter_corpus.py "$W/embed-corpus.parquet" "$embed_rows"
   EMBED_MODEL="$W/encoder" EMBED_CORPUS="$W/embed-corpus.parquet" EMBED_DEVICE=$DEVICE \
     lib_tests semantic_dedup_seconds_on_the_corpus_in_env --ignored --nocapture --test-threads 1 > "$LOGS/embed.log" 2>&1
