@@ -40,7 +40,8 @@
 # command has a time limit (GPU_CHECK_LIMIT seconds, 240), and the whole run a budget
 # (GPU_CHECK_BUDGET seconds, 540, counted from the start, unpacking included: inside a device
 # call's 10 minutes): no command runs past it, and once less than 30 s is left the remaining steps
-# are SKIPPED lines, so the call always comes back with the figures it has. The summary and the
+# are SKIPPED lines, so the call always comes back with the figures it has (a second call with
+# GPU_CHECK_PARTS naming the parts left runs those). The summary and the
 # logs are written as the steps finish into $OUT/gpu-check (the device tool brings $OUT back, also
 # after a time-out), or into the work folder without $OUT.
 set -euo pipefail
