@@ -326,7 +326,7 @@ mod tests {
             let capacity = mib * (1u64 << 20) as f64;
             let (fit, _) = resolve(Checkpointing::Auto, &llama_8b(), precision, 8, &work, None, cuda, || Some(capacity));
             let (recomputed, chunk) = (fit.recomputed_blocks, fit.head_chunk_logits);
-            assert!(chunk >= DEFAULT_CHUNK_LOGITS && chunk <= LARGEST_CHUNK_LOGITS && (chunk & (chunk - 1)) == 0, "{gpu}: {chunk}");
+            assert!((DEFAULT_CHUNK_LOGITS..=LARGEST_CHUNK_LOGITS).contains(&chunk) && (chunk & (chunk - 1)) == 0, "{gpu}: {chunk}");
             let room = AUTO_FILL * capacity;
             if total(fit) <= room {
                 let larger = Fit { recomputed_blocks: recomputed, head_chunk_logits: chunk * 2 };

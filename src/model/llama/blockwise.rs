@@ -96,11 +96,14 @@ mod tests {
     use crate::model::AttentionMask;
     use tch::{nn, Device};
 
+    /// Every weight's gradient, by name.
+    type Named = Vec<(String, Tensor)>;
+
     /// Every weight's gradient after the backward of the logits' squares, block by block with
     /// the blocks `recompute` marks recomputed (`None`: the plain backward), on tiny Llama made
     /// four blocks deep; and, block by block, each weight's gradient as it was when its block
     /// was reported done, in the order reported.
-    fn gradients(recompute: Option<&[bool]>) -> (Vec<(String, Tensor)>, Vec<(usize, Vec<(String, Tensor)>)>) {
+    fn gradients(recompute: Option<&[bool]>) -> (Named, Vec<(usize, Named)>) {
         let text = std::fs::read_to_string(fixture("tiny-llama").join("config.json")).unwrap().replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 4");
         let config = LlamaConfig::from_json(&text).unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
