@@ -11,8 +11,8 @@
 #   libtorch's: the generation engines' CUDA kernels are left out);
 # - both stripped into one xz archive whose dictionary spans both, so the code they share is
 #   carried once: a device call carries at most 64 MiB, working tree included.
-# scripts/gpu-check.sh runs them there in one call (carry device-bin). Not a runtime path: users build with
-# scripts/setup.sh. It builds a copy of the working tree, so the patch leaves Cargo.lock alone.
+# scripts/gpu-check.sh runs them there in one call (carry device-bin). Not a runtime path: users
+# build with scripts/setup.sh. It builds a copy of the working tree, so the patch leaves Cargo.lock alone.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$MAGPIE_ROOT"

@@ -21,9 +21,9 @@
 # 5c. LoRA: SFT with adapters on all linear layers, CUDA (gradient checkpointing) vs CPU, f32,
 #    dropout 0 (1e-3); a bf16 LoRA DPO's losses with its adapters-off reference;
 # 5d. filter: semantic dedup's exact kNN on 1M random 384-d vectors with planted near duplicates
-#    on the GPU (seconds, planted pairs joined); its embedding on the GPU (an all-MiniLM-L6-v2-shaped
-#    encoder, random weights) of 100,000 corpus instructions, rows/s against sentence-transformers'
-#    encode written out in transformers;
+#    on the GPU (seconds, planted pairs joined); its embedding on the GPU (an
+#    all-MiniLM-L6-v2-shaped encoder, random weights) of 100,000 corpus instructions, rows/s
+#    against sentence-transformers' encode written out in transformers;
 # 6. synthesis: 2,000 instructions + responses with a random-weight 1B-class model (Llama-3.2-1B's
 #    shape, SmolLM2's vocabulary) on mistralrs (safetensors, PagedAttention) and llama.cpp (the same
 #    weights as F16 GGUF, written by gpu_check_synth.py), tok/s against transformers' batched
@@ -41,9 +41,9 @@
 # (GPU_CHECK_BUDGET seconds, 540, counted from the start, unpacking included: inside a device
 # call's 10 minutes): no command runs past it, and once less than 30 s is left the remaining steps
 # are SKIPPED lines, so the call always comes back with the figures it has (a second call with
-# GPU_CHECK_PARTS naming the parts left runs those). The summary and the
-# logs are written as the steps finish into $OUT/gpu-check (the device tool brings $OUT back, also
-# after a time-out), or into the work folder without $OUT.
+# GPU_CHECK_PARTS naming the parts left runs those). The summary and the logs are written as the
+# steps finish into $OUT/gpu-check (the device tool brings $OUT back, also after a time-out), or
+# into the work folder without $OUT.
 set -euo pipefail
 BIN_DIR=${1:-device-bin}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}

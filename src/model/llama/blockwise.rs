@@ -45,9 +45,9 @@ pub struct Blockwise {
 
 impl Llama {
     /// The forward pass with every block's input a leaf cut from the graph of the blocks below,
-    /// and the blocks `recompute` marks run without graphs. Returns the final hidden states (compute the loss on
-    /// them and run its backward pass, then [`Llama::backward_blockwise`]) and what the backward
-    /// pass needs.
+    /// and the blocks `recompute` marks run without graphs. Returns the final hidden states
+    /// (compute the loss on them and run its backward pass, then [`Llama::backward_blockwise`])
+    /// and what the backward pass needs.
     pub fn forward_blockwise(&self, inputs: &Inputs, recompute: &[bool]) -> (Tensor, Blockwise) {
         assert_eq!(recompute.len(), self.layers.len(), "one flag per block");
         let (rope, attend) = (self.rope(inputs.positions, self.kind()), inputs.mask.attend(self.device(), self.kind()));

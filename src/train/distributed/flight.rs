@@ -46,7 +46,7 @@ impl<T> Flight<T> {
 
 /// Whether a collective of `size` elements may start beside `flying` ones of `elements` in all:
 /// within `limit`, or alone.
-pub fn admits(flying: usize, elements: i64, size: i64, limit: i64) -> bool {
+fn admits(flying: usize, elements: i64, size: i64, limit: i64) -> bool {
     flying == 0 || elements + size <= limit
 }
 
