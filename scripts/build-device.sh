@@ -66,7 +66,9 @@ patch="patch.crates-io.torch-sys.path=\"$patched\""
 MAGPIE_CARGO=test MAGPIE_FEATURES='' "$MAGPIE_ROOT/scripts/build-cuda.sh" --config "$patch" --lib --no-run 2> "$DEVICE/test-build.log" || { cat "$DEVICE/test-build.log" >&2; exit 1; }
 tests=$(grep -oE 'Executable unittests src/lib.rs \(([^)]*)\)' "$DEVICE/test-build.log" | sed -E 's/.*\((.*)\)/\1/' | tail -1)
 CARGO_TARGET_DIR=${MAGPIE_CUDA_TARGET:-$MAGPIE_CACHE/target-cuda13.0-sm${CUDA_COMPUTE_CAP:-90}}
-rm -rf "$DEVICE/binaries" "$MAGPIE_ROOT/device-bin" && mkdir -p "$DEVICE/binaries" "$MAGPIE_ROOT/device-bin"
+# What this script writes into device-bin/ (magpie.xz: an older layout's binary), and nothing else.
+rm -rf "$DEVICE/binaries" "$MAGPIE_ROOT"/device-bin/{binaries.tar.xz,magpie.xz,tokenizer,encoder}
+mkdir -p "$DEVICE/binaries" "$MAGPIE_ROOT/device-bin"
 strip -o "$DEVICE/binaries/magpie" "$CARGO_TARGET_DIR/release/magpie"
 # (cargo names it by its absolute path: the target dir is outside the copied tree)
 strip -o "$DEVICE/binaries/magpie-tests" "$tests"
