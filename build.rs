@@ -3,6 +3,7 @@
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
 //! - `src/train/fused_adamw.cpp` (libtorch's fused AdamW), `src/model/flash_attention.cpp`
 //!   (varlen flash attention), `src/train/determinism.cpp` (deterministic mode),
+//!   `src/train/device_memory.cpp` (a GPU's free memory),
 //!   `src/model/seeded_random.cpp` (seeded random tensors) and `src/train/distributed/c10d.cpp`,
 //!   the C++ side of the process groups (libtorch's c10d), against the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
 //!   installed (the `nvidia-*` wheels scripts/setup.sh installs);
@@ -39,7 +40,8 @@ fn main() {
 }
 
 /// Compiles the C++ that calls libtorch where tch has no wrapper: the c10d shim, the fused
-/// AdamW kernel's, varlen flash attention's, deterministic mode's and the seeded samplers. NCCL
+/// AdamW kernel's, varlen flash attention's, deterministic mode's, a GPU's free memory and the
+/// seeded samplers. NCCL
 /// needs `cuda_runtime.h` with the compiler's `crt/` headers and `nccl.h`; they are looked for in
 /// the wheels beside torch and in `$CUDA_HOME`.
 fn compile_c10d(lib_dir: &Path, cuda: bool) {
@@ -47,12 +49,14 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
     const FUSED_ADAMW: &str = "src/train/fused_adamw.cpp";
     const FLASH_ATTENTION: &str = "src/model/flash_attention.cpp";
     const DETERMINISM: &str = "src/train/determinism.cpp";
+    const DEVICE_MEMORY: &str = "src/train/device_memory.cpp";
     const SEEDED_RANDOM: &str = "src/model/seeded_random.cpp";
     const VENDOR: &str = "src/train/distributed/vendor";
     println!("cargo:rerun-if-changed={SHIM}");
     println!("cargo:rerun-if-changed={FUSED_ADAMW}");
     println!("cargo:rerun-if-changed={FLASH_ATTENTION}");
     println!("cargo:rerun-if-changed={DETERMINISM}");
+    println!("cargo:rerun-if-changed={DEVICE_MEMORY}");
     println!("cargo:rerun-if-changed={SEEDED_RANDOM}");
     println!("cargo:rerun-if-changed=src/torch_ffi.h");
     println!("cargo:rerun-if-changed={VENDOR}");
@@ -67,6 +71,7 @@ fn compile_c10d(lib_dir: &Path, cuda: bool) {
         .file(FUSED_ADAMW)
         .file(FLASH_ATTENTION)
         .file(DETERMINISM)
+        .file(DEVICE_MEMORY)
         .file(SEEDED_RANDOM)
         .include(VENDOR)
         .include(&include)

@@ -96,6 +96,17 @@ fn flash_varlen(query: &Tensor, key: &Tensor, value: &Tensor, cu_seqlens: &Tenso
     Ok(unsafe { Tensor::from_ptr(out) })
 }
 
+/// Runs `op` forward and backward on a tiny input of `kind` on `device`, with gradients on
+/// whatever the caller's mode: the first packed batch may come under no_grad (an evaluation, or
+/// DPO's reference pass), and a probe without the backward would pass a kernel whose backward
+/// fails.
+fn forward_and_backward(device: Device, kind: Kind, op: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+    tch::with_grad(|| {
+        let x = Tensor::ones([4, 2, 8], (kind, device)).set_requires_grad(true);
+        Ok(op(&x)?.sum(Kind::Float).f_backward()?)
+    })
+}
+
 /// Whether varlen flash attention runs on `device` in `kind`, forward and backward: tried once
 /// on a tiny input (the kernel needs an sm80+ GPU), so a failing backward cannot stop a training
 /// step later; where it does not run, packed rows fall back to SDPA with a mask, and the first
@@ -109,10 +120,8 @@ fn flash_runs_on(device: Device, kind: Kind) -> bool {
     if let Some(&(_, _, runs)) = checked.iter().find(|(d, k, _)| *d == device && *k == kind) {
         return runs;
     }
-    let x = Tensor::ones([4, 2, 8], (kind, device)).set_requires_grad(true);
     let cu = Tensor::from_slice(&[0i32, 1, 4]).to_device(device);
-    let forward_and_backward = || -> Result<()> { Ok(flash_varlen(&x, &x, &x, &cu, 3)?.sum(Kind::Float).f_backward()?) };
-    let runs = match forward_and_backward() {
+    let runs = match forward_and_backward(device, kind, |x| flash_varlen(x, x, x, &cu, 3)) {
         Ok(()) => true,
         Err(e) => {
             eprintln!("warning: {e:#}; packed rows use SDPA with a document mask instead");
@@ -123,3 +132,16 @@ fn flash_runs_on(device: Device, kind: Kind) -> bool {
     runs
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The probe's backward runs even when the caller is under no_grad (the step-0 evaluation).
+    #[test]
+    fn the_kernel_probe_runs_the_backward_under_no_grad_too() {
+        let doubled = |x: &Tensor| Ok(x * 2.0);
+        assert!(tch::no_grad(|| forward_and_backward(Device::Cpu, Kind::Float, doubled)).is_ok());
+        let failing = |_: &Tensor| -> Result<Tensor> { anyhow::bail!("no kernel") };
+        assert!(forward_and_backward(Device::Cpu, Kind::Float, failing).is_err());
+    }
+}

@@ -32,14 +32,15 @@ pub const DEFAULT_CHUNK_LOGITS: i64 = 1 << 27;
 pub const LARGEST_CHUNK_LOGITS: i64 = 1 << 30;
 
 /// What the head's loss holds at its peak for `tokens` targets in chunks of `chunk_logits`, in
-/// bytes (the `--dry-run` plan): one chunk's f32 logits and their gradient in the weights' dtype,
-/// `G_W` in f32 and then in the weights' dtype, a chunk's `G_W` in the weights' dtype (added
-/// into the f32 `G_W` in place), and the targets' hidden states with `G_h`. A frozen head
+/// bytes (the `--dry-run` plan): one chunk's f32 logits with, at most, an f32 temporary of their
+/// size (logsumexp's `exp(x - max)`) or their copy in the weights' dtype (made from them, or their
+/// gradient), `G_W` in f32 and then in the weights' dtype, a chunk's `G_W` in the weights' dtype
+/// (added into the f32 `G_W` in place), and the targets' hidden states with `G_h`. A frozen head
 /// (`head_trains` false: LoRA) has no `G_W`.
 pub fn peak_bytes(vocab: i64, hidden: i64, tokens: i64, element: f64, head_trains: bool, chunk_logits: i64) -> f64 {
     let chunk = chunk_tokens(chunk_logits, vocab).min(tokens.max(1)) as f64 * vocab as f64;
     let weight = if head_trains { (vocab * hidden) as f64 } else { 0.0 };
-    chunk * (4.0 + element) + weight * (4.0 + 2.0 * element) + 2.0 * (tokens * hidden) as f64 * element
+    chunk * (4.0 + element.max(4.0)) + weight * (4.0 + 2.0 * element) + 2.0 * (tokens * hidden) as f64 * element
 }
 
 /// Targets a chunk of `chunk_logits` logits holds (at least one).

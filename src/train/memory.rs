@@ -15,11 +15,13 @@
 //! how few blocks the run can recompute and fit, and the vocabulary head takes chunks as large as
 //! the room left allows.
 
+use std::ffi::{c_char, c_int};
+
 use crate::model::lora::LoraConfig;
 use crate::model::LlamaConfig;
 use super::lm_head::{self, DEFAULT_CHUNK_LOGITS, LARGEST_CHUNK_LOGITS};
 use super::plan::Precision;
-use super::distributed::zero::{BUCKET_ELEMENTS, IN_FLIGHT_BUCKETS};
+use super::distributed::zero::{reduction_window, BUCKET_ELEMENTS, IN_FLIGHT_BUCKETS};
 use super::optim::SLICE_ELEMENTS;
 
 /// What one micro-batch of the run holds besides the policy.
@@ -34,13 +36,17 @@ pub struct Workload {
 
 /// The trainable parameters of a Llama-family config.
 pub fn parameters(c: &LlamaConfig) -> i64 {
+    let h = c.hidden_size;
+    let embeddings = c.vocab_size * h * if c.tie_word_embeddings { 1 } else { 2 };
+    c.num_hidden_layers * block_parameters(c) + embeddings + h
+}
+
+/// Parameters of one decoder block.
+fn block_parameters(c: &LlamaConfig) -> i64 {
     let (h, kv) = (c.hidden_size, c.kv_heads() * c.head_dim());
     let q = c.num_attention_heads * c.head_dim();
     let attention = h * q + 2 * h * kv + q * h + if c.attention_bias { q + 2 * kv } else { 0 };
-    let mlp = 3 * h * c.intermediate_size;
-    let layer = attention + mlp + 2 * h;
-    let embeddings = c.vocab_size * h * if c.tie_word_embeddings { 1 } else { 2 };
-    c.num_hidden_layers * layer + embeddings + h
+    attention + 3 * h * c.intermediate_size + 2 * h
 }
 
 /// How a run fits its device: the blocks it runs again in the backward pass (gradient
@@ -101,9 +107,10 @@ pub fn plan(c: &LlamaConfig, precision: Precision, fit: Fit, world: i64, work: &
     if world > 1 {
         // Sharded, micro-batches are reduced one at a time into these (ZeRO-2 style).
         rows.push(("f32 gradient shards", 4.0 * trained / world as f64));
-        // The buckets in flight: their f32 gradients for the reduce-scatter, or their gather in
-        // the weights' dtype. A parameter larger than the window (the embeddings) flies alone.
-        let window = IN_FLIGHT_BUCKETS * BUCKET_ELEMENTS;
+        // The buckets in flight: their f32 gradients for the reduce-scatter (a block's worth when
+        // it overlaps the backward pass), or their gather in the weights' dtype. A parameter
+        // larger than the window (the embeddings) flies alone.
+        let window = if f32_sums { reduction_window(block_parameters(c), BUCKET_ELEMENTS) } else { IN_FLIGHT_BUCKETS * BUCKET_ELEMENTS };
         let largest = match lora {
             Some(_) => window.min(trained as i64) as f64,
             None => window.min(n as i64).max(c.vocab_size * c.hidden_size) as f64,
@@ -179,7 +186,7 @@ pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, wor
             let (recomputed, why) = match capacity {
                 None => (blocks, format!("the memory of {device} is unknown; without it the plan is {:.1} GiB", gib(total(0)))),
                 Some(capacity) => {
-                    let room = format!("{:.0}% of {device}'s {:.1} GiB", AUTO_FILL * 100.0, gib(capacity));
+                    let room = format!("{:.0}% of {device}'s {:.1} GiB free", AUTO_FILL * 100.0, gib(capacity));
                     match (0..=blocks).find(|&k| fits(Fit::recomputing(k))) {
                         Some(0) => (0, format!("the plan without it, {:.1} GiB, fits in {room}", gib(total(0)))),
                         Some(k) => (k, format!("the plan without it, {:.1} GiB, exceeds {room}; with {k} blocks recomputed, the fewest that fit, {:.1} GiB",
@@ -203,20 +210,30 @@ pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, wor
     (Fit { recomputed_blocks: recomputed, head_chunk_logits }, why)
 }
 
-/// Bytes of memory `device` has: its GPU's total as the NVIDIA driver reports it (the smallest of
-/// the GPUs `nvidia-smi` lists), or on CPU the memory available now (/proc/meminfo).
+/// Bytes of memory free for a run on `device`: on a GPU what the CUDA runtime reports free on it
+/// now (a MIG slice's own, less what other processes hold; `device_memory.cpp`), as accelerate
+/// sizes a model to `torch.cuda.mem_get_info`; on CPU the memory available now (/proc/meminfo).
 pub fn device_memory(device: tch::Device) -> Option<f64> {
-    if device.is_cuda() {
-        let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"]).output().ok()?;
-        smallest_gpu_memory(&String::from_utf8_lossy(&out.stdout))
-    } else {
-        available_memory(&std::fs::read_to_string("/proc/meminfo").ok()?)
+    match device {
+        tch::Device::Cuda(index) => {
+            let mut free = 0usize;
+            let asked = crate::torch_ffi::checked("asking the GPU's free memory", |err, len| unsafe {
+                magpie_device_free_memory(index as c_int, &mut free, err, len)
+            });
+            match asked {
+                Ok(()) => Some(free as f64),
+                Err(e) => {
+                    eprintln!("warning: {e:#}; the memory plan assumes nothing about the GPU");
+                    None
+                }
+            }
+        }
+        _ => available_memory(&std::fs::read_to_string("/proc/meminfo").ok()?),
     }
 }
 
-/// `nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits`: MiB a line.
-fn smallest_gpu_memory(listing: &str) -> Option<f64> {
-    listing.lines().filter_map(|l| l.trim().parse::<f64>().ok()).map(|mib| mib * (1u64 << 20) as f64).reduce(f64::min)
+unsafe extern "C" {
+    fn magpie_device_free_memory(device: c_int, free: *mut usize, err: *mut c_char, len: usize) -> c_int;
 }
 
 /// /proc/meminfo's `MemAvailable:  N kB`.
@@ -293,12 +310,13 @@ mod tests {
         let args = parse_for_test(["--model", "m", "-i", "x", "-o", "y", "--bf16", "--gradient-checkpointing=auto"]);
         assert_eq!(args.gradient_checkpointing, Checkpointing::Auto);
         let work = Workload { tokens: 8192, reference_model: false, micro_batches: 32 };
-        let (h200, h100) = (smallest_gpu_memory("143771\n143771\n"), smallest_gpu_memory("81559\n"));
+        let mib = |mib: f64| Some(mib * (1u64 << 20) as f64);
+        let (h200, h100) = (mib(143771.0), mib(81559.0));
         let cuda = Some(tch::Device::Cuda(0));
         let decide = |world, capacity| resolve(args.gradient_checkpointing, &llama_8b(), args.precision(), world, &work, None, cuda, || capacity);
         let (fit, why) = decide(8, h200);
         assert_eq!(fit.recomputed_blocks, 0, "{why:?}");
-        assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB"));
+        assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB free"));
         let (fit, why) = decide(8, h100);
         let recomputed = fit.recomputed_blocks;
         assert_eq!(recomputed, 22, "docs/guide/training.md's figure: {why:?}");
@@ -312,6 +330,20 @@ mod tests {
         let off = resolve(Checkpointing::Off, &llama_8b(), args.precision(), 1, &work, None, None, || panic!("asked the memory of no device"));
         assert_eq!(off, (Fit::recomputing(0), None));
         assert_eq!(available_memory("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048.0 * 1024.0));
+    }
+
+    /// On a GPU the plan's room is what the CUDA runtime reports free on it; without one, the
+    /// question fails cleanly (no capacity: the plan assumes nothing).
+    #[test]
+    fn on_cuda_the_plan_reads_the_gpus_free_memory_from_the_cuda_runtime() {
+        let free = device_memory(tch::Device::Cuda(0));
+        if tch::Cuda::is_available() {
+            let free = free.expect("the CUDA runtime's free memory");
+            assert!(free > (1u64 << 30) as f64, "{free} bytes free");
+        } else {
+            assert_eq!(free, None);
+        }
+        assert!(device_memory(tch::Device::Cpu).is_some_and(|bytes| bytes > 0.0));
     }
 
     /// With room left once the blocks are chosen, the head's chunks grow (up to the seed's whole
@@ -351,7 +383,7 @@ mod tests {
         // The plan counts the chunk: one of 8,192 targets holds 8× the logits of the default's 1,046.
         let head = |chunk| plan(&llama_8b(), precision, Fit { recomputed_blocks: 0, head_chunk_logits: chunk }, 8, &work, None)
             .iter().find(|r| r.0 == "vocabulary head (chunked)").unwrap().1;
-        let logits_bytes = |tokens: f64| tokens * 128_256.0 * 6.0;
+        let logits_bytes = |tokens: f64| tokens * 128_256.0 * 8.0; // f32 logits and a temporary
         assert!((head(LARGEST_CHUNK_LOGITS) - head(DEFAULT_CHUNK_LOGITS) - (logits_bytes(8192.0) - logits_bytes(1046.0))).abs() < 1.0);
     }
 

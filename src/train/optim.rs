@@ -258,7 +258,13 @@ impl Optimizer for AdamW {
             let grads: Vec<Tensor> =
                 self.params.iter().enumerate().map(|(i, p)| gradient(&p.value, self.sums.as_ref(), i)).filter(|g| g.defined()).collect();
             let Some(first) = grads.first() else { return Tensor::zeros([], (Kind::Float, tch::Device::Cpu)) };
-            let squares: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+            // Sums of squares in f32, half a slice of a gradient at a time: a piece's f32 copy and
+            // its square fit in one optimizer slice (not two f32 copies of a whole 8B embedding).
+            let squares: Vec<Tensor> = grads
+                .iter()
+                .flat_map(|g| g.reshape([-1]).split(SLICE_ELEMENTS / 2, 0))
+                .map(|piece| piece.to_kind(Kind::Float).square().sum(Kind::Float))
+                .collect();
             let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().to_device(first.device());
             if let Some(max_norm) = max_norm {
                 let coef = clip_coefficient(&norm, max_norm);

@@ -34,6 +34,18 @@ impl<T> Flight<T> {
         self.elements += size;
     }
 
+    /// Collectives started and not yet completed.
+    #[cfg(test)]
+    pub fn in_flight(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// The most elements in flight.
+    #[cfg(test)]
+    pub fn limit(&self) -> i64 {
+        self.limit
+    }
+
     /// Completes every collective in flight, oldest first.
     pub fn finish(&mut self, mut done: impl FnMut(T) -> Result<()>) -> Result<()> {
         while let Some((size, started)) = self.queue.pop_front() {

@@ -15,7 +15,8 @@
 //!    and copied into the weights, so every rank holds the same model.
 //!
 //! The collectives are asynchronous and pipelined: up to [`IN_FLIGHT_BUCKETS`] buckets' worth of
-//! elements are in flight while the next bucket is flattened (1) or updated (3).
+//! elements are in flight while the next bucket is flattened (1) or updated (3); a block's worth
+//! and a bucket while the reduction overlaps the backward pass ([`reduction_window`]).
 //!
 //! With bf16 weights and several micro-batches a step, step 1 runs for every micro-batch and
 //! adds into the f32 chunks instead (ZeRO-2's gradient reduction), so micro-batch gradients are
@@ -43,6 +44,14 @@ pub const BUCKET_ELEMENTS: i64 = 1 << 25;
 /// communicates while the next is flattened or updated.
 pub const IN_FLIGHT_BUCKETS: i64 = 2;
 
+/// Elements the reduce-scatters may have in flight while the backward pass runs: the largest
+/// block's and one bucket more. On NCCL, completing a collective makes the compute stream wait
+/// for it, so with two buckets in flight the block below could not start its backward until all
+/// but two of this block's buckets were reduced; with a block's worth, it runs while they fly.
+pub fn reduction_window(largest_block: i64, bucket_elements: i64) -> i64 {
+    (IN_FLIGHT_BUCKETS * bucket_elements).max(largest_block + bucket_elements)
+}
+
 pub struct ShardedAdamW<'a> {
     config: AdamConfig,
     steps: i64,
@@ -50,7 +59,7 @@ pub struct ShardedAdamW<'a> {
     /// The trainable weights, sorted by name.
     params: Vec<(String, Tensor)>,
     buckets: Vec<Bucket>,
-    /// Elements of the collectives in flight at most (a bucket larger than that flies alone).
+    /// Elements of the gathers in flight at most (a bucket larger than that flies alone).
     flight_elements: i64,
     /// Reduce every micro-batch into the f32 gradient shards (ZeRO-2 style), so that bf16
     /// micro-batch gradients are summed in f32 without a full-size f32 copy on each rank.
@@ -58,7 +67,8 @@ pub struct ShardedAdamW<'a> {
     /// Each parameter's block (`Llama::block_of`), whose backward pass makes its gradient final.
     blocks: Vec<Option<usize>>,
     /// The reduction under way: which parameters have their final gradients, which buckets'
-    /// reduce-scatters have started, and those in flight (with their receiving buffers).
+    /// reduce-scatters have started, and those in flight (with their receiving buffers), within
+    /// [`reduction_window`] when they overlap the backward pass.
     final_params: Vec<bool>,
     started: Vec<bool>,
     reduction: Flight<(usize, (Pending<'a>, Tensor))>,
@@ -107,10 +117,13 @@ impl<'a> ShardedAdamW<'a> {
             start = end;
         }
         let flight_elements = IN_FLIGHT_BUCKETS * bucket_elements;
-        let blocks = params.iter().map(|(name, _)| Llama::block_of(name)).collect();
+        let blocks: Vec<Option<usize>> = params.iter().map(|(name, _)| Llama::block_of(name)).collect();
+        let block_elements = |block| params.iter().zip(&blocks).filter(|(_, b)| **b == Some(block)).map(|((_, v), _)| v.numel() as i64).sum::<i64>();
+        let largest_block = blocks.iter().flatten().map(|&b| block_elements(b)).max().unwrap_or(0);
+        let reduction = Flight::new(if f32_sums { reduction_window(largest_block, bucket_elements) } else { flight_elements });
         let (final_params, started) = (vec![false; params.len()], vec![false; buckets.len()]);
         ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets, flight_elements, reduce_each_micro_batch: f32_sums,
-                       blocks, final_params, started, reduction: Flight::new(flight_elements) }
+                       blocks, final_params, started, reduction }
     }
 
     /// Starts, in layout order, the reduce-scatter of every bucket not yet started whose
@@ -173,14 +186,15 @@ impl<'a> ShardedAdamW<'a> {
             (elements, elements * 4 + received, elements * weight_element + cast)
         }).collect();
         let mut peak = 0;
-        for phase in [|b: &(i64, i64, i64)| b.1, |b: &(i64, i64, i64)| b.2] {
+        let phases: [(fn(&(i64, i64, i64)) -> i64, i64); 2] = [(|b| b.1, self.reduction.limit()), (|b| b.2, self.flight_elements)];
+        for (phase, limit) in phases {
             let (flying, most) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
             let start = |b: &(i64, i64, i64)| {
                 flying.set(flying.get() + phase(b));
                 most.set(most.get().max(flying.get()));
                 Ok(phase(b))
             };
-            pipelined(&mut buffers, |b| b.0, self.flight_elements, start, |_, sent| Ok(flying.set(flying.get() - sent))).unwrap();
+            pipelined(&mut buffers, |b| b.0, limit, start, |_, sent| Ok(flying.set(flying.get() - sent))).unwrap();
             peak = peak.max(most.get());
         }
         (kept, peak)
@@ -463,8 +477,9 @@ mod tests {
     }
 
     /// Summing micro-batches in f32, the reduction starts during the backward pass: the top
-    /// block's buckets once it is done, the rest after; the gradient shards are those of
-    /// reducing after the backward pass.
+    /// block's buckets once it is done, the rest after, none of a block's completed before the
+    /// block below runs (a block spans many buckets of 256 here); the gradient shards are those
+    /// of reducing after the backward pass.
     #[test]
     fn the_reduction_overlaps_the_blockwise_backward_and_gives_the_same_shards() {
         use crate::train::backward::forward_backward;
@@ -473,7 +488,7 @@ mod tests {
             let objective = crate::train::trainer::tests::objective();
             let shards = |overlap: bool| {
                 let loaded = crate::model::tests::tiny("tiny-llama");
-                let mut sharded = ShardedAdamW::new(&loaded.vs, 0.0, true, true, group, 4096);
+                let mut sharded = ShardedAdamW::new(&loaded.vs, 0.0, true, true, group, 256);
                 assert!(sharded.reduces_during_backward());
                 sharded.zero_grad();
                 let mut started = vec![];
@@ -481,7 +496,8 @@ mod tests {
                     let batch = objective.collate(Split::Train, &[2 * m + group.rank], Device::Cpu).unwrap();
                     let mut block_done = |block: usize| -> Result<()> {
                         sharded.block_done(block)?;
-                        started.push((block, sharded.started.iter().filter(|s| **s).count()));
+                        let (count, flying) = (sharded.started.iter().filter(|s| **s).count(), sharded.reduction.in_flight());
+                        started.push((block, count, flying));
                         Ok(())
                     };
                     let block_done = overlap.then_some(&mut block_done as &mut dyn FnMut(usize) -> Result<()>);
@@ -499,7 +515,9 @@ mod tests {
             }
             // Tiny Llama's top block, then the lower one, each micro-batch.
             assert_eq!(started.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 0, 1, 0]);
-            assert!(started[0].1 > 0 && started[1].1 > started[0].1 && started[1].1 < buckets, "{started:?} of {buckets} buckets");
+            assert!(started[0].1 > 2 && started[1].1 > started[0].1 && started[1].1 < buckets, "{started:?} of {buckets} buckets");
+            // The top block's buckets are all still in flight when the lower block runs.
+            assert_eq!(started[0].2, started[0].1, "{started:?}");
         }
     }
 
