@@ -214,6 +214,33 @@ fn a_killed_sft_is_refused_downstream_and_resumes_and_dpo_caches_outside_the_dat
     assert_eq!(std::fs::read_dir(cache.join("dpo-reference-logps")).unwrap().count(), 1);
 }
 
+/// While an sft run goes on, a second one on its folder, `--resume` or `--overwrite`, is refused
+/// naming the folder, and the running one's checkpoints stay.
+#[test]
+fn a_second_training_run_on_a_folder_in_use_is_refused_and_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = converted(dir.path());
+    let sft = dir.path().join("sft");
+    let args = ["sft", "--model", s(&model), "-i", s(&fixture("magpie-released.parquet")), "-o", s(&sft), "--max-length", "96",
+        "--per-device-train-batch-size", "1", "--max-steps", "1000", "--save-steps", "1", "--save-total-limit", "1", "--device", "cpu"];
+    let mut child = spawn(&args);
+    let started = std::time::Instant::now();
+    let checkpoints = || std::fs::read_dir(&sft).map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().starts_with("checkpoint-")).count()).unwrap_or(0);
+    while checkpoints() == 0 {
+        assert!(child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(600), "no checkpoint while the run went on");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for extra in ["--resume", "--overwrite"] {
+        let output = magpie(&[&args[..], &[extra]].concat());
+        assert_eq!(output.status.code(), Some(1), "{extra}: {}", stderr(&output));
+        assert!(stderr(&output).contains("another magpie run is writing this folder"), "{extra}: {}", stderr(&output));
+    }
+    assert!(child.try_wait().unwrap().is_none(), "the first run ended before the second started");
+    assert!(checkpoints() > 0 && sft.join(".magpie-run.json").is_file(), "the refused runs removed the running one's files");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn rows_with_null_conversations_are_counted_as_dropped() {
     let dir = tempfile::tempdir().unwrap();

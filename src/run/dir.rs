@@ -4,7 +4,8 @@
 //! [`RunDir::prepare`] checks the target, reads the claim an earlier run left, compares its
 //! settings with this run's and plans what `--overwrite` replaces (see [`super::Removal`]):
 //! everything is decided, nothing is touched. [`Prepared::apply`], once the stage has loaded
-//! what it needs, carries out the removal and writes this run's claim. [`RunDir::finish`]
+//! what it needs, carries out the removal and writes this run's claim. A run resumed on a flag
+//! (training) holds its folder's [`super::lock`] from `prepare` to its end. [`RunDir::finish`]
 //! sweeps the temporaries interrupted runs left and writes the manifest, last.
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,8 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 use super::guard::{check, differing_keys, Existing, Rules};
-use super::manifest::{is_marker, read_claim, Manifest, Provenance, RUN_CLAIM};
+use super::lock;
+use super::manifest::{claim_path, is_marker, read_claim, Manifest, Provenance, RUN_CLAIM};
 use super::remove::Removal;
 use super::temp::{is_temporary, sweep_temporaries, write_atomically};
 
@@ -40,6 +42,8 @@ pub enum Opened {
 pub struct RunDir {
     pub dir: PathBuf,
     owns: fn(&str) -> bool,
+    /// The lock on the claim, held while the run goes on (training runs).
+    _lock: Option<std::fs::File>,
 }
 
 /// What `--overwrite` replaces in the folder.
@@ -56,6 +60,10 @@ pub struct Prepared {
     pub opened: Opened,
     removal: Option<(Replaces, Removal)>,
     claim: Value,
+    /// Whether the run holds the folder's lock: taken at `prepare` on an earlier claim, and on
+    /// this run's own once written.
+    locks: bool,
+    lock: Option<std::fs::File>,
 }
 
 fn plan(dir: &Path, replaces: Replaces, owns: fn(&str) -> bool) -> Result<Removal> {
@@ -78,10 +86,15 @@ impl Prepared {
             now.execute()?;
         }
         std::fs::create_dir_all(&self.dir).with_context(|| format!("{}: cannot create the output folder", self.dir.display()))?;
+        let mut lock = self.lock;
         if self.opened == Opened::Fresh {
-            write_atomically(&self.dir.join(RUN_CLAIM), serde_json::to_string_pretty(&self.claim)?.as_bytes())?;
+            let claim = self.dir.join(RUN_CLAIM);
+            write_atomically(&claim, serde_json::to_string_pretty(&self.claim)?.as_bytes())?;
+            if self.locks {
+                lock = lock::hold(&self.dir, &claim)?;
+            }
         }
-        Ok(RunDir { dir: self.dir, owns: self.owns })
+        Ok(RunDir { dir: self.dir, owns: self.owns, _lock: lock })
     }
 }
 
@@ -102,6 +115,12 @@ impl RunDir {
             bail!("--resume and --overwrite contradict each other");
         }
         let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
+        // Before anything is decided: a run still writing the folder refuses this one.
+        let locks = matches!(resuming, Resuming::OnFlag(_));
+        let lock = match claim_path(dir).filter(|_| locks && existing != Existing::Nothing) {
+            Some(claim) => lock::hold(dir, &claim)?,
+            None => None,
+        };
         let shown = dir.display();
         // A damaged claim cannot block replacing a finished output: it is not read then.
         let replacing_finished = existing == Existing::Finished && overwrite;
@@ -150,7 +169,7 @@ impl RunDir {
                 ),
             },
         };
-        Ok(Prepared { dir: dir.to_path_buf(), owns, opened, removal, claim: json!({ "stage": stage, "settings": settings }) })
+        Ok(Prepared { dir: dir.to_path_buf(), owns, opened, removal, claim: json!({ "stage": stage, "settings": settings }), locks, lock })
     }
 
     /// Marks the run finished: removes the temporaries (names starting with `prefix`) that
@@ -233,6 +252,28 @@ mod tests {
         std::fs::write(out.join("part-00001.bin"), b"y").unwrap();
         assert!(prepared.apply().err().unwrap().to_string().contains("changed while this run was starting"));
         assert!(out.join("part-00000.bin").is_file() && out.join("part-00001.bin").is_file());
+    }
+
+    /// While a training run goes on, a second one on its folder is refused, resuming or starting
+    /// over, with nothing removed; once the first has ended (its lock dropped), it resumes.
+    #[test]
+    fn a_second_run_on_a_training_folder_in_use_is_refused_until_the_first_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let settings = json!({"lr": 1});
+        let prepare = |overwrite, resume| RunDir::prepare(&out, &[], "sft", &settings, owns, overwrite, Resuming::OnFlag(resume));
+        let running = prepare(false, false).unwrap().apply().unwrap();
+        std::fs::write(out.join("part-00000.bin"), b"x").unwrap();
+        for (overwrite, resume) in [(false, true), (true, false)] {
+            let error = prepare(overwrite, resume).err().unwrap().to_string();
+            assert!(error.contains("another magpie run is writing this folder"), "{error}");
+        }
+        assert!(out.join("part-00000.bin").is_file());
+        drop(running);
+        prepare(false, true).unwrap().apply().unwrap();
+        // Sharded stages (resumed always) write one folder from many processes: no lock.
+        let _shard = RunDir::prepare(&out, &[], "sft", &settings, owns, false, Resuming::Always).unwrap().apply().unwrap();
+        assert!(RunDir::prepare(&out, &[], "sft", &settings, owns, false, Resuming::Always).is_ok());
     }
 
     #[test]

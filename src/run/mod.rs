@@ -12,12 +12,14 @@
 //!   chunk, for the shards of a job). One-shot outputs (filter, eval, models) are
 //!   written whole under a temporary and committed ([`write_dir`], `data::DatasetWriter`).
 //! - [`guard`]: what may already be at the output path, and [`require_finished`] for readers.
+//! - [`lock`]: one writer at a time in a training run's folder.
 //! - [`manifest`]: the markers (hidden, so parquet readers skip them), provenance, hashes.
 //! - [`remove`]: what `--overwrite`, `save_total_limit` and a commit remove, planned whole first.
 //! - [`temp`]: hidden temporaries and their sweeping.
 
 mod dir;
 mod guard;
+mod lock;
 mod manifest;
 mod remove;
 mod temp;
