@@ -7,11 +7,12 @@
 # GPU_CHECK_PARTS picks parts: "units train filter synth" (the default: all of them, in this order).
 # 0. units, from the library's test binary (magpie-tests): its CUDA unit tests (`on_cuda_*`:
 #    varlen flash attention per document, the chunked vocabulary loss and its gradients, the
-#    exact kNN against the CPU's);
+#    exact kNN against the CPU's, the GPU's free memory as the memory plan reads it);
 # 1. parity: SFT, SmolLM2-135M shape, random weights, f32, 4 steps: losses on CPU vs CUDA (1e-3);
 # 2. NCCL at world size 1 (torchrun's variables): the same losses as without a process group;
 # 3. throughput: SFT, Llama-3.2-1B shape, bf16, packing, 4 x 2048 tokens, against a PyTorch eager
-#    loop (transformers + SDPA + fused AdamW, bf16) on the same model: tok/s, ratio, MFU
+#    loop (transformers + SDPA + fused AdamW, f32 weights under bf16 autocast as HF's Trainer runs
+#    bf16=True: mixed precision, as magpie's f32 master weights) on the same model: tok/s, ratio, MFU
 #    (6 N tok/s over 989 TFLOP/s), peak GPU memory; then whether fusing q/k/v into one matmul
 #    and gate/up into another would pay (PyTorch alone, 135M, 1B and 8B layer shapes, forward + backward);
 # 4. DPO, 6 steps on CUDA with precomputed reference log-probs;
@@ -24,14 +25,14 @@
 #    on the GPU (seconds, planted pairs joined); its embedding on the GPU (an
 #    all-MiniLM-L6-v2-shaped encoder, random weights) of 100,000 corpus instructions, rows/s
 #    against sentence-transformers' encode written out in transformers;
-# 6. synthesis: 2,000 instructions + responses with a random-weight 1B-class model (Llama-3.2-1B's
+# 6. synthesis: 1,000 instructions + responses with a random-weight 1B-class model (Llama-3.2-1B's
 #    shape, SmolLM2's vocabulary) on mistralrs (safetensors, PagedAttention) and llama.cpp (the same
 #    weights as F16 GGUF, written by gpu_check_synth.py), tok/s against transformers' batched
 #    `generate` (SDPA, bf16) at the same lengths;
 # 7. batch invariance on CUDA: greedy answers to 64 prompts alone and 64 at a time, on llama.cpp
 #    and on mistralrs (whose CPU batching mixes up sequences, see src/engine/mistralrs.rs): how
 #    many differ, and how many batched answers are another prompt's.
-# GPU_CHECK_DEVICE=cpu rehearses every step but the 1B throughput on a CPU machine at a small scale
+# GPU_CHECK_DEVICE=cpu rehearses every step on a CPU machine at a small scale (the throughput at 135M)
 # (MAGPIE=path picks the binary and MAGPIE_TESTS=path the test binary instead of the archive's;
 # GPU_CHECK_BUDGET=3600 lets a CPU reach every step).
 #
@@ -68,7 +69,7 @@ TESTS_BIN=${MAGPIE_TESTS:-$W/magpie-tests}
 magpie() { timeout "$(limit)" "$BIN" "$@"; }
 torch_lib=$(python3 -c 'import torch, os; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')
 # cuBLAS, cuRAND and NVRTC for the CUDA engines: the torch wheel's nvidia/cu13/lib.
-cuda_lib=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))' 2>/dev/null || true)
+cuda_lib=$(python3 -c 'import nvidia, os; print(":".join(p for p in (os.path.join(d, "cu13", "lib") for d in nvidia.__path__) if os.path.isdir(p)))' 2>/dev/null || true)
 export LD_LIBRARY_PATH="$torch_lib:$cuda_lib:${LD_LIBRARY_PATH:-}"
 say() { printf '\n== %s\n' "$*"; }
 losses() { python3 scripts/gpu_check.py losses "$1"; }
@@ -102,6 +103,9 @@ step() {
 say "magpie doctor"
 magpie doctor > "$LOGS/doctor.log" 2>&1 || true
 grep -iE "cuda|libtorch|gpu" "$LOGS/doctor.log" | head -8 || true
+# A library the binaries need and the loader cannot find fails every step: say so first.
+missing=$(ldd "$BIN" "$TESTS_BIN" 2>/dev/null | grep "not found" | sort -u | tr -s ' \t\n' ' ' || true)
+if [ -n "$missing" ]; then STEP="libraries"; result "MISSING: $missing"; fi
 
 # lib_tests ARGS: the library's test binary with ARGS, under the time limit.
 lib_tests() {
@@ -112,6 +116,7 @@ units() {
   lib_tests on_cuda --test-threads 1 > "$LOGS/units.log" 2>&1
   tail -8 "$LOGS/units.log"
   line=$(grep -E "^test result" "$LOGS/units.log" | tail -1)
+  if [ "$DEVICE" = cuda ] && grep -q "skipped: no CUDA" "$LOGS/units.log"; then line="FAILED: libtorch sees no CUDA device, the tests skipped ($line)"; fi
   result "$line"
 }
 
@@ -161,32 +166,51 @@ process_group() {
 }
 
 # Peak memory of a process as nvidia-smi sees it (context and allocator cache included), sampled
-# every 200 ms into FILE while COMMAND runs: with_smi FILE COMMAND...
+# every 200 ms into FILE while COMMAND runs: with_smi FILE COMMAND... (FILE stays empty without
+# nvidia-smi: the CPU rehearsal).
 with_smi() {
-  local file=$1 smi status=0
+  local file=$1 smi= status=0
   shift
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$file" &
-  smi=$!
+  : > "$file"
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$file" &
+    smi=$!
+  fi
   "$@" || status=$?
-  kill $smi 2>/dev/null || true
+  if [ -n "$smi" ]; then kill "$smi" 2>/dev/null || true; fi
   return $status
 }
 
+# The 1B shape on the GPU; on a CPU (the rehearsal) the 135M one at 256 tokens.
+if [ "$DEVICE" = cuda ]; then tp_model=m1b tp_length=2048 tp_steps=12 tp_log=4; else tp_model=m135 tp_length=256 tp_steps=4 tp_log=2; fi
 throughput() {
-  with_smi "$LOGS/smi-torch.txt" timeout "$(limit)" python3 scripts/gpu_check.py torch-sft "$W/m1b" "$W/sft.parquet" 12 > "$LOGS/torch.json" 2> "$LOGS/torch-sft.log"
-  with_smi "$LOGS/smi.txt" magpie sft --model "$W/m1b" -i "$W/sft.parquet" --bf16 --packing --max-length 2048 --per-device-train-batch-size 4 \
-    --max-steps 12 --learning-rate 1e-5 --lr-scheduler-type constant --save-steps 0 --logging-steps 4 --device cuda -o "$W/sft-1b" 2> "$LOGS/sft-1b.log"
+  # magpie first: a baseline that fails still leaves magpie's figures.
+  with_smi "$LOGS/smi.txt" magpie sft --model "$W/$tp_model" -i "$W/sft.parquet" --bf16 --packing --max-length "$tp_length" --per-device-train-batch-size 4 \
+    --max-steps "$tp_steps" --learning-rate 1e-5 --lr-scheduler-type constant --save-steps 0 --logging-steps "$tp_log" --device "$DEVICE" -o "$W/sft-1b" 2> "$LOGS/sft-1b.log"
   cp "$W/sft-1b/metrics.jsonl" "$LOGS/sft-1b-metrics.jsonl"
+  with_smi "$LOGS/smi-torch.txt" timeout "$(limit)" python3 scripts/gpu_check.py torch-sft "$W/$tp_model" "$W/sft.parquet" "$tp_steps" "$DEVICE" "$tp_length" \
+    > "$LOGS/torch.json" 2> "$LOGS/torch-sft.log" || true
   line=$(python3 - "$LOGS" <<'PY'
-import json, sys
+import json, os, sys
 logs = sys.argv[1]
-t = json.load(open(f"{logs}/torch.json"))
-# Logged at steps 4, 8 and 12, each line with its own step's tokens and seconds: steps 8 and 12
-# (the baseline times steps 3-12, each synchronised).
+# Logged every tp_log steps, each line with its own steps' tokens and seconds: all lines but the
+# first (the baseline times the steps after its first two, each synchronised).
 steady = [json.loads(l) for l in open(f"{logs}/sft-1b-metrics.jsonl") if '"grad_norm"' in l][1:]
-ours = sum(r["tokens"] for r in steady) / sum(r["tokens"] / r["tokens_per_second"] for r in steady)
-n = t["parameters"]
 seconds = sum(r["tokens"] / r["tokens_per_second"] for r in steady)
+ours = sum(r["tokens"] for r in steady) / seconds
+def peak(name):
+    values = [int(x) for x in open(f"{logs}/{name}").read().split() if x.isdigit()]
+    return max(values) / 1024 if values else None
+gib = lambda v: "n/a" if v is None else f"{v:.1f} GiB"
+goal = lambda met: "met" if met else "MISSED"
+ours_peak = peak("smi.txt")
+t = json.load(open(f"{logs}/torch.json")) if os.path.getsize(f"{logs}/torch.json") else None
+if t is None:
+    mfu = sum(r.get("mfu", 0) * r["tokens"] / r["tokens_per_second"] for r in steady) / seconds
+    print(f"magpie {ours:,.0f} tok/s (MFU {mfu:.1%}), peak GPU memory {gib(ours_peak)}; "
+          "the PyTorch baseline FAILED (torch-sft.log)")
+    sys.exit()
+n = t["parameters"]
 # The loop's own MFU (metrics.jsonl, 6 x matrix parameters x tokens over the GPU's peak), time
 # weighted over the steady steps; PyTorch's by the same formula, through the tok/s ratio.
 if all("mfu" in r for r in steady):
@@ -194,20 +218,20 @@ if all("mfu" in r for r in steady):
 else:
     mfu = 6 * n * ours / 989.4e12
 torch_mfu = mfu * t["tok_per_s"] / ours
-peak = lambda name: max(int(x) for x in open(f"{logs}/{name}").read().split()) / 1024
-ratio, ours_peak, torch_peak = ours / t["tok_per_s"], peak("smi.txt"), peak("smi-torch.txt")
-goal = lambda met: "met" if met else "MISSED"
-print(f"magpie {ours:,.0f} tok/s (MFU {mfu:.1%}), PyTorch eager {t['tok_per_s']:,.0f} tok/s (MFU {torch_mfu:.1%}): "
-      f"{ratio:.2f}x; peak GPU memory (nvidia-smi) magpie {ours_peak:.1f} GiB, PyTorch {torch_peak:.1f} GiB "
+ratio, torch_peak = ours / t["tok_per_s"], peak("smi-torch.txt")
+peak_goal = "n/a" if ours_peak is None or torch_peak is None else goal(ours_peak <= torch_peak)
+print(f"magpie {ours:,.0f} tok/s (MFU {mfu:.1%}), PyTorch eager AMP bf16 {t['tok_per_s']:,.0f} tok/s (MFU {torch_mfu:.1%}): "
+      f"{ratio:.2f}x; peak GPU memory (nvidia-smi) magpie {gib(ours_peak)}, PyTorch {gib(torch_peak)} "
       f"({t['peak_gib']:.1f} GiB allocated); N = {n / 1e9:.2f}B. Goals: >= 1.2x {goal(ratio >= 1.2)}, "
-      f"MFU >= 40% {goal(mfu >= 0.4)}, peak <= PyTorch's {goal(ours_peak <= torch_peak)}")
+      f"MFU >= 40% {goal(mfu >= 0.4)}, peak <= PyTorch's {peak_goal}")
 PY
 )
   result "$line"
 }
 
 fusion() {
-  result "$(timeout "$(limit)" python3 scripts/gpu_check.py fusion "$DEVICE" "$([ "$DEVICE" = cuda ] && echo 8192 || echo 256)" 2> "$LOGS/fusion.log")"
+  line=$(timeout "$(limit)" python3 scripts/gpu_check.py fusion "$DEVICE" "$([ "$DEVICE" = cuda ] && echo 8192 || echo 256)" 2> "$LOGS/fusion.log")
+  result "$line"
 }
 
 dpo() {
@@ -226,7 +250,11 @@ dpo_padding_free() {
     magpie dpo --model "$W/m135" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 8 --max-steps 6 \
       --learning-rate 1e-6 --save-steps 0 --precompute-ref-log-probs --bf16 --device "$DEVICE" "${extra[@]}" -o "$W/dpo-$mode" 2> "$LOGS/dpo-$mode.log"
   done
-  result "losses $(python3 scripts/gpu_check.py compare "$W/dpo-padded" "$W/dpo-padding-free" 1e-2); tok/s padded $(python3 scripts/gpu_check.py rate "$W/dpo-padded"), padding-free $(python3 scripts/gpu_check.py rate "$W/dpo-padding-free")"
+  local same padded free
+  same=$(python3 scripts/gpu_check.py compare "$W/dpo-padded" "$W/dpo-padding-free" 1e-2)
+  padded=$(python3 scripts/gpu_check.py rate "$W/dpo-padded")
+  free=$(python3 scripts/gpu_check.py rate "$W/dpo-padding-free")
+  result "losses $same; tok/s padded $padded, padding-free $free"
 }
 
 master_weights() {
@@ -235,7 +263,7 @@ import sys
 from transformers import AutoModelForCausalLM
 import torch
 w = sys.argv[1]
-AutoModelForCausalLM.from_pretrained(f"{w}/m135", dtype=torch.bfloat16).save_pretrained(f"{w}/m135-bf16")
+AutoModelForCausalLM.from_pretrained(f"{w}/m135").to(torch.bfloat16).save_pretrained(f"{w}/m135-bf16")
 PY
   cp "$W"/m135/tokenizer* "$W"/m135/*.jinja "$W/m135-bf16/" 2>/dev/null || true
   magpie dpo --model "$W/m135-bf16" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 4 --max-steps 3 \
@@ -255,12 +283,18 @@ resume() {
     sft "${extra[@]}" -o "$W/resume-$mode-a" 2> "$LOGS/resume-$mode-a.log"
     sft "${extra[@]}" -o "$W/resume-$mode-b" 2> "$LOGS/resume-$mode-b.log" &
     pid=$!
-    while kill -0 "$pid" 2>/dev/null && [ ! -d "$W/resume-$mode-b/checkpoint-2" ]; do sleep 0.1; done
+    while kill -0 "$pid" 2>/dev/null && [ ! -d "$W/resume-$mode-b/checkpoint-2" ]; do sleep 0.01; done
+    # $pid is the shell running the sft function: kill the binary under it (and its timeout),
+    # which would otherwise go on writing the folder beside the resumed run.
+    pkill -9 -f -- "-o $W/resume-$mode-b\$" 2>/dev/null || true
     kill -9 "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     sft "${extra[@]}" --resume -o "$W/resume-$mode-b" 2>> "$LOGS/resume-$mode-b.log"
   done
-  result "full determinism: $(python3 scripts/gpu_check.py compare "$W/resume-deterministic-a" "$W/resume-deterministic-b" 0); default: $(python3 scripts/gpu_check.py compare "$W/resume-default-a" "$W/resume-default-b" 1e-2)"
+  local exact default
+  exact=$(python3 scripts/gpu_check.py compare "$W/resume-deterministic-a" "$W/resume-deterministic-b" 0)
+  default=$(python3 scripts/gpu_check.py compare "$W/resume-default-a" "$W/resume-default-b" 1e-2)
+  result "full determinism: $exact; default: $default"
 }
 
 # LoRA on the device against the CPU (f32, dropout 0: the two devices' generators draw other
@@ -271,7 +305,10 @@ lora() {
   sft "${adapters[@]}" --device "$DEVICE" --gradient-checkpointing -o "$W/lora-dev" 2> "$LOGS/lora-dev.log"
   magpie dpo --model "$W/m135" -i "$W/dpo.parquet" --max-length 256 --max-prompt-length 128 --per-device-train-batch-size 4 --max-steps 3 \
     --learning-rate 1e-4 --save-steps 0 --use-peft --bf16 --device "$DEVICE" -o "$W/lora-dpo" 2> "$LOGS/lora-dpo.log"
-  result "sft: $(python3 scripts/gpu_check.py compare "$W/lora-cpu" "$W/lora-dev" 1e-3); dpo bf16 losses $(losses "$W/lora-dpo")"
+  local sft dpo
+  sft=$(python3 scripts/gpu_check.py compare "$W/lora-cpu" "$W/lora-dev" 1e-3)
+  dpo=$(losses "$W/lora-dpo")
+  result "sft: $sft; dpo bf16 losses $dpo"
 }
 
 training_models() {
@@ -284,7 +321,7 @@ fi
 if part train && $STEP_OK; then
   step "parity CPU vs $DEVICE" parity
   step "process group of one" process_group
-  if [ "$DEVICE" = cuda ]; then step "throughput 1B bf16" throughput; fi
+  step "throughput $tp_model bf16" throughput
   step "q/k/v, gate/up fused" fusion
   step "DPO 6 steps" dpo
   step "DPO padding-free vs padded" dpo_padding_free
@@ -298,7 +335,7 @@ if part filter; then
   step "embedding on $DEVICE" embedding
 fi
 
-if [ "$DEVICE" = cuda ]; then size=full num=2000 seqs=256 hf_prompts=1024; else size=small num=16 seqs=8 hf_prompts=16; fi
+if [ "$DEVICE" = cuda ]; then size=full num=1000 seqs=256 hf_prompts=512; else size=small num=16 seqs=8 hf_prompts=16; fi
 synth() { magpie synth --num "$num" --max-tokens 64 --response-max-tokens 128 --max-num-seqs "$seqs" "$@"; }
 rate() { grep -E "generated (tokens|tok/s)" "$1" | awk '{print $NF}' | paste -sd' ' | awk '{printf "%.0f tok/s (%d tokens)", $2, $1}'; }
 

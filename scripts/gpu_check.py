@@ -2,7 +2,7 @@
 pyarrow, and no network):
 
     python3 scripts/gpu_check.py models TOKENIZER_DIR OUT [small]  # random-weight models + data
-    python3 scripts/gpu_check.py torch-sft MODEL DATA STEPS   # the PyTorch eager baseline
+    python3 scripts/gpu_check.py torch-sft MODEL DATA STEPS [DEVICE LENGTH]   # the PyTorch eager baseline
     python3 scripts/gpu_check.py changed A B                  # how many weights differ
     python3 scripts/gpu_check.py losses RUN                   # a run's logged losses
     python3 scripts/gpu_check.py compare RUN_A RUN_B TOL      # two runs' losses step by step
@@ -50,39 +50,47 @@ def models(tokenizer_dir, out, size="full"):
                    out / "dpo.parquet")
 
 
-def torch_sft(model_dir, data, steps):
-    """A plain PyTorch eager loop: transformers with SDPA, bf16 weights, fused AdamW, batch 4 x 2048
-    of the conversations' tokens laid end to end (causal over each row). Prints tokens/s over the
-    steps after the first two, peak memory and the parameter count."""
+def torch_sft(model_dir, data, steps, device="cuda", length=2048):
+    """A plain PyTorch eager loop as HF's Trainer runs it with bf16=True: transformers with SDPA,
+    f32 weights under bf16 autocast (mixed precision, as magpie's f32 master weights), fused AdamW,
+    batch 4 x LENGTH of the conversations' tokens laid end to end (causal over each row). Prints
+    tokens/s over the steps after the first two, peak memory (CUDA) and the parameter count."""
     import torch
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    steps, length = int(steps), int(length)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").float().to(device)
     model.gradient_checkpointing_disable()
     stream = []
     for messages in pq.read_table(data).column("messages").to_pylist():
-        stream += tok.apply_chat_template(messages, tokenize=True)
-    rows, length = 4, 2048
+        # return_dict=False: transformers 5 returns a BatchEncoding by default.
+        stream += list(tok.apply_chat_template(messages, tokenize=True, return_dict=False))
+    rows = 4
     need = rows * length * steps
     stream = (stream * (need // len(stream) + 1))[:need]
     batches = torch.tensor(stream).view(steps, rows, length)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    torch.cuda.reset_peak_memory_stats()
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for step in range(steps):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
-        ids = batches[step].cuda()
-        loss = model(input_ids=ids, labels=ids).loss
+        ids = batches[step].to(device)
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     timed = times[2:]
-    print(json.dumps({"tok_per_s": rows * length * len(timed) / sum(timed), "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    print(json.dumps({"tok_per_s": rows * length * len(timed) / sum(timed),
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                       "parameters": sum(p.numel() for p in model.parameters())}))
 
 
@@ -197,6 +205,6 @@ def fusion(device, tokens=8192):
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    {"models": lambda: models(*args), "torch-sft": lambda: torch_sft(args[0], args[1], int(args[2])), "changed": lambda: changed(*args),
+    {"models": lambda: models(*args), "torch-sft": lambda: torch_sft(*args), "changed": lambda: changed(*args),
      "losses": lambda: losses(*args), "compare": lambda: compare(*args), "rate": lambda: rate(*args),
      "encoder": lambda: encoder(*args), "embed": lambda: embed(*args), "fusion": lambda: fusion(*args)}[command]()

@@ -143,7 +143,7 @@ def hf_generate(model_dir, prompts, batch):
     import torch
     from transformers import AutoModelForCausalLM
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the rehearsal
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").to(device=device, dtype=torch.bfloat16).eval()
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     warm = torch.randint(0, vocab, (batch, 12), generator=generator).to(device)
