@@ -200,6 +200,34 @@ mod tests {
         assert!(error.contains("possible values: "), "{error}");
     }
 
+    /// Every recipe in `recipes/` parses with its command (named by the file: `*-filter`/`*-tag`,
+    /// `*-sft`, `*-dpo`, `*-eval`, else synth): its keys are flags, its values pass their parsers,
+    /// a filter recipe's steps have known keys.
+    #[test]
+    fn every_shipped_recipe_parses_with_its_command() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut parsed = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let command: &[&str] = if name.ends_with("-filter") || name.ends_with("-tag") {
+                &["filter", "-i", "in", "-o", "out"]
+            } else if name.contains("-sft") || name.contains("-dpo") {
+                &[if name.contains("-sft") { "sft" } else { "dpo" }, "--model", "m", "-i", "in", "-o", "out"]
+            } else if name.ends_with("-eval") {
+                &["eval", "--model", "m", "-o", "out"]
+            } else {
+                &["synth", "-o", "out"]
+            };
+            let argv = ["magpie"].iter().chain(command).map(OsString::from).chain([OsString::from("--recipe"), path.clone().into()]);
+            if let Err(error) = crate::cli::parse(argv) {
+                panic!("{}: {error}", path.display());
+            }
+            parsed += 1;
+        }
+        assert!(parsed >= 13, "only {parsed} recipes in {}", dir.display());
+    }
+
     #[test]
     fn the_command_line_wins_over_the_recipe_so_its_bad_value_is_never_parsed() {
         let (argv, _) = with_recipe(&["synth", "--temperature", "0.5", "-o", "out"], "temperature: -1\nnum: 3\n", |argv| expand(&crate::cli::Cli::command(), argv));

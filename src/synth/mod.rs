@@ -57,8 +57,8 @@ pub struct SynthArgs {
 
     /// Answer an existing dataset instead of harvesting: parquet files, folders or globs in our
     /// format (Magpie's released files too). Each row's conversation up to its last user turn is
-    /// answered by --model; every other column is kept. Every input row is answered (--num is
-    /// not used).
+    /// answered by --model; every other column is kept. Every row with a user turn is answered
+    /// (--num is not used); rows without one are skipped and counted.
     #[arg(long, short)]
     pub input: Vec<String>,
 

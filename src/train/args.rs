@@ -167,7 +167,7 @@ pub struct LoraArgs {
 
     /// Modules that get adapters, comma-separated: q_proj, k_proj, v_proj, o_proj, gate_proj,
     /// up_proj, down_proj, or all-linear (all seven). PEFT's default for Llama is q_proj,v_proj.
-    #[arg(long, value_delimiter = ',', default_values_t = ["q_proj".to_string(), "v_proj".to_string()], requires = "use_peft", help_heading = "LoRA")]
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,v_proj", requires = "use_peft", help_heading = "LoRA")]
     pub lora_target_modules: Vec<String>,
 
     /// Rank-stabilised LoRA: scale by alpha / sqrt(r) (PEFT's use_rslora).

@@ -76,7 +76,8 @@ pub struct DpoArgs {
 
     /// Compute reference log-probs once before training and cache them in
     /// $MAGPIE_CACHE/dpo-reference-logps/ (keyed by the tokenised pairs, the reference weights,
-    /// the dtype and the device), instead of holding a reference model.
+    /// the dtype, the device and the layout), instead of holding a reference model. With LoRA
+    /// and no --ref-model the starting policy computes them, not cached.
     #[arg(long)]
     pub precompute_ref_log_probs: bool,
 

@@ -72,8 +72,9 @@ fn default_request_retries() -> u32 {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServerFlags {
     /// Generate on this OpenAI-compatible server (vLLM, SGLang, llama.cpp's server), e.g.
-    /// `http://localhost:8000/v1`. Implies `--engine openai`. `--model` then names the local
-    /// tokenizer and chat template (a GGUF or a Hugging Face folder) of the model it serves.
+    /// `http://localhost:8000/v1` (for synth, it implies `--engine openai`). `--model` then names
+    /// the local tokenizer and chat template (a GGUF or a Hugging Face folder) of the model it
+    /// serves.
     #[arg(long)]
     pub base_url: Option<String>,
 
