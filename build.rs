@@ -3,7 +3,7 @@
 //!   linked even though no Rust symbol references it, so that a CUDA wheel exposes the GPU to tch;
 //! - `src/train/fused_adamw.cpp` (libtorch's fused AdamW), `src/model/flash_attention.cpp`
 //!   (varlen flash attention), `src/train/determinism.cpp` (deterministic mode),
-//!   `src/train/device_memory.cpp` (a GPU's free memory),
+//!   `src/train/device_memory.cpp` (a GPU's memory),
 //!   `src/model/seeded_random.cpp` (seeded random tensors) and `src/train/distributed/c10d.cpp`,
 //!   the C++ side of the process groups (libtorch's c10d), against the same libtorch: Gloo always, NCCL when libtorch has CUDA and the CUDA and NCCL headers are
 //!   installed (the `nvidia-*` wheels scripts/setup.sh installs);
@@ -40,7 +40,7 @@ fn main() {
 }
 
 /// Compiles the C++ that calls libtorch where tch has no wrapper: the c10d shim, the fused
-/// AdamW kernel's, varlen flash attention's, deterministic mode's, a GPU's free memory and the
+/// AdamW kernel's, varlen flash attention's, deterministic mode's, a GPU's memory and the
 /// seeded samplers. NCCL
 /// needs `cuda_runtime.h` with the compiler's `crt/` headers and `nccl.h`; they are looked for in
 /// the wheels beside torch and in `$CUDA_HOME`.

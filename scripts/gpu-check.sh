@@ -7,7 +7,7 @@
 # GPU_CHECK_PARTS picks parts: "units train filter synth" (the default: all of them, in this order).
 # 0. units, from the library's test binary (magpie-tests): its CUDA unit tests (`on_cuda_*`:
 #    varlen flash attention per document, the chunked vocabulary loss and its gradients, the
-#    exact kNN against the CPU's, the GPU's free memory as the memory plan reads it);
+#    exact kNN against the CPU's, the GPU's memory as the memory plan reads it);
 # 1. parity: SFT, SmolLM2-135M shape, random weights, f32, 4 steps: losses on CPU vs CUDA (1e-3);
 # 2. NCCL at world size 1 (torchrun's variables): the same losses as without a process group;
 # 3. throughput: SFT, Llama-3.2-1B shape, bf16, packing, 4 x 2048 tokens, against a PyTorch eager

@@ -220,8 +220,8 @@ fn a_killed_sft_is_refused_downstream_and_resumes_and_dpo_caches_outside_the_dat
 fn a_second_training_run_on_a_folder_in_use_is_refused_and_removes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = converted(dir.path());
-    let sft = dir.path().join("sft");
-    let args = ["sft", "--model", s(&model), "-i", s(&fixture("magpie-released.parquet")), "-o", s(&sft), "--max-length", "96",
+    let (sft, data) = (dir.path().join("sft"), fixture("magpie-released.parquet"));
+    let args = ["sft", "--model", s(&model), "-i", s(&data), "-o", s(&sft), "--max-length", "96",
         "--per-device-train-batch-size", "1", "--max-steps", "1000", "--save-steps", "1", "--save-total-limit", "1", "--device", "cpu"];
     let mut child = spawn(&args);
     let started = std::time::Instant::now();

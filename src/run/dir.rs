@@ -60,9 +60,10 @@ pub struct Prepared {
     pub opened: Opened,
     removal: Option<(Replaces, Removal)>,
     claim: Value,
-    /// Whether the run holds the folder's lock: taken at `prepare` on an earlier claim, and on
-    /// this run's own once written.
+    /// Whether the run holds the folder's lock: taken at `prepare` on an earlier claim (if there
+    /// was one, `earlier_claim`), and on this run's own once written.
     locks: bool,
+    earlier_claim: bool,
     lock: Option<std::fs::File>,
 }
 
@@ -88,10 +89,13 @@ impl Prepared {
         std::fs::create_dir_all(&self.dir).with_context(|| format!("{}: cannot create the output folder", self.dir.display()))?;
         let mut lock = self.lock;
         if self.opened == Opened::Fresh {
-            let claim = self.dir.join(RUN_CLAIM);
-            write_atomically(&claim, serde_json::to_string_pretty(&self.claim)?.as_bytes())?;
+            let (claim, bytes) = (self.dir.join(RUN_CLAIM), serde_json::to_string_pretty(&self.claim)?);
             if self.locks {
-                lock = lock::hold(&self.dir, &claim)?;
+                // An earlier claim this run locked it replaces; else none may be there.
+                let replacing = self.earlier_claim && claim.symlink_metadata().is_ok();
+                lock = lock::write_locked(&self.dir, &claim, bytes.as_bytes(), replacing)?;
+            } else {
+                write_atomically(&claim, bytes.as_bytes())?;
             }
         }
         Ok(RunDir { dir: self.dir, owns: self.owns, _lock: lock })
@@ -117,10 +121,12 @@ impl RunDir {
         let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
         // Before anything is decided: a run still writing the folder refuses this one.
         let locks = matches!(resuming, Resuming::OnFlag(_));
-        let lock = match claim_path(dir).filter(|_| locks && existing != Existing::Nothing) {
-            Some(claim) => lock::hold(dir, &claim)?,
+        let earlier_claim = claim_path(dir).filter(|_| locks && existing != Existing::Nothing);
+        let lock = match &earlier_claim {
+            Some(claim) => lock::hold(dir, claim)?,
             None => None,
         };
+        let earlier_claim = earlier_claim.is_some();
         let shown = dir.display();
         // A damaged claim cannot block replacing a finished output: it is not read then.
         let replacing_finished = existing == Existing::Finished && overwrite;
@@ -169,7 +175,7 @@ impl RunDir {
                 ),
             },
         };
-        Ok(Prepared { dir: dir.to_path_buf(), owns, opened, removal, claim: json!({ "stage": stage, "settings": settings }), locks, lock })
+        Ok(Prepared { dir: dir.to_path_buf(), owns, opened, removal, claim: json!({ "stage": stage, "settings": settings }), locks, earlier_claim, lock })
     }
 
     /// Marks the run finished: removes the temporaries (names starting with `prefix`) that
@@ -271,6 +277,13 @@ mod tests {
         assert!(out.join("part-00000.bin").is_file());
         drop(running);
         prepare(false, true).unwrap().apply().unwrap();
+        // Two runs started at once on a new folder: the one that puts its claim in place second
+        // is refused.
+        let fresh = dir.path().join("fresh");
+        let start = || RunDir::prepare(&fresh, &[], "sft", &settings, owns, false, Resuming::OnFlag(false)).unwrap();
+        let (first, second) = (start(), start());
+        let _first = first.apply().unwrap();
+        assert!(second.apply().err().unwrap().to_string().contains("another magpie run is writing this folder"));
         // Sharded stages (resumed always) write one folder from many processes: no lock.
         let _shard = RunDir::prepare(&out, &[], "sft", &settings, owns, false, Resuming::Always).unwrap().apply().unwrap();
         assert!(RunDir::prepare(&out, &[], "sft", &settings, owns, false, Resuming::Always).is_ok());

@@ -186,7 +186,7 @@ pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, wor
             let (recomputed, why) = match capacity {
                 None => (blocks, format!("the memory of {device} is unknown; without it the plan is {:.1} GiB", gib(total(0)))),
                 Some(capacity) => {
-                    let room = format!("{:.0}% of {device}'s {:.1} GiB free", AUTO_FILL * 100.0, gib(capacity));
+                    let room = format!("{:.0}% of {device}'s {:.1} GiB", AUTO_FILL * 100.0, gib(capacity));
                     match (0..=blocks).find(|&k| fits(Fit::recomputing(k))) {
                         Some(0) => (0, format!("the plan without it, {:.1} GiB, fits in {room}", gib(total(0)))),
                         Some(k) => (k, format!("the plan without it, {:.1} GiB, exceeds {room}; with {k} blocks recomputed, the fewest that fit, {:.1} GiB",
@@ -210,18 +210,18 @@ pub fn resolve(choice: Checkpointing, c: &LlamaConfig, precision: Precision, wor
     (Fit { recomputed_blocks: recomputed, head_chunk_logits }, why)
 }
 
-/// Bytes of memory free for a run on `device`: on a GPU what the CUDA runtime reports free on it
-/// now (a MIG slice's own, less what other processes hold; `device_memory.cpp`), as accelerate
-/// sizes a model to `torch.cuda.mem_get_info`; on CPU the memory available now (/proc/meminfo).
+/// Bytes of memory `device` has: on a GPU its total as the CUDA runtime reports it (a MIG slice's
+/// own; `device_memory.cpp`), the same on every run, so a resumed run picks the same head chunks;
+/// on CPU the memory available now (/proc/meminfo).
 pub fn device_memory(device: tch::Device) -> Option<f64> {
     match device {
         tch::Device::Cuda(index) => {
-            let mut free = 0usize;
-            let asked = crate::torch_ffi::checked("asking the GPU's free memory", |err, len| unsafe {
-                magpie_device_free_memory(index as c_int, &mut free, err, len)
+            let mut total = 0usize;
+            let asked = crate::torch_ffi::checked("asking the GPU's memory", |err, len| unsafe {
+                magpie_device_total_memory(index as c_int, &mut total, err, len)
             });
             match asked {
-                Ok(()) => Some(free as f64),
+                Ok(()) => Some(total as f64),
                 Err(e) => {
                     eprintln!("warning: {e:#}; the memory plan assumes nothing about the GPU");
                     None
@@ -233,7 +233,7 @@ pub fn device_memory(device: tch::Device) -> Option<f64> {
 }
 
 unsafe extern "C" {
-    fn magpie_device_free_memory(device: c_int, free: *mut usize, err: *mut c_char, len: usize) -> c_int;
+    fn magpie_device_total_memory(device: c_int, total: *mut usize, err: *mut c_char, len: usize) -> c_int;
 }
 
 /// /proc/meminfo's `MemAvailable:  N kB`.
@@ -316,7 +316,7 @@ mod tests {
         let decide = |world, capacity| resolve(args.gradient_checkpointing, &llama_8b(), args.precision(), world, &work, None, cuda, || capacity);
         let (fit, why) = decide(8, h200);
         assert_eq!(fit.recomputed_blocks, 0, "{why:?}");
-        assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB free"));
+        assert!(why.unwrap().contains("fits in 90% of Cuda(0)'s 140.4 GiB"));
         let (fit, why) = decide(8, h100);
         let recomputed = fit.recomputed_blocks;
         assert_eq!(recomputed, 22, "docs/guide/training.md's figure: {why:?}");
@@ -332,16 +332,16 @@ mod tests {
         assert_eq!(available_memory("MemTotal: 100 kB\nMemAvailable:   2048 kB\n"), Some(2048.0 * 1024.0));
     }
 
-    /// On a GPU the plan's room is what the CUDA runtime reports free on it; without one, the
-    /// question fails cleanly (no capacity: the plan assumes nothing).
+    /// On a GPU the plan's room is the GPU's memory as the CUDA runtime reports it; without one,
+    /// the question fails cleanly (no capacity: the plan assumes nothing).
     #[test]
-    fn on_cuda_the_plan_reads_the_gpus_free_memory_from_the_cuda_runtime() {
-        let free = device_memory(tch::Device::Cuda(0));
+    fn on_cuda_the_plan_reads_the_gpus_memory_from_the_cuda_runtime() {
+        let total = device_memory(tch::Device::Cuda(0));
         if tch::Cuda::is_available() {
-            let free = free.expect("the CUDA runtime's free memory");
-            assert!(free > (1u64 << 30) as f64, "{free} bytes free");
+            let total = total.expect("the CUDA runtime's figure");
+            assert!(total > (8u64 << 30) as f64, "{total} bytes");
         } else {
-            assert_eq!(free, None);
+            assert_eq!(total, None);
         }
         assert!(device_memory(tch::Device::Cpu).is_some_and(|bytes| bytes > 0.0));
     }

@@ -149,6 +149,15 @@ pub struct AdamW {
     pub peak_converted: i64,
 }
 
+/// The sum of the squares of `grads`' elements in f32, `piece` elements of a gradient at a time:
+/// a piece's f32 copy and its square fit in one optimizer slice (with half a slice), not two f32
+/// copies of a whole gradient (4 GiB for an 8B model's embeddings).
+fn sum_of_squares(grads: &[Tensor], piece: i64) -> Tensor {
+    let squares: Vec<Tensor> =
+        grads.iter().flat_map(|g| g.reshape([-1]).split(piece, 0)).map(|p| p.to_kind(Kind::Float).square().sum(Kind::Float)).collect();
+    Tensor::stack(&squares, 0).sum(Kind::Float)
+}
+
 /// The file a single process's optimizer state goes to in a checkpoint.
 pub const STATE_FILE: &str = "optimizer.safetensors";
 
@@ -258,14 +267,7 @@ impl Optimizer for AdamW {
             let grads: Vec<Tensor> =
                 self.params.iter().enumerate().map(|(i, p)| gradient(&p.value, self.sums.as_ref(), i)).filter(|g| g.defined()).collect();
             let Some(first) = grads.first() else { return Tensor::zeros([], (Kind::Float, tch::Device::Cpu)) };
-            // Sums of squares in f32, half a slice of a gradient at a time: a piece's f32 copy and
-            // its square fit in one optimizer slice (not two f32 copies of a whole 8B embedding).
-            let squares: Vec<Tensor> = grads
-                .iter()
-                .flat_map(|g| g.reshape([-1]).split(SLICE_ELEMENTS / 2, 0))
-                .map(|piece| piece.to_kind(Kind::Float).square().sum(Kind::Float))
-                .collect();
-            let norm = Tensor::stack(&squares, 0).sum(Kind::Float).sqrt().to_device(first.device());
+            let norm = sum_of_squares(&grads, SLICE_ELEMENTS / 2).sqrt().to_device(first.device());
             if let Some(max_norm) = max_norm {
                 let coef = clip_coefficient(&norm, max_norm);
                 for mut grad in grads {
@@ -453,6 +455,16 @@ mod tests {
         let (pure_bf16, _) = run(Kind::BFloat16, false);
         let moved_pure = pure_bf16.ne_tensor(&initial).sum(Kind::Int64).int64_value(&[]);
         assert!(moved_pure < moved, "pure bf16 loses updates: {moved_pure} vs {moved} moved");
+    }
+
+    #[test]
+    fn the_sum_of_squares_taken_in_pieces_is_the_whole_ones() {
+        let grads = [Tensor::randn([7, 5], (Kind::BFloat16, tch::Device::Cpu)), Tensor::randn([3], (Kind::Float, tch::Device::Cpu))];
+        let whole: f64 = grads.iter().map(|g| g.to_kind(Kind::Float).square().sum(Kind::Float).double_value(&[])).sum();
+        for piece in [1, 4, 35, 100] {
+            let pieces = sum_of_squares(&grads, piece).double_value(&[]);
+            assert!((pieces - whole).abs() <= 1e-5 * whole, "pieces of {piece}: {pieces} vs {whole}");
+        }
     }
 
     #[test]
