@@ -83,10 +83,10 @@ fn given_flags(sub: &Command, args: &[String]) -> HashSet<String> {
     for arg in args.iter().take_while(|a| *a != "--") {
         if let Some(long) = arg.strip_prefix("--") {
             given.insert(long.split('=').next().unwrap_or_default().to_string());
-        } else if let Some(short) = arg.strip_prefix('-').and_then(|s| s.chars().next()) {
-            if let Some(long) = sub.get_arguments().find(|a| a.get_short() == Some(short)).and_then(Arg::get_long) {
-                given.insert(long.to_string());
-            }
+        } else if let Some(short) = arg.strip_prefix('-').and_then(|s| s.chars().next())
+            && let Some(long) = sub.get_arguments().find(|a| a.get_short() == Some(short)).and_then(Arg::get_long)
+        {
+            given.insert(long.to_string());
         }
     }
     given
@@ -170,7 +170,7 @@ mod tests {
     /// bad value typed on the command line is.
     fn usage_error(args: &[&str], yaml: &str) -> (String, PathBuf) {
         let (result, recipe) = with_recipe(args, yaml, crate::cli::parse);
-        let error = result.err().expect("the recipe value is refused");
+        let error = result.expect_err("the recipe value is refused");
         let usage = error.downcast_ref::<clap::Error>().expect("a clap usage error");
         assert_eq!(usage.exit_code(), 2);
         (usage.to_string(), recipe)

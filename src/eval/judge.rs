@@ -98,10 +98,10 @@ pub fn parse_grade(text: &str) -> Option<f64> {
         let mut rest = text;
         while let Some(start) = rest.find(open) {
             let after = &rest[start + open.len()..];
-            if let Some(end) = after.find(close) {
-                if let Ok(value) = after[..end].trim().parse::<f64>() {
-                    found = Some(value);
-                }
+            if let Some(end) = after.find(close)
+                && let Ok(value) = after[..end].trim().parse::<f64>()
+            {
+                found = Some(value);
             }
             rest = after;
         }

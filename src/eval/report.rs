@@ -160,7 +160,7 @@ pub fn summary(names: &Names, prompts: &[EvalPrompt], answers: &[Vec<String>], b
             "wins": count(Outcome::Win), "ties": count(Outcome::Tie), "losses": count(Outcome::Loss),
             "unparsable": pairs.len() - outcomes.len(),
             "win_rate": (!outcomes.is_empty()).then(|| stats::win_rate(&outcomes)),
-            "win_rate_95ci": (!outcomes.is_empty()).then(|| [lo, hi]),
+            "win_rate_95ci": (!outcomes.is_empty()).then_some([lo, hi]),
             "length_controlled_win_rate": (!outcomes.is_empty()).then(|| stats::length_controlled_win_rate(&outcomes, &lengths)),
             "mean_answer_chars": [mean(lengths.iter().map(|l| l.0 as f64)), mean(lengths.iter().map(|l| l.1 as f64))],
             "by_category": by_category,

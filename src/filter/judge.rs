@@ -104,10 +104,10 @@ pub fn parse_answer(full: &str, keys: &[&str]) -> Map<String, Value> {
     if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(full.trim()) {
         return map;
     }
-    if let Some(end) = full.find('}') {
-        if let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&full[..=end]) {
-            return map;
-        }
+    if let Some(end) = full.find('}')
+        && let Ok(Value::Object(map)) = serde_json::from_str::<Value>(&full[..=end])
+    {
+        return map;
     }
     let mut map = Map::new();
     for key in keys {

@@ -8,6 +8,7 @@
 //!   while every neighbour it found is a near duplicate, so rows without duplicates cost one
 //!   small search. The near duplicates the graph misses, `lsh`'s buckets add.
 //! - `recall`: the approximate result against the exact one on a sample of rows.
+//!
 //! Both searches give each row a `Neighbourhood`: what the step writes.
 
 use anyhow::{bail, Context, Result};

@@ -9,6 +9,7 @@
 //! - `repeat_count`: neighbours closer than 0.05 on that scale (cosine above 0.975);
 //! - `min_similar_uuid`: the uuid of the earliest row among the row and those neighbours, or
 //!   null when it has none. A row is kept when it is its own `min_similar_uuid` or has none.
+//!
 //! Memory kept for the whole dataset: the embeddings (4 x 384 bytes a row) and the uuids; with
 //! `hnsw` also the index (384 bytes a row of int8 copies plus the graph, about 150 bytes a row
 //! at connectivity 16: `index_bytes` in the report).

@@ -373,7 +373,7 @@ mod tests {
         convert(&crate::test_support::test_model(), &judge, true).unwrap();
         let rm = crate::model::reward::RewardModel::load(&judge, 512, 2, Device::Cpu).unwrap();
         let conversation = vec![crate::data::Message::new("user", "What is 2 + 2?"), crate::data::Message::new("assistant", "4")];
-        let score = rm.score(&[conversation.clone()]).unwrap()[0];
+        let score = rm.score(std::slice::from_ref(&conversation)).unwrap()[0];
         let tok = crate::model::tokenize::ChatTokenizer::load(&judge).unwrap();
         let text = tok.template.render(&conversation, false).unwrap();
         assert!(text.contains("Question: What is 2 + 2?") && text.ends_with("<|im_start|>assistant\n"), "{text}");

@@ -207,10 +207,11 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
 fn saved_config(raw: &serde_json::Value, config: &LlamaConfig, kind: Kind) -> serde_json::Value {
     let mut out = raw.clone();
     out["rope_theta"] = serde_json::json!(config.rope_theta());
-    if let Some(params) = raw.get("rope_parameters") {
-        if raw.get("rope_scaling").is_none() && params.get("rope_type").and_then(|t| t.as_str()) != Some("default") {
-            out["rope_scaling"] = params.clone();
-        }
+    if let Some(params) = raw.get("rope_parameters")
+        && raw.get("rope_scaling").is_none()
+        && params.get("rope_type").and_then(|t| t.as_str()) != Some("default")
+    {
+        out["rope_scaling"] = params.clone();
     }
     let dtype = match kind {
         Kind::BFloat16 => "bfloat16",

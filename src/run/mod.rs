@@ -89,14 +89,14 @@ mod tests {
         let input = dir.path().join("d/in.parquet");
         std::fs::create_dir_all(input.parent().unwrap()).unwrap();
         std::fs::write(&input, b"x").unwrap();
-        let check_to = |out: &Path| check(out, &[input.clone()], &rules(true)).unwrap_err().to_string();
+        let check_to = |out: &Path| check(out, std::slice::from_ref(&input), &rules(true)).unwrap_err().to_string();
         assert!(check_to(&input).contains("the output is the input"));
         assert!(check_to(&dir.path().join("d")).contains("would contain the input"));
         assert!(check_to(&dir.path().join("./d/../d")).contains("would contain the input"));
         let folder_input: [PathBuf; 1] = [dir.path().join("d")];
         let error = check(&dir.path().join("d/out"), &folder_input, &rules(true)).unwrap_err().to_string();
         assert!(error.contains("lies inside the input folder"), "{error}");
-        assert_eq!(check(&dir.path().join("d/out.parquet"), &[input.clone()], &rules(false)).unwrap(), Existing::Nothing);
+        assert_eq!(check(&dir.path().join("d/out.parquet"), std::slice::from_ref(&input), &rules(false)).unwrap(), Existing::Nothing);
     }
 
     #[test]

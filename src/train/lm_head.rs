@@ -137,10 +137,11 @@ impl<'a> Head<'a> {
     /// and a backward pass that sends `G_h` and `G_W` (times the upstream gradient) into the graph.
     fn with_gradients(&self, value: Tensor, grad_hidden: Tensor, grad_weight: Option<Tensor>) -> Tensor {
         let inner = |a: &Tensor, b: &Tensor| a.flatten(0, -1).dot(&b.flatten(0, -1));
-        let mut surrogate = inner(&self.hidden, &grad_hidden);
-        if let Some(grad_weight) = grad_weight {
-            surrogate = surrogate + inner(self.weight, &grad_weight.to_kind(self.weight.kind()));
-        }
+        let hidden_term = inner(&self.hidden, &grad_hidden);
+        let surrogate = match grad_weight {
+            Some(grad_weight) => hidden_term + inner(self.weight, &grad_weight.to_kind(self.weight.kind())),
+            None => hidden_term,
+        };
         value + (&surrogate - surrogate.detach())
     }
 

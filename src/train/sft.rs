@@ -254,7 +254,7 @@ mod tests {
         crate::model::convert::convert(&crate::test_support::test_model(), &dir.path().join("m"), false).unwrap();
         let tok = ChatTokenizer::load(&dir.path().join("m")).unwrap();
         let short = vec![Message::new("user", "Hi"), Message::new("assistant", "Hello there, friend.")];
-        let long_question = vec![Message::new("user", &"word ".repeat(200)), Message::new("assistant", "ok")];
+        let long_question = vec![Message::new("user", "word ".repeat(200)), Message::new("assistant", "ok")];
         let (docs, dropped) = tokenize(&tok, &[short.clone(), long_question], 64).unwrap();
         assert_eq!((docs.len(), dropped), (1, 1));
         let full = tok.conversation(&short).unwrap();

@@ -291,7 +291,7 @@ impl<'a> Trainer<'a> {
         if let Some((parameters, peak)) = self.flops {
             row["mfu"] = json!(super::metrics::mfu(parameters, tokens, seconds, self.plan.world.size, peak));
         }
-        if let Some(log) = self.log.as_mut().filter(|_| done % self.plan.logging_steps == 0 || done == self.steps.total_steps) {
+        if let Some(log) = self.log.as_mut().filter(|_| done.is_multiple_of(self.plan.logging_steps) || done == self.steps.total_steps) {
             log.push(row)?;
         }
         let rewards: String = [("rewards/accuracies", "acc"), ("rewards/margins", "margin")]

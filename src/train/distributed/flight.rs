@@ -87,7 +87,11 @@ mod tests {
             events.borrow_mut().push(format!("start {size}"));
             Ok(*size)
         };
-        pipelined(&mut sizes, |s| *s, 24, start, |_, size| Ok(events.borrow_mut().push(format!("done {size}")))).unwrap();
+        pipelined(&mut sizes, |s| *s, 24, start, |_, size| {
+            events.borrow_mut().push(format!("done {size}"));
+            Ok(())
+        })
+        .unwrap();
         let want = ["start 15", "start 7", "done 15", "start 16", "done 7", "start 3", "done 16", "done 3"];
         assert_eq!(events.into_inner(), want);
         // A collective larger than the limit flies alone.

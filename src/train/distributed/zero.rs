@@ -186,7 +186,9 @@ impl<'a> ShardedAdamW<'a> {
             (elements, elements * 4 + received, elements * weight_element + cast)
         }).collect();
         let mut peak = 0;
-        let phases: [(fn(&(i64, i64, i64)) -> i64, i64); 2] = [(|b| b.1, self.reduction.limit()), (|b| b.2, self.flight_elements)];
+        // Each phase's bytes of a bucket, and the elements it may have in flight.
+        type Phase = (fn(&(i64, i64, i64)) -> i64, i64);
+        let phases: [Phase; 2] = [(|b| b.1, self.reduction.limit()), (|b| b.2, self.flight_elements)];
         for (phase, limit) in phases {
             let (flying, most) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
             let start = |b: &(i64, i64, i64)| {
@@ -194,7 +196,11 @@ impl<'a> ShardedAdamW<'a> {
                 most.set(most.get().max(flying.get()));
                 Ok(phase(b))
             };
-            pipelined(&mut buffers, |b| b.0, limit, start, |_, sent| Ok(flying.set(flying.get() - sent))).unwrap();
+            pipelined(&mut buffers, |b| b.0, limit, start, |_, sent| {
+                flying.set(flying.get() - sent);
+                Ok(())
+            })
+            .unwrap();
             peak = peak.max(most.get());
         }
         (kept, peak)
