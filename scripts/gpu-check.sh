@@ -204,19 +204,16 @@ def peak(name):
 gib = lambda v: "n/a" if v is None else f"{v:.1f} GiB"
 goal = lambda met: "met" if met else "MISSED"
 ours_peak = peak("smi.txt")
+# The loop's own MFU (metrics.jsonl, 6 x matrix parameters x tokens over the GPU's peak), time
+# weighted over the steady steps; PyTorch's by the same formula, through the tok/s ratio.
+loop_mfu = sum(r["mfu"] * r["tokens"] / r["tokens_per_second"] for r in steady) / seconds if all("mfu" in r for r in steady) else None
 t = json.load(open(f"{logs}/torch.json")) if os.path.getsize(f"{logs}/torch.json") else None
 if t is None:
-    mfu = sum(r.get("mfu", 0) * r["tokens"] / r["tokens_per_second"] for r in steady) / seconds
-    print(f"magpie {ours:,.0f} tok/s (MFU {mfu:.1%}), peak GPU memory {gib(ours_peak)}; "
+    print(f"magpie {ours:,.0f} tok/s (MFU {'n/a' if loop_mfu is None else f'{loop_mfu:.1%}'}), peak GPU memory {gib(ours_peak)}; "
           "the PyTorch baseline FAILED (torch-sft.log)")
     sys.exit()
 n = t["parameters"]
-# The loop's own MFU (metrics.jsonl, 6 x matrix parameters x tokens over the GPU's peak), time
-# weighted over the steady steps; PyTorch's by the same formula, through the tok/s ratio.
-if all("mfu" in r for r in steady):
-    mfu = sum(r["mfu"] * r["tokens"] / r["tokens_per_second"] for r in steady) / seconds
-else:
-    mfu = 6 * n * ours / 989.4e12
+mfu = loop_mfu if loop_mfu is not None else 6 * n * ours / 989.4e12
 torch_mfu = mfu * t["tok_per_s"] / ours
 ratio, torch_peak = ours / t["tok_per_s"], peak("smi-torch.txt")
 peak_goal = "n/a" if ours_peak is None or torch_peak is None else goal(ours_peak <= torch_peak)

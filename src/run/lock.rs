@@ -60,16 +60,16 @@ pub fn hold(dir: &Path, claim: &Path) -> Result<Option<File>> {
 /// returned (`None` where the filesystem has no locks).
 pub fn write_locked(dir: &Path, claim: &Path, bytes: &[u8], replacing: bool) -> Result<Option<File>> {
     let tmp = temporary_sibling(claim)?;
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    let file = open(&tmp)?;
-    let placed = try_lock(dir, &file).and_then(|locked| {
-        let placed = if replacing { std::fs::rename(&tmp, claim) } else { std::fs::hard_link(&tmp, claim) };
-        match placed {
-            Ok(()) => Ok(locked),
+    let placed = (|| {
+        std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+        let file = open(&tmp)?;
+        let locked = try_lock(dir, &file)?;
+        match if replacing { std::fs::rename(&tmp, claim) } else { std::fs::hard_link(&tmp, claim) } {
+            Ok(()) => Ok(locked.then_some(file)),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Err(busy(dir)),
             Err(e) => Err(e).with_context(|| format!("{}: cannot put the run claim in place", claim.display())),
         }
-    });
-    let _ = std::fs::remove_file(&tmp); // after a hard link, or a failure
-    Ok(placed?.then_some(file))
+    })();
+    let _ = std::fs::remove_file(&tmp); // after a hard link, or a failure at any point
+    placed
 }

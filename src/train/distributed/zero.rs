@@ -118,8 +118,13 @@ impl<'a> ShardedAdamW<'a> {
         }
         let flight_elements = IN_FLIGHT_BUCKETS * bucket_elements;
         let blocks: Vec<Option<usize>> = params.iter().map(|(name, _)| Llama::block_of(name)).collect();
-        let block_elements = |block| params.iter().zip(&blocks).filter(|(_, b)| **b == Some(block)).map(|((_, v), _)| v.numel() as i64).sum::<i64>();
-        let largest_block = blocks.iter().flatten().map(|&b| block_elements(b)).max().unwrap_or(0);
+        let mut block_elements = std::collections::HashMap::<usize, i64>::new();
+        for ((_, value), block) in params.iter().zip(&blocks) {
+            if let Some(block) = block {
+                *block_elements.entry(*block).or_default() += value.numel() as i64;
+            }
+        }
+        let largest_block = block_elements.into_values().max().unwrap_or(0);
         let reduction = Flight::new(if f32_sums { reduction_window(largest_block, bucket_elements) } else { flight_elements });
         let (final_params, started) = (vec![false; params.len()], vec![false; buckets.len()]);
         ShardedAdamW { config: AdamConfig::new(weight_decay), steps: 0, group, params, buckets, flight_elements, reduce_each_micro_batch: f32_sums,
