@@ -11,12 +11,7 @@ use serde_json::Value;
 use tch::Tensor;
 
 mod common;
-use common::{converted_smollm2, fixture, kill_once_exists, s, stderr};
-
-/// A rendezvous port of its own for each launch of each test process.
-fn port(offset: u16) -> u16 {
-    20000 + (std::process::id() % 20000) as u16 / 8 * 8 + offset
-}
+use common::{converted_smollm2, fixture, free_port, kill_once_exists, s, stderr};
 
 fn command(args: &[&str], cache: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_magpie"));
@@ -106,7 +101,7 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     // torchrun's world of one: a Gloo group of one and the sharded optimizer over it, the same
     // losses as no process group (what NCCL at world size 1 is checked against on a GPU).
     let group_of_one = dir.path().join("group-of-one");
-    let one_port = port(3).to_string();
+    let one_port = free_port().to_string();
     let output = command(&sft_args(&model, &data, &group_of_one, "4", &[]), &cache)
         .envs([("WORLD_SIZE", "1"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", one_port.as_str())])
         .output()
@@ -115,7 +110,7 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     assert_same_losses(&group_of_one, &single);
     assert_same_weights(&group_of_one, &single);
     let sharded = dir.path().join("two-ranks");
-    two_ranks(&sft_args(&model, &data, &sharded, "2", &["--save-steps", "2"]), port(0), &cache);
+    two_ranks(&sft_args(&model, &data, &sharded, "2", &["--save-steps", "2"]), free_port(), &cache);
     assert_same_losses(&sharded, &single);
     assert_same_weights(&sharded, &single);
     let checkpoint: Vec<String> = std::fs::read_dir(sharded.join("checkpoint-2")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
@@ -127,7 +122,8 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     // (not the collective's time-out), and every checkpoint left is whole.
     let killed = dir.path().join("killed");
     let args = sft_args(&model, &data, &killed, "2", &["--save-steps", "2"]);
-    let mut ranks: Vec<Child> = (0..2).map(|rank| spawn_rank(&args, rank, port(1), &cache)).collect();
+    let rendezvous = free_port();
+    let mut ranks: Vec<Child> = (0..2).map(|rank| spawn_rank(&args, rank, rendezvous, &cache)).collect();
     kill_once_exists(&mut ranks[1], &killed.join("checkpoint-2/.magpie-manifest.json"), Duration::from_secs(600));
     let rank0 = ranks.remove(0).wait_with_output().unwrap();
     assert!(!rank0.status.success());
@@ -145,7 +141,7 @@ fn two_gloo_ranks_train_as_one_process_and_a_killed_rank_resumes_to_the_same_los
     assert!(!output.status.success());
     assert!(stderr(&output).contains("optimizer-rank0-of-2.safetensors") && stderr(&output).contains("same number"), "{}", stderr(&output));
     // With the same number it ends as the uninterrupted run did.
-    two_ranks(&resume, port(2), &cache);
+    two_ranks(&resume, free_port(), &cache);
     assert_same_losses(&killed, &sharded);
     assert_same_weights(&killed, &sharded);
 }
@@ -169,7 +165,7 @@ fn dpo_over_two_gloo_ranks_with_split_reference_log_probs_matches_one_process() 
     one_process(&args.iter().map(String::as_str).collect::<Vec<_>>(), &dir.path().join("cache-single"));
     let sharded = dir.path().join("two-ranks");
     let args = run(&sharded, "2");
-    two_ranks(&args.iter().map(String::as_str).collect::<Vec<_>>(), port(4), &dir.path().join("cache-two"));
+    two_ranks(&args.iter().map(String::as_str).collect::<Vec<_>>(), free_port(), &dir.path().join("cache-two"));
     assert_same_losses(&sharded, &single);
     assert_same_weights(&sharded, &single);
     let cached = |name: &str| std::fs::read_dir(dir.path().join(name).join("dpo-reference-logps")).unwrap().count();
@@ -188,7 +184,7 @@ fn lora_over_two_gloo_ranks_matches_one_process_and_shards_only_the_adapters_sta
     let single = dir.path().join("single");
     one_process(&sft_args(&model, &data, &single, "4", &lora), &cache);
     let sharded = dir.path().join("two-ranks");
-    two_ranks(&sft_args(&model, &data, &sharded, "2", &lora), port(5), &cache);
+    two_ranks(&sft_args(&model, &data, &sharded, "2", &lora), free_port(), &cache);
     assert_same_losses(&sharded, &single);
     let adapters = |run: &Path| -> HashMap<String, Tensor> {
         Tensor::read_safetensors(run.join("model/adapter_model.safetensors")).unwrap().into_iter().collect()

