@@ -2,7 +2,7 @@
 //! nothing removed, an output that holds a link, a manifest naming paths outside the folder, an
 //! output path that is itself a link, and a user's file anywhere inside.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 mod common;
 use common::{converted_smollm2, fixture, magpie, refused, s, snapshot, stderr};
@@ -54,11 +54,16 @@ fn sft_overwrite_refuses_links_inside_an_output_that_is_a_link_and_user_files_de
     refused(dir.path(), &args.iter().map(String::as_str).collect::<Vec<_>>(), "is a symbolic link");
     assert_eq!(snapshot(&victim), before);
 
-    // 2. The output path itself is a link to a finished output.
+    // 2. The output path itself is a link to a finished output, given with or without a
+    // trailing slash (with one, the system follows the link even where magpie asks it not to).
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(&t0, &link).unwrap();
-    let args = strs(&overwrite(&link));
-    refused(dir.path(), &args.iter().map(String::as_str).collect::<Vec<_>>(), "is a symbolic link");
+    let before = snapshot(&t0);
+    for output in [link.clone(), PathBuf::from(format!("{}/", link.display()))] {
+        let args = strs(&overwrite(&output));
+        refused(dir.path(), &args.iter().map(String::as_str).collect::<Vec<_>>(), "is a symbolic link");
+        assert_eq!(snapshot(&t0), before);
+    }
 
     // 3. A user's file deep inside: refused before anything is removed, so the run stays whole
     // and a later rerun still works once the file is moved away.

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use super::guard::{check, differing_keys, Existing, Rules};
 use super::lock;
 use super::manifest::{claim_path, is_marker, read_claim, Manifest, Provenance, RUN_CLAIM};
-use super::remove::Removal;
+use super::remove::{lstat, Removal};
 use super::temp::{is_temporary, sweep_temporaries, write_atomically};
 
 /// How a rerun of the same command treats an unfinished run.
@@ -67,6 +67,15 @@ pub struct Prepared {
     lock: Option<std::fs::File>,
 }
 
+/// Locks the run claim in `dir` (the folder itself, never through a link), if there is one:
+/// whether there was one, and the lock (`None` where the filesystem has no locks).
+fn lock_claim(dir: &Path) -> Result<(bool, Option<std::fs::File>)> {
+    match claim_path(dir).filter(|_| lstat(dir).is_ok_and(|m| m.is_dir())) {
+        Some(claim) => Ok((true, lock::hold(dir, &claim)?)),
+        None => Ok((false, None)),
+    }
+}
+
 fn plan(dir: &Path, replaces: Replaces, owns: fn(&str) -> bool) -> Result<Removal> {
     match replaces {
         Replaces::Finished => Removal::of_finished(dir, false),
@@ -89,12 +98,15 @@ impl Prepared {
         std::fs::create_dir_all(&self.dir).with_context(|| format!("{}: cannot create the output folder", self.dir.display()))?;
         let mut lock = self.lock;
         if self.opened == Opened::Fresh {
-            let (claim, bytes) = (self.dir.join(RUN_CLAIM), serde_json::to_string_pretty(&self.claim)?);
+            let claim = self.dir.join(RUN_CLAIM);
             if self.locks {
-                // The removal took any earlier claim: a claim there now is another run's.
-                lock = lock::write_locked(&self.dir, &claim, bytes.as_bytes())?;
+                // The removal took any earlier claim: a claim there now is another run's. The run
+                // id tells this run's claim from one that another run put in its place.
+                let mut value = self.claim;
+                value["run"] = json!(lock::run_id());
+                lock = lock::write_locked(&self.dir, &claim, serde_json::to_string_pretty(&value)?.as_bytes())?;
             } else {
-                write_atomically(&claim, bytes.as_bytes())?;
+                write_atomically(&claim, serde_json::to_string_pretty(&self.claim)?.as_bytes())?;
             }
         }
         Ok(RunDir { dir: self.dir, owns: self.owns, _lock: lock })
@@ -120,12 +132,22 @@ impl RunDir {
         // Before the folder is looked at: a run still writing it refuses this one (a run that
         // ends meanwhile changes what is there).
         let locks = matches!(resuming, Resuming::OnFlag(_));
-        let earlier_claim = claim_path(dir).filter(|_| locks && dir.symlink_metadata().is_ok_and(|m| m.is_dir()));
-        let lock = match &earlier_claim {
-            Some(claim) => lock::hold(dir, claim)?,
-            None => None,
+        let look = || check(dir, inputs, &Rules { overwrite, resumable: Some(owns) });
+        let (mut lock, mut existing) = (None, None);
+        if locks {
+            let held;
+            (held, lock) = lock_claim(dir)?;
+            existing = Some(look()?);
+            // A claim that appeared meanwhile (a run starting): locked, and the folder looked at again.
+            if !held && claim_path(dir).is_some() {
+                (_, lock) = lock_claim(dir)?;
+                existing = None;
+            }
+        }
+        let existing = match existing {
+            Some(existing) => existing,
+            None => look()?,
         };
-        let existing = check(dir, inputs, &Rules { overwrite, resumable: Some(owns) })?;
         let shown = dir.display();
         // A damaged claim cannot block replacing a finished output: it is not read then.
         let replacing_finished = existing == Existing::Finished && overwrite;

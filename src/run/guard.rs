@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::path::{Component, Path, PathBuf};
 
 use super::manifest::{claim_path, is_marker, provenance_of, Manifest};
-use super::remove::Removal;
+use super::remove::{lstat, Removal};
 use super::temp::{is_temporary, parent_of};
 
 /// An absolute path with `.` and `..` resolved and links followed as far as it exists.
@@ -91,7 +91,7 @@ pub fn check(target: &Path, inputs: &[PathBuf], rules: &Rules) -> Result<Existin
         bail!("{}: cannot be written, {} is not a folder", target.display(), parent.display());
     }
     std::fs::create_dir_all(&parent).with_context(|| format!("{}: cannot create its folder {}", target.display(), parent.display()))?;
-    let Ok(meta) = std::fs::symlink_metadata(target) else { return Ok(Existing::Nothing) };
+    let Ok(meta) = lstat(target) else { return Ok(Existing::Nothing) };
     if meta.file_type().is_symlink() {
         bail!("{}: is a symbolic link; give the folder (or file) itself as the output, magpie never writes or removes through a link", target.display());
     }

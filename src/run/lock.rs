@@ -4,14 +4,15 @@
 //! So a second run on the folder (the same command started twice, a requeued job whose first
 //! copy still runs, a `--resume` beside a run that goes on) is refused, naming the folder. The
 //! kernel drops the lock when the process ends, `kill -9` included, so a dead run never blocks
-//! its resume (on NFS, the server frees the lock of a crashed node when that node restarts; where
-//! it never does, copying the claim over itself, `cp C C.new && mv C.new C`, frees the folder).
+//! its resume (on NFS, the server frees a crashed node's lock when its lease runs out, NFSv4, or
+//! when the node restarts, NFSv3; once it is known to be down for good, copying the claim over
+//! itself, `cp C C.new && mv C.new C`, frees the folder).
 //! Stages that write one folder from many processes by design (synth's and filter's shards,
 //! each its own chunks) take no lock.
 
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions, TryLockError};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -51,20 +52,36 @@ fn try_lock(dir: &Path, file: &File) -> Result<bool> {
 }
 
 /// Locks the claim `claim` of the run folder `dir` (`None` where the filesystem has no locks).
-/// `ours`: the inode of the claim this run put there, which the locked one must be.
-fn lock(dir: &Path, claim: &Path, ours: Option<u64>) -> Result<Option<File>> {
+/// `ours`: the bytes of the claim this run put there, which the locked one must hold; another
+/// run may hold that claim for a moment to look at it, so its lock is waited for a little.
+fn lock(dir: &Path, claim: &Path, ours: Option<&[u8]>) -> Result<Option<File>> {
     let file = open(claim)?;
-    if !try_lock(dir, &file)? {
+    let mut waited = 0;
+    let locked = loop {
+        match try_lock(dir, &file) {
+            Err(_) if ours.is_some() && waited < 40 => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                waited += 1;
+            }
+            locked => break locked?,
+        }
+    };
+    if !locked {
         return Ok(None);
     }
     // A claim replaced since it was opened, or not the one this run put there, is another
     // run's: that run holds the folder.
-    let locked = file.metadata()?.ino();
     let now = std::fs::symlink_metadata(claim).with_context(|| format!("{}: cannot read", claim.display()))?.ino();
-    if now != locked || ours.is_some_and(|ours| ours != locked) {
+    if now != file.metadata()?.ino() || ours.is_some_and(|ours| !holds(&file, ours)) {
         return Err(busy(dir));
     }
     Ok(Some(file))
+}
+
+/// Whether `file` holds exactly `bytes` (a claim is small; its run id makes it this run's).
+fn holds(mut file: &File, bytes: &[u8]) -> bool {
+    let mut read = vec![];
+    file.read_to_end(&mut read).is_ok() && read == bytes
 }
 
 /// Locks the existing claim `claim` of the run folder `dir` (`None` where the filesystem has no
@@ -73,38 +90,60 @@ pub fn hold(dir: &Path, claim: &Path) -> Result<Option<File>> {
     lock(dir, claim, None)
 }
 
-/// Puts this run's claim `claim` of `dir`, with `bytes`, where there is none, then locks it
-/// (`None` where the filesystem has no locks). The claim is written whole to a temporary and
-/// linked to its name, so no run reads it half written. The lock is taken through the claim's
-/// own name once the temporary is gone: NFS keeps a file removed while open as a `.nfs…` file in
-/// the folder until it is closed. A run that locks the new claim first, in the moment between,
-/// keeps the folder, and this one is refused.
-pub fn write_locked(dir: &Path, claim: &Path, bytes: &[u8]) -> Result<Option<File>> {
-    let tmp = temporary_sibling(claim)?;
-    let placed = place(dir, &tmp, claim, bytes);
-    let _ = std::fs::remove_file(&tmp); // linked or not, whichever step failed; nothing holds it open
-    lock(dir, claim, Some(placed?))
+/// What makes a claim this run's: the host, the process and the time it started.
+pub fn run_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{}:{}:{}", host.trim(), std::process::id(), since.as_nanos())
 }
 
-/// Writes `bytes` to `tmp` and links it to `claim` where `claim` is not: the claim's inode.
-fn place(dir: &Path, tmp: &Path, claim: &Path, bytes: &[u8]) -> Result<u64> {
-    std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
-    let inode = std::fs::symlink_metadata(tmp).with_context(|| format!("{}: cannot read", tmp.display()))?.ino();
-    let refused = |e: std::io::Error| match e.kind() {
-        ErrorKind::AlreadyExists => busy(dir),
-        _ => anyhow::Error::new(e).context(format!("{}: cannot put the run claim in place", claim.display())),
-    };
-    match std::fs::hard_link(tmp, claim) {
-        Ok(()) => Ok(inode),
-        // A filesystem without hard links (exFAT, object-store mounts): created only where
-        // none is, then written.
-        Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::PermissionDenied) => {
-            let mut file = OpenOptions::new().write(true).create_new(true).open(claim).map_err(refused)?;
-            file.write_all(bytes).and_then(|()| file.sync_all()).with_context(|| format!("{}: cannot write", claim.display()))?;
-            Ok(file.metadata()?.ino())
-        }
-        Err(e) => Err(refused(e)),
+/// Puts this run's claim `claim` of `dir`, with `bytes` (which hold its [`run_id`]), where there
+/// is none, then locks it (`None` where the filesystem has no locks). The claim is written whole
+/// to a temporary and linked to its name, so no run reads it half written. The lock is taken
+/// through the claim's own name once the temporary is gone: NFS keeps a file removed while open
+/// as a `.nfs…` file in the folder until it is closed. A run that holds the new claim longer
+/// than a moment keeps the folder, and this one is refused.
+pub fn write_locked(dir: &Path, claim: &Path, bytes: &[u8]) -> Result<Option<File>> {
+    let tmp = temporary_sibling(claim)?;
+    let linked = link(dir, &tmp, claim, bytes);
+    let _ = std::fs::remove_file(&tmp); // linked or not, whichever step failed; nothing holds it open
+    if linked? {
+        lock(dir, claim, Some(bytes))
+    } else {
+        create_locked(dir, claim, bytes)
     }
+}
+
+/// Writes `bytes` to `tmp` and links it to `claim` where `claim` is not; `false` where the
+/// filesystem has no hard links.
+fn link(dir: &Path, tmp: &Path, claim: &Path, bytes: &[u8]) -> Result<bool> {
+    std::fs::write(tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    match std::fs::hard_link(tmp, claim) {
+        Ok(()) => Ok(true),
+        // NFS may answer a retried link that went through with EEXIST.
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => match File::open(claim) {
+            Ok(file) if holds(&file, bytes) => Ok(true),
+            _ => Err(busy(dir)),
+        },
+        // exFAT, object-store mounts (EPERM, ENOSYS, and EOPNOTSUPP: 95 on Linux).
+        Err(e) if matches!(e.kind(), ErrorKind::Unsupported | ErrorKind::PermissionDenied) || e.raw_os_error() == Some(95) => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("{}: cannot put the run claim in place", claim.display())),
+    }
+}
+
+/// Creates `claim` where there is none, locks it and then writes `bytes` into it: for a
+/// filesystem without hard links. A claim this run created and could not write is removed.
+fn create_locked(dir: &Path, claim: &Path, bytes: &[u8]) -> Result<Option<File>> {
+    let mut file = match OpenOptions::new().read(true).write(true).create_new(true).open(claim) {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(busy(dir)),
+        opened => opened.with_context(|| format!("{}: cannot create the run claim", claim.display()))?,
+    };
+    let locked = try_lock(dir, &file)?;
+    if let Err(e) = file.write_all(bytes).and_then(|()| file.sync_all()) {
+        let _ = std::fs::remove_file(claim);
+        return Err(e).with_context(|| format!("{}: cannot write", claim.display()));
+    }
+    Ok(locked.then_some(file))
 }
 
 #[cfg(test)]
@@ -127,6 +166,34 @@ mod tests {
         }
         drop(file);
         assert!(hold(dir.path(), &claim).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_claim_is_this_runs_by_its_bytes_and_a_run_looking_at_it_for_a_moment_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let claim = dir.path().join(".magpie-run.json");
+        std::fs::write(&claim, b"another run's").unwrap();
+        assert!(lock(dir.path(), &claim, Some(b"this run's")).unwrap_err().to_string().contains("another magpie run"));
+        // NFS may answer a link that went through with EEXIST: the claim's bytes say it is ours.
+        assert!(link(dir.path(), &dir.path().join(".tmp"), &claim, b"another run's").unwrap());
+        let looking = hold(dir.path(), &claim).unwrap();
+        let looked = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(looking);
+        });
+        assert!(lock(dir.path(), &claim, Some(b"another run's")).unwrap().is_some());
+        looked.join().unwrap();
+    }
+
+    #[test]
+    fn without_hard_links_the_claim_is_created_in_place_locked_and_only_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let claim = dir.path().join(".magpie-run.json");
+        let file = create_locked(dir.path(), &claim, b"{}").unwrap().expect("a local filesystem locks");
+        assert_eq!(std::fs::read(&claim).unwrap(), b"{}");
+        assert!(hold(dir.path(), &claim).unwrap_err().to_string().contains("another magpie run"));
+        assert!(create_locked(dir.path(), &claim, b"{}").unwrap_err().to_string().contains("another magpie run"));
+        drop(file);
     }
 
     #[test]

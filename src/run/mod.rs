@@ -44,7 +44,7 @@ pub fn remove_finished_dir(dir: &Path) -> Result<()> {
 /// there is replaced (planned whole first, see [`Removal`]); then the temporaries that
 /// interrupted runs left for `target` are removed.
 pub fn commit(tmp: &Path, target: &Path) -> Result<()> {
-    match target.symlink_metadata() {
+    match remove::lstat(target) {
         Ok(meta) if meta.file_type().is_symlink() => {
             anyhow::bail!("{}: is a symbolic link; magpie never writes or removes through a link", target.display())
         }
@@ -114,8 +114,12 @@ mod tests {
         write_dir(&real, "model", &provenance(), |tmp| Ok(std::fs::write(tmp.join("a.bin"), b"old")?)).unwrap();
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&real, &link).unwrap();
-        let error = check(&link, &[], &rules(true)).unwrap_err().to_string();
-        assert!(error.contains("is a symbolic link"), "{error}");
+        // With a trailing slash, the system follows the link even for `lstat`.
+        for output in [link.clone(), PathBuf::from(format!("{}/", link.display()))] {
+            let error = check(&output, &[], &rules(true)).unwrap_err().to_string();
+            assert!(error.contains("is a symbolic link"), "{error}");
+            assert!(commit(&dir.path().join("new"), &output).unwrap_err().to_string().contains("is a symbolic link"));
+        }
         assert!(write_dir(&link, "model", &provenance(), |_| Ok(())).is_err());
         assert!(real.join("a.bin").is_file() && real.join(MANIFEST).is_file());
     }

@@ -33,9 +33,15 @@ pub struct Removal {
     claims: Vec<PathBuf>,
 }
 
+/// `path`'s own metadata, never a link's target's: a link named with a trailing slash (`out/`)
+/// is followed by the system even where it is asked not to, so the slashes are dropped first.
+pub(super) fn lstat(path: &Path) -> std::io::Result<std::fs::Metadata> {
+    std::fs::symlink_metadata(path.components().collect::<PathBuf>())
+}
+
 /// What `path` is, without following a link; a link is an error naming it.
 fn kind_of(path: &Path) -> Result<Option<std::fs::FileType>> {
-    match path.symlink_metadata() {
+    match lstat(path) {
         Ok(meta) if meta.file_type().is_symlink() => {
             bail!("{}: is a symbolic link; magpie never removes through a link, so nothing was removed (remove the link by hand)", path.display())
         }
