@@ -133,21 +133,13 @@ impl RunDir {
         // ends meanwhile changes what is there).
         let locks = matches!(resuming, Resuming::OnFlag(_));
         let look = || check(dir, inputs, &Rules { overwrite, resumable: Some(owns) });
-        let (mut lock, mut existing) = (None, None);
-        if locks {
-            let held;
-            (held, lock) = lock_claim(dir)?;
-            existing = Some(look()?);
-            // A claim that appeared meanwhile (a run starting): locked, and the folder looked at again.
-            if !held && claim_path(dir).is_some() {
-                (_, lock) = lock_claim(dir)?;
-                existing = None;
-            }
+        let (held, mut lock) = if locks { lock_claim(dir)? } else { (false, None) };
+        let mut existing = look()?;
+        // A claim that appeared meanwhile (a run starting): locked, and the folder looked at again.
+        if locks && !held && claim_path(dir).is_some() {
+            (_, lock) = lock_claim(dir)?;
+            existing = look()?;
         }
-        let existing = match existing {
-            Some(existing) => existing,
-            None => look()?,
-        };
         let shown = dir.display();
         // A damaged claim cannot block replacing a finished output: it is not read then.
         let replacing_finished = existing == Existing::Finished && overwrite;
