@@ -127,6 +127,16 @@ impl StepConfig {
     }
 }
 
+/// Refuses an input without the text its steps read (an `instruction` column, else the user turn
+/// of `messages`; only `select` reads neither), naming the file and the columns it has.
+fn require_text(input: &Dataset, steps: &[StepConfig]) -> Result<()> {
+    let reads_text = steps.iter().any(|step| !matches!(step, StepConfig::Select(_)));
+    if reads_text && input.schema.column_with_name("instruction").is_none() {
+        input.require(&["messages"])?;
+    }
+    Ok(())
+}
+
 /// Value counts of the tag columns in `output`, for the report.
 fn distributions(output: &Path) -> Result<Value> {
     let dataset = Dataset::open(&[output.display().to_string()])?;
@@ -185,6 +195,7 @@ pub fn run(args: &FilterArgs) -> Result<()> {
     }
     let steps = plan.steps.iter().cloned().map(StepConfig::build).collect::<Result<Vec<_>>>()?;
     let input = Dataset::open(plan.inputs)?;
+    require_text(&input, &plan.steps)?;
     let rows_in = input.num_rows;
     let report_path = &plan.report;
     let inputs = input_paths(&input, plan.inputs);
@@ -282,6 +293,19 @@ mod tests {
         let finished = step::run(Dataset::open(&[path.display().to_string()]).unwrap(), steps(json), &output, None, &Provenance::new("test", ())).unwrap();
         finished.output.commit().unwrap();
         (read_all(&[&output]).unwrap(), finished.reports)
+    }
+
+    #[test]
+    fn an_input_without_instructions_is_refused_by_the_steps_that_read_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "notes.parquet", &batch(vec![("uuid", text(&["a"])), ("text", text(&["hi"]))]));
+        let input = Dataset::open(&[path.display().to_string()]).unwrap();
+        let error = require_text(&input, &parse_steps(r#"[{"step": "exact_dedup"}]"#).unwrap()).unwrap_err().to_string();
+        assert!(error.contains("notes.parquet: column `messages` is missing") && error.contains("found columns: uuid, text"), "{error}");
+        assert!(require_text(&input, &parse_steps(r#"[{"step": "select", "limit": 1}]"#).unwrap()).is_ok());
+        let instructions = write(dir.path(), "released.parquet", &batch(vec![("uuid", text(&["a"])), ("instruction", text(&["hi"]))]));
+        let released = Dataset::open(&[instructions.display().to_string()]).unwrap();
+        assert!(require_text(&released, &parse_steps(r#"[{"step": "exact_dedup"}]"#).unwrap()).is_ok());
     }
 
     const LONG: &str = "please write a detailed step by step guide explaining how to bake sourdough bread at home for complete beginners who only have simple kitchen tools and a small oven";

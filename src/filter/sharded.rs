@@ -55,6 +55,7 @@ pub fn run(plan: &FilterPlan, shard: Shard, chunk_rows: usize) -> Result<()> {
         }
     }
     let input = Dataset::open(plan.inputs)?;
+    super::require_text(&input, &plan.steps)?;
     let inputs = super::input_paths(&input, plan.inputs);
     // A shard's report of ours is replaced when the shard runs again (it resumes); any other
     // file there is refused.
